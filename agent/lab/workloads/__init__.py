@@ -1,0 +1,1 @@
+"""Test workloads for the lab, tests, benchmarks and demo. Not part of the mesh itself."""
