@@ -1,0 +1,1 @@
+"""Reproducible comparisons of weft against baselines, run side by side on the lab."""
