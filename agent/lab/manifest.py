@@ -129,7 +129,7 @@ class Service(_Strict):
 
 class LabSpec(_Strict):
     trust_domain: str = Field("cluster.local", alias="trustDomain", pattern=r"^[a-z0-9.-]+$")
-    network: Network = Field(default_factory=Network)  # type: ignore[arg-type]
+    network: Network = Field(default_factory=Network)
     nodes: list[Node] = Field(min_length=1, max_length=200)
     namespaces: list[Namespace] = Field(default_factory=list)
     pods: list[Pod] = Field(default_factory=list)

@@ -1,0 +1,1 @@
+"""Receiving configuration from the controller."""

@@ -1,0 +1,236 @@
+"""The agent's config stream: apply atomically, ACK or NACK, resume after reconnects.
+
+- A response is applied only if every resource in it validates *and* the agent's own
+  consumers accept the resulting snapshot; otherwise it is NACKed with the reasons and
+  the previous snapshot keeps serving. Nothing is half-applied.
+- A delta applies only on top of the revision it was computed from; a mismatch is a NACK
+  and the controller answers with a full snapshot next time.
+- While the controller is away the agent serves its last good config. It also keeps a
+  copy on disk, so an agent restarted during an outage comes back with that config
+  instead of with nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from agent import __version__
+from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
+from agent.state import ConfigSnapshot
+from controller.api.gen import config_pb2, config_pb2_grpc
+from controller.model.base import Resource, ResourceKey, resource_from_json
+from controller.model.problems import InvalidConfig, Problem
+
+log = logging.getLogger("weft.config")
+
+Apply = Callable[[ConfigSnapshot], Awaitable[None] | None]
+
+
+class ConfigRejected(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(str(p) for p in problems))
+        self.problems = problems
+
+
+class ConfigClient:
+    def __init__(
+        self,
+        node: NodeCredential,
+        trust: TrustBundle,
+        apply: Apply,
+        *,
+        cache: Path | None = None,
+        trust_domain: str = "cluster.local",
+    ) -> None:
+        self.node = node
+        self.trust = trust
+        self._apply = apply
+        self.cache = cache
+        self.snapshot = ConfigSnapshot.empty(trust_domain)
+        self.connected = False
+        self.nacks = 0
+        self.last_nack = ""
+        self.updates = 0
+
+    # ---- applying ----------------------------------------------------------------------
+
+    def _decode(self, resp: config_pb2.ConfigResponse) -> dict[ResourceKey, Resource]:
+        cur = self.snapshot
+        if not resp.full and (resp.epoch != cur.epoch or resp.base_revision != cur.revision):
+            raise ConfigRejected(
+                [
+                    Problem(
+                        f"delta from revision {resp.base_revision} of epoch {resp.epoch} does not "
+                        f"apply to this agent's revision {cur.revision} of epoch {cur.epoch or '-'}"
+                    )
+                ]
+            )
+        resources: dict[ResourceKey, Resource] = {} if resp.full else dict(cur.resources)
+        problems: list[Problem] = []
+        for r in resp.resources:
+            try:
+                res = resource_from_json(r.kind, r.body)
+            except InvalidConfig as e:
+                problems += [
+                    Problem(p.reason, resource=f"{r.kind} {r.namespace}/{r.name}", field=p.field)
+                    for p in e.problems
+                ]
+                continue
+            resources[res.key] = res
+        for k in resp.removed:
+            resources.pop(ResourceKey(k.kind, k.namespace, k.name), None)
+        if problems:
+            raise ConfigRejected(problems)
+        return resources
+
+    async def apply_response(self, resp: config_pb2.ConfigResponse) -> None:
+        """Validate and apply one response; raises ConfigRejected (nothing applied)."""
+        resources = self._decode(resp)
+        snap = ConfigSnapshot.build(
+            resp.epoch, resp.revision, resp.trust_domain or self.snapshot.trust_domain, resources
+        )
+        if resp.trust_bundle_pem:
+            self.trust.update(resp.trust_bundle_pem)
+        try:
+            result = self._apply(snap)
+            if asyncio.iscoroutine(result):
+                await result
+        except InvalidConfig as e:
+            raise ConfigRejected(e.problems) from None
+        self.snapshot = snap
+        self.updates += 1
+        self._save(snap)
+
+    # ---- the on-disk copy --------------------------------------------------------------
+
+    def _save(self, snap: ConfigSnapshot) -> None:
+        if self.cache is None:
+            return
+        doc = {
+            "epoch": snap.epoch,
+            "revision": snap.revision,
+            "trustDomain": snap.trust_domain,
+            "resources": [
+                {"kind": k.kind, "body": json.loads(r.to_json())} for k, r in snap.resources.items()
+            ],
+        }
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        tmp.replace(self.cache)
+
+    async def load_cache(self) -> bool:
+        """Serve the config saved by a previous run until the controller answers."""
+        if self.cache is None or not self.cache.exists():
+            return False
+        try:
+            doc = json.loads(self.cache.read_text())
+            resources = {}
+            for item in doc["resources"]:
+                res = resource_from_json(item["kind"], json.dumps(item["body"]))
+                resources[res.key] = res
+            snap = ConfigSnapshot.build(
+                doc["epoch"], doc["revision"], doc["trustDomain"], resources
+            )
+            result = self._apply(snap)
+            if asyncio.iscoroutine(result):
+                await result
+        except (OSError, ValueError, KeyError, InvalidConfig) as e:
+            log.warning("ignoring cached config %s: %s", self.cache, e)
+            return False
+        self.snapshot = snap
+        log.info("serving cached config revision %d until the controller answers", snap.revision)
+        return True
+
+    # ---- the stream --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        delay = backoff_delays(base=0.5, cap=30.0)
+        while True:
+            try:
+                await self._stream()
+                delay = backoff_delays(base=0.5, cap=30.0)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "config stream to the controller ended: %s: %s; serving revision %d meanwhile",
+                    e.code().name,
+                    e.details(),
+                    self.snapshot.revision,
+                )
+            except OSError as e:
+                log.warning("config stream failed: %s", e)
+            finally:
+                self.connected = False
+            await asyncio.sleep(delay())
+
+    async def _stream(self) -> None:
+        await self.node.ready.wait()
+        stub = config_pb2_grpc.ConfigDiscoveryStub(self.node.channel())
+        outbox: asyncio.Queue[config_pb2.ConfigRequest] = asyncio.Queue()
+        snap = self.snapshot
+        await outbox.put(
+            config_pb2.ConfigRequest(
+                subscribe=config_pb2.Subscribe(
+                    node=self.node.node,
+                    epoch=snap.epoch,
+                    revision=snap.revision,
+                    agent_version=__version__,
+                )
+            )
+        )
+
+        async def requests() -> AsyncIterator[config_pb2.ConfigRequest]:
+            while True:
+                yield await outbox.get()
+
+        call = stub.Stream(requests())
+        async for resp in call:
+            self.connected = True
+            try:
+                await self.apply_response(resp)
+            except ConfigRejected as e:
+                self.nacks += 1
+                self.last_nack = str(e)
+                log.error(
+                    "rejected config revision %d: %s (still serving revision %d)",
+                    resp.revision,
+                    e,
+                    self.snapshot.revision,
+                )
+                await outbox.put(
+                    config_pb2.ConfigRequest(
+                        nack=config_pb2.Nack(
+                            nonce=resp.nonce,
+                            revision=self.snapshot.revision,
+                            problems=[
+                                config_pb2.Problem(
+                                    resource=p.resource or "", field=p.field or "", reason=p.reason
+                                )
+                                for p in e.problems
+                            ],
+                        )
+                    )
+                )
+                continue
+            log.info(
+                "applied config revision %d (%s, %d resources)",
+                resp.revision,
+                "snapshot" if resp.full else "delta",
+                len(self.snapshot.resources),
+            )
+            await outbox.put(
+                config_pb2.ConfigRequest(
+                    ack=config_pb2.Ack(nonce=resp.nonce, revision=resp.revision)
+                )
+            )

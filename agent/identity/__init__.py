@@ -1,0 +1,1 @@
+"""Node and workload identities: certificates from the controller, kept in memory."""

@@ -1,0 +1,216 @@
+"""Workload certificates for the identities of this node's workloads.
+
+One certificate per (namespace, service account) that has a workload here. Keys are made
+in memory and never written anywhere. Each identity has its own renewal task:
+
+- renew at half-life (with 10% jitter so a node's certificates do not renew in lockstep);
+- on failure retry with exponential backoff and full jitter, and keep serving the current
+  certificate while it is still valid — a controller outage must not take traffic down;
+- an identity no longer wanted (its last workload left) is dropped after a grace period,
+  so connections in flight can finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
+from agent.identity.tls import client_context, server_context
+from controller.api.gen import identity_pb2, identity_pb2_grpc
+from controller.ca.spiffe import key_pem, load_chain, make_csr, new_key
+
+log = logging.getLogger("weft.identity")
+
+DROP_GRACE = 60.0  # seconds an unwanted identity's certificate is kept for draining
+
+
+@dataclass
+class WorkloadCert:
+    spiffe_id: str
+    namespace: str
+    service_account: str
+    chain_pem: bytes
+    key_pem: bytes
+    not_before: float
+    not_after: float
+    serial_hex: str
+    issued_at: float = field(default_factory=time.time)
+    _contexts: dict[str, tuple[int, ssl.SSLContext]] = field(default_factory=dict, repr=False)
+
+    def valid(self, now: float | None = None) -> bool:
+        return (now or time.time()) < self.not_after
+
+    def context(self, side: str, trust: TrustBundle) -> ssl.SSLContext:
+        """A client or server TLS context presenting this identity (cached per bundle)."""
+        cached = self._contexts.get(side)
+        if cached is None or cached[0] != trust.version:
+            make = client_context if side == "client" else server_context
+            cached = (trust.version, make(self.chain_pem, self.key_pem, trust.pem))
+            self._contexts[side] = cached
+        return cached[1]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "spiffeId": self.spiffe_id,
+            "serial": self.serial_hex,
+            "notBefore": _iso(self.not_before),
+            "notAfter": _iso(self.not_after),
+            "expiresInSeconds": int(self.not_after - time.time()),
+        }
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class IdentityManager:
+    def __init__(
+        self, node: NodeCredential, trust: TrustBundle, *, trust_domain: str, ttl: int = 0
+    ) -> None:
+        self.node = node
+        self.trust = trust
+        self.trust_domain = trust_domain
+        self.ttl = ttl
+        self._certs: dict[tuple[str, str], WorkloadCert] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._waiters: dict[tuple[str, str], asyncio.Event] = {}
+        self._drops: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.failures = 0
+
+    # ---- what we need ------------------------------------------------------------------
+
+    def want(self, identities: set[tuple[str, str]]) -> None:
+        """Make the set of (namespace, service account) this node holds certificates for."""
+        for ident in identities:
+            if ident in self._drops:
+                self._drops.pop(ident).cancel()
+            if ident not in self._tasks:
+                self._tasks[ident] = asyncio.create_task(
+                    self._keep(ident), name=f"cert-{ident[0]}-{ident[1]}"
+                )
+        for ident in list(self._tasks):
+            if ident not in identities and ident not in self._drops:
+                self._drops[ident] = asyncio.get_running_loop().call_later(
+                    DROP_GRACE, self._drop, ident
+                )
+
+    def _drop(self, ident: tuple[str, str]) -> None:
+        self._drops.pop(ident, None)
+        task = self._tasks.pop(ident, None)
+        if task:
+            task.cancel()
+        self._certs.pop(ident, None)
+        log.info("dropped certificate for ns/%s/sa/%s: no workload needs it", *ident)
+
+    def get(self, namespace: str, service_account: str) -> WorkloadCert | None:
+        c = self._certs.get((namespace, service_account))
+        return c if c is not None and c.valid() else None
+
+    def by_id(self, spiffe_id: str) -> WorkloadCert | None:
+        for c in self._certs.values():
+            if c.spiffe_id == spiffe_id and c.valid():
+                return c
+        return None
+
+    async def wait_for(
+        self, namespace: str, service_account: str, limit: float = 10.0
+    ) -> WorkloadCert | None:
+        """The certificate, waiting up to `limit` seconds if its first issue is under way."""
+        c = self.get(namespace, service_account)
+        if c is not None:
+            return c
+        ev = self._waiters.setdefault((namespace, service_account), asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ev.wait(), limit)
+        return self.get(namespace, service_account)
+
+    def certs(self) -> list[WorkloadCert]:
+        return sorted(self._certs.values(), key=lambda c: c.spiffe_id)
+
+    # ---- keeping one identity fresh ----------------------------------------------------
+
+    async def _fetch(self, ident: tuple[str, str]) -> WorkloadCert:
+        await self.node.ready.wait()
+        key = new_key()
+        spiffe = f"spiffe://{self.trust_domain}/ns/{ident[0]}/sa/{ident[1]}"
+        stub = identity_pb2_grpc.IdentityStub(self.node.channel())
+        resp = await stub.SignWorkloadCertificate(
+            identity_pb2.SignRequest(
+                namespace=ident[0],
+                service_account=ident[1],
+                csr_pem=make_csr(key, spiffe),
+                ttl_seconds=self.ttl,
+            ),
+            timeout=10,
+        )
+        chain = load_chain(resp.certificate_chain_pem)
+        self.trust.update(resp.trust_bundle_pem)
+        return WorkloadCert(
+            spiffe_id=resp.spiffe_id,
+            namespace=ident[0],
+            service_account=ident[1],
+            chain_pem=resp.certificate_chain_pem,
+            key_pem=key_pem(key),
+            not_before=chain[0].not_valid_before_utc.timestamp(),
+            not_after=float(resp.not_after_unix),
+            serial_hex=resp.serial_hex,
+        )
+
+    async def _keep(self, ident: tuple[str, str]) -> None:
+        delay = backoff_delays()
+        while True:
+            try:
+                cert = await self._fetch(ident)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                self.failures += 1
+                current = self._certs.get(ident)
+                wait = delay()
+                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    wait = max(wait, 5.0)  # config may not have reached the controller yet
+                log.warning(
+                    "certificate for ns/%s/sa/%s: %s: %s; %s, retrying in %.1fs",
+                    ident[0],
+                    ident[1],
+                    e.code().name,
+                    e.details(),
+                    f"keeping the current one (valid until {_iso(current.not_after)})"
+                    if current and current.valid()
+                    else "none held",
+                    wait,
+                )
+                await asyncio.sleep(wait)
+                continue
+            self._certs[ident] = cert
+            delay = backoff_delays()
+            ev = self._waiters.pop(ident, None)
+            if ev:
+                ev.set()
+            log.info(
+                "certificate for %s issued (serial %s, until %s)",
+                cert.spiffe_id,
+                cert.serial_hex,
+                _iso(cert.not_after),
+            )
+            half = (cert.not_after - cert.not_before) / 2
+            renew_at = cert.not_before + half * random.uniform(0.9, 1.0)
+            await asyncio.sleep(max(1.0, renew_at - time.time()))
+
+    async def close(self) -> None:
+        for h in self._drops.values():
+            h.cancel()
+        for t in self._tasks.values():
+            t.cancel()
+        for t in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()

@@ -1,0 +1,247 @@
+"""The node's own credential: bootstrap with a token, then mutual TLS to the controller.
+
+The node key is made here and never leaves the process. The certificate is renewed at
+half-life; if it ever expires (controller away for a day), the agent bootstraps again
+with its token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from controller.api.gen import identity_pb2, identity_pb2_grpc
+from controller.ca.spiffe import key_pem, make_csr, new_key
+from controller.errors import EnvironmentProblem, RemoteRefused
+
+log = logging.getLogger("weft.identity.node")
+
+
+@dataclass(frozen=True)
+class ControllerEndpoint:
+    address: str  # host:port of the mTLS API (15012)
+    bootstrap_address: str  # host:port of the bootstrap API (15010)
+    server_name: str = "weft-controller.weft-system.svc"
+    ca_bundle_file: Path | None = None  # initial trust in the controller (public roots)
+    token_file: Path | None = None  # local store: this node's bootstrap token
+
+
+class TrustBundle:
+    """The roots this agent trusts, updated from the controller; version bumps on change."""
+
+    def __init__(self, pem: bytes = b"") -> None:
+        self.pem = pem
+        self.version = 0
+        self._listeners: list[Callable[[bytes], None]] = []
+
+    def update(self, pem: bytes) -> None:
+        if pem and pem != self.pem:
+            self.pem = pem
+            self.version += 1
+            log.info("trust bundle updated (%d root(s))", pem.count(b"BEGIN CERTIFICATE"))
+            for fn in list(self._listeners):
+                fn(pem)
+
+    def subscribe(self, fn: Callable[[bytes], None]) -> None:
+        self._listeners.append(fn)
+
+
+def backoff_delays(base: float = 1.0, cap: float = 300.0) -> Callable[[], float]:
+    """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+    attempt = 0
+
+    def next_delay() -> float:
+        nonlocal attempt
+        attempt += 1
+        return random.uniform(0, min(cap, base * 2 ** min(attempt, 20)))
+
+    return next_delay
+
+
+class NodeCredential:
+    def __init__(
+        self,
+        node: str,
+        endpoint: ControllerEndpoint,
+        trust: TrustBundle,
+        *,
+        token: str | None = None,
+    ) -> None:
+        self.node = node
+        self.endpoint = endpoint
+        self.trust = trust
+        self._token = token
+        self._key = new_key()
+        self.chain_pem = b""
+        self.not_after = 0.0
+        self.spiffe_id = ""
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_key: tuple[bytes, bytes] | None = None
+        self.ready = asyncio.Event()
+
+    def _initial_trust(self) -> bytes:
+        if self.trust.pem:
+            return self.trust.pem
+        f = self.endpoint.ca_bundle_file
+        if f is None:
+            raise EnvironmentProblem(
+                "no trust bundle to verify the controller with",
+                hint="pass --ca-bundle (the controller writes "
+                "trust-bundle.pem in its state directory)",
+            )
+        try:
+            pem = f.read_bytes()
+        except OSError as e:
+            raise EnvironmentProblem(
+                f"cannot read the controller's trust bundle {f}: {e}",
+                hint="is the controller running, and its state dir shared with this node?",
+            ) from None
+        self.trust.update(pem)
+        return pem
+
+    def _token_value(self) -> str:
+        if self._token:
+            return self._token
+        f = self.endpoint.token_file
+        if f is None:
+            raise EnvironmentProblem(
+                f"node {self.node} has no bootstrap token",
+                hint="create one: weft controller token --node NODE",
+            )
+        try:
+            return f.read_text().strip()
+        except OSError as e:
+            raise EnvironmentProblem(f"cannot read bootstrap token {f}: {e}") from None
+
+    async def _bootstrap(self) -> None:
+        # The CSR names no ID: the controller decides the node's ID from the credential.
+        creds = grpc.ssl_channel_credentials(root_certificates=self._initial_trust())
+        opts = [("grpc.ssl_target_name_override", self.endpoint.server_name)]
+        async with grpc.aio.secure_channel(
+            self.endpoint.bootstrap_address, creds, options=opts
+        ) as ch:
+            stub = identity_pb2_grpc.NodeBootstrapStub(ch)
+            try:
+                resp = await stub.Bootstrap(
+                    identity_pb2.BootstrapRequest(
+                        node=self.node,
+                        token=self._token_value(),
+                        csr_pem=make_csr(self._key, None),
+                    ),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    raise RemoteRefused(
+                        f"controller refused to bootstrap node {self.node}: {e.details()}"
+                    ) from None
+                raise
+        self._accept(resp)
+        log.info(
+            "node %s bootstrapped: %s valid until %s",
+            self.node,
+            self.spiffe_id,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after)),
+        )
+
+    def _accept(self, resp: identity_pb2.BootstrapResponse) -> None:
+        self.chain_pem = resp.certificate_chain_pem
+        self.not_after = float(resp.not_after_unix)
+        self.spiffe_id = resp.spiffe_id
+        self.trust.update(resp.trust_bundle_pem)
+        self.ready.set()
+
+    async def _renew(self) -> None:
+        key = new_key()
+        stub = identity_pb2_grpc.IdentityStub(self.channel())
+        resp = await stub.RenewNodeCertificate(
+            identity_pb2.RenewNodeRequest(csr_pem=make_csr(key, None)), timeout=10
+        )
+        self._key = key
+        self._accept(resp)
+        log.info(
+            "node certificate renewed, valid until %s",
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after)),
+        )
+
+    def channel(self) -> grpc.aio.Channel:
+        """An mTLS channel with the current node certificate (rebuilt when it changes)."""
+        want = (self.chain_pem, self.trust.pem)
+        if self._channel is None or self._channel_key != want:
+            old = self._channel
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self.trust.pem,
+                private_key=key_pem(self._key),
+                certificate_chain=self.chain_pem,
+            )
+            self._channel = grpc.aio.secure_channel(
+                self.endpoint.address,
+                creds,
+                options=[
+                    ("grpc.ssl_target_name_override", self.endpoint.server_name),
+                    ("grpc.keepalive_time_ms", 30_000),
+                    ("grpc.keepalive_timeout_ms", 10_000),
+                ],
+            )
+            self._channel_key = want
+            if old is not None:
+                # Let streams on the old channel finish on their own; it closes when idle.
+                asyncio.get_running_loop().call_later(
+                    60, lambda: asyncio.ensure_future(old.close())
+                )
+        return self._channel
+
+    async def run(self) -> None:
+        """Bootstrap, then keep the certificate fresh until cancelled."""
+        delay = backoff_delays()
+        while not self.chain_pem:
+            try:
+                await self._bootstrap()
+            except RemoteRefused:
+                raise
+            except (grpc.aio.AioRpcError, OSError) as e:
+                wait = delay()
+                log.warning(
+                    "bootstrap of node %s failed (%s); retrying in %.1fs",
+                    self.node,
+                    e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+        delay = backoff_delays()
+        while True:
+            now = time.time()
+            lifetime = max(self.not_after - now, 0)
+            await asyncio.sleep(max(1.0, lifetime / 2 * random.uniform(0.9, 1.0)))
+            while True:
+                try:
+                    if time.time() >= self.not_after:
+                        await self._bootstrap()  # expired: only the token can get us back
+                    else:
+                        await self._renew()
+                    delay = backoff_delays()
+                    break
+                except (grpc.aio.AioRpcError, OSError, RemoteRefused) as e:
+                    wait = delay()
+                    log.warning(
+                        "node certificate renewal failed (%s); keeping the current "
+                        "one, retrying in %.1fs",
+                        e,
+                        wait,
+                    )
+                    await asyncio.sleep(wait)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()

@@ -1,0 +1,62 @@
+"""TLS contexts for one identity, built from PEM held in memory.
+
+Python's ssl module only loads keys from paths. We hand it an anonymous memory file
+(memfd_create) through /proc/self/fd, so private keys never touch a filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Iterator
+
+ALPN_H2 = "h2"
+
+
+@contextlib.contextmanager
+def _memfile(data: bytes, name: str) -> Iterator[str]:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _base(
+    purpose: ssl.Purpose,
+    chain_pem: bytes,
+    key_pem: bytes,
+    bundle_pem: bytes,
+    alpn: list[str] | None,
+) -> ssl.SSLContext:
+    side = (
+        ssl.PROTOCOL_TLS_CLIENT if purpose is ssl.Purpose.SERVER_AUTH else (ssl.PROTOCOL_TLS_SERVER)
+    )
+    ctx = ssl.SSLContext(side)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # peers are checked by SPIFFE ID after the handshake
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    with _memfile(chain_pem, "weft-chain") as chain, _memfile(key_pem, "weft-key") as key:
+        ctx.load_cert_chain(chain, key)
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    # Session tickets would let a resumed session skip the certificate exchange, and with
+    # it our per-connection SPIFFE check; connections are pooled instead.
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+def client_context(
+    chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, alpn: list[str] | None = None
+) -> ssl.SSLContext:
+    return _base(ssl.Purpose.SERVER_AUTH, chain_pem, key_pem, bundle_pem, alpn or [ALPN_H2])
+
+
+def server_context(
+    chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, alpn: list[str] | None = None
+) -> ssl.SSLContext:
+    return _base(ssl.Purpose.CLIENT_AUTH, chain_pem, key_pem, bundle_pem, alpn or [ALPN_H2])

@@ -1,0 +1,1 @@
+"""The mesh certificate authority and SPIFFE helpers shared with the agent."""

@@ -1,0 +1,58 @@
+"""Turn YAML/JSON text into validated resources and precise problems."""
+
+from __future__ import annotations
+
+from controller.model.base import ResourceKey, _load_all, describe, kinds, parse_resource
+from controller.model.problems import InvalidConfig
+from controller.model.yamldoc import Document, load_documents
+from controller.store import Offer
+
+
+def _claimed_key(data: object, default_namespace: str | None) -> ResourceKey | None:
+    """The identity of an invalid document, when readable, so its last good version stays."""
+    if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
+        return None
+    kind = data.get("kind")
+    cls = kinds().get(kind) if isinstance(kind, str) else None
+    name = data["metadata"].get("name")
+    if cls is None or not isinstance(name, str):
+        return None
+    ns = data["metadata"].get("namespace") or default_namespace or cls.DEFAULT_NAMESPACE
+    return ResourceKey(cls.KIND, ns if cls.NAMESPACED else "", name)
+
+
+def parse_text(text: str | bytes, file: str, *, default_namespace: str | None = None) -> Offer:
+    """Every document of a YAML stream, validated; never raises for content problems."""
+    _load_all()
+    offer = Offer()
+    try:
+        docs = load_documents(text, file)
+    except InvalidConfig as e:
+        offer.problems.extend(e.problems)
+        offer.unreadable = True
+        return offer
+    for doc in docs:
+        data = doc.data
+        # A Kubernetes List (kubectl get -o yaml) holds its resources in items.
+        if (
+            isinstance(data, dict)
+            and data.get("kind") == "List"
+            and isinstance(data.get("items"), list)
+        ):
+            items: list[tuple[object, Document | None]] = [(i, None) for i in data["items"]]
+        else:
+            items = [(data, doc)]
+        for item, d in items:
+            try:
+                offer.resources.append(
+                    parse_resource(item, file=file, doc=d, default_namespace=default_namespace)
+                )
+            except InvalidConfig as e:
+                offer.problems.extend(e.problems)
+                key = _claimed_key(item, default_namespace)
+                if key is not None:
+                    offer.claimed.add(key)
+    return offer
+
+
+__all__ = ["describe", "parse_text"]

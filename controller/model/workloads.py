@@ -1,0 +1,144 @@
+"""Workloads and Services: who runs where, and the stable names callers use.
+
+`Workload` is weft's own, source-neutral view of a pod: the Kubernetes source derives it
+from a Pod (and its Namespace's labels), the lab writes it directly. `Service` is the
+Kubernetes v1 Service shape; endpoints are the meshed workloads its selector matches.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from controller.model.base import (
+    DnsLabel,
+    Model,
+    Resource,
+    check_labels,
+    register,
+)
+
+WEFT_API = "weft.dev/v1alpha1"
+USE_WAYPOINT_LABEL = "weft.dev/use-waypoint"  # on a Service or Namespace: route L7 via it
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+class WorkloadSpec(Model):
+    service_account: DnsLabel = Field("default", alias="serviceAccount")
+    node: DnsLabel
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(min_length=1)
+    mesh: bool = Field(True, description="Enrolled: traffic is captured and tunnelled.")
+    # Where the agent attaches the pod's eBPF programs: a cgroup v2 path relative to the
+    # cgroup root (lab), or empty to find it from podUID under the kubelet tree.
+    cgroup: str | None = None
+    pod_uid: str | None = Field(None, alias="podUID")
+    # Ports that accept plaintext even in STRICT mode (kubelet probes, from the pod spec).
+    probe_ports: list[int] = Field(default_factory=list, alias="probePorts")
+    waypoint: str | None = Field(
+        None,
+        description="Name of the waypoint serving this "
+        "workload's own traffic (rare; usually set per Service).",
+    )
+    ready: bool = True
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"] = "Running"
+
+    @field_validator("probe_ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for p in v:
+            if not 1 <= p <= 65535:
+                raise ValueError(f"port {p} is out of range 1-65535")
+        return v
+
+
+@register
+class Workload(Resource):
+    KIND: ClassVar[str] = "Workload"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = (WEFT_API,)
+
+    spec: WorkloadSpec
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.metadata.labels
+
+    def identity(self, trust_domain: str) -> str:
+        return spiffe_id(trust_domain, self.namespace, self.spec.service_account)
+
+
+class ServicePort(Model):
+    name: DnsLabel | None = None
+    port: int = Field(ge=1, le=65535)
+    target_port: int | str | None = Field(None, alias="targetPort")
+    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
+    app_protocol: str | None = Field(None, alias="appProtocol")
+    node_port: int | None = Field(None, alias="nodePort")
+
+    def target(self) -> int:
+        return self.target_port if isinstance(self.target_port, int) else self.port
+
+
+class ServiceSpec(Model):
+    selector: dict[str, str] | None = None
+    ports: list[ServicePort] = Field(default_factory=list)
+    cluster_ip: str | None = Field(None, alias="clusterIP")
+    cluster_ips: list[str] | None = Field(None, alias="clusterIPs")
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
+    # Fields a real API object carries that weft does not act on; accepted so recorded
+    # objects from a cluster validate unchanged.
+    session_affinity: str | None = Field(None, alias="sessionAffinity")
+    ip_families: list[str] | None = Field(None, alias="ipFamilies")
+    ip_family_policy: str | None = Field(None, alias="ipFamilyPolicy")
+    internal_traffic_policy: str | None = Field(None, alias="internalTrafficPolicy")
+    external_name: str | None = Field(None, alias="externalName")
+
+    _sel = field_validator("selector")(lambda cls, v: check_labels(v) if v else v)
+
+    def vips(self) -> list[str]:
+        ips = list(self.cluster_ips or [])
+        if self.cluster_ip and self.cluster_ip not in ips:
+            ips.insert(0, self.cluster_ip)
+        return [ip for ip in ips if ip and ip != "None"]
+
+
+@register
+class Service(Resource):
+    KIND: ClassVar[str] = "Service"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("v1",)
+
+    spec: ServiceSpec
+    status: dict[str, object] | None = None
+
+    def semantic_check(self) -> list[tuple[tuple[str | int, ...], str]]:
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        seen: set[int] = set()
+        for i, p in enumerate(self.spec.ports):
+            if p.port in seen:
+                out.append((("spec", "ports", i, "port"), f"duplicate port {p.port}"))
+            seen.add(p.port)
+        for ip in self.spec.vips():
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                out.append((("spec", "clusterIP"), f"{ip!r} is not an IP address"))
+        return out
+
+    @property
+    def waypoint(self) -> str | None:
+        return self.metadata.labels.get(USE_WAYPOINT_LABEL)
+
+    def selects(self, w: Workload) -> bool:
+        sel = self.spec.selector
+        return (
+            bool(sel)
+            and w.namespace == self.namespace
+            and all(w.labels.get(k) == v for k, v in (sel or {}).items())
+        )
+
+    def port(self, number: int) -> ServicePort | None:
+        return next((p for p in self.spec.ports if p.port == number), None)

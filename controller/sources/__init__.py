@@ -1,0 +1,1 @@
+"""Config sources: where resources come from (files, the Kubernetes API)."""

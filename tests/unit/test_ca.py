@@ -1,0 +1,141 @@
+"""The CA: SPIFFE certificates that verify against the bundle, rotation, persistence."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from controller.ca.authority import (
+    CertificateAuthority,
+    CertificateRequestRejected,
+    FileCAStore,
+)
+from controller.ca.spiffe import (
+    load_chain,
+    make_csr,
+    new_key,
+    parse_node_id,
+    parse_workload_id,
+    spiffe_id_of,
+)
+from controller.errors import WeftError
+
+
+@pytest.fixture
+def ca(tmp_path):
+    return CertificateAuthority.load_or_create(FileCAStore(tmp_path / "ca.json"), "cluster.local")
+
+
+def verify(cert: x509.Certificate, roots: list[x509.Certificate]) -> None:
+    """Chain verification the way a TLS peer does it (cryptography's verifier)."""
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    store = Store(roots)
+    verifier = PolicyBuilder().store(store).build_client_verifier()
+    verifier.verify(cert, [])
+
+
+def test_workload_cert_has_the_spiffe_id_lifetime_and_verifies(ca):
+    key = new_key()
+    issued = ca.sign_workload(make_csr(key, None), "ai", "llm")
+    (cert,) = load_chain(issued.chain_pem)
+    assert spiffe_id_of(cert) == "spiffe://cluster.local/ns/ai/sa/llm"
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert life == dt.timedelta(hours=24, minutes=5)  # 24 h + the 5 min clock-skew backdate
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    verify(cert, ca.bundle())
+
+
+def test_lifetime_is_configurable_and_capped(tmp_path):
+    ca = CertificateAuthority.load_or_create(
+        FileCAStore(tmp_path / "c.json"), "td.example", workload_ttl=3600
+    )
+    (c,) = load_chain(ca.sign_workload(make_csr(new_key(), None), "a", "b").chain_pem)
+    assert c.not_valid_after_utc - c.not_valid_before_utc == dt.timedelta(hours=1, minutes=5)
+    (c,) = load_chain(ca.sign_workload(make_csr(new_key(), None), "a", "b", ttl=10**9).chain_pem)
+    assert c.not_valid_after_utc - c.not_valid_before_utc == dt.timedelta(days=7, minutes=5)
+
+
+def test_csr_naming_another_identity_is_refused(ca):
+    csr = make_csr(new_key(), "spiffe://cluster.local/ns/ai/sa/admin")
+    with pytest.raises(CertificateRequestRejected, match="caller is authorized for"):
+        ca.sign_workload(csr, "ai", "llm")
+
+
+def test_weak_keys_and_garbage_are_refused(ca):
+    with pytest.raises(CertificateRequestRejected, match="not valid PEM"):
+        ca.sign_workload(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n", "a", "b")
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    weak = rsa.generate_private_key(65537, 1024)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(weak, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    with pytest.raises(CertificateRequestRejected, match="too small"):
+        ca.sign_workload(csr, "a", "b")
+    k = ec.generate_private_key(ec.SECP256K1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(k, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    with pytest.raises(CertificateRequestRejected, match="curve"):
+        ca.sign_workload(csr, "a", "b")
+
+
+def test_node_ids_never_parse_as_workload_ids(ca):
+    (c,) = load_chain(ca.sign_node(make_csr(new_key(), None), "node-1").chain_pem)
+    sid = spiffe_id_of(c)
+    assert parse_node_id(sid) == ("cluster.local", "node-1")
+    assert parse_workload_id(sid) is None
+
+
+def test_state_persists_with_0600_and_reloads_the_same_root(tmp_path, ca):
+    path = tmp_path / "ca.json"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = CertificateAuthority.load_or_create(FileCAStore(path), "cluster.local")
+    assert again.bundle_pem() == ca.bundle_pem()
+    (c,) = load_chain(again.sign_workload(make_csr(new_key(), None), "a", "b").chain_pem)
+    verify(c, ca.bundle())
+
+
+def test_widened_permissions_are_refused(tmp_path, ca):
+    os.chmod(tmp_path / "ca.json", 0o644)
+    with pytest.raises(WeftError, match="must be 0600"):
+        CertificateAuthority.load_or_create(FileCAStore(tmp_path / "ca.json"), "cluster.local")
+
+
+def test_other_trust_domain_state_is_refused(tmp_path, ca):
+    with pytest.raises(WeftError, match=r"is for trust domain 'cluster.local'"):
+        CertificateAuthority.load_or_create(FileCAStore(tmp_path / "ca.json"), "other.td")
+
+
+def test_rotation_keeps_old_root_trusted_during_overlap_then_drops_it(tmp_path):
+    now = [1_900_000_000.0]
+    ca = CertificateAuthority.load_or_create(
+        FileCAStore(tmp_path / "ca.json"), "cluster.local", clock=lambda: now[0]
+    )
+    (old_cert,) = load_chain(ca.sign_workload(make_csr(new_key(), None), "a", "b").chain_pem)
+    old_root = ca.active.cert
+    ca.rotate(overlap=3600)
+    assert [r.serial_number for r in ca.bundle()][1] == old_root.serial_number
+    (new_cert,) = load_chain(ca.sign_workload(make_csr(new_key(), None), "a", "b").chain_pem)
+    assert new_cert.issuer != old_cert.issuer
+    verify(old_cert, ca.bundle())  # still trusted in the overlap
+    verify(new_cert, ca.bundle())
+    again = CertificateAuthority.load_or_create(
+        FileCAStore(tmp_path / "ca.json"), "cluster.local", clock=lambda: now[0]
+    )
+    assert len(again.bundle()) == 2  # the overlap survives a restart
+    now[0] += 3601
+    assert [r.serial_number for r in again.bundle()] == [ca.active.cert.serial_number]

@@ -1,0 +1,344 @@
+"""Controller and agent over real gRPC and real mTLS on loopback (no root needed).
+
+Each test runs one event loop holding the controller and one or more agent-side clients,
+as separate objects talking through sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from agent.config.client import ConfigClient
+from agent.identity.manager import IdentityManager
+from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
+from agent.state import ConfigSnapshot
+from controller.api.gen import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
+from controller.ca.spiffe import load_chain, make_csr, new_key, spiffe_id_of
+from controller.errors import RemoteRefused
+from controller.model.problems import InvalidConfig, Problem
+from controller.server import Controller
+from controller.settings import ControllerSettings
+
+WORKLOADS = textwrap.dedent("""\
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: llm-a, namespace: ai, labels: {app: llm}}
+    spec: {serviceAccount: llm, node: node-1, addresses: [10.244.1.2]}
+    ---
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: client, namespace: apps, labels: {app: client}}
+    spec: {serviceAccount: client, node: node-2, addresses: [10.244.2.2]}
+    """)
+POLICY = textwrap.dedent("""\
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: allow-apps, namespace: ai}
+    spec:
+      action: ALLOW
+      rules: [{from: [{source: {namespaces: [apps]}}]}]
+    """)
+
+
+def settings(tmp: Path) -> ControllerSettings:
+    return ControllerSettings(
+        config_dir=tmp / "config",
+        state_dir=tmp / "state",
+        listen="127.0.0.1:0",
+        bootstrap_listen="127.0.0.1:0",
+        admin_socket=tmp / "admin.sock",
+        metrics_listen="127.0.0.1:0",
+        poll_interval=0.05,
+    )
+
+
+async def start(tmp: Path) -> Controller:
+    (tmp / "config").mkdir(exist_ok=True)
+    (tmp / "config" / "workloads.yaml").write_text(WORKLOADS)
+    c = Controller(settings(tmp))
+    await c.start()
+    return c
+
+
+def node_cred(
+    c: Controller, node: str, trust: TrustBundle | None = None, token: str | None = None
+) -> NodeCredential:
+    tok = token or c.tokens.create(node, 600)[0]
+    ep = ControllerEndpoint(
+        address=f"127.0.0.1:{c.ports['main']}",
+        bootstrap_address=f"127.0.0.1:{c.ports['bootstrap']}",
+        server_name="localhost",
+        ca_bundle_file=c.trust_bundle_path(),
+    )
+    return NodeCredential(node, ep, trust or TrustBundle(), token=tok)
+
+
+def run(tmp: Path, body: Callable[[Controller], Awaitable[None]]) -> None:
+    async def main() -> None:
+        c = await start(tmp)
+        try:
+            await asyncio.wait_for(body(c), 30)
+        finally:
+            await c.stop(0.1)
+
+    asyncio.run(main())
+
+
+async def eventually(pred: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_workload_cert_is_issued_for_own_node_and_verifies(tmp_path):
+    async def body(c: Controller) -> None:
+        trust = TrustBundle()
+        node = node_cred(c, "node-1", trust)
+        task = asyncio.create_task(node.run())
+        ids = IdentityManager(node, trust, trust_domain="cluster.local")
+        ids.want({("ai", "llm")})
+        cert = await ids.wait_for("ai", "llm")
+        assert cert is not None and cert.spiffe_id == "spiffe://cluster.local/ns/ai/sa/llm"
+        (leaf,) = load_chain(cert.chain_pem)
+        assert spiffe_id_of(leaf) == cert.spiffe_id
+        assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(
+            hours=24, minutes=5
+        )
+        roots = load_chain(trust.pem)
+        PolicyBuilder().store(Store(roots)).build_client_verifier().verify(leaf, [])
+        assert cert.context("client", trust) is cert.context("client", trust)  # cached
+        await ids.close()
+        task.cancel()
+        await node.close()
+
+    run(tmp_path, body)
+
+
+def test_a_node_asking_for_another_nodes_workload_is_refused(tmp_path, caplog):
+    async def body(c: Controller) -> None:
+        node = node_cred(c, "node-1")
+        task = asyncio.create_task(node.run())
+        await node.ready.wait()
+        stub = identity_pb2_grpc.IdentityStub(node.channel())
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.SignWorkloadCertificate(
+                identity_pb2.SignRequest(
+                    namespace="apps", service_account="client", csr_pem=make_csr(new_key(), None)
+                )
+            )
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "node node-1 hosts no workload with namespace 'apps'" in e.value.details()
+        task.cancel()
+        await node.close()
+
+    run(tmp_path, body)
+    assert "refused certificate for ns/apps/sa/client to node node-1" in caplog.text
+
+
+def test_bootstrap_with_another_nodes_token_is_refused(tmp_path):
+    async def body(c: Controller) -> None:
+        tok, _ = c.tokens.create("node-2", 600)
+        node = node_cred(c, "node-1", token=tok)
+        with pytest.raises(RemoteRefused, match="refused to bootstrap node node-1"):
+            await node.run()
+
+    run(tmp_path, body)
+
+
+def test_unauthenticated_caller_is_refused_on_the_main_port(tmp_path):
+    async def body(c: Controller) -> None:
+        creds = grpc.ssl_channel_credentials(root_certificates=c.ca.bundle_pem())
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{c.ports['main']}",
+            creds,
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        ) as ch:
+            stub = identity_pb2_grpc.IdentityStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.GetTrustBundle(identity_pb2.TrustBundleRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # no client cert: no TLS
+
+    run(tmp_path, body)
+
+
+def test_config_stream_snapshot_then_delta_then_bad_file_keeps_last_good(tmp_path):
+    async def body(c: Controller) -> None:
+        trust = TrustBundle()
+        node = node_cred(c, "node-1", trust)
+        seen: list[ConfigSnapshot] = []
+        client = ConfigClient(node, trust, seen.append, cache=tmp_path / "cache.json")
+        tasks = [asyncio.create_task(node.run()), asyncio.create_task(client.run())]
+        await eventually(lambda: client.snapshot.revision == c.store.revision > 0, "snapshot")
+        assert set(client.snapshot.workloads_by_ip) == {"10.244.1.2", "10.244.2.2"}
+        policy = tmp_path / "config" / "policy.yaml"
+        policy.write_text(POLICY)
+        await eventually(lambda: len(client.snapshot.authorization) == 1, "delta")
+        rev = client.snapshot.revision
+        policy.write_text(POLICY.replace("ALLOW", "PERMIT"))
+        await eventually(lambda: bool(c.store.rejections()), "rejection")
+        await asyncio.sleep(0.2)
+        assert client.snapshot.revision == rev
+        assert client.snapshot.authorization[0].spec.action == "ALLOW"
+        admin = grpc.aio.insecure_channel(f"unix:{c.settings.admin_socket}")
+        rej = await admin_pb2_grpc.AdminStub(admin).ListRejections(
+            admin_pb2.ListRejectionsRequest()
+        )
+        (p,) = rej.problems
+        assert (p.file, p.line, p.field) == ("policy.yaml", 5, "spec.action")
+        await admin.close()
+        for t in tasks:
+            t.cancel()
+        await node.close()
+
+    run(tmp_path, body)
+
+
+def test_nack_is_surfaced_and_other_nodes_keep_going(tmp_path, caplog):
+    async def body(c: Controller) -> None:
+        def picky(snap: ConfigSnapshot) -> None:
+            if snap.authorization:
+                raise InvalidConfig(
+                    [
+                        Problem(
+                            "this agent cannot enforce it",
+                            resource="AuthorizationPolicy ai/allow-apps",
+                        )
+                    ]
+                )
+
+        t1, t2 = TrustBundle(), TrustBundle()
+        n1, n2 = node_cred(c, "node-1", t1), node_cred(c, "node-2", t2)
+        bad = ConfigClient(n1, t1, picky)
+        good = ConfigClient(n2, t2, lambda s: None)
+        tasks = [asyncio.create_task(x) for x in (n1.run(), n2.run(), bad.run(), good.run())]
+        await eventually(
+            lambda: good.snapshot.revision > 0 and bad.snapshot.revision > 0, "both subscribed"
+        )
+        (tmp_path / "config" / "policy.yaml").write_text(POLICY)
+        await eventually(lambda: len(good.snapshot.authorization) == 1, "good node applies")
+        await eventually(lambda: bad.nacks == 1, "bad node nacks")
+        assert not bad.snapshot.authorization
+        await eventually(lambda: c.sessions["node-1"].last_nack != "", "nack recorded")
+        assert "this agent cannot enforce it" in c.sessions["node-1"].last_nack
+        assert c.sessions["node-2"].acked_revision == c.store.revision
+        nacks = c.registry.get_sample_value(
+            "weft_controller_config_nacks_total", {"node": "node-1"}
+        )
+        assert nacks == 1.0
+        for t in tasks:
+            t.cancel()
+        await n1.close()
+        await n2.close()
+
+    run(tmp_path, body)
+    assert "node node-1 rejected config revision" in caplog.text
+
+
+def test_controller_restart_keeps_the_root_and_agents_resume(tmp_path):
+    async def main() -> None:
+        c = await start(tmp_path)
+        trust = TrustBundle()
+        node = node_cred(c, "node-1", trust)
+        client = ConfigClient(node, trust, lambda s: None)
+        tasks = [asyncio.create_task(node.run()), asyncio.create_task(client.run())]
+        await eventually(lambda: client.snapshot.revision > 0, "first snapshot")
+        bundle, epoch = c.ca.bundle_pem(), client.snapshot.epoch
+        ports = dict(c.ports)
+        await c.stop(0.1)
+        s = settings(tmp_path).model_copy(
+            update={
+                "listen": f"127.0.0.1:{ports['main']}",
+                "bootstrap_listen": f"127.0.0.1:{ports['bootstrap']}",
+            }
+        )
+        (tmp_path / "config" / "policy.yaml").write_text(POLICY)
+        c2 = Controller(s)
+        await c2.start()
+        try:
+            assert c2.ca.bundle_pem() == bundle
+            await eventually(
+                lambda: client.snapshot.epoch == c2.store.epoch != epoch,
+                "resumed against the new controller",
+                limit=20,
+            )
+            assert len(client.snapshot.authorization) == 1
+            assert c2.sessions["node-1"].connected
+        finally:
+            for t in tasks:
+                t.cancel()
+            await node.close()
+            await c2.stop(0.1)
+
+    asyncio.run(main())
+
+
+def test_wrong_node_subscription_is_refused(tmp_path):
+    async def body(c: Controller) -> None:
+        trust = TrustBundle()
+        node = node_cred(c, "node-1", trust)
+        task = asyncio.create_task(node.run())
+        await node.ready.wait()
+        node.node = "node-2"  # the certificate still says node-1
+        client = ConfigClient(node, trust, lambda s: None)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client._stream()
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        task.cancel()
+        await node.close()
+
+    run(tmp_path, body)
+
+
+def test_admin_apply_get_delete_round_trip(tmp_path):
+    async def body(c: Controller) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{c.settings.admin_socket}") as ch:
+            admin = admin_pb2_grpc.AdminStub(ch)
+            bad = await admin.Apply(
+                admin_pb2.ApplyRequest(
+                    documents=[
+                        admin_pb2.ApplyRequest.Document(
+                            file="p.yaml", text=POLICY.replace("ALLOW", "NOPE")
+                        )
+                    ]
+                )
+            )
+            assert bad.problems and not bad.applied
+            ok = await admin.Apply(
+                admin_pb2.ApplyRequest(
+                    documents=[admin_pb2.ApplyRequest.Document(file="p.yaml", text=POLICY)]
+                )
+            )
+            assert [(a.name, a.action) for a in ok.applied] == [("allow-apps", "created")]
+            again = await admin.Apply(
+                admin_pb2.ApplyRequest(
+                    documents=[admin_pb2.ApplyRequest.Document(file="p.yaml", text=POLICY)]
+                )
+            )
+            assert again.applied[0].action == "unchanged"
+            got = await admin.Get(admin_pb2.GetRequest(kind="authorizationpolicies"))
+            assert [r.name for r in got.resources] == ["allow-apps"]
+            conflict = await admin.Apply(
+                admin_pb2.ApplyRequest(
+                    documents=[admin_pb2.ApplyRequest.Document(file="w.yaml", text=WORKLOADS)]
+                )
+            )
+            assert "already defined by file:workloads.yaml" in conflict.problems[0].reason
+            gone = await admin.Delete(
+                admin_pb2.DeleteRequest(
+                    kind="AuthorizationPolicy", namespace="ai", name="allow-apps"
+                )
+            )
+            assert gone.deleted and not c.store.resources("AuthorizationPolicy")
+
+    run(tmp_path, body)
