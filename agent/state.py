@@ -14,7 +14,7 @@ from typing import TypeVar
 from controller.model.base import Resource, ResourceKey
 from controller.model.routing import HTTPRoute
 from controller.model.security import AuthorizationPolicy, PeerAuthentication
-from controller.model.workloads import Service, Workload
+from controller.model.workloads import Node, Service, Workload
 
 R = TypeVar("R", bound=Resource)
 
@@ -35,6 +35,7 @@ class ConfigSnapshot:
     authorization: tuple[AuthorizationPolicy, ...] = ()
     peer_authentication: tuple[PeerAuthentication, ...] = ()
     routes: Mapping[NsName, tuple[HTTPRoute, ...]] = field(default_factory=dict)
+    nodes: Mapping[str, Node] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, trust_domain: str = "cluster.local") -> ConfigSnapshot:
@@ -91,6 +92,7 @@ class ConfigSnapshot:
                 sorted(_of(by_kind, "PeerAuthentication", PeerAuthentication), key=lambda p: p.key)
             ),
             routes=MappingProxyType({k: tuple(v) for k, v in routes.items()}),
+            nodes=MappingProxyType({n.name: n for n in _of(by_kind, "Node", Node)}),
         )
 
     def local_workloads(self, node: str) -> tuple[Workload, ...]:

@@ -142,3 +142,26 @@ class Service(Resource):
 
     def port(self, number: int) -> ServicePort | None:
         return next((p for p in self.spec.ports if p.port == number), None)
+
+
+class NodeSpec(Model):
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(min_length=1)
+    tunnel_port: int = Field(15008, alias="tunnelPort", ge=1, le=65535)
+
+
+@register
+class Node(Resource):
+    """A node's tunnel endpoint: where HBONE for its workloads goes (addresses[0]:15008).
+
+    The Kubernetes source derives it from core/v1 Node (InternalIP); the lab writes it.
+    """
+
+    KIND: ClassVar[str] = "Node"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = (WEFT_API,)
+    NAMESPACED: ClassVar[bool] = False
+
+    spec: NodeSpec
+
+    @property
+    def tunnel_address(self) -> tuple[str, int]:
+        return str(self.spec.addresses[0]), self.spec.tunnel_port

@@ -1,0 +1,78 @@
+"""Where an outbound connection goes, decided from config alone (sans-IO).
+
+The original destination is either a Service VIP (pick a ready endpoint, map the service
+port to the target port), a workload's own address, or something outside the mesh
+(passthrough: connect to it directly, as Istio's ALLOW_ANY does).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.state import ConfigSnapshot
+from controller.model.workloads import Node, Service, Workload
+
+
+class Unreachable(Exception):
+    """No way to serve this destination; the message says why (logged, then RST)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    ip: str  # the address to reach: a pod's, or the original one for passthrough
+    port: int
+    workload: Workload | None
+    service: Service | None
+    node: Node | None
+    identity: str | None  # SPIFFE ID the server must present; None: plaintext passthrough
+    local: bool  # the workload runs on this node
+
+    @property
+    def authority(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    @property
+    def meshed(self) -> bool:
+        return self.identity is not None
+
+
+Picker = Callable[[Sequence[Workload]], Workload]
+
+
+def resolve(
+    snap: ConfigSnapshot, my_node: str, ip: str, port: int, pick: Picker = random.choice
+) -> Destination:
+    svc = snap.services_by_vip.get(ip)
+    if svc is not None:
+        sp = svc.port(port)
+        if sp is None:
+            raise Unreachable(f"service {svc.namespace}/{svc.name} has no port {port}")
+        eps = snap.endpoints.get((svc.namespace, svc.name), ())
+        if not eps:
+            raise Unreachable(f"service {svc.namespace}/{svc.name} has no ready endpoints")
+        ep = pick(eps)
+        return _to_workload(snap, my_node, ep, str(ep.spec.addresses[0]), sp.target(), svc)
+    w = snap.workloads_by_ip.get(ip)
+    if w is not None:
+        return _to_workload(snap, my_node, w, ip, port, None)
+
+    return Destination(ip, port, None, None, None, None, local=False)
+
+
+def _to_workload(
+    snap: ConfigSnapshot, my_node: str, w: Workload, ip: str, port: int, svc: Service | None
+) -> Destination:
+    if not w.spec.mesh:
+        # Enrolled callers may still reach workloads outside the mesh, in plaintext.
+        return Destination(ip, port, w, svc, None, None, local=w.spec.node == my_node)
+    node = snap.nodes.get(w.spec.node)
+    if node is None and w.spec.node != my_node:
+        raise Unreachable(
+            f"workload {w.namespace}/{w.name} is on node {w.spec.node}, "
+            "whose tunnel address is unknown (no Node resource)"
+        )
+    return Destination(
+        ip, port, w, svc, node, snap.workload_identity(w), local=w.spec.node == my_node
+    )

@@ -1,0 +1,514 @@
+"""The node tunnel: outbound capture on :15001, HBONE inbound on :15008.
+
+Outbound (a pod's connection, redirected here by the capture program):
+  1. recover the original destination (eBPF map, keyed by the pod's address and port)
+     and the source workload (by the pod's address; the node's reverse-path filter
+     guarantees a pod cannot use another's);
+  2. resolve the destination from config (service VIP, workload, or passthrough);
+  3. check L4 authorization early (the destination node checks again: it decides);
+  4. same node: connect the pod directly; other node: open a CONNECT stream on a pooled
+     HBONE connection that presents the *source workload's* certificate and accepts only
+     the *destination workload's* identity (URI SAN), then relay.
+
+Inbound (HBONE from another node):
+  1. TLS 1.3 with client certificates; the certificate we present is the destination
+     workload's, chosen by SNI; the peer's chain must verify against the trust bundle;
+  2. per CONNECT stream: the target must be a workload on this node with the identity we
+     presented; L4 authorization on the peer's SPIFFE ID; then connect to the pod and
+     answer 200 only once it is up (401 denied, 503 pod refused, 400 anything else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.identity.manager import WorkloadCert
+from agent.identity.node import TrustBundle
+from agent.policy.authz import Request, evaluate, principal_of, workload_policies
+from agent.state import ConfigSnapshot
+from agent.tunnel import h2 as hb
+from agent.tunnel.hbone import HboneConnection
+from agent.tunnel.metrics import FlowLabels, TunnelMetrics
+from agent.tunnel.pool import ConnectionPool, PeerIdentityMismatch, PoolSettings
+from agent.tunnel.resolve import Destination, Unreachable, resolve
+from agent.tunnel.streams import PodSide, splice
+from controller.ca.spiffe import WorkloadId, parse_workload_id
+from controller.model.workloads import Workload
+
+log = logging.getLogger("weft.tunnel")
+
+FORWARDED = "forwarded"  # RFC 7239: carries the client pod's address to the far node
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    node: str
+    node_ip: str  # outbound listener address, and our source address toward pods
+    outbound_port: int = 15001
+    inbound_port: int = 15008
+    inbound_host: str = "0.0.0.0"
+    pod_connect_timeout: float = 5.0  # seconds to reach a pod before answering 503
+    handshake_timeout: float = 10.0  # seconds for an inbound TLS handshake (slowloris)
+    drain_timeout: float = 20.0  # seconds streams get to finish on SIGTERM; the pod's
+    # default terminationGracePeriodSeconds is 30, so 20 leaves time to close cleanly.
+    mark: int = 0x57454654  # SO_MARK on the tunnel's own sockets ("WEFT"); never captured
+    h2: hb.Settings = field(default_factory=hb.Settings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+
+
+class Identities(Protocol):
+    trust: TrustBundle
+
+    def get(self, namespace: str, service_account: str) -> WorkloadCert | None: ...
+
+    async def wait_for(
+        self, namespace: str, service_account: str, limit: float = 10.0
+    ) -> WorkloadCert | None: ...
+
+    def certs(self) -> list[WorkloadCert]: ...
+
+
+class OriginalDestinations(Protocol):
+    def original_destination(self, src_ip: str, src_port: int) -> tuple[str, int] | None: ...
+
+
+def sni_for(ident: WorkloadId | str) -> str:
+    """The TLS server name that asks a node for one of its workload identities."""
+    w = ident if isinstance(ident, WorkloadId) else parse_workload_id(ident)
+    if w is None:
+        raise ValueError(f"{ident} is not a workload identity")
+    return f"{w.service_account}.{w.namespace}.{w.trust_domain}"
+
+
+class _OutboundPod(PodSide):
+    def __init__(self, tunnel: Tunnel) -> None:
+        super().__init__()
+        self.tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.tunnel._accepted(self)
+
+
+class Tunnel:
+    def __init__(
+        self,
+        settings: TunnelSettings,
+        *,
+        config: Callable[[], ConfigSnapshot],
+        identities: Identities,
+        original: OriginalDestinations,
+        metrics: TunnelMetrics | None = None,
+    ) -> None:
+        self.s = settings
+        self.config = config
+        self.identities = identities
+        self.original = original
+        self.metrics = metrics or TunnelMetrics()
+        self.pool = ConnectionPool(settings.pool, settings.h2, mark=settings.mark)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._inbound: set[HboneConnection] = set()
+        self._local: set[PodSide] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ctx_ids: dict[int, str] = {}
+        self.draining = False
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        out = _listener(self.s.node_ip, self.s.outbound_port)
+        self._servers.append(
+            await loop.create_server(lambda: _OutboundPod(self), sock=out, backlog=4096)
+        )
+        inb = _listener(self.s.inbound_host, self.s.inbound_port)
+        self._servers.append(
+            await loop.create_server(
+                self._inbound_protocol,
+                sock=inb,
+                ssl=self._server_context(),
+                backlog=4096,
+                ssl_handshake_timeout=self.s.handshake_timeout,
+            )
+        )
+        self.pool.start()
+        log.info(
+            "tunnel on node %s: outbound %s:%d, inbound %s:%d",
+            self.s.node,
+            self.s.node_ip,
+            self.s.outbound_port,
+            self.s.inbound_host,
+            self.s.inbound_port,
+        )
+
+    def ports(self) -> dict[str, int]:
+        return {
+            name: srv.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            for name, srv in zip(("outbound", "inbound"), self._servers, strict=False)
+        }
+
+    async def drain(self, deadline: float | None = None) -> None:
+        """Stop accepting; let streams finish up to the deadline; then close the rest."""
+        self.draining = True
+        for srv in self._servers:
+            srv.close()
+        for c in list(self._inbound):
+            c.goaway()
+        limit = self.s.drain_timeout if deadline is None else deadline
+        end = time.monotonic() + limit
+        log.info("draining: %d streams open, waiting up to %.0fs", self.open_streams(), limit)
+        while self.open_streams() and time.monotonic() < end:  # noqa: ASYNC110 - a deadline poll
+            await asyncio.sleep(0.05)
+        left = self.open_streams()
+        if left:
+            log.warning("drain deadline: closing %d stream(s) still open", left)
+        await self.close()
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for c in list(self._inbound):
+            c.abort_all()
+        for p in list(self._local):
+            p.abort()
+        await self.pool.close()
+
+    def open_streams(self) -> int:
+        return (
+            sum(c.open_streams() for c in self._inbound)
+            + sum(c.open_streams() for c in self.pool.connections())
+            + sum(1 for p in self._local if not p.closed)
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ---- outbound ----------------------------------------------------------------------
+
+    def _accepted(self, pod: _OutboundPod) -> None:
+        assert pod.transport is not None
+        peer = pod.transport.get_extra_info("peername")
+        if self.draining:
+            pod.abort()
+            return
+        orig = self.original.original_destination(peer[0], peer[1])
+        snap = self.config()
+        if orig is None:
+            # Not redirected by our capture program (someone dialled :15001 directly).
+            self.metrics.refused("outbound", "no_original_destination")
+            log.warning(
+                "outbound connection from %s:%d has no original destination; closing",
+                peer[0],
+                peer[1],
+            )
+            pod.abort()
+            return
+        src = snap.workloads_by_ip.get(peer[0])
+        if src is None or src.spec.node != self.s.node:
+            self.metrics.refused("outbound", "unknown_source")
+            log.warning(
+                "outbound connection from %s: not a workload of node %s; closing",
+                peer[0],
+                self.s.node,
+            )
+            pod.abort()
+            return
+        try:
+            dst = resolve(snap, self.s.node, orig[0], orig[1])
+        except Unreachable as e:
+            self.metrics.refused("outbound", "unreachable")
+            log.warning("%s/%s -> %s:%d: %s", src.namespace, src.name, orig[0], orig[1], e)
+            pod.abort()
+            return
+        pod.pause_reading()  # nothing to forward to until the far end is up
+        self._spawn(self._outbound(pod, snap, src, dst, peer[0]))
+
+    async def _outbound(
+        self, pod: PodSide, snap: ConfigSnapshot, src: Workload, dst: Destination, client_ip: str
+    ) -> None:
+        src_id = snap.workload_identity(src)
+        labels = FlowLabels.of(
+            snap, src, dst.workload, dst.service, reporter="source", mtls=dst.meshed
+        )
+        if dst.meshed and dst.workload is not None:
+            decision = evaluate(
+                workload_policies(snap.authorization, dst.workload),
+                Request(principal_of(src_id), src.namespace, client_ip, dst.ip, dst.port),
+            )
+            if not decision.allowed:
+                self.metrics.denied(labels)
+                log.info(
+                    "denied %s -> %s/%s:%d (%s%s); closing",
+                    src_id,
+                    dst.workload.namespace,
+                    dst.workload.name,
+                    dst.port,
+                    decision.reason,
+                    f" by {decision.policy}" if decision.policy else "",
+                )
+                pod.abort()
+                return
+        try:
+            if not dst.meshed or dst.local:
+                far = await self._connect_pod(dst.ip, dst.port)
+                self._local.update((pod, far))
+                splice(pod, far)
+                pod.resume_reading()
+                self.metrics.opened(labels)
+                self._watch(labels, pod, far)
+                return
+            await self._via_hbone(pod, snap, src, src_id, dst, client_ip, labels)
+        except (ConnectionError, OSError, TimeoutError, PeerIdentityMismatch) as e:
+            self.metrics.refused("outbound", type(e).__name__)
+            log.warning("%s -> %s: %s", src_id, dst.authority, e)
+            pod.abort()
+
+    async def _via_hbone(
+        self,
+        pod: PodSide,
+        snap: ConfigSnapshot,
+        src: Workload,
+        src_id: str,
+        dst: Destination,
+        client_ip: str,
+        labels: FlowLabels,
+    ) -> None:
+        assert dst.identity is not None and dst.node is not None
+        cert = await self.identities.wait_for(src.namespace, src.spec.service_account)
+        if cert is None:
+            raise ConnectionError(f"no certificate for {src_id} yet (is the controller reachable?)")
+        host, port = dst.node.tunnel_address
+        conn = await self.pool.get(
+            (src_id, dst.identity, host, port),
+            cert.context("client", self.identities.trust),
+            sni_for(dst.identity),
+        )
+        stream, response = conn.open(dst.authority, [(FORWARDED, f"for={client_ip}")])
+        try:
+            resp = await asyncio.wait_for(response, self.s.pod_connect_timeout * 2)
+        except TimeoutError:
+            conn.h2.reset(stream.sid, hb.Err.CANCEL)
+            conn.forget(stream)
+            raise
+        if resp.status != 200:
+            conn.forget(stream)
+            self.metrics.refused("outbound", f"status_{resp.status}")
+            log.info("%s -> %s: destination node answered %d", src_id, dst.authority, resp.status)
+            pod.abort()
+            return
+        stream.bind(pod)
+        pod.resume_reading()
+        self.metrics.opened(labels)
+        self._watch(labels, pod)
+
+    def _watch(self, labels: FlowLabels, pod: PodSide, *others: PodSide) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        pod.on_close = fut
+
+        def done(_: object) -> None:
+            self.metrics.closed(labels, sent=pod.flow.sent, received=pod.flow.received)
+            for p in (pod, *others):
+                self._local.discard(p)
+
+        fut.add_done_callback(done)
+
+    async def _connect_pod(self, ip: str, port: int) -> PodSide:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.s.mark)
+            if ":" not in ip:
+                # From the node's address: the STRICT inbound program admits exactly that.
+                sock.bind((self.s.node_ip, 0))
+            await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), self.s.pod_connect_timeout)
+            _, pod = await loop.create_connection(PodSide, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return pod
+
+    # ---- inbound -----------------------------------------------------------------------
+
+    def _server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        # OpenSSL copies the verify mode into a connection when it is created, and the SNI
+        # switch below replaces only certificate and trust store; so the listening context
+        # itself must demand a client certificate.
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(["h2"])
+        ctx.options |= ssl.OP_NO_TICKET
+        if self.identities.trust.pem:
+            ctx.load_verify_locations(cadata=self.identities.trust.pem.decode())
+
+        def pick(sslobj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> int | None:
+            cert = self._cert_for_sni(name)
+            if cert is None:
+                self.metrics.refused("inbound", "unknown_sni")
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            chosen = cert.context("server", self.identities.trust)
+            self._ctx_ids[id(chosen)] = cert.spiffe_id
+            sslobj.context = chosen
+            return None
+
+        ctx.sni_callback = pick
+        return ctx
+
+    def _cert_for_sni(self, name: str | None) -> WorkloadCert | None:
+        if not name:
+            return None
+        for c in self.identities.certs():
+            w = parse_workload_id(c.spiffe_id)
+            if w is not None and sni_for(w) == name and c.valid():
+                return c
+        return None
+
+    def _inbound_protocol(self) -> HboneConnection:
+        conn = HboneConnection(
+            client=False,
+            settings=self.s.h2,
+            on_request=self._request,
+            on_lost=self._inbound.discard,
+            label="inbound",
+        )
+        self._inbound.add(conn)
+        return conn
+
+    def _request(self, conn: HboneConnection, req: hb.StreamRequest) -> None:
+        if conn.local_id is None and conn.transport is not None:
+            sslobj = conn.transport.get_extra_info("ssl_object")
+            conn.local_id = self._ctx_ids.get(id(sslobj.context)) if sslobj else None
+        peer = parse_workload_id(conn.peer_id or "")
+        snap = self.config()
+        if peer is None or peer.trust_domain != snap.trust_domain:
+            self.metrics.refused("inbound", "peer_not_a_workload")
+            log.warning(
+                "inbound stream from %s refused: not a workload identity of %s",
+                conn.peer_id,
+                snap.trust_domain,
+            )
+            conn.respond(req.stream_id, 401)
+            return
+        if req.method != "CONNECT":
+            conn.respond(req.stream_id, 400)
+            return
+        target = _authority(req.authority)
+        w = snap.workloads_by_ip.get(target[0]) if target else None
+        if target is None or w is None or w.spec.node != self.s.node:
+            self.metrics.refused("inbound", "not_local")
+            log.warning(
+                "inbound CONNECT %r from %s: not a workload on node %s",
+                req.authority,
+                conn.peer_id,
+                self.s.node,
+            )
+            conn.respond(req.stream_id, 400)
+            return
+        dst_id = snap.workload_identity(w)
+        if conn.local_id != dst_id:
+            self.metrics.refused("inbound", "identity_mismatch")
+            log.warning(
+                "inbound CONNECT to %s (%s) on a connection for %s: refused",
+                req.authority,
+                dst_id,
+                conn.local_id,
+            )
+            conn.respond(req.stream_id, 400)
+            return
+        client_ip = _forwarded_for(req.headers) or "0.0.0.0"
+        src = snap.workloads_by_ip.get(client_ip)
+        labels = FlowLabels.of(
+            snap, src, w, None, reporter="destination", mtls=True, source_principal=conn.peer_id
+        )
+        decision = evaluate(
+            workload_policies(snap.authorization, w),
+            Request(peer.principal, peer.namespace, client_ip, target[0], target[1]),
+        )
+        if not decision.allowed:
+            self.metrics.denied(labels)
+            log.info(
+                "denied %s -> %s (%s/%s:%d): %s%s",
+                conn.peer_id,
+                dst_id,
+                w.namespace,
+                w.name,
+                target[1],
+                decision.reason,
+                f" by {decision.policy}" if decision.policy else "",
+            )
+            conn.respond(req.stream_id, 401)
+            return
+        stream = conn.accept_stream(req.stream_id)
+        self._spawn(self._inbound_connect(conn, stream, target, labels))
+
+    async def _inbound_connect(
+        self, conn: HboneConnection, stream: object, target: tuple[str, int], labels: FlowLabels
+    ) -> None:
+        from agent.tunnel.streams import Stream
+
+        assert isinstance(stream, Stream)
+        try:
+            pod = await self._connect_pod(*target)
+        except (OSError, TimeoutError) as e:
+            self.metrics.refused("inbound", "pod_refused")
+            log.info(
+                "pod %s:%d refused the tunnel (%s): answering 503",
+                target[0],
+                target[1],
+                e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__,
+            )
+            conn.respond(stream.sid, 503)
+            return
+        if stream.sid not in conn.streams:
+            pod.abort()  # the client gave up meanwhile
+            return
+        conn.respond(stream.sid, 200)
+        stream.bind(pod)
+        self.metrics.opened(labels)
+        self._watch(labels, pod)
+
+
+def _listener(host: str, port: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.setblocking(False)
+    return s
+
+
+def _authority(a: str) -> tuple[str, int] | None:
+    host, _, port = a.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        p = int(port)
+    except ValueError:
+        return None
+    return (host, p) if 0 < p < 65536 else None
+
+
+def _forwarded_for(headers: list[tuple[str, str]]) -> str | None:
+    for k, v in headers:
+        if k == FORWARDED:
+            for raw in v.split(";"):
+                part = raw.strip()
+                if part.lower().startswith("for="):
+                    ip = part[4:].strip('"').strip("[]")
+                    with contextlib.suppress(ValueError):
+                        return str(ipaddress.ip_address(ip))
+    return None
