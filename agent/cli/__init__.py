@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from agent.cli import demo, lab
+from agent.cli import agentcmd, demo, lab
 from controller.errors import WeftError
 
 app = typer.Typer(
@@ -18,6 +18,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(lab.app, name="lab")
+app.add_typer(agentcmd.app, name="agent")
+
 app.command("demo")(demo.demo)
 
 

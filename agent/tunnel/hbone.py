@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import cast
 
 from agent.tunnel import h2 as hb
 from agent.tunnel.streams import Stream
@@ -51,8 +52,8 @@ class HboneConnection(asyncio.Protocol):
     # ---- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

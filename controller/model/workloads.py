@@ -39,6 +39,10 @@ class WorkloadSpec(Model):
     pod_uid: str | None = Field(None, alias="podUID")
     # Ports that accept plaintext even in STRICT mode (kubelet probes, from the pod spec).
     probe_ports: list[int] = Field(default_factory=list, alias="probePorts")
+    # Ports the workload listens on (containerPorts); with Service target ports they are
+    # what the same-node fast path may splice.
+    ports: list[int] = Field(default_factory=list)
+
     waypoint: str | None = Field(
         None,
         description="Name of the waypoint serving this "
@@ -47,7 +51,8 @@ class WorkloadSpec(Model):
     ready: bool = True
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"] = "Running"
 
-    @field_validator("probe_ports")
+    @field_validator("probe_ports", "ports")
+
     @classmethod
     def _ports(cls, v: list[int]) -> list[int]:
         for p in v:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from agent.identity.manager import WorkloadCert
 from agent.identity.node import TrustBundle
@@ -211,7 +212,7 @@ def test_cross_node_connection_is_relayed_over_mtls_and_half_closes(tmp_path):
             assert inb.peer_id == "spiffe://cluster.local/ns/apps/sa/client"
             assert inb.local_id == "spiffe://cluster.local/ns/ai/sa/llm"
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_service_vip_resolves_to_an_endpoint_and_maps_the_port(tmp_path):
@@ -219,7 +220,7 @@ def test_service_vip_resolves_to_an_endpoint_and_maps_the_port(tmp_path):
         async with Mesh(tmp_path) as m:
             assert await roundtrip(m, "127.0.0.11", ("10.96.0.10", 80), b"via vip") == b"via vip"
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_same_node_destination_is_connected_directly(tmp_path):
@@ -228,7 +229,7 @@ def test_same_node_destination_is_connected_directly(tmp_path):
             assert await roundtrip(m, "127.0.0.11", ("127.0.0.13", m.ports["near"]), b"x") == b"x"
             assert not m.t1.pool.connections()  # no TLS for a same-node hop
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 DENY_BATCH = """---
@@ -277,7 +278,7 @@ def test_allow_policy_admits_one_principal_and_the_inbound_side_denies_another(t
             )
             assert (await resp).status == 200  # same client identity: allowed
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_inbound_refuses_a_denied_identity_with_401(tmp_path):
@@ -299,7 +300,7 @@ def test_inbound_refuses_a_denied_identity_with_401(tmp_path):
             _, resp = conn.open(f"127.0.0.21:{m.ports['llm']}", [])
             assert (await resp).status == 401
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_pod_that_refuses_gets_503_and_unknown_target_400(tmp_path):
@@ -323,7 +324,7 @@ def test_pod_that_refuses_gets_503_and_unknown_target_400(tmp_path):
             _, resp = conn.open(f"127.0.0.13:{m.ports['near']}", [])  # on node-1, not here
             assert (await resp).status == 400
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_wrong_destination_identity_is_never_sent_the_stream(tmp_path):
@@ -347,7 +348,7 @@ def test_wrong_destination_identity_is_never_sent_the_stream(tmp_path):
                     "llm.ai.cluster.local",
                 )
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_untrusted_ca_is_rejected(tmp_path):
@@ -370,7 +371,7 @@ def test_untrusted_ca_is_rejected(tmp_path):
                     "llm.ai.cluster.local",
                 )
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_many_concurrent_connections_relay_byte_exact(tmp_path):
@@ -387,7 +388,7 @@ def test_many_concurrent_connections_relay_byte_exact(tmp_path):
             assert time.monotonic() - t0 < 100
             assert sum(c.streams_opened for c in m.t1.pool.connections()) == 40
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def test_drain_lets_open_streams_finish_and_refuses_new_ones(tmp_path):
@@ -406,4 +407,4 @@ def test_drain_lets_open_streams_finish_and_refuses_new_ones(tmp_path):
             with pytest.raises(OSError):
                 await asyncio.open_connection("127.0.0.1", m.ports["in2"])
 
-    asyncio.run(main())
+    uvloop.run(main())

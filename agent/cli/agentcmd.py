@@ -1,0 +1,90 @@
+"""`weft agent`: run the node agent, and inspect its eBPF programs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent.settings import AgentSettings
+
+app = typer.Typer(
+    help="The node agent (a DaemonSet in Kubernetes; one per lab node).", no_args_is_help=True
+)
+
+try:  # the data path's own commands (bpf dump, ...)
+    from agent.cli import bpf as _bpf
+
+    app.add_typer(_bpf.app, name="bpf", help="The agent's eBPF programs and maps.")
+except ImportError:  # pragma: no cover - only while the data path is absent
+    pass
+
+
+@app.command()
+def run(
+    node: Annotated[str, typer.Option(envvar="NODE_NAME", help="This node's name.")],
+    node_ip: Annotated[str, typer.Option(envvar="NODE_IP", help="This node's address.")],
+    trust_domain: Annotated[str, typer.Option()] = "cluster.local",
+    controller: Annotated[str, typer.Option(help="Controller mTLS API host:port.")] = (
+        "weft-controller.weft-system.svc:15012"
+    ),
+    bootstrap: Annotated[str, typer.Option(help="Controller bootstrap API host:port.")] = (
+        "weft-controller.weft-system.svc:15010"
+    ),
+    controller_name: Annotated[str, typer.Option(help="Name in the controller's certificate.")] = (
+        "weft-controller.weft-system.svc"
+    ),
+    ca_bundle: Annotated[Path, typer.Option(help="Roots to trust the controller with.")] = (
+        Path("/var/run/weft/trust-bundle.pem")
+    ),
+    token_file: Annotated[Path | None, typer.Option(help="Bootstrap token (local store).")] = None,
+    datapath: Annotated[
+        str, typer.Option(help="ebpf, or none (explicit fallback: no capture, no enforcement).")
+    ] = "ebpf",
+    pin_root: Annotated[Path, typer.Option(help="bpffs directory for this agent.")] = Path(
+        "/sys/fs/bpf/weft/agent"
+    ),
+    cgroup_mode: Annotated[str, typer.Option(help="lab or kubelet.")] = "kubelet",
+    fastpath: Annotated[bool, typer.Option(help="Same-node fast path.")] = True,
+    metrics_listen: Annotated[str, typer.Option()] = "0.0.0.0:15020",
+    ready_listen: Annotated[str, typer.Option()] = "0.0.0.0:15021",
+    admin_listen: Annotated[str, typer.Option()] = "127.0.0.1:15000",
+    admin_socket: Annotated[Path | None, typer.Option()] = None,
+    state_dir: Annotated[Path, typer.Option()] = Path("/var/lib/weft/agent"),
+    drain_timeout: Annotated[float, typer.Option(help="Seconds.")] = 20.0,
+    log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Run the node agent: data path, tunnel, identities, config from the controller.
+
+    Example (a lab node): weft agent run --node node-1 --node-ip 10.0.0.11 --cgroup-mode lab
+    """
+    logging.basicConfig(
+        level=log_level.upper(),
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    kw: dict[str, Any] = dict(
+        node=node,
+        node_ip=node_ip,
+        trust_domain=trust_domain,
+        controller=controller,
+        bootstrap=bootstrap,
+        controller_name=controller_name,
+        ca_bundle=ca_bundle,
+        token_file=token_file,
+        datapath=datapath,
+        pin_root=pin_root,
+        cgroup_mode=cgroup_mode,
+        fastpath=fastpath,
+        metrics_listen=metrics_listen,
+        ready_listen=ready_listen,
+        admin_listen=admin_listen,
+        admin_socket=admin_socket,
+        state_dir=state_dir,
+        drain_timeout=drain_timeout,
+    )
+    from agent.main import main
+
+    main(AgentSettings(**kw))

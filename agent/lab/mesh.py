@@ -1,0 +1,303 @@
+"""Install weft on a lab: the controller, one agent per node, and the lab's resources.
+
+    fabric netns   controller  10.0.0.1:15012 (mTLS) / :15010 (bootstrap) / :15014 metrics
+    node netns     agent       <node ip>:15001 / :15008 / :15020 / :15021
+                               admin API on <run dir>/nodes/<node>/admin.sock
+
+The lab writes what a Kubernetes source would derive from the API server: a Node per lab
+node (its tunnel address) and a Workload per pod (identity, address, labels, cgroup), and
+the lab's Services, into the controller's config directory. Each agent bootstraps with a
+token the lab creates for its node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.lab.topology import Lab, LabState
+from agent.netns import call_in
+from controller.errors import WeftError
+from controller.tokens import TokenStore
+
+CONTROLLER = "controller"
+SERVER_NAME = "weft-controller.weft-system.svc"
+
+
+def paths(state: LabState) -> dict[str, Path]:
+    run = Path(state.run_dir)
+    return {
+        "config": run / "controller" / "config",
+        "state": run / "controller" / "state",
+        "admin": run / "controller.sock",
+        "bundle": run / "controller" / "state" / "trust-bundle.pem",
+    }
+
+
+def node_dir(state: LabState, node: str) -> Path:
+    return Path(state.run_dir) / "nodes" / node
+
+
+def admin_socket(state: LabState, node: str) -> Path:
+    return node_dir(state, node) / "admin.sock"
+
+
+def lab_resources(state: LabState) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for n in state.nodes:
+        docs.append(
+            {
+                "apiVersion": "weft.dev/v1alpha1",
+                "kind": "Node",
+                "metadata": {"name": n.name},
+                "spec": {"addresses": [n.ip]},
+            }
+        )
+    cg_root = Path(state.cgroup).parents[1]  # <cgroup2 root>/weft/<lab> -> <cgroup2 root>
+    for p in state.pods:
+        docs.append(
+            {
+                "apiVersion": "weft.dev/v1alpha1",
+                "kind": "Workload",
+                "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+                "spec": {
+                    "serviceAccount": p.service_account,
+                    "node": p.node,
+                    "addresses": [p.ip],
+                    "mesh": p.meshed,
+                    "cgroup": str(Path(p.cgroup).relative_to(cg_root)),
+                },
+            }
+        )
+    for s in state.services:
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": s["name"],
+                    "namespace": s["namespace"],
+                    "labels": s.get("labels", {}),
+                },
+                "spec": {
+                    "selector": s["selector"],
+                    "clusterIP": s["clusterIP"],
+                    "ports": s["ports"],
+                },
+            }
+        )
+    return docs
+
+
+def write_resources(state: LabState) -> Path:
+    p = paths(state)["config"]
+    p.mkdir(parents=True, exist_ok=True)
+    f = p / "lab.yaml"
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump_all(lab_resources(state), sort_keys=False))
+    tmp.replace(f)
+    return f
+
+
+def install(
+    lab: Lab,
+    state: LabState,
+    *,
+    wait: float = 60.0,
+    fastpath: bool = True,
+    datapath: str = "ebpf",
+    extra_env: dict[str, str] | None = None,
+) -> None:
+    """Start the controller and an agent per node; wait until every agent is ready."""
+    p = paths(state)
+    write_resources(state)
+    p["state"].mkdir(parents=True, exist_ok=True, mode=0o700)
+    tokens = TokenStore(p["state"] / "node-tokens.json")
+    env = {"WEFT_LOG_LEVEL": os.environ.get("WEFT_LOG_LEVEL", "INFO"), **(extra_env or {})}
+    fabric = state.fabric_ip
+    lab.start_process(
+        state,
+        CONTROLLER,
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            "--trust-domain",
+            state.trust_domain,
+            "--config-dir",
+            str(p["config"]),
+            "--state-dir",
+            str(p["state"]),
+            "--listen",
+            f"{fabric}:15012",
+            "--bootstrap-listen",
+            f"{fabric}:15010",
+            "--admin-socket",
+            str(p["admin"]),
+            "--metrics-listen",
+            f"{fabric}:15014",
+            "--server-name",
+            SERVER_NAME,
+            "--server-ip",
+            fabric,
+            "--poll-interval",
+            "0.2",
+        ],
+        env=env,
+    )
+    _wait(
+        lambda: p["bundle"].exists() and p["admin"].exists(),
+        wait,
+        "the controller to start",
+        lab,
+        state,
+        CONTROLLER,
+    )
+    for n in state.nodes:
+        d = node_dir(state, n.name)
+        d.mkdir(parents=True, exist_ok=True)
+        token, _ = tokens.create(n.name, 24 * 3600)
+        tf = d / "token"
+        tf.write_text(token)
+        tf.chmod(0o600)
+        start_agent(lab, state, n.name, fastpath=fastpath, datapath=datapath, env=env)
+    for n in state.nodes:
+        wait_ready(lab, state, n.name, wait)
+
+
+def agent_argv(
+    state: LabState, node: str, *, fastpath: bool = True, datapath: str = "ebpf"
+) -> list[str]:
+    p = paths(state)
+    n = state.node(node)
+    d = node_dir(state, node)
+    return [
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "agent",
+        "run",
+        "--node",
+        node,
+        "--node-ip",
+        n.ip,
+        "--trust-domain",
+        state.trust_domain,
+        "--controller",
+        f"{state.fabric_ip}:15012",
+        "--bootstrap",
+        f"{state.fabric_ip}:15010",
+        "--controller-name",
+        SERVER_NAME,
+        "--ca-bundle",
+        str(p["bundle"]),
+        "--token-file",
+        str(d / "token"),
+        "--pin-root",
+        n.bpffs,
+        "--cgroup-mode",
+        "lab",
+        "--metrics-listen",
+        f"{n.ip}:15020",
+        "--ready-listen",
+        f"{n.ip}:15021",
+        "--admin-listen",
+        "127.0.0.1:15000",
+        "--admin-socket",
+        str(admin_socket(state, node)),
+        "--state-dir",
+        str(d / "state"),
+        "--drain-timeout",
+        "5",
+        "--datapath",
+        datapath,
+        *([] if fastpath else ["--no-fastpath"]),
+    ]
+
+
+def start_agent(
+    lab: Lab,
+    state: LabState,
+    node: str,
+    *,
+    fastpath: bool = True,
+    datapath: str = "ebpf",
+    env: dict[str, str] | None = None,
+) -> None:
+    lab.start_process(
+        state,
+        f"agent-{node}",
+        agent_argv(state, node, fastpath=fastpath, datapath=datapath),
+        node=node,
+        env=env,
+    )
+
+
+def wait_ready(lab: Lab, state: LabState, node: str, wait: float = 60.0) -> None:
+    sock = admin_socket(state, node)
+
+    def ready() -> bool:
+        try:
+            return bool(admin_get(sock, "/healthz").get("ready"))
+        except (OSError, ValueError):
+            return False
+
+    _wait(ready, wait, f"the agent on {node} to be ready", lab, state, f"agent-{node}")
+
+
+def admin_get(sock: Path, path: str, timeout: float = 5.0) -> Any:
+    """GET a JSON document from an agent's (or anything's) admin Unix socket."""
+    import http.client
+    import socket
+
+    class UnixConn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(str(sock))
+            self.sock = s
+
+    c = UnixConn("localhost", timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        if r.status >= 400:
+            raise ValueError(f"{path}: HTTP {r.status}: {body[:200]!r}")
+        ctype = r.getheader("content-type", "")
+        return json.loads(body) if "json" in ctype else body.decode()
+    finally:
+        c.close()
+
+
+def node_get(state: LabState, node: str, url_path: str, port: int = 15020) -> str:
+    """GET from a node's TCP endpoint (metrics, readiness) inside its netns."""
+    import urllib.request
+
+    n = state.node(node)
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://{n.ip}:{port}{url_path}", timeout=5) as r:
+            return r.read().decode()
+
+    return call_in(n.netns, fetch)
+
+
+def _wait(pred: Any, limit: float, what: str, lab: Lab, state: LabState, proc: str) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if pred():
+            return
+        alive = next((p for p in lab.state().processes if p.name == proc), None)
+        if alive is not None and not Path(f"/proc/{alive.pid}").exists():
+            break
+        time.sleep(0.1)
+    log = next((p.log for p in lab.state().processes if p.name == proc), None)
+    tail = Path(log).read_text(errors="replace")[-3000:] if log and Path(log).exists() else ""
+    raise WeftError(f"timed out waiting for {what}", hint=f"its log ({log}) ends with:\n{tail}")

@@ -1,0 +1,65 @@
+"""PeerAuthentication: is plaintext allowed into a workload, and on which ports?
+
+Precedence as in Istio: a policy selecting the workload beats its namespace's policy
+(no selector), which beats the root namespace's. UNSET inherits from the next level.
+The mesh default, when nothing says otherwise, is STRICT in weft (Istio's is PERMISSIVE):
+a mesh that promises no plaintext should not need a policy to keep that promise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.policy.authz import ROOT_NAMESPACE
+from controller.model.security import PeerAuthentication
+from controller.model.workloads import Workload
+
+
+@dataclass(frozen=True)
+class MtlsMode:
+    strict: bool
+    plaintext_ports: frozenset[int]  # accepted in plaintext even when strict
+    policy: str | None  # the deciding policy, namespace/name
+
+
+def mtls_mode(
+    policies: Sequence[PeerAuthentication],
+    w: Workload,
+    *,
+    default_strict: bool = True,
+    root_namespace: str = ROOT_NAMESPACE,
+) -> MtlsMode:
+    levels: list[PeerAuthentication | None] = [
+        _pick(
+            [
+                p
+                for p in policies
+                if p.namespace == w.namespace
+                and p.spec.selector
+                and p.spec.selector.matches(w.labels)
+            ]
+        ),
+        _pick([p for p in policies if p.namespace == w.namespace and not p.spec.selector]),
+        _pick([p for p in policies if p.namespace == root_namespace and not p.spec.selector]),
+    ]
+    strict, deciding = default_strict, None
+    for p in reversed(levels):  # root first, so narrower levels override
+        if p is not None and p.spec.mtls is not None and p.spec.mtls.mode != "UNSET":
+            strict = p.spec.mtls.mode == "STRICT"
+            deciding = f"{p.namespace}/{p.name}"
+    ports: set[int] = set(w.spec.probe_ports)
+    top = levels[0]
+    if top is not None and top.spec.port_level_mtls:
+        for port, pm in top.spec.port_level_mtls.items():
+            if pm.mode in ("PERMISSIVE", "DISABLE"):
+                ports.add(port)
+            elif pm.mode == "STRICT":
+                ports.discard(port)
+    return MtlsMode(strict, frozenset(ports), deciding)
+
+
+def _pick(ps: list[PeerAuthentication]) -> PeerAuthentication | None:
+    # Several at one level is a conflict; Istio takes the oldest, we take the first by
+    # name, which is at least stable.
+    return sorted(ps, key=lambda p: p.name)[0] if ps else None
