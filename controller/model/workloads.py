@@ -52,7 +52,6 @@ class WorkloadSpec(Model):
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"] = "Running"
 
     @field_validator("probe_ports", "ports")
-
     @classmethod
     def _ports(cls, v: list[int]) -> list[int]:
         for p in v:

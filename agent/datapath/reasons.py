@@ -1,0 +1,45 @@
+"""Codes shared with the C programs: drop reasons (bpf/lib/drop.h) and event counters
+(bpf/lib/counters.h).
+
+Both are append-only on the C side; these enums mirror them number for number, and
+tests/unit/test_datapath_reasons.py parses the headers to prove it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class DropReason(IntEnum):
+    """Why inbound enforcement dropped a packet (enum weft_drop_reason)."""
+
+    NOT_FROM_TUNNEL = 1
+    """STRICT pod: TCP to a listening socket from a source other than the node tunnel."""
+    NODE_UNCONFIGURED = 2
+    """STRICT pod, but the agent has not set the tunnel address yet: fail closed."""
+    MALFORMED = 3
+    """The IPv4 header could not be read."""
+
+    @property
+    def label(self) -> str:
+        """The Prometheus label value: lower-case, stable across releases."""
+        return self.name.lower()
+
+
+class Counter(IntEnum):
+    """Event counters of the data path (enum weft_counter, map weft_counters_v1)."""
+
+    CONNECTS = 0
+    REDIRECTED = 1
+    EXCLUDED = 2
+    FASTPATH_CONNECTS = 3
+    ORIGDST_REKEYED = 4
+    FASTPATH_SOCKETS = 5
+    FASTPATH_MSGS = 6
+    FASTPATH_BYTES = 7
+    FASTPATH_FALLBACK = 8
+    FASTPATH_INSERT_ERRORS = 9
+    FLOWS_OPENED = 10
+    FLOWS_CLOSED = 11
+    IPV6_PASSED = 12
+    INBOUND_DROPS = 13
