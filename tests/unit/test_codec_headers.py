@@ -1,0 +1,40 @@
+"""Header fields of the waypoint codecs: an ordered multi-map of lowercase bytes."""
+
+from __future__ import annotations
+
+from agent.waypoint.codec import Headers
+
+
+def test_lookups_are_case_insensitive_and_ordered():
+    """get returns the first value, get_all every value in order."""
+    h = Headers.of(("Accept", "a"), ("x-a", "1"), ("ACCEPT", "b"))
+    assert h.get(b"accept") == b"a" and h.get(b"Accept") == b"a"
+    assert h.get_all(b"accept") == [b"a", b"b"]
+    assert h.get(b"missing") is None and b"x-a" in h and len(h) == 3
+
+
+def test_set_replaces_in_place_and_remove_counts():
+    """set keeps the position of the first field it replaces; remove says how many went."""
+    h = Headers.of(("a", "1"), ("b", "2"), ("a", "3"))
+    h.set(b"a", b"9")
+    assert h == Headers.of(("a", "9"), ("b", "2"))
+    h.add(b"C", b"4")
+    assert h.remove(b"b") == 1 and h == Headers.of(("a", "9"), ("c", "4"))
+
+
+def test_hop_by_hop_fields_are_stripped_for_forwarding():
+    """Connection-specific fields and those named in Connection go; te: trailers stays."""
+    h = Headers.of(
+        ("connection", "keep-alive, x-hop"), ("keep-alive", "5"), ("x-hop", "1"),
+        ("proxy-connection", "x"), ("transfer-encoding", "chunked"), ("upgrade", "h2c"),
+        ("te", "trailers"), ("x-model", "llama"),
+    )  # fmt: skip
+    h.strip_hop_by_hop()
+    assert h == Headers.of(("te", "trailers"), ("x-model", "llama"))
+
+
+def test_te_other_than_trailers_is_stripped():
+    """te: gzip is hop-by-hop; only te: trailers crosses the proxy (gRPC needs it)."""
+    h = Headers.of(("te", "gzip"), ("x", "1"))
+    h.strip_hop_by_hop()
+    assert h == Headers.of(("x", "1"))

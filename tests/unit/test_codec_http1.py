@@ -1,0 +1,467 @@
+"""The waypoint's sans-IO HTTP/1.1 codec: bytes in, events out; calls in, bytes out."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.waypoint.codec import (
+    ConnectionClosed,
+    Data,
+    Headers,
+    Http1Connection,
+    Limits,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    Role,
+    StreamReset,
+    Trailers,
+)
+
+GET = b"GET /v1/models HTTP/1.1\r\nHost: llm\r\n\r\n"
+
+
+def server(**limits: int) -> Http1Connection:
+    return Http1Connection(Role.SERVER, Limits(**limits))
+
+
+def client() -> Http1Connection:
+    return Http1Connection(Role.CLIENT)
+
+
+def feed(conn: Http1Connection, *chunks: bytes) -> list:
+    out: list = []
+    for chunk in chunks:
+        out += conn.receive_data(chunk)
+    return out
+
+
+def reject(conn: Http1Connection, *chunks: bytes) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        feed(conn, *chunks)
+    return info.value
+
+
+def ok(conn: Http1Connection, sid: int, body: bytes = b"ok") -> bytes:
+    h = Headers.of(("content-length", str(len(body))))
+    return conn.send_response_head(sid, 200, h) + conn.send_data(sid, body, end_stream=True)
+
+
+def get(conn: Http1Connection, method: str = "GET") -> bytes:
+    sid = conn.next_stream_id()
+    return conn.send_request_head(sid, method, "/", "llm", "http", Headers(), end_stream=True)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def test_get_request_is_one_head_that_ends_the_stream():
+    """A bodiless request is a single RequestHead with end_stream, names lowercased."""
+    (head,) = feed(server(), b"GET /v1/models?x=1 HTTP/1.1\r\nHost: llm:8000\r\nX-A: b \r\n\r\n")
+    assert head == RequestHead(
+        1,
+        "GET",
+        "/v1/models?x=1",
+        "llm:8000",
+        "http",
+        Headers([(b"host", b"llm:8000"), (b"x-a", b"b")]),
+        True,
+    )
+
+
+def test_body_streams_as_it_arrives():
+    """Body bytes become Data events per read; the last one carries end_stream."""
+    conn = server()
+    head, first = feed(conn, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+    assert not head.end_stream
+    assert first == Data(1, b"hello", False)
+    assert feed(conn, b"world") == [Data(1, b"world", True)]
+
+
+def test_chunked_request_with_trailers():
+    """A chunked body ends with a Trailers event carrying the trailer fields."""
+    events = feed(
+        server(),
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"5\r\nhello\r\n0\r\nX-Checksum: 42\r\n\r\n",
+    )
+    assert events[1:] == [Data(1, b"hello", False), Trailers(1, Headers([(b"x-checksum", b"42")]))]
+
+
+def test_absolute_form_target_gives_authority_and_path():
+    """A proxy-style absolute target is split into authority, scheme and path."""
+    (head,) = feed(server(), b"GET http://llm:8000/a?b=c HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert (head.authority, head.target, head.scheme) == ("llm:8000", "/a?b=c", "http")
+
+
+def test_keep_alive_numbers_requests_like_http2_streams():
+    """Requests on one connection are streams 1, 3, ... once each response completes."""
+    conn = server()
+    assert feed(conn, GET)[0].stream_id == 1
+    ok(conn, 1)
+    assert conn.keep_alive and conn.idle and not conn.should_close
+    assert feed(conn, GET)[0].stream_id == 3
+
+
+def test_connection_close_request_ends_the_connection():
+    """After `Connection: close` the response says close and later bytes are ignored."""
+    conn = server()
+    feed(conn, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET)
+    assert b"connection: close\r\n" in ok(conn, 1)
+    assert conn.should_close
+    assert conn.next_events() == []
+
+
+def test_http10_client_gets_close_delimited_body():
+    """An HTTP/1.0 client cannot take chunked: the body runs until the connection closes."""
+    conn = server()
+    feed(conn, b"GET / HTTP/1.0\r\n\r\n")
+    head = conn.send_response_head(1, 200, Headers())
+    assert b"transfer-encoding" not in head and b"connection: close" in head
+    assert conn.send_data(1, b"abc", end_stream=True) == b"abc"
+    assert conn.should_close
+
+
+def test_http10_keep_alive_with_content_length():
+    """HTTP/1.0 keep-alive is honoured when the body length is known."""
+    conn = server()
+    feed(conn, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert b"connection: keep-alive\r\n" in ok(conn, 1)
+    assert conn.keep_alive
+
+
+def test_upgrade_is_ignored_and_parsing_goes_on():
+    """weft does not switch protocols: an Upgrade request is an ordinary request."""
+    conn = server()
+    (head,) = feed(conn, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n")
+    head.headers.strip_hop_by_hop()
+    assert head.headers == Headers([(b"host", b"a")])
+    ok(conn, 1)
+    assert feed(conn, GET)[0].stream_id == 3
+
+
+# -------------------------------------------------------------------------- responses
+
+
+def test_response_head_frames_chunked_when_length_unknown():
+    """Without Content-Length a streaming response is chunked; trailers end it."""
+    conn = server()
+    feed(conn, GET)
+    head = conn.send_response_head(1, 200, Headers.of(("content-type", "text/event-stream")))
+    assert head.endswith(b"transfer-encoding: chunked\r\n\r\n")
+    assert conn.send_data(1, b"data: hi\n\n") == b"a\r\ndata: hi\n\n\r\n"
+    assert conn.send_trailers(1, Headers.of(("x-tokens", "7"))) == b"0\r\nx-tokens: 7\r\n\r\n"
+    assert conn.idle
+
+
+def test_empty_response_gets_content_length_zero():
+    """A response ended by its head says content-length: 0 so the client need not wait."""
+    conn = server()
+    feed(conn, GET)
+    head = conn.send_response_head(1, 404, Headers(), end_stream=True)
+    assert head == b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+
+
+def test_response_to_head_has_no_body():
+    """Answering HEAD keeps Content-Length but sends no body."""
+    conn = server()
+    feed(conn, b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = conn.send_response_head(1, 200, Headers.of(("content-length", "100")))
+    assert b"content-length: 100\r\n" in head
+    with pytest.raises(ProtocolError, match="no body"):
+        conn.send_data(1, b"x")
+    assert conn.send_data(1, b"", end_stream=True) == b""
+
+
+def test_hundred_continue_then_final_response():
+    """A 100 Continue is written as an interim head; the final head follows."""
+    conn = server()
+    feed(conn, b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert conn.send_response_head(1, 100, Headers()) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert feed(conn, b"hi") == [Data(1, b"hi", True)]
+    assert ok(conn, 1).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_early_response_drops_rest_of_request_and_closes():
+    """Answering before the request body is in stops reuse; the rest of it is dropped."""
+    conn = server()
+    feed(conn, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    conn.send_response_head(1, 413, Headers(), end_stream=True)
+    assert feed(conn, b"defghij") == []
+    assert not conn.keep_alive and conn.should_close
+
+
+def test_header_value_with_newline_is_refused():
+    """The serializer refuses CR/LF in a value: no response splitting via the core."""
+    conn = server()
+    feed(conn, GET)
+    with pytest.raises(ProtocolError) as info:
+        conn.send_response_head(1, 200, Headers([(b"x", b"a\r\nset-cookie: evil")]))
+    assert info.value.side == "local"
+
+
+def test_content_length_mismatch_is_a_local_error():
+    """Sending more (or less) than the declared Content-Length is a core bug."""
+    conn = server()
+    feed(conn, GET)
+    conn.send_response_head(1, 200, Headers.of(("content-length", "2")))
+    with pytest.raises(ProtocolError, match="too many"):
+        conn.send_data(1, b"abc")
+
+
+# ---------------------------------------------------------------------------- pipelining
+
+
+def test_pipelined_requests_wait_for_the_previous_response():
+    """Two requests in one read: the second is held until the first is answered."""
+    conn = server()
+    assert [e.stream_id for e in feed(conn, GET + GET)] == [1]
+    assert conn.paused
+    assert conn.next_events() == []
+    ok(conn, 1)
+    assert [e.stream_id for e in conn.next_events()] == [3]
+
+
+def test_bytes_read_while_paused_are_parsed_later():
+    """Bytes that arrive while a response is pending are buffered, then parsed."""
+    conn = server()
+    feed(conn, GET)
+    assert feed(conn, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx", b"") == []
+    ok(conn, 1)
+    events = conn.next_events()
+    assert [type(e) for e in events] == [RequestHead, Data]
+    ok(conn, 3)
+    assert conn.next_events() == [ConnectionClosed()]
+
+
+def test_malformed_pipelined_request_is_raised_after_the_good_one():
+    """An error in a pipelined request does not lose the complete request before it."""
+    conn = server()
+    assert len(feed(conn, GET + b"BAD\x00 / HTTP/1.1\r\n\r\n")) == 1
+    ok(conn, 1)
+    with pytest.raises(ProtocolError) as info:
+        conn.next_events()
+    assert (info.value.stream_id, info.value.status) == (3, 400)
+
+
+# ------------------------------------------------------------------------ client role
+
+
+def test_sse_response_arrives_event_by_event():
+    """Server-sent events: each chunk is a Data event before the stream ends."""
+    conn = client()
+    get(conn)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert feed(conn, head)[0].status == 200
+    assert feed(conn, b"e\r\ndata: token1\n\n\r\n") == [Data(1, b"data: token1\n\n", False)]
+    assert feed(conn, b"e\r\ndata: token2\n\n\r\n") == [Data(1, b"data: token2\n\n", False)]
+    assert feed(conn, b"0\r\n\r\n") == [Data(1, b"", True)]
+    assert conn.idle and conn.keep_alive
+
+
+def test_response_to_head_ends_at_its_head():
+    """A HEAD response's Content-Length describes no body: the next response follows it."""
+    conn = client()
+    get(conn, "HEAD")
+    (head,) = feed(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert head.end_stream and conn.idle
+    get(conn)
+    assert feed(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")[1] == Data(3, b"ok", True)
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_body_statuses(status):
+    """204 and 304 have no body whatever their headers say."""
+    conn = client()
+    get(conn)
+    (head,) = feed(conn, b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status)
+    assert head == ResponseHead(1, status, Headers([(b"content-length", b"5")]), True)
+    assert conn.idle
+
+
+def test_interim_responses_precede_the_final_one():
+    """1xx responses are informational heads on the same stream."""
+    conn = client()
+    sid = conn.next_stream_id()
+    hdrs = Headers.of(("expect", "100-continue"), ("content-length", "2"))
+    conn.send_request_head(sid, "POST", "/", "llm", "http", hdrs)
+    (cont,) = feed(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert cont.informational and not cont.end_stream
+    assert conn.send_data(sid, b"hi", end_stream=True) == b"hi"
+    assert feed(conn, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")[0].status == 201
+
+
+def test_close_delimited_response_ends_at_eof():
+    """A response without length runs to EOF; the connection is not reusable."""
+    conn = client()
+    get(conn)
+    assert feed(conn, b"HTTP/1.1 200 OK\r\n\r\nabc")[1] == Data(1, b"abc", False)
+    assert not conn.keep_alive
+    assert feed(conn, b"") == [Data(1, b"", True), ConnectionClosed()]
+
+
+def test_backend_closing_mid_response_resets_the_stream():
+    """EOF before the response is complete is a remote reset (retriable by the core)."""
+    conn = client()
+    get(conn)
+    feed(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
+    reset, closed = feed(conn, b"")
+    assert isinstance(reset, StreamReset) and reset.remote and reset.stream_id == 1
+    assert closed == ConnectionClosed()
+
+
+def test_client_closing_mid_request_resets_the_stream():
+    """A client that hangs up mid-body resets its stream."""
+    conn = server()
+    feed(conn, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nabc")
+    assert [type(e) for e in feed(conn, b"")] == [StreamReset, ConnectionClosed]
+
+
+def test_request_framing_on_the_client_side():
+    """Requests: chunked without length; content-length: 0 for an empty POST; Host first."""
+    conn = client()
+    head = conn.send_request_head(1, "POST", "/v1/chat", "llm:8000", "http", Headers())
+    assert head == b"POST /v1/chat HTTP/1.1\r\nhost: llm:8000\r\ntransfer-encoding: chunked\r\n\r\n"
+    assert conn.send_data(1, b"{}", end_stream=True) == b"2\r\n{}\r\n0\r\n\r\n"
+    feed(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    empty = conn.send_request_head(3, "POST", "/", "llm", "http", Headers(), end_stream=True)
+    assert empty.endswith(b"content-length: 0\r\n\r\n")
+
+
+def test_busy_connection_refuses_a_second_request():
+    """No client-side pipelining: a pool must wait for `idle`."""
+    conn = client()
+    get(conn)
+    with pytest.raises(ProtocolError, match="busy"):
+        get(conn)
+
+
+# ------------------------------------------------------------------- limits and errors
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "limits", "status"),
+    [
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 2000 + b"\r\n\r\n",
+            {"max_header_bytes": 1024},
+            431,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: 1\r\n" * 11 + b"\r\n",
+            {"max_header_count": 10},
+            431,
+        ),
+        (b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n", {"max_target_bytes": 64}, 414),
+        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", {}, 505),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", {}, 505),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", {}, 501),
+        (b"CONNECT llm:443 HTTP/1.1\r\nHost: llm:443\r\n\r\n", {}, 501),
+    ],
+    ids=["header-bytes", "header-count", "uri", "http-1.2", "http-2.0", "te-gzip", "connect"],
+)
+def test_limits_and_unsupported_features_answer_the_right_status(request_bytes, limits, status):
+    """Each limit and unsupported feature maps to its HTTP status."""
+    err = reject(server(**limits), request_bytes)
+    assert (err.status, err.side, err.stream_id) == (status, "remote", 1)
+
+
+def test_header_size_error_says_how_big():
+    """The error names the limit and the size seen."""
+    err = reject(server(max_header_bytes=1024), GET[:-2] + b"X: " + b"v" * 2000 + b"\r\n\r\n")
+    assert err.message == (
+        "request header block exceeds the 1,024-byte limit (at least 2,026 bytes)"
+    )
+
+
+def test_slowloris_head_is_cut_off_at_the_limit():
+    """A head trickled in small reads is refused once it passes the limit, and
+    `reading_head` tells the shell to time it meanwhile."""
+    conn = server(max_header_bytes=1024)
+    feed(conn, b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: ")
+    assert conn.reading_head
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(200):
+            feed(conn, b"vvvvvvvvvv")
+    assert info.value.status == 431
+
+
+POST = b"POST / HTTP/1.1\r\nHost: a\r\n"
+GET_A = b"GET / HTTP/1.1\r\nHost: a\r\n"
+SMUGGLING = {
+    "cl-and-te": POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "te-and-cl": POST + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+    "two-cl": POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    "same-cl-twice": POST + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\n",
+    "cl-list": POST + b"Content-Length: 5, 5\r\n\r\n",
+    "cl-plus": POST + b"Content-Length: +5\r\n\r\n",
+    "te-not-final": POST + b"Transfer-Encoding: chunked, gzip\r\n\r\n",
+    "te-twice": POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+    "obs-fold": GET_A + b"X: a\r\n b\r\n\r\n",
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    "bare-lf": b"GET / HTTP/1.1\nHost: a\n\n",
+    "bare-lf-in-headers": b"GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n",
+    "ctl-in-value": GET_A + b"X: a\x01b\r\n\r\n",
+    "ctl-in-name": GET_A + b"X\x01: b\r\n\r\n",
+    "no-host": b"GET / HTTP/1.1\r\n\r\n",
+    "two-hosts": GET_A + b"Host: b\r\n\r\n",
+    "bad-host": b"GET / HTTP/1.1\r\nHost: a/b@c\r\n\r\n",
+    "chunk-size-lf": POST + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("request_bytes", SMUGGLING.values(), ids=SMUGGLING.keys())
+def test_request_smuggling_defences(request_bytes):
+    """Ambiguous framing and sloppy syntax are refused with 400 (or 501), never guessed."""
+    err = reject(server(), request_bytes)
+    assert err.status in (400, 501) and err.side == "remote"
+
+
+def test_error_response_explains_and_closes():
+    """error_response renders the error's status and message and closes."""
+    conn = server()
+    err = reject(conn, b"GET / HTTP/1.1\r\n\r\n")
+    out = conn.error_response(err)
+    assert out.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"connection: close\r\n" in out and out.endswith(b"without a Host header\n")
+    assert conn.should_close
+
+
+def test_backend_errors_map_to_bad_gateway():
+    """A malformed response is the backend's fault: status 502 for the client."""
+    conn = client()
+    get(conn)
+    err = reject(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert (err.status, err.stream_id) == (502, 1)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_request_through_both_serializers():
+    """What the client role writes, the server role reads back as the same request."""
+    out = client()
+    hdrs = Headers.of(("content-type", "application/json"), ("x-model", "llama"))
+    wire = out.send_request_head(1, "POST", "/v1/chat?s=1", "llm:8000", "http", hdrs)
+    wire += out.send_data(1, b'{"a":') + out.send_data(1, b"1}", end_stream=True)
+    events = feed(server(), wire)
+    assert events[0].headers.get(b"x-model") == b"llama"
+    assert (events[0].method, events[0].target, events[0].authority) == (
+        "POST",
+        "/v1/chat?s=1",
+        "llm:8000",
+    )
+    assert b"".join(e.data for e in events[1:]) == b'{"a":1}' and events[-1].end_stream
+
+
+def test_round_trip_response_with_trailers():
+    """A chunked response with trailers reads back with the same trailers."""
+    srv, cli = server(), client()
+    feed(srv, get(cli))
+    wire = srv.send_response_head(1, 200, Headers.of(("grpc-encoding", "identity")))
+    wire += srv.send_data(1, b"abc") + srv.send_trailers(1, Headers.of(("grpc-status", "0")))
+    head, data, trailers = feed(cli, wire)
+    assert (head.status, data.data, trailers.headers.get(b"grpc-status")) == (200, b"abc", b"0")
+    assert cli.idle and srv.idle
