@@ -1,0 +1,165 @@
+"""Fixtures for tests that need the whole mesh on the lab: controller, agents, eBPF."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.lab import mesh
+from agent.lab.manifest import plan
+from agent.lab.topology import Lab, LabState
+from agent.netns import call_in
+from controller.model.yamldoc import load_documents
+from tests.conftest import unique_lab_name
+
+# node-1: client, batch, near; node-2: far, far2; legacy pods are outside the mesh.
+MESH_LAB = """
+apiVersion: weft.dev/v1alpha1
+kind: Lab
+metadata: {name: __LAB__}
+spec:
+  nodes: [{name: node-1}, {name: node-2}]
+  namespaces:
+    - {name: apps, labels: {weft.dev/mesh: enabled}}
+    - {name: ai, labels: {weft.dev/mesh: enabled}}
+    - {name: legacy}
+  pods:
+    - {name: client, namespace: apps, node: node-1, serviceAccount: client, labels: {app: client}}
+    - {name: batch, namespace: apps, node: node-1, serviceAccount: batch, labels: {app: batch}}
+    - {name: near, namespace: ai, node: node-1, serviceAccount: model, labels: {app: near}}
+    - {name: far, namespace: ai, node: node-2, serviceAccount: model, labels: {app: far}}
+    - {name: far2, namespace: ai, node: node-2, serviceAccount: other, labels: {app: far2}}
+    - {name: old1, namespace: legacy, node: node-1, labels: {app: old1}}
+    - {name: old2, namespace: legacy, node: node-2, labels: {app: old2}}
+  services:
+    - {name: near, namespace: ai, selector: {app: near}, ports: [{port: 8000}]}
+    - {name: far, namespace: ai, selector: {app: far}, ports: [{port: 80, targetPort: 8000}]}
+"""
+
+
+@dataclass
+class Mesh:
+    lab: Lab
+    state: LabState
+
+    def ip(self, pod: str) -> str:
+        return self.state.pod(pod).ip
+
+    def admin(self, node: str, path: str) -> Any:
+        return mesh.admin_get(mesh.admin_socket(self.state, node), path)
+
+    def start_server(self, pod: str, *args: str, port: int = 8000) -> None:
+        name = f"srv-{pod.replace('/', '-')}-{port}"
+        self.lab.start_process(
+            self.state,
+            name,
+            [sys.executable, "-m", "agent.lab.workloads.echo", "--port", str(port), *args],
+            pod=pod,
+        )
+        p = self.state.pod(pod)
+        wait_until(lambda: call_in(p.netns, _listening, p.ip, port), f"{pod}:{port} listening")
+
+    def run(self, pod: str, code: str, *args: str, timeout: float = 60) -> Any:
+        return self.lab.run(pod, [sys.executable, "-c", code, *args], timeout=timeout)
+
+    def config_file(self, name: str) -> Path:
+        return mesh.paths(self.state)["config"] / name
+
+    def apply(self, name: str, text: str) -> None:
+        """Write a policy file where the controller reads config; wait until both agents
+        run the revision that contains it."""
+        f = self.config_file(name)
+        f.write_text(text)
+        self._settle()
+
+    def remove(self, name: str) -> None:
+        f = self.config_file(name)
+        if f.exists():
+            f.unlink()
+            self._settle()
+
+    def _settle(self) -> None:
+        # The controller's revision once it has scanned; then every agent's.
+        before = [self.admin(n.name, "/config")["revision"] for n in self.state.nodes]
+        wait_until(
+            lambda: any(
+                self.admin(n.name, "/config")["revision"] > r
+                for n, r in zip(self.state.nodes, before, strict=True)
+            ),
+            "the controller to publish a new revision",
+            10,
+        )
+        target = max(self.admin(n.name, "/config")["revision"] for n in self.state.nodes)
+        wait_until(
+            lambda: all(
+                self.admin(n.name, "/config")["revision"] >= target for n in self.state.nodes
+            ),
+            "agents to apply it",
+            10,
+        )
+
+
+def _listening(ip: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((ip, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float = 10.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = check()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def meshed(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    """One lab with the controller and an agent per node, shared by a test module.
+
+    Torn down after the module whatever happens; when a test failed, every lab process's
+    log tail is printed (pytest shows it with the failure report)."""
+    name = unique_lab_name("m")
+    lab = Lab(name)
+    failed_before = request.session.testsfailed
+    try:
+        state = lab.up(plan(load_documents(MESH_LAB.replace("__LAB__", name), "mesh.yaml")[0]))
+        mesh.install(lab, state, wait=90)
+        yield Mesh(lab, state)
+    finally:
+        if request.session.testsfailed > failed_before and lab.exists():
+            for proc in lab.state().processes:
+                log = Path(proc.log)
+                if log.exists():
+                    sys.stderr.write(f"\n==== {proc.name} ({log}) ====\n")
+                    sys.stderr.write(log.read_text(errors="replace")[-6000:])
+        lab.down()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (Prometheus text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def dumps(x: Any) -> str:
+    return json.dumps(x, indent=1, default=str)

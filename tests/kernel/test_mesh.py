@@ -1,0 +1,353 @@
+"""The mesh end to end on the lab: eBPF capture, both tunnels, mTLS on the node link,
+authorization, STRICT, the same-node fast path, and an agent restart. Needs root.
+
+One meshed lab serves the whole module (controller + two agents, about 2 s to build);
+tests that change policy remove it again."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agent.lab import mesh as labmesh
+from agent.netns import call_in
+from controller.ca.authority import CertificateAuthority, FileCAStore
+from controller.ca.spiffe import key_pem, make_csr, new_key
+from tests.kernel.conftest import Mesh, dumps, metric, wait_until
+
+pytestmark = pytest.mark.kernel
+
+ONE_SHOT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+f = s.makefile("rb")
+greeting = f.readline().decode()
+s.sendall(sys.argv[3].encode() + b"\\n")
+assert f.readline() == sys.argv[3].encode() + b"\\n", "echo mismatch"
+s.shutdown(socket.SHUT_WR)
+print(greeting, end="")
+"""
+
+CLIENT_ID = "spiffe://cluster.local/ns/apps/sa/client"
+MODEL_ID = "spiffe://cluster.local/ns/ai/sa/model"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def servers(meshed: Mesh) -> None:
+    for pod in ("ai/near", "ai/far", "ai/far2", "legacy/old2"):
+        meshed.start_server(pod, "--greet")
+    meshed.start_server("ai/far", "--digest", port=9000)
+
+
+def one_shot(
+    m: Mesh, pod: str, ip: str, port: int, text: str = "hello"
+) -> subprocess.CompletedProcess[bytes]:
+    return m.run(pod, ONE_SHOT, ip, str(port), text, timeout=30)
+
+
+def test_cross_node_connection_goes_through_both_tunnels(meshed: Mesh) -> None:
+    out = one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000)
+    assert out.returncode == 0, out.stderr.decode()
+    # The pod saw node-2's tunnel as its peer: the connection came out of HBONE there.
+    assert out.stdout.decode().startswith(f"peer {meshed.state.node('node-2').ip}:")
+    pool = meshed.admin("node-1", "/tunnel")["pool"]
+    assert any(c["peer"] == MODEL_ID for c in pool), dumps(pool)
+    # The destination node knows who called: the client's own SPIFFE identity.
+    text = labmesh.node_get(meshed.state, "node-2", "/metrics")
+    assert (
+        metric(
+            text,
+            "istio_tcp_connections_opened_total",
+            reporter="destination",
+            source_principal=CLIENT_ID,
+            destination_principal=MODEL_ID,
+            connection_security_policy="mutual_tls",
+        )
+        >= 1
+    )
+
+
+def test_a_service_vip_reaches_its_endpoint_with_the_target_port(meshed: Mesh) -> None:
+    vip = next(s["clusterIP"] for s in meshed.state.services if s["name"] == "far")
+    out = one_shot(meshed, "apps/client", vip, 80, "via-vip")
+    assert out.returncode == 0, out.stderr.decode()
+
+
+def _capture(netns: str, iface: str, stop: threading.Event, out: list[bytes]) -> None:
+    def run() -> None:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
+        s.bind((iface, 0))
+        s.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                out.append(s.recv(65535))
+            except TimeoutError:
+                continue
+        s.close()
+
+    call_in(netns, run)
+
+
+def test_only_tls_crosses_the_node_link(meshed: Mesh) -> None:
+    """A payload marker sent between meshed pods never appears on node-1's link; the same
+    capture does see it between two pods outside the mesh (so it would have noticed)."""
+    n1 = meshed.state.node("node-1")
+    frames: list[bytes] = []
+    stop = threading.Event()
+    t = threading.Thread(target=_capture, args=(n1.netns, "eth0", stop, frames))
+    t.start()
+    time.sleep(0.2)
+    secret = "WEFT-MARKER-" + "7" * 20
+    plain = "PLAIN-MARKER-" + "3" * 20
+    try:
+        assert one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000, secret).returncode == 0
+        assert (
+            one_shot(meshed, "legacy/old1", meshed.ip("legacy/old2"), 8000, plain).returncode == 0
+        )
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+    wire = b"".join(frames)
+    assert plain.encode() in wire, "the capture saw no plaintext at all: is it working?"
+    assert secret.encode() not in wire
+    hbone = (15008).to_bytes(2, "big")
+    assert any(hbone in f[34:38] for f in frames), "no TCP to port 15008 on the link"
+
+
+POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: far-callers, namespace: ai}
+spec:
+  selector: {matchLabels: {app: far}}
+  action: ACTION
+  rules: [{from: [{source: {principals: [PRINCIPAL]}}]}]
+"""
+
+
+def test_allow_for_one_principal_and_deny_for_another(meshed: Mesh) -> None:
+    try:
+        meshed.apply(
+            "policy-allow.yaml",
+            POLICY.replace("ACTION", "ALLOW").replace(
+                "PRINCIPAL", "cluster.local/ns/apps/sa/client"
+            ),
+        )
+        assert one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000).returncode == 0
+        denied = one_shot(meshed, "apps/batch", meshed.ip("ai/far"), 8000)
+        assert denied.returncode != 0
+        meshed.apply(
+            "policy-allow.yaml",
+            POLICY.replace("ACTION", "DENY").replace(
+                "PRINCIPAL", "cluster.local/ns/apps/sa/client"
+            ),
+        )
+        assert one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000).returncode != 0
+        assert one_shot(meshed, "apps/batch", meshed.ip("ai/far"), 8000).returncode == 0
+        text = labmesh.node_get(meshed.state, "node-1", "/metrics")
+        assert (
+            metric(
+                text,
+                "weft_tunnel_denied_connections_total",
+                source_principal="spiffe://cluster.local/ns/apps/sa/batch",
+            )
+            >= 1
+        )
+    finally:
+        meshed.remove("policy-allow.yaml")
+    assert one_shot(meshed, "apps/batch", meshed.ip("ai/far"), 8000).returncode == 0
+
+
+def test_strict_drops_plaintext_that_bypasses_the_tunnel(meshed: Mesh) -> None:
+    """node-1 itself (not a tunnel of node-2) dials a pod on node-2 directly: dropped and
+    counted; a pod outside the mesh on node-2 still accepts the same."""
+    n1 = meshed.state.node("node-1")
+    before = sum(d["count"] for d in meshed.admin("node-2", "/datapath")["drops"])
+
+    def dial(ip: str) -> str:
+        try:
+            socket.create_connection((ip, 8000), timeout=1.5).close()
+            return "connected"
+        except TimeoutError:
+            return "timeout"
+        except OSError as e:
+            return str(e)
+
+    assert call_in(n1.netns, dial, meshed.ip("ai/far")) == "timeout"
+    assert call_in(n1.netns, dial, meshed.ip("legacy/old2")) == "connected"
+    drops = meshed.admin("node-2", "/datapath")["drops"]
+    assert sum(d["count"] for d in drops) > before
+    assert {d["reason"] for d in drops} == {"not_from_tunnel"}
+
+
+def test_untrusted_or_missing_client_certificates_are_refused(meshed: Mesh, tmp_path) -> None:
+    n1, n2 = meshed.state.node("node-1"), meshed.state.node("node-2")
+    rogue = CertificateAuthority.load_or_create(
+        FileCAStore(tmp_path / "rogue.json"), "cluster.local"
+    )
+    real = CertificateAuthority.load_or_create(
+        FileCAStore(labmesh.paths(meshed.state)["state"] / "ca.json"), "cluster.local"
+    )
+    for name, ca in (("rogue", rogue), ("real", real)):
+        key = new_key()
+        issued = ca.sign_workload(make_csr(key, None), "apps", "client")
+        (tmp_path / f"{name}.pem").write_bytes(issued.chain_pem)
+        (tmp_path / f"{name}.key").write_bytes(key_pem(key))
+
+    def handshake(cert: str | None) -> str:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["h2"])
+        if cert:
+            ctx.load_cert_chain(tmp_path / f"{cert}.pem", tmp_path / f"{cert}.key")
+        raw = socket.create_connection((n2.ip, 15008), timeout=5)
+        try:
+            with ctx.wrap_socket(raw, server_hostname="model.ai.cluster.local") as s:
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                return "accepted" if s.recv(9) else "closed"
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as e:
+            return f"refused: {type(e).__name__}"
+
+    # TLS 1.3 checks the client's certificate after the client finished its handshake, so
+    # a refusal shows as an alert or a plain close; only an accepted peer gets SETTINGS.
+    assert call_in(n1.netns, handshake, "real") == "accepted"
+    assert call_in(n1.netns, handshake, "rogue") != "accepted"
+    assert call_in(n1.netns, handshake, None) != "accepted"
+
+
+def test_fast_path_carries_same_node_traffic_and_not_denied_pairs(meshed: Mesh) -> None:
+    def dp() -> dict[str, int]:
+        return meshed.admin("node-1", "/datapath")["counters"]  # type: ignore[no-any-return]
+
+    def opened() -> int:
+        return sum(c["streamsOpened"] for c in meshed.admin("node-1", "/tunnel")["pool"])
+
+    before, streams = dp(), opened()
+    out = one_shot(meshed, "apps/client", meshed.ip("ai/near"), 8000, "x" * 5000)
+    assert out.returncode == 0, out.stderr.decode()
+    # Spliced in the kernel: the peer is the client itself, and bytes moved by sk_msg.
+    assert out.stdout.decode().startswith(f"peer {meshed.ip('apps/client')}:")
+    after = dp()
+    assert after["fastpath_bytes"] - before["fastpath_bytes"] >= 5000
+    assert opened() == streams
+    try:
+        meshed.apply(
+            "deny-near.yaml",
+            POLICY.replace("far-callers", "near-callers")
+            .replace("app: far", "app: near")
+            .replace("ACTION", "DENY")
+            .replace("PRINCIPAL", "cluster.local/ns/apps/sa/client"),
+        )
+        pairs = {tuple(p) for p in meshed.admin("node-1", "/datapath")["fastpathPairs"]}
+        assert (meshed.ip("apps/client"), meshed.ip("ai/near"), 8000) not in pairs
+
+        assert one_shot(meshed, "apps/client", meshed.ip("ai/near"), 8000).returncode != 0
+        assert one_shot(meshed, "apps/batch", meshed.ip("ai/near"), 8000).returncode == 0
+    finally:
+        meshed.remove("deny-near.yaml")
+
+
+PERSISTENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = s.makefile("rb")
+print(f.readline().decode().strip(), flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    print(f.readline().decode().strip(), flush=True)
+"""
+
+
+def test_killing_the_agent_keeps_a_spliced_connection_and_a_new_agent_resumes(meshed: Mesh):
+    p = meshed.state.pod("apps/client")
+    from pathlib import Path
+
+    from agent.netns import spawn
+
+    proc = spawn(
+        [sys.executable, "-c", PERSISTENT, meshed.ip("ai/near"), "8000"],
+        netns=p.netns,
+        cgroup=Path(p.cgroup),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin and proc.stdout
+
+    def say(line: str) -> str:
+        proc.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        return proc.stdout.readline().decode().strip()  # type: ignore[union-attr]
+
+    try:
+        assert proc.stdout.readline().decode().startswith("peer")
+        assert say("one") == "one"
+        agent = next(x for x in meshed.lab.state().processes if x.name == "agent-node-1")
+        import os
+
+        os.kill(agent.pid, signal.SIGKILL)
+        wait_until(
+            lambda: (
+                not Path(f"/proc/{agent.pid}/status").exists()
+                or "zombie" in Path(f"/proc/{agent.pid}/status").read_text()
+            ),
+            "agent to die",
+        )
+        assert say("two, no agent") == "two, no agent"
+        labmesh.start_agent(meshed.lab, meshed.lab.state(), "node-1")
+        labmesh.wait_ready(meshed.lab, meshed.lab.state(), "node-1")
+        assert say("three, new agent") == "three, new agent"
+        # And the new agent captures new connections as before.
+        out = one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000)
+        assert out.stdout.decode().startswith(f"peer {meshed.state.node('node-2').ip}:")
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+MANY = """
+import hashlib, os, socket, sys, threading
+ip, port, conns, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+bad = []
+chunk = os.urandom(1 << 20)
+
+def one(i):
+    try:
+        s = socket.create_connection((ip, port), timeout=120)
+        h = hashlib.sha256()
+        sent = 0
+        while sent < size:
+            piece = chunk[: min(len(chunk), size - sent)]
+            piece = bytes([i % 256]) + piece[1:]
+            s.sendall(piece)
+            h.update(piece)
+            sent += len(piece)
+        s.shutdown(socket.SHUT_WR)
+        reply = s.makefile().readline().split()
+        if reply != [str(size), h.hexdigest()]:
+            bad.append((i, reply))
+    except Exception as e:
+        bad.append((i, repr(e)))
+
+ts = [threading.Thread(target=one, args=(i,)) for i in range(conns)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(len(bad), bad[:3])
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_200_concurrent_connections_carry_10_mb_each_byte_exact(meshed: Mesh) -> None:
+    out = meshed.run(
+        "apps/client", MANY, meshed.ip("ai/far"), "9000", "200", str(10 << 20), timeout=600
+    )
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()[-2000:]
