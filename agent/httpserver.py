@@ -26,10 +26,13 @@ MAX_HEAD = 32 << 10
 
 
 class HttpRequest:
-    __slots__ = ("body", "headers", "method", "path", "query")
+    __slots__ = ("body", "headers", "method", "path", "query", "transport")
 
-    def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> None:
+    def __init__(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, transport: Any = None
+    ) -> None:
         u = urlsplit(target)
+        self.transport = transport  # for peer credentials on Unix sockets
         self.method = method
         self.path = u.path
         self.query = {k: v[-1] for k, v in parse_qs(u.query).items()}
@@ -113,7 +116,13 @@ class _Conn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode()
         self._queue.put_nowait(
-            HttpRequest(method, self._url.decode("latin-1"), self._headers, bytes(self._body))
+            HttpRequest(
+                method,
+                self._url.decode("latin-1"),
+                self._headers,
+                bytes(self._body),
+                self.transport,
+            )
         )
 
     def _error(self, status: int) -> None:
@@ -189,11 +198,12 @@ class HttpServer:
         self.servers.append(srv)
         return int(srv.sockets[0].getsockname()[1])
 
-    async def listen_unix(self, path: Path) -> None:
+    async def listen_unix(self, path: Path, mode: int = 0o600) -> None:
         _prepare_socket_path(path)
         loop = asyncio.get_running_loop()
         srv = await loop.create_unix_server(lambda: _Conn(self.routes), str(path))
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
+
         self.servers.append(srv)
 
     def close(self) -> None:

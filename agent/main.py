@@ -35,8 +35,9 @@ from agent.settings import AgentSettings
 from agent.state import ConfigSnapshot
 from agent.tunnel.metrics import TunnelMetrics
 from agent.tunnel.tunnel import Tunnel, TunnelSettings
+from agent.workloadapi import WorkloadApi
 from controller.errors import EnvironmentProblem
-from controller.model.workloads import Workload
+from controller.model.workloads import WAYPOINT_LABEL, Workload
 
 log = logging.getLogger("weft.agent")
 
@@ -87,6 +88,7 @@ class Agent:
             trust_domain=s.trust_domain,
         )
         self.resolver = CgroupResolver(s.cgroup_mode)
+        self.workload_api = WorkloadApi(self)
         self.datapath: Any = None
         self.tunnel: Tunnel | None = None
         self.http = HttpServer({})
@@ -145,7 +147,17 @@ class Agent:
     # ---- config ------------------------------------------------------------------------
 
     def local_workloads(self, snap: ConfigSnapshot) -> list[Workload]:
+        """This node's meshed workloads: captured, enforced, given certificates."""
         return [w for w in snap.local_workloads(self.s.node) if w.spec.mesh]
+
+    def identity_holders(self, snap: ConfigSnapshot) -> list[Workload]:
+        """Workloads this node holds certificates for: meshed ones, and waypoints (which
+        speak HBONE themselves, so they are not captured, but need an identity)."""
+        return [
+            w
+            for w in snap.local_workloads(self.s.node)
+            if w.spec.mesh or WAYPOINT_LABEL in w.labels
+        ]
 
     def apply(self, snap: ConfigSnapshot) -> None:
         """Make the node match a new config snapshot (called by the config client)."""
@@ -153,7 +165,10 @@ class Agent:
         local = self.local_workloads(snap)
         if not self.stopping:
             with contextlib.suppress(RuntimeError):  # no running loop: cache load at start
-                self.identities.want({(w.namespace, w.spec.service_account) for w in local})
+                self.identities.want(
+                    {(w.namespace, w.spec.service_account) for w in self.identity_holders(snap)}
+                )
+                asyncio.get_running_loop().create_task(self.workload_api.notify())
         if self.datapath is not None:
             self._reconcile_datapath(snap, local)
 
@@ -299,8 +314,9 @@ class Agent:
     async def _readiness_loop(self) -> None:
         while not self.ready:
             await asyncio.sleep(0.1)
-            local = self.local_workloads(self.snapshot)
+            local = self.identity_holders(self.snapshot)
             certs = all(self.identities.get(w.namespace, w.spec.service_account) for w in local)
+
             if self.snapshot.revision > 0 and self.config.connected and certs:
                 self.ready = True
                 log.info(
@@ -355,6 +371,12 @@ class Agent:
         if s.admin_socket is not None:
             srv = HttpServer({**admin, **metrics, **ready})
             await srv.listen_unix(s.admin_socket)
+            self.http.servers += srv.servers
+        if s.workload_socket is not None:
+            # Any local process may connect (mode 0666): the answer depends on who it is,
+            # which the agent attests from the caller's cgroup, not from file permissions.
+            srv = HttpServer(self.workload_api.routes())
+            await srv.listen_unix(s.workload_socket, mode=0o666)
             self.http.servers += srv.servers
 
     async def _h_health(self, req: HttpRequest) -> Response:

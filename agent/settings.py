@@ -92,6 +92,12 @@ class AgentSettings(BaseModel):
     admin_socket: Path | None = Field(
         None, description="Also serve the admin API on this Unix socket (the lab's CLI uses it)."
     )
+    workload_socket: Path | None = Field(
+        Path("/var/run/weft/workload.sock"),
+        description="Workload API (identities for local workloads such as waypoints, attested "
+        "by cgroup); mounted into waypoint pods.",
+    )
+
     state_dir: Path = Field(
         Path("/var/lib/weft/agent"),
         description="Last good config (restarts during a controller outage).",

@@ -95,7 +95,11 @@ class ConfigSnapshot:
             nodes=MappingProxyType({n.name: n for n in _of(by_kind, "Node", Node)}),
         )
 
+    def workloads_in(self, namespace: str) -> list[Workload]:
+        return [w for ws in self.workloads_by_node.values() for w in ws if w.namespace == namespace]
+
     def local_workloads(self, node: str) -> tuple[Workload, ...]:
+
         return self.workloads_by_node.get(node, ())
 
     def workload_identity(self, w: Workload) -> str:

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from agent.cli import agentcmd, demo, lab
+from agent.cli import agentcmd, demo, lab, waypointcmd
 from controller.errors import WeftError
 
 app = typer.Typer(
@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 app.add_typer(lab.app, name="lab")
 app.add_typer(agentcmd.app, name="agent")
+app.add_typer(waypointcmd.app, name="waypoint")
+
 
 app.command("demo")(demo.demo)
 

@@ -52,6 +52,9 @@ def run(
     ready_listen: Annotated[str, typer.Option()] = "0.0.0.0:15021",
     admin_listen: Annotated[str, typer.Option()] = "127.0.0.1:15000",
     admin_socket: Annotated[Path | None, typer.Option()] = None,
+    workload_socket: Annotated[Path, typer.Option(help="Workload API socket.")] = Path(
+        "/var/run/weft/workload.sock"
+    ),
     state_dir: Annotated[Path, typer.Option()] = Path("/var/lib/weft/agent"),
     drain_timeout: Annotated[float, typer.Option(help="Seconds.")] = 20.0,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
@@ -82,6 +85,7 @@ def run(
         ready_listen=ready_listen,
         admin_listen=admin_listen,
         admin_socket=admin_socket,
+        workload_socket=workload_socket,
         state_dir=state_dir,
         drain_timeout=drain_timeout,
     )

@@ -24,6 +24,7 @@ import yaml
 from agent.lab.topology import Lab, LabState
 from agent.netns import call_in
 from controller.errors import WeftError
+from controller.model.workloads import WAYPOINT_LABEL
 from controller.tokens import TokenStore
 
 CONTROLLER = "controller"
@@ -46,6 +47,10 @@ def node_dir(state: LabState, node: str) -> Path:
 
 def admin_socket(state: LabState, node: str) -> Path:
     return node_dir(state, node) / "admin.sock"
+
+
+def workload_socket(state: LabState, node: str) -> Path:
+    return node_dir(state, node) / "workload.sock"
 
 
 def lab_resources(state: LabState) -> list[dict[str, Any]]:
@@ -169,6 +174,58 @@ def install(
         start_agent(lab, state, n.name, fastpath=fastpath, datapath=datapath, env=env)
     for n in state.nodes:
         wait_ready(lab, state, n.name, wait)
+    for p in state.pods:
+        if WAYPOINT_LABEL in p.labels:
+            start_waypoint(lab, state, p.key, env=env)
+    for p in state.pods:
+        if WAYPOINT_LABEL in p.labels:
+            wait_waypoint(lab, state, p.key, wait)
+
+
+def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | None = None) -> None:
+    """A waypoint runs in its pod like any workload, and speaks HBONE on the pod's address."""
+    p = state.pod(pod)
+    lab.start_process(
+        state,
+        f"waypoint-{p.namespace}-{p.name}",
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "waypoint",
+            "run",
+            "--name",
+            p.labels[WAYPOINT_LABEL],
+            "--listen",
+            f"{p.ip}:15008",
+            "--workload-socket",
+            str(workload_socket(state, p.node)),
+            "--metrics-listen",
+            f"{p.ip}:15020",
+        ],
+        pod=pod,
+        env=env,
+    )
+
+
+def wait_waypoint(lab: Lab, state: LabState, pod: str, wait: float = 60.0) -> None:
+    import urllib.request
+
+    p = state.pod(pod)
+
+    def ready() -> bool:
+        def fetch() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://{p.ip}:15020/healthz/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        return call_in(p.netns, fetch)
+
+    _wait(
+        ready, wait, f"waypoint {pod} to be ready", lab, state, f"waypoint-{p.namespace}-{p.name}"
+    )
 
 
 def agent_argv(
@@ -211,6 +268,8 @@ def agent_argv(
         "127.0.0.1:15000",
         "--admin-socket",
         str(admin_socket(state, node)),
+        "--workload-socket",
+        str(workload_socket(state, node)),
         "--state-dir",
         str(d / "state"),
         "--drain-timeout",

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.state import ConfigSnapshot
-from controller.model.workloads import Node, Service, Workload
+from controller.model.workloads import WAYPOINT_LABEL, Node, Service, Workload
+
+WAYPOINT_PORT = 15008  # a waypoint accepts HBONE on its own address, like a node tunnel
 
 
 class Unreachable(Exception):
@@ -28,6 +30,9 @@ class Destination:
     node: Node | None
     identity: str | None  # SPIFFE ID the server must present; None: plaintext passthrough
     local: bool  # the workload runs on this node
+    # Set when a waypoint serves the destination: HBONE goes to the waypoint's own address
+    # (it terminates HBONE itself) and `ip:port` stays the Service VIP as the authority.
+    hbone: tuple[str, int] | None = None
 
     @property
     def authority(self) -> str:
@@ -49,6 +54,8 @@ def resolve(
         sp = svc.port(port)
         if sp is None:
             raise Unreachable(f"service {svc.namespace}/{svc.name} has no port {port}")
+        if svc.waypoint:
+            return _to_waypoint(snap, my_node, svc, ip, port, pick)
         eps = snap.endpoints.get((svc.namespace, svc.name), ())
         if not eps:
             raise Unreachable(f"service {svc.namespace}/{svc.name} has no ready endpoints")
@@ -59,6 +66,39 @@ def resolve(
         return _to_workload(snap, my_node, w, ip, port, None)
 
     return Destination(ip, port, None, None, None, None, local=False)
+
+
+def waypoints(snap: ConfigSnapshot, namespace: str, name: str) -> list[Workload]:
+    """Ready instances of waypoint `name` in `namespace` (label weft.dev/waypoint=name)."""
+    return [
+        w
+        for w in snap.workloads_in(namespace)
+        if w.labels.get(WAYPOINT_LABEL) == name and w.spec.ready and w.spec.phase == "Running"
+    ]
+
+
+def _to_waypoint(
+    snap: ConfigSnapshot, my_node: str, svc: Service, ip: str, port: int, pick: Picker
+) -> Destination:
+    name = svc.waypoint or ""
+    instances = waypoints(snap, svc.namespace, name)
+    if not instances:
+        raise Unreachable(
+            f"service {svc.namespace}/{svc.name} uses waypoint {name!r}, which "
+            "has no ready instance (label weft.dev/waypoint="
+            f"{name} in namespace {svc.namespace})"
+        )
+    wp = pick(instances)
+    return Destination(
+        ip,
+        port,
+        wp,
+        svc,
+        snap.nodes.get(wp.spec.node),
+        snap.workload_identity(wp),
+        local=False,
+        hbone=(str(wp.spec.addresses[0]), WAYPOINT_PORT),
+    )
 
 
 def _to_workload(

@@ -126,11 +126,11 @@ class Tunnel:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        out = _listener(self.s.node_ip, self.s.outbound_port)
+        out = listener_socket(self.s.node_ip, self.s.outbound_port)
         self._servers.append(
             await loop.create_server(lambda: _OutboundPod(self), sock=out, backlog=4096)
         )
-        inb = _listener(self.s.inbound_host, self.s.inbound_port)
+        inb = listener_socket(self.s.inbound_host, self.s.inbound_port)
         self._servers.append(
             await loop.create_server(
                 self._inbound_protocol,
@@ -243,7 +243,7 @@ class Tunnel:
         labels = FlowLabels.of(
             snap, src, dst.workload, dst.service, reporter="source", mtls=dst.meshed
         )
-        if dst.meshed and dst.workload is not None:
+        if dst.meshed and dst.workload is not None and dst.hbone is None:
             decision = evaluate(
                 workload_policies(snap.authorization, dst.workload),
                 Request(principal_of(src_id), src.namespace, client_ip, dst.ip, dst.port),
@@ -286,11 +286,16 @@ class Tunnel:
         client_ip: str,
         labels: FlowLabels,
     ) -> None:
-        assert dst.identity is not None and dst.node is not None
+        assert dst.identity is not None
         cert = await self.identities.wait_for(src.namespace, src.spec.service_account)
         if cert is None:
             raise ConnectionError(f"no certificate for {src_id} yet (is the controller reachable?)")
-        host, port = dst.node.tunnel_address
+        if dst.hbone is not None:
+            host, port = dst.hbone  # a waypoint: HBONE straight to it
+        else:
+            assert dst.node is not None
+            host, port = dst.node.tunnel_address
+
         conn = await self.pool.get(
             (src_id, dst.identity, host, port),
             cert.context("client", self.identities.trust),
@@ -406,7 +411,7 @@ class Tunnel:
         if req.method != "CONNECT":
             conn.respond(req.stream_id, 400)
             return
-        target = _authority(req.authority)
+        target = parse_authority(req.authority)
         w = snap.workloads_by_ip.get(target[0]) if target else None
         if target is None or w is None or w.spec.node != self.s.node:
             self.metrics.refused("inbound", "not_local")
@@ -429,7 +434,7 @@ class Tunnel:
             )
             conn.respond(req.stream_id, 400)
             return
-        client_ip = _forwarded_for(req.headers) or "0.0.0.0"
+        client_ip = forwarded_for(req.headers) or "0.0.0.0"
         src = snap.workloads_by_ip.get(client_ip)
         labels = FlowLabels.of(
             snap, src, w, None, reporter="destination", mtls=True, source_principal=conn.peer_id
@@ -482,7 +487,7 @@ class Tunnel:
         self._watch(labels, pod)
 
 
-def _listener(host: str, port: int) -> socket.socket:
+def listener_socket(host: str, port: int) -> socket.socket:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -491,7 +496,7 @@ def _listener(host: str, port: int) -> socket.socket:
     return s
 
 
-def _authority(a: str) -> tuple[str, int] | None:
+def parse_authority(a: str) -> tuple[str, int] | None:
     host, _, port = a.rpartition(":")
     host = host.strip("[]")
     try:
@@ -502,7 +507,7 @@ def _authority(a: str) -> tuple[str, int] | None:
     return (host, p) if 0 < p < 65536 else None
 
 
-def _forwarded_for(headers: list[tuple[str, str]]) -> str | None:
+def forwarded_for(headers: list[tuple[str, str]]) -> str | None:
     for k, v in headers:
         if k == FORWARDED:
             for raw in v.split(";"):

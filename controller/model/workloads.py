@@ -22,6 +22,7 @@ from controller.model.base import (
 
 WEFT_API = "weft.dev/v1alpha1"
 USE_WAYPOINT_LABEL = "weft.dev/use-waypoint"  # on a Service or Namespace: route L7 via it
+WAYPOINT_LABEL = "weft.dev/waypoint"  # on a waypoint's pods: the waypoint's name
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:

@@ -1,0 +1,45 @@
+"""`weft waypoint`: run an L7 waypoint (a Deployment in Kubernetes; a pod in the lab)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="The L7 waypoint for Services that opt in (weft.dev/use-waypoint).", no_args_is_help=True
+)
+
+
+@app.command()
+def run(
+    name: Annotated[str, typer.Option(help="Waypoint name (Services reference it).")],
+    listen: Annotated[
+        str, typer.Option(envvar="WAYPOINT_LISTEN", help="HBONE address, pod_ip:15008.")
+    ],
+    workload_socket: Annotated[Path, typer.Option(help="The node agent's Workload API.")] = Path(
+        "/var/run/weft/workload.sock"
+    ),
+    metrics_listen: Annotated[str, typer.Option(help="Prometheus and readiness.")] = (
+        "0.0.0.0:15020"
+    ),
+    log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Run a waypoint. It gets its identity and config from the node agent.
+
+    Example (a lab pod): weft waypoint run --name ai-waypoint --listen 10.244.1.9:15008
+    """
+    logging.basicConfig(
+        level=log_level.upper(),
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from agent.waypoint.server import WaypointSettings, main
+
+    main(
+        WaypointSettings(
+            name=name, listen=listen, workload_socket=workload_socket, metrics_listen=metrics_listen
+        )
+    )

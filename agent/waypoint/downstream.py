@@ -1,0 +1,317 @@
+"""A caller's HTTP connection into the waypoint (carried by one HBONE stream).
+
+The protocol is detected from the first bytes (h2c prior knowledge or HTTP/1.x); every
+request becomes an `Exchange` handled by its own task, so a slow stream never blocks
+another. Request bodies stream into the exchange through a bounded queue (reading pauses
+when it is full); responses stream out as they arrive.
+
+Slowloris: a connection that has not sent a complete request head within
+`head_timeout` gets 408 and is closed; an idle keep-alive connection is closed after
+`idle_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.waypoint.codec import events as ev
+from agent.waypoint.codec.config import Limits, Role
+from agent.waypoint.codec.detect import detect_protocol
+from agent.waypoint.codec.errors import ProtocolError
+from agent.waypoint.codec.headers import Headers
+from agent.waypoint.codec.http1 import Http1Connection
+from agent.waypoint.codec.http2 import Http2Connection
+
+log = logging.getLogger("weft.waypoint.downstream")
+
+BODY_QUEUE = 16  # chunks buffered per request before reading pauses (backpressure)
+
+
+@dataclass(frozen=True)
+class CallerInfo:
+    """Who is calling and what they dialled, from the HBONE layer."""
+
+    principal: str | None  # SPIFFE ID from the client's certificate
+    client_ip: str
+    service_ns: str
+    service: str
+    vip: str
+    port: int
+
+
+@dataclass(eq=False)
+class Exchange:
+    """One request/response through the waypoint."""
+
+    conn: Downstream
+    sid: int
+    head: ev.RequestHead
+    caller: CallerInfo
+    started: float = field(default_factory=time.monotonic)
+    # Unbounded on purpose: the connection pauses reading once BODY_QUEUE chunks wait, and a
+    # put must never fail for the few chunks already in flight.
+    body: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+
+    body_done: bool = False
+    trailers: Headers | None = None
+    reset: bool = False
+    responded: bool = False
+    response_done: bool = False
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    first_byte_at: float | None = None
+    annotations: dict[str, Any] = field(default_factory=dict)
+
+    # ---- response side -----------------------------------------------------------------
+
+    def respond_head(self, status: int, headers: Headers, end: bool = False) -> None:
+        if self.reset or self.responded:
+            return
+        self.responded = True
+        self.status = status
+        self.conn.write(self.conn.codec.send_response_head(self.sid, status, headers, end))
+        if end:
+            self._done()
+
+    def respond_data(self, data: bytes, end: bool = False) -> None:
+        if self.reset or self.response_done:
+            return
+        if self.first_byte_at is None and data:
+            self.first_byte_at = time.monotonic()
+        self.bytes_out += len(data)
+        self.conn.write(self.conn.codec.send_data(self.sid, data, end))
+        if end:
+            self._done()
+
+    def respond_trailers(self, headers: Headers) -> None:
+        if self.reset or self.response_done:
+            return
+        self.conn.write(self.conn.codec.send_trailers(self.sid, headers))
+        self._done()
+
+    def local_reply(self, status: int, body: bytes = b"", headers: Headers | None = None) -> None:
+        h = headers or Headers()
+        if body:
+            h.set(b"content-type", h.get(b"content-type") or b"text/plain")
+        h.set(b"content-length", str(len(body)).encode())
+        self.respond_head(status, h, end=not body)
+        if body:
+            self.respond_data(body, end=True)
+
+    def abort(self) -> None:
+        if not self.response_done:
+            self.conn.write(self.conn.codec.reset_stream(self.sid))
+            self.reset = True
+            self._done()
+
+    def _done(self) -> None:
+        self.response_done = True
+        self.conn.finished(self)
+
+    async def writable(self) -> None:
+        await self.conn.write_ready.wait()
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+
+class Downstream(asyncio.Protocol):
+    def __init__(
+        self,
+        caller: CallerInfo,
+        handle: Handler,
+        *,
+        limits: Limits | None = None,
+        head_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.caller = caller
+        self.handle = handle
+        self.limits = limits or Limits()
+        self.codec: Any = None
+        self.transport: Any = None
+        self.exchanges: dict[int, Exchange] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.write_ready = asyncio.Event()
+        self.write_ready.set()
+        self._first = b""
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self._arm(self.head_timeout, self._head_timed_out)
+
+    def _arm(self, delay: float, fn: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, fn)
+
+    def _head_timed_out(self) -> None:
+        if isinstance(self.codec, Http1Connection) or self.codec is None:
+            codec = self.codec or Http1Connection(Role.SERVER, self.limits)
+            with contextlib.suppress(Exception):
+                self.write(
+                    codec.error_response(
+                        ProtocolError(
+                            f"no complete request head within {self.head_timeout:.0f} s", status=408
+                        )
+                    )
+                )
+        self.close()
+
+    def _idle_timed_out(self) -> None:
+        if not self.exchanges:
+            self.close()
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.codec is None:
+            self._first += data
+            proto = detect_protocol(self._first)
+            if proto is None:
+                return
+            self.codec = (
+                Http2Connection(Role.SERVER, self.limits)
+                if proto == "h2"
+                else Http1Connection(Role.SERVER, self.limits)
+            )
+            data, self._first = self._first, b""
+        try:
+            events = self.codec.receive_data(data)
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return
+        self.write(self.codec.data_to_send())
+        self._dispatch(events)
+
+    def _protocol_error(self, e: ProtocolError) -> None:
+        log.info("caller %s broke HTTP: %s", self.caller.principal, e)
+        if isinstance(self.codec, Http1Connection) and e.status:
+            with contextlib.suppress(Exception):
+                self.write(self.codec.error_response(e))
+        else:
+            self.write(self.codec.data_to_send())
+        for x in list(self.exchanges.values()):
+            x.reset = True
+        self.close()
+
+    def _dispatch(self, events: list[ev.Event]) -> None:
+        for e in events:
+            if isinstance(e, ev.RequestHead):
+                if self._timer is not None:
+                    self._timer.cancel()
+                x = Exchange(self, e.stream_id, e, self.caller)
+                self.exchanges[e.stream_id] = x
+                if e.end_stream:
+                    x.body_done = True
+                    x.body.put_nowait(None)
+                t = asyncio.get_running_loop().create_task(self._run(x))
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+            elif isinstance(e, ev.Data):
+                x2 = self.exchanges.get(e.stream_id)
+                if x2 is None:
+                    continue
+                x2.bytes_in += len(e.data)
+                if e.data:
+                    x2.body.put_nowait(bytes(e.data))
+                if e.end_stream:
+                    x2.body_done = True
+                    x2.body.put_nowait(None)
+                if x2.body.qsize() >= BODY_QUEUE - 1 and self.transport is not None:
+                    self.transport.pause_reading()
+            elif isinstance(e, ev.Trailers):
+                x3 = self.exchanges.get(e.stream_id)
+                if x3 is not None:
+                    x3.trailers = e.headers
+                    x3.body_done = True
+                    x3.body.put_nowait(None)
+            elif isinstance(e, ev.StreamReset):
+                x4 = self.exchanges.pop(e.stream_id, None)
+                if x4 is not None:
+                    x4.reset = True
+                    x4.body.put_nowait(None)
+            elif isinstance(e, ev.ConnectionClosed):
+                for x5 in self.exchanges.values():
+                    if not x5.body_done:
+                        x5.reset = True
+                        x5.body.put_nowait(None)
+
+    async def _run(self, x: Exchange) -> None:
+        try:
+            await self.handle(x)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("waypoint handler failed for %s %s", x.head.method, x.head.target)
+            if not x.responded:
+                x.local_reply(500, b"internal error in the waypoint\n")
+            else:
+                x.abort()
+
+    def consumed(self, x: Exchange, n: int) -> None:
+        """The handler passed n request-body bytes on: credit HTTP/2, resume reading."""
+        self.write(self.codec.consumed(x.sid, n))
+        if self.transport is not None and x.body.qsize() < BODY_QUEUE // 2:
+            self.transport.resume_reading()
+
+    def finished(self, x: Exchange) -> None:
+        self.exchanges.pop(x.sid, None)
+        if isinstance(self.codec, Http1Connection):
+            if self.codec.should_close:
+                self.close()
+                return
+            more = self.codec.next_events()
+            if more:
+                self._dispatch(more)
+            elif not self.exchanges:
+                self._arm(self.idle_timeout, self._idle_timed_out)
+                if self.codec.reading_head:
+                    self._arm(self.head_timeout, self._head_timed_out)
+        elif self.codec.should_close and not self.exchanges:
+            self.close()
+
+    def eof_received(self) -> bool:
+        if self.codec is not None:
+            with contextlib.suppress(ProtocolError):
+                self._dispatch(self.codec.receive_data(b""))
+        if not self.exchanges:
+            self.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for x in self.exchanges.values():
+            x.reset = True
+            with contextlib.suppress(asyncio.QueueFull):
+                x.body.put_nowait(None)
+        for t in self.tasks:
+            t.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_ready.clear()
+
+    def resume_writing(self) -> None:
+        self.write_ready.set()

@@ -1,0 +1,505 @@
+"""The waypoint process: weft's L7 proxy for Services that opt in.
+
+    client pod ──capture──▶ node tunnel ──HBONE (client's identity)──▶ waypoint :15008
+    waypoint ──HBONE (waypoint's identity)──▶ backend's node tunnel ──▶ backend pod
+
+A Service opts in with the label weft.dev/use-waypoint: NAME; the waypoint's pods carry
+weft.dev/waypoint: NAME. The waypoint terminates HBONE itself: the CONNECT authority
+is the Service VIP and port the client dialled, and the client's identity comes from its
+certificate. Toward the backend it adds `x-forwarded-client-cert` (Envoy's XFCC) so the
+server sees the original caller, not just the waypoint; any XFCC the caller sent is
+dropped first, so it cannot be forged.
+
+Its identity and config come from its node agent's Workload API (agent/waypoint/workload.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from agent.httpserver import HttpRequest, HttpServer, Response
+from agent.policy.authz import Request, evaluate, principal_of, service_policies
+from agent.state import ConfigSnapshot
+from agent.tunnel import h2 as hb
+from agent.tunnel.hbone import HboneConnection
+from agent.tunnel.localstream import StreamTransport
+from agent.tunnel.pool import ConnectionPool, PoolSettings
+from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
+from agent.waypoint.codec import events as ev
+from agent.waypoint.codec.headers import Headers
+from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
+from agent.waypoint.upstream import Endpoint, UpstreamError, UpstreamPool
+from agent.waypoint.workload import AgentLink, Svid
+from controller.ca.spiffe import parse_workload_id
+from controller.model.workloads import Service, Workload
+
+log = logging.getLogger("weft.waypoint")
+access = logging.getLogger("weft.access")
+
+XFCC = b"x-forwarded-client-cert"
+REQUEST_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+)
+# Istio's default buckets for istio_request_duration_milliseconds.
+DURATION_MS = (
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+)
+SIZE_BYTES = tuple(10.0**k for k in range(1, 9))
+
+
+@dataclass
+class WaypointSettings:
+    name: str
+    listen: str  # pod_ip:15008
+    workload_socket: Path
+    metrics_listen: str = "0.0.0.0:15020"
+    connect_timeout: float = 5.0
+    head_timeout: float = 10.0  # slowloris: a request head must arrive within this
+    idle_timeout: float = 60.0
+    drain_timeout: float = 10.0
+
+
+@dataclass
+class WaypointMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "istio_requests", "Requests through the waypoint.", REQUEST_LABELS, registry=r
+        )
+        self.duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration at the waypoint (ms).",
+            REQUEST_LABELS,
+            buckets=DURATION_MS,
+            registry=r,
+        )
+        self.req_bytes = Histogram(
+            "istio_request_bytes",
+            "Request body sizes (bytes).",
+            REQUEST_LABELS,
+            buckets=SIZE_BYTES,
+            registry=r,
+        )
+        self.resp_bytes = Histogram(
+            "istio_response_bytes",
+            "Response body sizes (bytes).",
+            REQUEST_LABELS,
+            buckets=SIZE_BYTES,
+            registry=r,
+        )
+
+
+class Waypoint:
+    def __init__(self, s: WaypointSettings) -> None:
+        self.s = s
+        self.snapshot = ConfigSnapshot.empty()
+        self.svid: Svid | None = None
+        self._client_ctx: ssl.SSLContext | None = None
+        self._server_ctx: ssl.SSLContext | None = None
+        self.link = AgentLink(s.workload_socket, self._on_config, self._on_svid)
+        self.tunnel_pool = ConnectionPool(PoolSettings(), hb.Settings())
+        self.upstream = UpstreamPool(
+            self.tunnel_pool, lambda: self.identity, self.client_context, s.connect_timeout
+        )
+        self.metrics = WaypointMetrics()
+        self.inbound: set[HboneConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._rr: dict[str, int] = {}
+        self.draining = False
+
+    # ---- identity and config -----------------------------------------------------------
+
+    @property
+    def identity(self) -> str:
+        return self.svid.spiffe_id if self.svid else ""
+
+    def _on_svid(self, svid: Svid) -> None:
+        self.svid = svid
+        self._client_ctx = svid.client()
+        self._server_ctx = svid.server()
+        log.info("waypoint %s has identity %s", self.s.name, svid.spiffe_id)
+
+    def _on_config(self, snap: ConfigSnapshot) -> None:
+        self.snapshot = snap
+        log.info("waypoint %s: config revision %d", self.s.name, snap.revision)
+
+    def client_context(self) -> ssl.SSLContext:
+        assert self._client_ctx is not None
+        return self._client_ctx
+
+    def _server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(["h2"])
+        assert self.svid is not None
+        ctx.load_verify_locations(cadata=self.svid.bundle.decode())
+
+        def pick(sslobj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+            # One identity only; switching lets a renewed certificate take effect at once.
+            if self._server_ctx is not None:
+                sslobj.context = self._server_ctx
+
+        ctx.sni_callback = pick
+        return ctx
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for attempt in range(60):
+            try:
+                await self.link.fetch_svid()
+                await self.link.fetch_config()
+                break
+            except (OSError, ConnectionError, ValueError) as e:
+                if attempt == 59:
+                    raise
+                log.info("waiting for the node agent's Workload API (%s)", e)
+                await asyncio.sleep(0.5)
+        host, _, port = self.s.listen.rpartition(":")
+        loop = asyncio.get_running_loop()
+        self._servers.append(
+            await loop.create_server(
+                self._accept,
+                sock=listener_socket(host, int(port)),
+                ssl=self._server_context(),
+                backlog=4096,
+                ssl_handshake_timeout=10,
+            )
+        )
+        mhost, _, mport = self.s.metrics_listen.rpartition(":")
+        if mport and mport != "0":
+            srv = HttpServer({"/metrics": self._h_metrics, "/healthz/ready": self._h_ready})
+            await srv.listen_tcp(mhost, int(mport))
+            self._servers += srv.servers
+        self.tunnel_pool.start()
+        self._tasks.append(asyncio.create_task(self.link.run(), name="agent-link"))
+        log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)
+
+    async def drain(self) -> None:
+        self.draining = True
+        for srv in self._servers:
+            srv.close()
+        for c in list(self.inbound):
+            c.goaway()
+        end = time.monotonic() + self.s.drain_timeout
+        while any(c.open_streams() for c in self.inbound) and time.monotonic() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await self.close()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for c in list(self.inbound):
+            c.abort_all()
+        self.upstream.close()
+        await self.tunnel_pool.close()
+
+    async def _h_metrics(self, req: HttpRequest) -> Response:
+        return 200, generate_latest(self.metrics.registry), "text/plain; version=0.0.4"
+
+    async def _h_ready(self, req: HttpRequest) -> Response:
+        ok = self.svid is not None and self.snapshot.revision > 0 and not self.draining
+        return (200, "ready\n", "text/plain") if ok else (503, "not ready\n", "text/plain")
+
+    # ---- HBONE in ----------------------------------------------------------------------
+
+    def _accept(self) -> HboneConnection:
+        c = HboneConnection(
+            client=False,
+            settings=hb.Settings(),
+            on_request=self._stream,
+            on_lost=self.inbound.discard,
+            label=f"waypoint {self.s.name}",
+        )
+        self.inbound.add(c)
+        return c
+
+    def _stream(self, conn: HboneConnection, req: hb.StreamRequest) -> None:
+        snap = self.snapshot
+        peer = parse_workload_id(conn.peer_id or "")
+        target = parse_authority(req.authority)
+        svc = snap.services_by_vip.get(target[0]) if target else None
+        if peer is None or peer.trust_domain != snap.trust_domain:
+            conn.respond(req.stream_id, 401)
+            return
+        if req.method != "CONNECT" or target is None or svc is None or svc.port(target[1]) is None:
+            log.info(
+                "waypoint %s: CONNECT %r is not a port of a Service it serves",
+                self.s.name,
+                req.authority,
+            )
+            conn.respond(req.stream_id, 400)
+            return
+        if svc.waypoint != self.s.name:
+            conn.respond(req.stream_id, 400)
+            return
+        caller = CallerInfo(
+            principal=conn.peer_id,
+            client_ip=forwarded_for(req.headers) or "0.0.0.0",
+            service_ns=svc.namespace,
+            service=svc.name,
+            vip=target[0],
+            port=target[1],
+        )
+        stream = conn.accept_stream(req.stream_id)
+        conn.respond(req.stream_id, 200)
+        proto = Downstream(
+            caller, self.handle, head_timeout=self.s.head_timeout, idle_timeout=self.s.idle_timeout
+        )
+        StreamTransport(proto, {"peer_identity": conn.peer_id}).bind(stream)
+
+    # ---- one request -------------------------------------------------------------------
+
+    async def handle(self, x: Exchange) -> None:
+        snap = self.snapshot
+        c = x.caller
+        svc = snap.services.get((c.service_ns, c.service))
+        if svc is None:
+            x.local_reply(503, b"service no longer exists\n")
+            return self._log(x, None, "NR")
+        head = x.head
+        headers = head.headers.copy()
+        peer = parse_workload_id(c.principal or "")
+        decision = evaluate(
+            service_policies(snap.authorization, svc.namespace, svc.name),
+            Request(
+                principal_of(c.principal),
+                peer.namespace if peer else None,
+                c.client_ip,
+                c.vip,
+                c.port,
+                method=head.method,
+                path=head.target.split("?", 1)[0],
+                host=head.authority,
+                headers=_header_dict(headers),
+            ),
+        )
+        if not decision.allowed:
+            x.local_reply(403, b"RBAC: access denied\n")
+            log.info(
+                "denied %s %s %s by %s: %s",
+                c.principal,
+                head.method,
+                head.target,
+                decision.policy or "-",
+                decision.reason,
+            )
+            return self._log(x, None, "UAEX")
+        sp = svc.port(c.port)
+        assert sp is not None
+        ep_w = self.pick(svc, snap)
+        if ep_w is None:
+            x.local_reply(503, b"no healthy upstream\n")
+            return self._log(x, None, "UH")
+        ep = self.endpoint(snap, ep_w, sp.target(), h2=_is_h2(sp.app_protocol))
+        if ep is None:
+            x.local_reply(503, b"upstream node unknown\n")
+            return self._log(x, ep_w, "UH")
+        headers.strip_hop_by_hop()
+        headers.remove(XFCC)
+        headers.set(XFCC, f"By={self.identity};URI={c.principal}".encode())
+        try:
+            await self.forward(x, ep, headers)
+        except UpstreamError as e:
+            if not x.responded:
+                x.local_reply(
+                    503 if e.kind == "connect-failure" else 502,
+                    f"upstream {e.kind}: {e}\n".encode(),
+                )
+            else:
+                x.abort()
+            return self._log(x, ep_w, "UF" if e.kind == "connect-failure" else "UR")
+        self._log(x, ep_w, "-")
+
+    def pick(self, svc: Service, snap: ConfigSnapshot) -> Workload | None:
+        eps = snap.endpoints.get((svc.namespace, svc.name), ())
+        if not eps:
+            return None
+        key = f"{svc.namespace}/{svc.name}"
+        i = self._rr.get(key, 0)
+        self._rr[key] = i + 1
+        return eps[i % len(eps)]
+
+    def endpoint(self, snap: ConfigSnapshot, w: Workload, port: int, h2: bool) -> Endpoint | None:
+        node = snap.nodes.get(w.spec.node)
+        if node is None:
+            return None
+        host, nport = node.tunnel_address
+        return Endpoint(
+            str(w.spec.addresses[0]), port, snap.workload_identity(w), host, nport, h2=h2
+        )
+
+    async def forward(self, x: Exchange, ep: Endpoint, headers: Headers) -> None:
+        head = x.head
+        up = await self.upstream.acquire(ep, x.caller.client_ip)
+        ended = x.body_done and x.body.qsize() <= 1
+        sid = up.start(head.method, head.target, head.authority, headers, end_stream=ended)
+
+        async def pump() -> None:
+            if ended:
+                return
+            while (chunk := await x.body.get()) is not None:
+                await up.send(sid, chunk, False)
+                x.conn.consumed(x, len(chunk))
+            if x.reset:
+                up.cancel(sid)
+                return
+            if x.trailers is not None:
+                up.trailers(sid, x.trailers)
+            else:
+                await up.send(sid, b"", True)
+
+        pumping = asyncio.create_task(pump())
+        try:
+            async for e in up.events(sid):
+                if x.reset:
+                    up.cancel(sid)
+                    break
+                if isinstance(e, ev.ResponseHead):
+                    if e.informational:
+                        continue
+                    h = e.headers.copy()
+                    h.strip_hop_by_hop()
+                    x.respond_head(e.status, h, e.end_stream)
+                elif isinstance(e, ev.Data):
+                    await x.writable()
+                    x.respond_data(bytes(e.data), e.end_stream)
+                elif isinstance(e, ev.Trailers):
+                    x.respond_trailers(e.headers)
+                elif isinstance(e, ev.StreamReset):
+                    x.abort()
+        finally:
+            if not pumping.done():
+                pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                await pumping
+            self.upstream.release(ep, up)
+
+    # ---- telemetry ---------------------------------------------------------------------
+
+    def _log(self, x: Exchange, dst: Workload | None, flags: str) -> None:
+        snap = self.snapshot
+        c = x.caller
+        src = snap.workloads_by_ip.get(c.client_ip)
+        elapsed_ms = (time.monotonic() - x.started) * 1000
+        svc_fqdn = f"{c.service}.{c.service_ns}.svc.cluster.local"
+        labels = (
+            "waypoint",
+            _wl_name(src),
+            src.namespace if src else "unknown",
+            c.principal or "unknown",
+            _wl_name(dst),
+            dst.namespace if dst else "unknown",
+            snap.workload_identity(dst) if dst else "unknown",
+            svc_fqdn,
+            c.service,
+            c.service_ns,
+            "HTTP/2" if x.conn.codec.__class__.__name__ == "Http2Connection" else "HTTP/1.1",
+            str(x.status or 0),
+            flags,
+            "mutual_tls",
+        )
+        m = self.metrics
+        m.requests.labels(*labels).inc()
+        m.duration.labels(*labels).observe(elapsed_ms)
+        m.req_bytes.labels(*labels).observe(x.bytes_in)
+        m.resp_bytes.labels(*labels).observe(x.bytes_out)
+        access.info(
+            json.dumps(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "kind": "request",
+                    "reporter": "waypoint",
+                    "waypoint": self.s.name,
+                    "source": c.principal,
+                    "sourceIp": c.client_ip,
+                    "destinationService": svc_fqdn,
+                    "destination": f"{dst.namespace}/{dst.name}" if dst else None,
+                    "method": x.head.method,
+                    "path": x.head.target,
+                    "status": x.status,
+                    "flags": flags,
+                    "bytesIn": x.bytes_in,
+                    "bytesOut": x.bytes_out,
+                    "durationMs": round(elapsed_ms, 3),
+                    **x.annotations,
+                }
+            )
+        )
+
+
+def _wl_name(w: Workload | None) -> str:
+    if w is None:
+        return "unknown"
+    return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
+
+
+def _header_dict(h: Headers) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in h}
+
+
+def _is_h2(app_protocol: str | None) -> bool:
+    return (app_protocol or "").lower() in ("http2", "grpc", "kubernetes.io/h2c")
+
+
+async def run(s: WaypointSettings) -> None:
+    wp = Waypoint(s)
+    await wp.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await wp.drain()
+
+
+def main(s: WaypointSettings) -> None:
+    import uvloop
+
+    uvloop.run(run(s))

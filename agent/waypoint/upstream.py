@@ -1,0 +1,266 @@
+"""Backend connections of the waypoint: HTTP over HBONE streams to the backend's node.
+
+Each backend endpoint gets a small pool of keep-alive HTTP/1.1 connections (one HBONE
+stream each, multiplexed by the tunnel's connection pool onto one TLS connection per
+node) or one shared HTTP/2 connection for gRPC/h2c backends. The TLS connection presents
+the waypoint's identity and accepts only the backend workload's SPIFFE ID, exactly as a
+node tunnel would, so mTLS holds end to end across the waypoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.tunnel.localstream import StreamTransport
+from agent.tunnel.pool import ConnectionPool
+from agent.tunnel.tunnel import FORWARDED, sni_for
+from agent.waypoint.codec import events as ev
+from agent.waypoint.codec.config import Limits, Role
+from agent.waypoint.codec.errors import ProtocolError
+from agent.waypoint.codec.headers import Headers
+from agent.waypoint.codec.http1 import Http1Connection
+from agent.waypoint.codec.http2 import Http2Connection
+
+log = logging.getLogger("weft.waypoint.upstream")
+
+IDLE_TIMEOUT = 60.0  # seconds an idle keep-alive backend connection is kept (Envoy: 1 h)
+
+
+class UpstreamError(Exception):
+    """The backend could not be reached or broke the exchange; `kind` classifies it for
+    retries and outlier detection: connect-failure, reset, refused-stream, protocol."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(eq=False)
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP connection to a backend, over one HBONE stream."""
+
+    h2: bool = False
+    codec: Any = None
+    transport: Any = None
+    queues: dict[int, asyncio.Queue[ev.Event | BaseException]] = field(default_factory=dict)
+    closed: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    requests: int = 0
+    write_ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.codec = (
+            Http2Connection(Role.CLIENT, Limits())
+            if self.h2
+            else Http1Connection(Role.CLIENT, Limits())
+        )
+        self.write_ready.set()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self._write(self.codec.data_to_send())
+
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.codec.receive_data(data)
+        except ProtocolError as err:
+            self._fail(UpstreamError("protocol", f"backend broke HTTP: {err}"))
+            return
+        self._write(self.codec.data_to_send())
+        for e in events:
+            sid = getattr(e, "stream_id", None)
+            if sid is None:
+                if isinstance(e, ev.ConnectionClosed | ev.GoAway):
+                    self.closed = self.closed or isinstance(e, ev.ConnectionClosed)
+                continue
+            q = self.queues.get(sid)
+            if q is not None:
+                q.put_nowait(e)
+
+    def eof_received(self) -> bool:
+        try:
+            events = self.codec.receive_data(b"")
+        except ProtocolError as err:
+            self._fail(UpstreamError("protocol", f"backend broke HTTP: {err}"))
+            return False
+        for e in events:
+            sid = getattr(e, "stream_id", None)
+            if sid is not None and sid in self.queues:
+                self.queues[sid].put_nowait(e)
+        self._fail(UpstreamError("reset", "backend closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(UpstreamError("reset", f"backend connection lost: {exc or 'closed'}"))
+
+    def pause_writing(self) -> None:
+        self.write_ready.clear()
+
+    def resume_writing(self) -> None:
+        self.write_ready.set()
+
+    def _fail(self, err: UpstreamError) -> None:
+        self.closed = True
+        for q in self.queues.values():
+            q.put_nowait(err)
+        self.queues.clear()
+
+    # ---- used by the proxy -------------------------------------------------------------
+
+    def reusable(self) -> bool:
+        if self.closed:
+            return False
+        if self.h2:
+            return bool(self.codec.available_streams > 0)
+        return bool(self.codec.keep_alive and self.codec.idle and not self.queues)
+
+    def start(
+        self, method: str, target: str, authority: str, headers: Headers, end_stream: bool
+    ) -> int:
+        sid = self.codec.next_stream_id()
+        self.queues[sid] = asyncio.Queue()
+        self.requests += 1
+        self._write(
+            self.codec.send_request_head(
+                sid, method, target, authority, "http", headers, end_stream
+            )
+        )
+        return sid
+
+    async def send(self, sid: int, data: bytes, end: bool) -> None:
+        await self.write_ready.wait()
+        self._write(self.codec.send_data(sid, data, end))
+
+    def trailers(self, sid: int, headers: Headers) -> None:
+        self._write(self.codec.send_trailers(sid, headers))
+
+    async def events(self, sid: int) -> AsyncIterator[ev.Event]:
+        q = self.queues.get(sid)
+        if q is None:
+            raise UpstreamError("reset", "backend connection already closed")
+        try:
+            while True:
+                e = await q.get()
+                if isinstance(e, BaseException):
+                    raise e
+                if isinstance(e, ev.Data):
+                    self._write(self.codec.consumed(sid, len(e.data)))
+                yield e
+                if isinstance(e, ev.Trailers | ev.StreamReset) or (
+                    isinstance(e, ev.Data | ev.ResponseHead)
+                    and e.end_stream
+                    and not getattr(e, "informational", False)
+                ):
+                    return
+        finally:
+            self.queues.pop(sid, None)
+            self.last_used = time.monotonic()
+
+    def cancel(self, sid: int) -> None:
+        if sid in self.queues or not self.closed:
+            with contextlib.suppress(Exception):
+                self._write(self.codec.reset_stream(sid))
+        self.queues.pop(sid, None)
+        if not self.h2:
+            self.close()  # an HTTP/1.1 connection cannot abandon one response and go on
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ip: str
+    port: int
+    identity: str
+    node_host: str
+    node_port: int
+    h2: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        tunnel_pool: ConnectionPool,
+        local_id: Callable[[], str],
+        client_ctx: Callable[[], Any],
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.tunnel_pool = tunnel_pool
+        self.local_id = local_id
+        self.client_ctx = client_ctx
+        self.connect_timeout = connect_timeout
+        self._idle: dict[str, deque[UpstreamConnection]] = {}
+        self._h2: dict[str, UpstreamConnection] = {}
+        self.active: dict[str, int] = {}  # connections per endpoint, for pool limits
+
+    async def acquire(self, ep: Endpoint, client_ip: str) -> UpstreamConnection:
+        if ep.h2:
+            c = self._h2.get(ep.key)
+            if c is not None and c.reusable():
+                return c
+        else:
+            idle = self._idle.get(ep.key)
+            while idle:
+                c = idle.pop()
+                if c.reusable() and time.monotonic() - c.last_used < IDLE_TIMEOUT:
+                    return c
+                c.close()
+        c = await self._dial(ep, client_ip)
+        if ep.h2:
+            self._h2[ep.key] = c
+        return c
+
+    def release(self, ep: Endpoint, c: UpstreamConnection) -> None:
+        if ep.h2:
+            return
+        if c.reusable():
+            self._idle.setdefault(ep.key, deque()).append(c)
+        else:
+            c.close()
+
+    async def _dial(self, ep: Endpoint, client_ip: str) -> UpstreamConnection:
+        try:
+            conn = await self.tunnel_pool.get(
+                (self.local_id(), ep.identity, ep.node_host, ep.node_port),
+                self.client_ctx(),
+                sni_for(ep.identity),
+            )
+            stream, response = conn.open(ep.key, [(FORWARDED, f"for={client_ip}")])
+            resp = await asyncio.wait_for(response, self.connect_timeout)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            raise UpstreamError("connect-failure", f"cannot reach {ep.key}: {e}") from e
+        if resp.status != 200:
+            conn.forget(stream)
+            raise UpstreamError(
+                "connect-failure", f"{ep.key}: its node answered {resp.status} to the tunnel"
+            )
+        proto = UpstreamConnection(h2=ep.h2)
+        t = StreamTransport(proto, {"peername": (ep.ip, ep.port)})
+        t.bind(stream)
+        self.active[ep.key] = self.active.get(ep.key, 0) + 1
+        return proto
+
+    def close(self) -> None:
+        for q in self._idle.values():
+            for c in q:
+                c.close()
+        for c in self._h2.values():
+            c.close()

@@ -1,0 +1,124 @@
+"""The waypoint's link to its node agent: its own certificate and the mesh config.
+
+Both come from the agent's Workload API on a Unix socket (agent/workloadapi.py), which
+attests this process by its cgroup. Nothing here talks to the controller directly: the
+agent already holds what the waypoint needs, and one connection per node is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.identity.tls import client_context, server_context
+from agent.state import ConfigSnapshot
+from controller.model.base import Resource, ResourceKey, resource_from_json
+
+log = logging.getLogger("weft.waypoint.workload")
+
+
+@dataclass
+class Svid:
+    spiffe_id: str
+    chain: bytes
+    key: bytes
+    bundle: bytes
+    not_after: float
+
+    def client(self) -> Any:
+        return client_context(self.chain, self.key, self.bundle)
+
+    def server(self) -> Any:
+        return server_context(self.chain, self.key, self.bundle)
+
+
+async def _get(sock: Path, path: str, limit: float) -> tuple[int, Any]:
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), 5)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), limit)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body) if body else None
+
+
+class AgentLink:
+    def __init__(
+        self,
+        sock: Path,
+        on_config: Callable[[ConfigSnapshot], None],
+        on_svid: Callable[[Svid], None],
+    ) -> None:
+        self.sock = sock
+        self.on_config = on_config
+        self.on_svid = on_svid
+        self.svid: Svid | None = None
+        self.revision = -1
+
+    async def fetch_svid(self) -> Svid:
+        status, doc = await _get(self.sock, "/v1/svid", 15)
+        if status != 200:
+            raise ConnectionError(
+                f"the node agent refused our identity ({status}): {doc.get('error') if doc else ''}"
+            )
+        svid = Svid(
+            doc["spiffeId"],
+            doc["chain"].encode(),
+            doc["key"].encode(),
+            doc["bundle"].encode(),
+            float(doc["notAfter"]),
+        )
+        self.svid = svid
+        self.on_svid(svid)
+        return svid
+
+    async def fetch_config(self) -> ConfigSnapshot:
+        status, doc = await _get(self.sock, f"/v1/config?after={self.revision}", 40)
+        if status != 200:
+            raise ConnectionError(
+                f"the node agent refused the config ({status}): {doc.get('error') if doc else ''}"
+            )
+        resources: dict[ResourceKey, Resource] = {}
+        for item in doc["resources"]:
+            r = resource_from_json(item["kind"], json.dumps(item["body"]))
+            resources[r.key] = r
+        snap = ConfigSnapshot.build(doc["epoch"], doc["revision"], doc["trustDomain"], resources)
+        if snap.revision != self.revision:
+            self.revision = snap.revision
+            self.on_config(snap)
+        return snap
+
+    async def run(self) -> None:
+        """Keep the certificate fresh (renew at half-life) and follow config changes."""
+
+        async def svids() -> None:
+            while True:
+                svid = self.svid
+                wait = 5.0 if svid is None else max(5.0, (svid.not_after - time.time()) / 2)
+                await asyncio.sleep(wait)
+                try:
+                    await self.fetch_svid()
+                except (OSError, ConnectionError, ValueError) as e:
+                    log.warning("renewing the waypoint certificate failed: %s", e)
+
+        async def configs() -> None:
+            while True:
+                try:
+                    await self.fetch_config()
+                except (OSError, ConnectionError, ValueError, TimeoutError) as e:
+                    log.warning("config from the node agent: %s; retrying", e)
+                    await asyncio.sleep(1)
+
+        await asyncio.gather(svids(), configs())

@@ -1,0 +1,138 @@
+"""The Workload API: local workloads fetch their own identity (and waypoints, the config).
+
+A process on this node connects to the agent's Unix socket; the agent attests it the way
+SPIRE's agent does: SO_PEERCRED gives the caller's pid, /proc/<pid>/cgroup its cgroup,
+and the cgroup is a pod this node runs. The caller gets that pod's certificate and key —
+never another's. Waypoints (workloads labelled weft.dev/waypoint) may also read the
+config snapshot, which they need to route, with a long poll for changes.
+
+    GET /v1/svid                     {spiffeId, chain, key, bundle, notAfter}
+    GET /v1/config?after=REVISION    {epoch, revision, trustDomain, resources: [...]}
+                                     waits up to 30 s for a revision newer than REVISION
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.httpserver import HttpRequest, Response, json_response
+from controller.model.workloads import WAYPOINT_LABEL, Workload
+
+if TYPE_CHECKING:
+    from agent.main import Agent
+
+log = logging.getLogger("weft.workloadapi")
+
+
+LONG_POLL = 30.0  # seconds a config request waits for a change before answering as is
+
+
+def peer_pid(transport: Any) -> int | None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", raw)
+    return pid
+
+
+def cgroup_of_pid(pid: int) -> str | None:
+    """The cgroup v2 path of a process, relative to the hierarchy root ("/a/b")."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            hier, _, path = line.split(":", 2)
+            if hier == "0":
+                return path
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class WorkloadApi:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.changed = asyncio.Condition()
+
+    def routes(self) -> dict[str, Any]:
+        return {"/v1/svid": self.svid, "/v1/config": self.config}
+
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    def attest(self, req: HttpRequest) -> Workload | None:
+        pid = peer_pid(req.transport)
+        if pid is None:
+            return None
+        cg = cgroup_of_pid(pid)
+        if cg is None:
+            return None
+        root = self.agent.resolver.root
+        for w in self.agent.snapshot.local_workloads(self.agent.s.node):
+            path = self.agent.resolver.cgroup_of(w)
+            if path is None:
+                continue
+            rel = "/" + str(path.relative_to(root)) if path.is_relative_to(root) else None
+            # The caller may sit in a child cgroup of the pod (a container's).
+            if rel is not None and (cg == rel or cg.startswith(rel + "/")):
+                return w
+        return None
+
+    async def svid(self, req: HttpRequest) -> Response:
+        w = self.attest(req)
+        if w is None:
+            return json_response(
+                403, {"error": "caller is not a workload of this node (attested by its cgroup)"}
+            )
+        cert = await self.agent.identities.wait_for(w.namespace, w.spec.service_account)
+        if cert is None:
+            return json_response(503, {"error": "no certificate yet; retry"})
+        return json_response(
+            200,
+            {
+                "spiffeId": cert.spiffe_id,
+                "chain": cert.chain_pem.decode(),
+                "key": cert.key_pem.decode(),
+                "bundle": self.agent.trust.pem.decode(),
+                "notAfter": cert.not_after,
+                "workload": f"{w.namespace}/{w.name}",
+            },
+        )
+
+    async def config(self, req: HttpRequest) -> Response:
+        w = self.attest(req)
+        if w is None or WAYPOINT_LABEL not in w.labels:
+            return json_response(
+                403, {"error": "only waypoints of this node may read the mesh config"}
+            )
+        after = int(req.query.get("after", "-1") or -1)
+        if self.agent.snapshot.revision <= after:
+            async with self.changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.changed.wait_for(lambda: self.agent.snapshot.revision > after),
+                        LONG_POLL,
+                    )
+        snap = self.agent.snapshot
+        return (
+            200,
+            json.dumps(
+                {
+                    "epoch": snap.epoch,
+                    "revision": snap.revision,
+                    "trustDomain": snap.trust_domain,
+                    "resources": [
+                        {"kind": k.kind, "body": json.loads(r.to_json())}
+                        for k, r in snap.resources.items()
+                    ],
+                }
+            ).encode(),
+            "application/json",
+        )
