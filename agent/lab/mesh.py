@@ -174,12 +174,12 @@ def install(
         start_agent(lab, state, n.name, fastpath=fastpath, datapath=datapath, env=env)
     for n in state.nodes:
         wait_ready(lab, state, n.name, wait)
-    for p in state.pods:
-        if WAYPOINT_LABEL in p.labels:
-            start_waypoint(lab, state, p.key, env=env)
-    for p in state.pods:
-        if WAYPOINT_LABEL in p.labels:
-            wait_waypoint(lab, state, p.key, wait)
+    waypoint_pods = [pod.key for pod in state.pods if WAYPOINT_LABEL in pod.labels]
+    for key in waypoint_pods:
+        start_waypoint(lab, state, key, env=env)
+    for key in waypoint_pods:
+        wait_waypoint(lab, state, key, wait)
+
 
 
 def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | None = None) -> None:
