@@ -353,6 +353,7 @@ class Agent:
             "/config": self._h_config,
             "/flows": self._h_flows,
             "/datapath": self._h_datapath,
+            "/routes": self._h_routes,
             "/tunnel": self._h_tunnel,
         }
         metrics = {"/metrics": self._h_metrics}
@@ -501,7 +502,34 @@ class Agent:
             )
         return json_response(200, out)
 
+    async def _h_routes(self, req: HttpRequest) -> Response:
+        """Services with their waypoint and attached HTTPRoute rules, one row per rule."""
+        snap = self.snapshot
+        rows: list[dict[str, Any]] = []
+        for (ns, name), svc in sorted(snap.services.items()):
+            routes = snap.routes.get((ns, name), ())
+            base = {"service": f"{ns}/{name}", "waypoint": svc.waypoint or ""}
+            if not routes:
+                rows.append({**base, "route": "", "rule": "", "matches": "", "backends": ""})
+            for rt in routes:
+                for i, rule in enumerate(rt.spec.rules):
+                    rows.append(
+                        {
+                            **base,
+                            "route": rt.name,
+                            "rule": rule.name or str(i),
+                            "matches": "; ".join(
+                                _describe_match(m) for m in rule.effective_matches()
+                            ),
+                            "backends": ", ".join(
+                                f"{b.name}:{b.port}={b.weight}" for b in rule.backend_refs or []
+                            ),
+                        }
+                    )
+        return json_response(200, rows)
+
     async def _h_datapath(self, req: HttpRequest) -> Response:
+
         if self.datapath is None:
             return json_response(200, {"mode": "none"})
         return json_response(
@@ -574,3 +602,16 @@ def main(settings: AgentSettings) -> None:
     import uvloop
 
     uvloop.run(run(settings))
+
+
+def _describe_match(m: Any) -> str:
+    parts = []
+    if m.path is not None:
+        parts.append(f"path {m.path.type} {m.path.value}")
+    if m.method:
+        parts.append(f"method {m.method}")
+    for h in m.headers or []:
+        parts.append(f"header {h.name}{'~' if h.type != 'Exact' else '='}{h.value}")
+    for q in m.query_params or []:
+        parts.append(f"query {q.name}={q.value}")
+    return " & ".join(parts) or "any"

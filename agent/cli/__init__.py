@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from agent.cli import agentcmd, demo, lab, waypointcmd
+from agent.cli import agentcmd, controllercmd, demo, inspect, lab, policy, top, waypointcmd
 from controller.errors import WeftError
 
 app = typer.Typer(
@@ -20,6 +20,10 @@ app = typer.Typer(
 app.add_typer(lab.app, name="lab")
 app.add_typer(agentcmd.app, name="agent")
 app.add_typer(waypointcmd.app, name="waypoint")
+app.add_typer(policy.app, name="policy")
+app.add_typer(inspect.app, name="inspect")
+app.add_typer(controllercmd.app, name="controller")
+app.command("top")(top.top)
 
 
 app.command("demo")(demo.demo)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from agent.cli.output import Format, OutputOption, emit
+from agent.lab import mesh
 from agent.lab.manifest import load_manifest
 from agent.lab.topology import Lab, LabState, all_lab_names
 
@@ -30,16 +31,29 @@ def up(
         Path | None,
         typer.Option("--file", "-f", help="Lab manifest (YAML). Default: the shipped 2-node lab."),
     ] = None,
+    mesh_on: Annotated[
+        bool,
+        typer.Option("--mesh/--no-mesh", help="Also start the controller and an agent per node."),
+    ] = True,
     output: Format = OutputOption,
 ) -> None:
-    """Build the lab described by a manifest (replacing any leftovers of the same lab).
+    """Build the lab described by a manifest (replacing any leftovers of the same lab),
+    and install the mesh on it.
 
     Examples:\n
       weft lab up\n
-      weft lab up -f my-lab.yaml -o json
+      weft lab up --no-mesh -f my-lab.yaml -o json
     """
     plan = load_manifest(file)
-    state = Lab(plan.name).up(plan)
+    lab = Lab(plan.name)
+    state = lab.up(plan)
+    if mesh_on:
+        try:
+            mesh.install(lab, state)
+        except BaseException:
+            lab.down()
+            raise
+        state = lab.state()
     _show(state, output)
 
 

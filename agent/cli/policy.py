@@ -1,0 +1,214 @@
+"""`weft policy`: validate, apply, get and delete mesh configuration.
+
+Resources are the same YAML you would give kubectl: AuthorizationPolicy and
+PeerAuthentication (security.istio.io), HTTPRoute (gateway.networking.k8s.io) and weft's
+own weft.dev kinds. `validate` works offline, with the same checks the controller runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from agent.cli.output import Format, OutputOption, emit
+from agent.cli.targets import ControllerSocketOption, LabOption, admin_stub, call
+from controller.api.gen import admin_pb2
+from controller.model.base import kind_named
+from controller.model.loader import parse_text
+from controller.model.problems import InvalidConfig, Problem
+
+app = typer.Typer(
+    help="Mesh policy: AuthorizationPolicy, HTTPRoute, weft.dev kinds.", no_args_is_help=True
+)
+
+FileOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--file", "-f", help="A YAML file or a directory of them (repeatable); - for stdin."
+    ),
+]
+
+
+def _documents(paths: list[Path]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for p in paths:
+        if str(p) == "-":
+            out.append(("<stdin>", sys.stdin.read()))
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml", ".json"))
+            out += [(str(f), f.read_text()) for f in files]
+        elif p.exists():
+            out.append((str(p), p.read_text()))
+        else:
+            raise InvalidConfig([Problem("no such file or directory", file=str(p))])
+    if not out:
+        raise InvalidConfig([Problem("no YAML files found", file=", ".join(map(str, paths)))])
+    return out
+
+
+def _problem_rows(problems: list[Problem]) -> list[dict[str, object]]:
+    return [p.to_dict() for p in problems]
+
+
+@app.command()
+def validate(file: FileOption, output: Format = OutputOption) -> None:
+    """Check resources offline, exactly as the controller would. Exit 2 if any is invalid.
+
+    Example: weft policy validate -f policies/
+    """
+    problems: list[Problem] = []
+    resources = []
+    for name, text in _documents(file):
+        offer = parse_text(text, name)
+        problems += offer.problems
+        resources += offer.resources
+    rows = [
+        {"kind": r.KIND, "namespace": r.namespace, "name": r.name, "valid": True} for r in resources
+    ]
+    if output is not Format.table:
+        emit({"valid": rows, "problems": _problem_rows(problems)}, output)
+    else:
+        for r in rows:
+            typer.echo(f"ok      {r['kind']} {r['namespace']}/{r['name']}")
+    if problems:
+        raise InvalidConfig(problems)
+
+
+@app.command()
+def apply(
+    file: FileOption,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate on the controller, change nothing.")
+    ] = False,
+    lab: LabOption = "weft",
+    controller_socket: ControllerSocketOption = None,
+    output: Format = OutputOption,
+) -> None:
+    """Store resources in the controller (all or nothing) and push them to every agent.
+
+    Example: weft policy apply -f canary.yaml
+    """
+    docs = [
+        admin_pb2.ApplyRequest.Document(file=name, text=text) for name, text in _documents(file)
+    ]
+    stub = admin_stub(lab, controller_socket)
+    resp = call(stub.Apply, admin_pb2.ApplyRequest(documents=docs, dry_run=dry_run))
+    if resp.problems:
+        raise InvalidConfig(
+            [
+                Problem(
+                    p.reason,
+                    file=p.file or None,
+                    line=p.line or None,
+                    resource=p.resource or None,
+                    field=p.field or None,
+                )
+                for p in resp.problems
+            ],
+            hint="nothing was applied; fix these and apply again",
+        )
+    rows = [
+        {"kind": a.kind, "namespace": a.namespace, "name": a.name, "action": a.action}
+        for a in resp.applied
+    ]
+    if output is Format.table:
+        for r in rows:
+            suffix = " (dry run)" if dry_run else ""
+            typer.echo(f"{r['kind'].lower()}/{r['namespace']}/{r['name']} {r['action']}{suffix}")
+        typer.echo(f"revision {resp.revision}")
+    else:
+        emit({"applied": rows, "revision": resp.revision, "dryRun": dry_run}, output)
+
+
+@app.command()
+def get(
+    kind: Annotated[
+        str | None, typer.Argument(help="Kind (e.g. httproutes); all if omitted.")
+    ] = None,
+    name: Annotated[str | None, typer.Argument(help="Name.")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    lab: LabOption = "weft",
+    controller_socket: ControllerSocketOption = None,
+    output: Format = OutputOption,
+) -> None:
+    """List stored resources, or show one.
+
+    Examples: weft policy get; weft policy get httproute llm-canary -n ai -o yaml
+    """
+    if kind and kind_named(kind) is None:
+        raise InvalidConfig([Problem(f"unknown kind {kind!r}")])
+    stub = admin_stub(lab, controller_socket)
+    resp = call(
+        stub.Get, admin_pb2.GetRequest(kind=kind or "", namespace=namespace or "", name=name or "")
+    )
+    docs = [json.loads(r.body) for r in resp.resources]
+    if output is Format.table:
+        emit(
+            None,
+            output,
+            columns=[
+                ("KIND", "kind"),
+                ("NAMESPACE", "namespace"),
+                ("NAME", "name"),
+                ("REVISION", "revision"),
+                ("SOURCE", "source"),
+            ],
+            rows=[
+                {
+                    "kind": r.kind,
+                    "namespace": r.namespace,
+                    "name": r.name,
+                    "revision": r.revision,
+                    "source": r.source,
+                }
+                for r in resp.resources
+            ],
+        )
+    elif output is Format.yaml:
+        sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False))
+    else:
+        emit(docs if not name else (docs[0] if docs else None), output)
+    if name and not docs:
+        from controller.errors import NotFound
+
+        raise NotFound(f"no {kind} {namespace + '/' if namespace else ''}{name}")
+
+
+@app.command()
+def delete(
+    ref: Annotated[str, typer.Argument(help="KIND/NAME or KIND/NAMESPACE/NAME.")],
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    lab: LabOption = "weft",
+    controller_socket: ControllerSocketOption = None,
+) -> None:
+    """Delete a resource that was stored with `weft policy apply`.
+
+    Example: weft policy delete authorizationpolicy/ai/deny-batch
+    """
+    parts = ref.split("/")
+    if len(parts) == 2:
+        kind, name = parts
+    elif len(parts) == 3:
+        kind, namespace, name = parts
+    else:
+        raise InvalidConfig([Problem(f"{ref!r}: expected KIND/NAME or KIND/NAMESPACE/NAME")])
+    cls = kind_named(kind)
+    if cls is None:
+        raise InvalidConfig([Problem(f"unknown kind {kind!r}")])
+    stub = admin_stub(lab, controller_socket)
+    resp = call(
+        stub.Delete, admin_pb2.DeleteRequest(kind=cls.KIND, namespace=namespace or "", name=name)
+    )
+    if not resp.deleted:
+        from controller.errors import NotFound
+
+        raise NotFound(f"no {cls.KIND} {namespace or cls.DEFAULT_NAMESPACE}/{name}")
+    typer.echo(
+        f"{cls.KIND.lower()}/{namespace or cls.DEFAULT_NAMESPACE}/{name} deleted "
+        f"(revision {resp.revision})"
+    )
