@@ -323,6 +323,11 @@ class Lab:
                 for other in plan.nodes:
                     if other.name != node.name:
                         ip.route("add", dst=str(other.pod_cidr), gateway=str(other.ip))
+        # The fabric is the cluster network: it reaches every pod through the pod's node
+        # (how Prometheus, running there, scrapes waypoint pods).
+        with IPRoute(netns=state.fabric_netns) as ip:
+            for node in plan.nodes:
+                ip.route("add", dst=str(node.pod_cidr), gateway=str(node.ip))
 
     # ---- processes -----------------------------------------------------------------
 
