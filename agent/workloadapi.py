@@ -87,6 +87,14 @@ class WorkloadApi:
 
     async def svid(self, req: HttpRequest) -> Response:
         w = self.attest(req)
+        if w is not None and not (w.spec.mesh or WAYPOINT_LABEL in w.labels):
+            return json_response(
+                403,
+                {
+                    "error": f"workload {w.namespace}/{w.name} is not "
+                    "enrolled in the mesh: it has no identity"
+                },
+            )
         if w is None:
             return json_response(
                 403, {"error": "caller is not a workload of this node (attested by its cgroup)"}

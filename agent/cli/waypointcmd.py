@@ -25,6 +25,21 @@ def run(
     metrics_listen: Annotated[str, typer.Option(help="Prometheus and readiness.")] = (
         "0.0.0.0:15020"
     ),
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+            help="OTLP/HTTP collector for spans, e.g. "
+            "http://collector:4318 (unset: propagate trace context only).",
+        ),
+    ] = None,
+    head_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="WEFT_HEAD_TIMEOUT",
+            help="Seconds a caller has to send a complete request head (slowloris protection).",
+        ),
+    ] = 10.0,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a waypoint. It gets its identity and config from the node agent.
@@ -40,6 +55,11 @@ def run(
 
     main(
         WaypointSettings(
-            name=name, listen=listen, workload_socket=workload_socket, metrics_listen=metrics_listen
+            name=name,
+            listen=listen,
+            workload_socket=workload_socket,
+            metrics_listen=metrics_listen,
+            otlp_endpoint=otlp_endpoint,
+            head_timeout=head_timeout,
         )
     )

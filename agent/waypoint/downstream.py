@@ -68,6 +68,8 @@ class Exchange:
     bytes_out: int = 0
     first_byte_at: float | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
+    span: Any = None  # the waypoint's SERVER span (agent/waypoint/tracing.py)
+    trace: Any = None  # the request's TraceContext
 
     # ---- response side -----------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import logging
 import signal
 import ssl
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,15 @@ from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
+from agent.waypoint.tracing import (
+    CLIENT,
+    SERVER,
+    Exporter,
+    Span,
+    TraceContext,
+    new_span_id,
+    traceparent,
+)
 from agent.waypoint.upstream import Endpoint, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
 from controller.ca.spiffe import parse_workload_id
@@ -99,6 +109,7 @@ class WaypointSettings:
     head_timeout: float = 10.0  # slowloris: a request head must arrive within this
     idle_timeout: float = 60.0
     drain_timeout: float = 10.0
+    otlp_endpoint: str | None = None  # e.g. http://collector:4318; None: propagate only
 
 
 @dataclass
@@ -146,6 +157,7 @@ class Waypoint:
             self.tunnel_pool, lambda: self.identity, self.client_context, s.connect_timeout
         )
         self.metrics = WaypointMetrics()
+        self.traces = Exporter(s.otlp_endpoint, f"waypoint/{s.name}")
         self.inbound: set[HboneConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -218,6 +230,7 @@ class Waypoint:
             await srv.listen_tcp(mhost, int(mport))
             self._servers += srv.servers
         self.tunnel_pool.start()
+        self.traces.start()
         self._tasks.append(asyncio.create_task(self.link.run(), name="agent-link"))
         log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)
 
@@ -235,6 +248,7 @@ class Waypoint:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        await self.traces.close()
         for c in list(self.inbound):
             c.abort_all()
         self.upstream.close()
@@ -305,6 +319,26 @@ class Waypoint:
             return self._log(x, None, "NR")
         head = x.head
         headers = head.headers.copy()
+        trace = TraceContext.from_headers(headers.get(b"traceparent"), headers.get(b"tracestate"))
+        span = Span(
+            f"{head.method} {svc.name}.{svc.namespace}",
+            trace.trace_id,
+            new_span_id(),
+            trace.parent_id,
+            SERVER,
+            attributes={
+                "http.request.method": head.method,
+                "url.path": head.target,
+                "server.address": head.authority,
+                "weft.source.principal": c.principal,
+                "weft.waypoint": self.s.name,
+            },
+        )
+        x.annotations["traceId"] = trace.trace_id
+        x.span = span
+        x.trace = trace
+        if not headers.get(b"x-request-id"):
+            headers.set(b"x-request-id", uuid.uuid4().hex.encode())
         peer = parse_workload_id(c.principal or "")
         decision = evaluate(
             service_policies(snap.authorization, svc.namespace, svc.name),
@@ -376,6 +410,30 @@ class Waypoint:
         )
 
     async def forward(self, x: Exchange, ep: Endpoint, headers: Headers) -> None:
+        attempt = Span(
+            f"upstream {ep.key}",
+            x.trace.trace_id,
+            new_span_id(),
+            x.span.span_id,
+            CLIENT,
+            attributes={
+                "server.address": ep.ip,
+                "server.port": ep.port,
+                "weft.peer.identity": ep.identity,
+            },
+        )
+        headers.set(b"traceparent", traceparent(x.trace.trace_id, attempt.span_id, x.trace.sampled))
+        try:
+            await self._attempt(x, ep, headers)
+        except UpstreamError as e:
+            attempt.error = f"{e.kind}: {e}"
+            raise
+        finally:
+            attempt.end(**{"http.response.status_code": x.status or None})
+            if x.trace.sampled:
+                self.traces.record(attempt)
+
+    async def _attempt(self, x: Exchange, ep: Endpoint, headers: Headers) -> None:
         head = x.head
         up = await self.upstream.acquire(ep, x.caller.client_ip)
         ended = x.body_done and x.body.qsize() <= 1
@@ -426,6 +484,13 @@ class Waypoint:
     def _log(self, x: Exchange, dst: Workload | None, flags: str) -> None:
         snap = self.snapshot
         c = x.caller
+        span = getattr(x, "span", None)
+        if span is not None:
+            if x.status >= 500 or flags not in ("-",):
+                span.error = flags if flags != "-" else f"HTTP {x.status}"
+            span.end(**{"http.response.status_code": x.status, "weft.response_flags": flags})
+            if x.trace.sampled:
+                self.traces.record(span)
         src = snap.workloads_by_ip.get(c.client_ip)
         elapsed_ms = (time.monotonic() - x.started) * 1000
         svc_fqdn = f"{c.service}.{c.service_ns}.svc.cluster.local"

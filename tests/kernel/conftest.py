@@ -132,13 +132,26 @@ def meshed(request: pytest.FixtureRequest) -> Iterator[Mesh]:
 
     Torn down after the module whatever happens; when a test failed, every lab process's
     log tail is printed (pytest shows it with the failure report)."""
+    yield from build_mesh(request, MESH_LAB)
+
+
+def build_mesh(
+    request: pytest.FixtureRequest,
+    manifest: str,
+    before_install: Callable[[Lab, LabState], dict[str, str]] | None = None,
+) -> Iterator[Mesh]:
+    """Build a lab from `manifest`, install the mesh, yield it, always tear it down.
+
+    `before_install` may start helper processes (a trace sink) and return environment
+    variables for the mesh's processes."""
     name = unique_lab_name("m")
     lab = Lab(name)
     failed_before = request.session.testsfailed
     try:
-        state = lab.up(plan(load_documents(MESH_LAB.replace("__LAB__", name), "mesh.yaml")[0]))
-        mesh.install(lab, state, wait=90)
-        yield Mesh(lab, state)
+        state = lab.up(plan(load_documents(manifest.replace("__LAB__", name), "mesh.yaml")[0]))
+        env = before_install(lab, state) if before_install else None
+        mesh.install(lab, state, wait=90, extra_env=env)
+        yield Mesh(lab, lab.state())
     finally:
         if request.session.testsfailed > failed_before and lab.exists():
             for proc in lab.state().processes:

@@ -1,0 +1,203 @@
+"""W3C Trace Context through the waypoint, and spans exported over OTLP/HTTP (JSON).
+
+Per request the waypoint makes one SERVER span (the hop into the waypoint) and one
+CLIENT span per upstream attempt (so retries show), continues the caller's trace when it
+sent a valid `traceparent`, passes `tracestate` on untouched, and sends the backend a
+`traceparent` naming the attempt's span as parent.
+
+Spans are exported only when an OTLP endpoint is configured, in batches from a bounded
+queue by a background task; a full queue drops spans (counted) rather than slowing
+requests. The encoder writes OTLP's JSON mapping by hand: the whole SDK would cost more
+per request than the proxying itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+log = logging.getLogger("weft.tracing")
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+SERVER, CLIENT = 2, 3  # OTLP SpanKind
+STATUS_ERROR = 2
+MAX_QUEUE = 4096  # spans waiting for export; beyond this they are dropped and counted
+BATCH = 256
+FLUSH_EVERY = 1.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    trace_id: str  # 32 hex
+    parent_id: str | None  # 16 hex, the caller's span; None when we start the trace
+    sampled: bool
+    tracestate: str | None = None
+
+    @classmethod
+    def from_headers(cls, traceparent: bytes | None, tracestate: bytes | None) -> TraceContext:
+        if traceparent:
+            m = _TRACEPARENT.match(traceparent.decode("latin-1").strip().lower())
+            # Version ff is invalid, and all-zero ids are invalid (W3C Trace Context §3.2).
+            if m and m.group(1) != "ff" and set(m.group(2)) != {"0"} and set(m.group(3)) != {"0"}:
+                return cls(
+                    m.group(2),
+                    m.group(3),
+                    bool(int(m.group(4), 16) & 1),
+                    tracestate.decode("latin-1") if tracestate else None,
+                )
+        return cls(os.urandom(16).hex(), None, True, None)
+
+
+def new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+def traceparent(trace_id: str, span_id: str, sampled: bool) -> bytes:
+    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}".encode()
+
+
+@dataclass(slots=True)
+class Span:
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    kind: int
+    start_ns: int = field(default_factory=time.time_ns)
+    end_ns: int = 0
+    attributes: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def end(self, **attrs: Any) -> None:
+        self.end_ns = time.time_ns()
+        self.attributes.update(attrs)
+
+    def otlp(self) -> dict[str, Any]:
+        span: dict[str, Any] = {
+            "traceId": self.trace_id,
+            "spanId": self.span_id,
+            "name": self.name,
+            "kind": self.kind,
+            "startTimeUnixNano": str(self.start_ns),
+            "endTimeUnixNano": str(self.end_ns or time.time_ns()),
+            "attributes": [_attr(k, v) for k, v in self.attributes.items() if v is not None],
+        }
+        if self.parent_id:
+            span["parentSpanId"] = self.parent_id
+        if self.error:
+            span["status"] = {"code": STATUS_ERROR, "message": self.error}
+        return span
+
+
+def _attr(k: str, v: Any) -> dict[str, Any]:
+    if isinstance(v, bool):
+        return {"key": k, "value": {"boolValue": v}}
+    if isinstance(v, int):
+        return {"key": k, "value": {"intValue": str(v)}}
+    if isinstance(v, float):
+        return {"key": k, "value": {"doubleValue": v}}
+    return {"key": k, "value": {"stringValue": str(v)}}
+
+
+class Exporter:
+    """Batches spans to an OTLP/HTTP endpoint (http://host:4318, path /v1/traces)."""
+
+    def __init__(self, endpoint: str | None, service_name: str) -> None:
+        self.endpoint = endpoint.rstrip("/") if endpoint else None
+        self.service_name = service_name
+        self.queue: deque[Span] = deque()
+        self.dropped = 0
+        self.exported = 0
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.endpoint is not None
+
+    def record(self, span: Span) -> None:
+        if not self.enabled:
+            return
+        if len(self.queue) >= MAX_QUEUE:
+            self.dropped += 1
+            return
+        self.queue.append(span)
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.create_task(self._run(), name="otlp-export")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self.queue:
+            batch = [self.queue.popleft() for _ in range(min(BATCH, len(self.queue)))]
+            try:
+                await self._post(batch)
+                self.exported += len(batch)
+            except (OSError, TimeoutError, ValueError) as e:
+                self.failures += 1
+                log.warning(
+                    "OTLP export to %s failed (%s); %d spans lost", self.endpoint, e, len(batch)
+                )
+                return
+
+    def encode(self, spans: list[Span]) -> bytes:
+        return json.dumps(
+            {
+                "resourceSpans": [
+                    {
+                        "resource": {"attributes": [_attr("service.name", self.service_name)]},
+                        "scopeSpans": [
+                            {"scope": {"name": "weft.waypoint"}, "spans": [s.otlp() for s in spans]}
+                        ],
+                    }
+                ]
+            }
+        ).encode()
+
+    async def _post(self, spans: list[Span]) -> None:
+        assert self.endpoint is not None
+        u = urlsplit(self.endpoint + "/v1/traces")
+        body = self.encode(spans)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(u.hostname, u.port or 4318), 5
+        )
+        try:
+            writer.write(
+                (
+                    f"POST {u.path} HTTP/1.1\r\nhost: {u.netloc}\r\n"
+                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                    "connection: close\r\n\r\n"
+                ).encode()
+                + body
+            )
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 5)
+            status = int(status_line.split()[1]) if status_line else 0
+            if not 200 <= status < 300:
+                raise ValueError(f"collector answered {status}")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), 2)
