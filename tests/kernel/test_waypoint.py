@@ -37,9 +37,12 @@ spec:
     - {name: batch, namespace: apps, node: node-2, serviceAccount: batch, labels: {app: batch}}
     - {name: waypoint, namespace: ai, node: node-1, serviceAccount: waypoint,
        labels: {weft.dev/waypoint: ai-waypoint, weft.dev/mesh: disabled}}
-    - {name: llm-v1-a, namespace: ai, node: node-2, serviceAccount: llm, labels: {app: llm, version: v1}}
-    - {name: llm-v1-b, namespace: ai, node: node-1, serviceAccount: llm, labels: {app: llm, version: v1}}
-    - {name: llm-v2, namespace: ai, node: node-2, serviceAccount: llm, labels: {app: llm, version: v2}}
+    - {name: llm-v1-a, namespace: ai, node: node-2, serviceAccount: llm,
+       labels: {app: llm, version: v1}}
+    - {name: llm-v1-b, namespace: ai, node: node-1, serviceAccount: llm,
+       labels: {app: llm, version: v1}}
+    - {name: llm-v2, namespace: ai, node: node-2, serviceAccount: llm,
+       labels: {app: llm, version: v2}}
     - {name: collector, namespace: obs, node: node-1, labels: {app: collector}}
   services:
     - {name: llm, namespace: ai, selector: {app: llm}, labels: {weft.dev/use-waypoint: ai-waypoint},
