@@ -75,6 +75,7 @@ class Agent:
                 server_name=s.controller_name,
                 ca_bundle_file=s.ca_bundle,
                 token_file=s.token_file,
+                sa_token_file=s.sa_token_file,
             ),
             self.trust,
         )

@@ -46,6 +46,31 @@ def run(
         list[str] | None, typer.Option(help="IP SAN of the serving certificate (repeatable).")
     ] = None,
     poll_interval: Annotated[float, typer.Option(help="Seconds between config dir scans.")] = 1.0,
+    config_source: Annotated[
+        str, typer.Option(help="files (a directory) or kubernetes (the API server).")
+    ] = "files",
+    ca_store: Annotated[
+        str, typer.Option(help="file (state dir, 0600) or kubernetes (a Secret).")
+    ] = "file",
+    ca_secret: Annotated[
+        str, typer.Option(help="namespace/name of the CA Secret (ca-store kubernetes).")
+    ] = "weft-system/weft-ca",
+    ca_bundle_configmap: Annotated[
+        str,
+        typer.Option(help="namespace/name of the trust bundle ConfigMap; '' = do not publish."),
+    ] = "weft-system/weft-ca-root",
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="kubeconfig outside a cluster; unset in a pod.")
+    ] = None,
+    sa_audience: Annotated[
+        str, typer.Option(help="Audience of the agents' projected service-account tokens.")
+    ] = "weft-controller",
+    agent_service_account: Annotated[
+        str, typer.Option(help="namespace/name of the agents' service account.")
+    ] = "weft-system/weft-agent",
+    leader_elect: Annotated[
+        bool, typer.Option(help="Reserved: leader election between replicas (not implemented).")
+    ] = False,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the weft controller: CA, config store, and the gRPC services agents use."""
@@ -67,8 +92,21 @@ def run(
         metrics_listen=metrics_listen,
         workload_cert_ttl=workload_cert_ttl,
         poll_interval=poll_interval,
+        config_source=config_source,
+        ca_store=ca_store,
+        ca_secret=ca_secret,
+        ca_bundle_configmap=ca_bundle_configmap or None,
+        kubeconfig=kubeconfig,
+        sa_audience=sa_audience,
+        agent_service_account=agent_service_account,
+        leader_elect=leader_elect,
         **kw,
     )
+    if leader_elect:
+        logging.getLogger("weft.controller").warning(
+            "--leader-elect: leader election is not implemented yet; this replica serves "
+            "like any other (after a root rotation, restart the other replicas)"
+        )
     from controller.server import serve
 
     try:

@@ -129,13 +129,39 @@ class Controller:
         self.metrics = ControllerMetrics(self.registry)
         self.store = ConfigStore()
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Kubernetes: the API client, the Secret CA store, the Kubernetes source and
+        # service-account token bootstrap. Files (the default) need none of them.
+        kube: Any = None
+        if settings.config_source == "kubernetes" or settings.ca_store == "kubernetes":
+            from controller.sources.kubernetes import KubeRest
+
+            kube = KubeRest.connect(str(settings.kubeconfig) if settings.kubeconfig else None)
+        if settings.ca_store == "kubernetes":
+            from controller.ca.kubernetes_store import SecretCAStore
+
+            ca_store: Any = SecretCAStore(kube, settings.ca_secret, settings.ca_bundle_configmap)
+        else:
+            ca_store = FileCAStore(settings.state_dir / "ca.json")
         self.ca = CertificateAuthority.load_or_create(
-            FileCAStore(settings.state_dir / "ca.json"),
+            ca_store,
             settings.trust_domain,
             workload_ttl=settings.workload_cert_ttl,
         )
         self.tokens = TokenStore(settings.state_dir / "node-tokens.json")
-        self.source = FileSource(settings.config_dir, self.store, interval=settings.poll_interval)
+        self.sa_auth: Any = None
+        files = FileSource(settings.config_dir, self.store, interval=settings.poll_interval)
+        if settings.config_source == "kubernetes":
+            from controller.auth.kubernetes import ServiceAccountAuthenticator
+            from controller.sources.kubernetes import KubernetesSource
+
+            self.source: Any = KubernetesSource(kube, self.store, files=files)
+            self.sa_auth = ServiceAccountAuthenticator(
+                kube,
+                audience=settings.sa_audience,
+                agent_service_account=settings.agent_service_account,
+            )
+        else:
+            self.source = files
         self.sessions: dict[str, NodeSession] = {}
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -335,8 +361,13 @@ class BootstrapService(identity_pb2_grpc.NodeBootstrapServicer):
         which = request.WhichOneof("credential")
         if which == "token":
             ok = await asyncio.to_thread(c.tokens.verify, request.token, request.node)
+        elif which == "service_account_jwt" and c.sa_auth is not None:
+            # Kubernetes: a TokenReview decides (controller/auth/kubernetes.py).
+            ok = await asyncio.to_thread(
+                c.sa_auth.verify, request.service_account_jwt, request.node
+            )
         else:
-            ok = False  # service-account JWTs: see controller/sources/kubernetes.py
+            ok = False  # a JWT without the Kubernetes source, or no credential at all
         if not ok:
             c.metrics.refused.labels("bad_bootstrap_credential").inc()
             log.warning(

@@ -90,6 +90,25 @@ class ControllerSettings(BaseModel):
         "account; only its tokens may bootstrap a node (Kubernetes).",
     )
 
+    # ---- Kubernetes (config_source=kubernetes, ca_store=kubernetes) ----------------------
+    kubeconfig: Path | None = Field(
+        None,
+        description="kubeconfig for a controller outside the cluster; unset in a pod, where "
+        "the service account's projected token is used (and re-read as it rotates).",
+    )
+    ca_bundle_configmap: str | None = Field(
+        "weft-system/weft-ca-root",
+        description="namespace/name of the ConfigMap the trust bundle is published to when "
+        "ca_store=kubernetes; agents mount it to trust the controller at first contact. "
+        "None: do not publish.",
+    )
+    leader_elect: bool = Field(
+        False,
+        description="Reserved for Lease-based leader election between replicas. Not "
+        "implemented: every replica serves, and a root rotation needs a rollout restart "
+        "of the others (docs/install.md).",
+    )
+
     @property
     def server_id(self) -> str:
         return f"spiffe://{self.trust_domain}/ns/weft-system/sa/weft-controller"

@@ -31,6 +31,9 @@ class ControllerEndpoint:
     server_name: str = "weft-controller.weft-system.svc"
     ca_bundle_file: Path | None = None  # initial trust in the controller (public roots)
     token_file: Path | None = None  # local store: this node's bootstrap token
+    # Kubernetes: the projected service-account token (audience weft-controller), sent when
+    # no bootstrap token is configured (AgentSettings.sa_token_file).
+    sa_token_file: Path | None = None
 
 
 class TrustBundle:
@@ -120,6 +123,26 @@ class NodeCredential:
         except OSError as e:
             raise EnvironmentProblem(f"cannot read bootstrap token {f}: {e}") from None
 
+    def _credential(self) -> dict[str, str]:
+        """The bootstrap credential: the node's token (local store) when one is configured,
+        else the pod's service-account token (Kubernetes), read afresh each time because
+        the kubelet rotates it."""
+        if self._token or self.endpoint.token_file is not None:
+            return {"token": self._token_value()}
+        f = self.endpoint.sa_token_file
+        if f is None or not f.exists():
+            raise EnvironmentProblem(
+                f"node {self.node} has no bootstrap credential: no token file, and no "
+                f"service-account token at {f}",
+                hint="local store: weft controller token --node NODE, then --token-file; "
+                "Kubernetes: mount the projected token (audience weft-controller) there",
+            )
+        try:
+            jwt = f.read_text().strip()
+        except OSError as e:
+            raise EnvironmentProblem(f"cannot read the service-account token {f}: {e}") from None
+        return {"service_account_jwt": jwt}
+
     async def _bootstrap(self) -> None:
         # The CSR names no ID: the controller decides the node's ID from the credential.
         creds = grpc.ssl_channel_credentials(root_certificates=self._initial_trust())
@@ -132,8 +155,8 @@ class NodeCredential:
                 resp = await stub.Bootstrap(
                     identity_pb2.BootstrapRequest(
                         node=self.node,
-                        token=self._token_value(),
                         csr_pem=make_csr(self._key, None),
+                        **self._credential(),
                     ),
                     timeout=10,
                 )

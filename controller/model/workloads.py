@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from controller.model.base import (
     DnsLabel,
     Model,
+    ObjectName,
     Resource,
     check_labels,
     register,
@@ -31,7 +32,7 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
 
 class WorkloadSpec(Model):
     service_account: DnsLabel = Field("default", alias="serviceAccount")
-    node: DnsLabel
+    node: ObjectName  # node names are DNS subdomains (EKS: ip-10-0-1-2.eu-west-1.compute.internal)
     addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(min_length=1)
     mesh: bool = Field(True, description="Enrolled: traffic is captured and tunnelled.")
     # Where the agent attaches the pod's eBPF programs: a cgroup v2 path relative to the

@@ -1,0 +1,34 @@
+{{/* Names are fixed: agents reach the controller as weft-controller.<ns>.svc. */}}
+{{- define "weft.controllerName" -}}weft-controller{{- end -}}
+{{- define "weft.agentName" -}}weft-agent{{- end -}}
+{{- define "weft.caSecret" -}}weft-ca{{- end -}}
+{{- define "weft.caConfigMap" -}}weft-ca-root{{- end -}}
+{{- define "weft.controllerHost" -}}weft-controller.{{ .Release.Namespace }}.svc{{- end -}}
+
+{{- define "weft.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{- define "weft.labels" -}}
+app.kubernetes.io/part-of: weft
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "weft.leaderElect" -}}
+{{- if or .Values.controller.leaderElection.enabled (gt (int .Values.controller.replicas) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The plural of every weft.dev CRD shipped in crds/: RBAC follows the generated CRDs. */}}
+{{- define "weft.crdPlurals" -}}
+{{- range $path, $_ := .Files.Glob "crds/*.yaml" }}
+{{- $crd := $.Files.Get $path | fromYaml }}
+- {{ $crd.spec.names.plural }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,379 @@
+"""The Helm chart: lint, render with default and custom values, validate every rendered
+object against Kubernetes 1.35's schemas offline, and pin the security-relevant parts.
+
+Needs helm (`make setup` installs it in .tools/); without it these tests skip and say so.
+Schema validation uses kubernetes-validate's bundled 1.35 schemas (strict: unknown fields
+are errors), because `kubectl --dry-run=client --validate` needs an API server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "weft"
+HELM = ROOT / ".tools" / "helm"
+CUSTOM = ROOT / "tests" / "data" / "helm" / "values-custom.yaml"
+K8S_VERSION = "1.35.0"
+# Kinds of other projects the chart may render (optional switches); no 1.35 schema has them.
+EXTERNAL_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
+
+pytestmark = pytest.mark.skipif(
+    not HELM.exists(), reason=f"helm is not installed at {HELM} (run `make setup`, target tools)"
+)
+
+
+def helm(cmd: str, *args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    target = ["weft", str(chart)] if cmd == "template" else [str(chart)]
+    return subprocess.run(
+        [str(HELM), cmd, *target, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def render(
+    *extra: str, chart: Path = CHART, namespace: str = "weft-system"
+) -> list[dict[str, Any]]:
+    r = helm("template", "-n", namespace, *extra, chart=chart)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def default() -> list[dict[str, Any]]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def custom() -> list[dict[str, Any]]:
+    return render("-f", str(CUSTOM), namespace="mesh-system")
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def agent_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+
+
+def mounts(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in c["volumeMounts"]}
+
+
+def volumes(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in one(docs, "DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+
+
+# ---- lint and render ------------------------------------------------------------------
+
+
+def test_helm_lint_is_clean_with_default_and_custom_values() -> None:
+    for extra in ((), ("-f", str(CUSTOM))):
+        r = helm("lint", "--strict", *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "[ERROR]" not in r.stdout and "[WARNING]" not in r.stdout, r.stdout
+
+
+def validate(doc: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_every_rendered_object_validates_against_kubernetes_1_35(
+    default: list[dict[str, Any]], custom: list[dict[str, Any]]
+) -> None:
+    """Strict schemas: a misspelt or misplaced field anywhere is an error."""
+    crds = [yaml.safe_load(p.read_text()) for p in sorted((CHART / "crds").glob("*.yaml"))]
+    checked = 0
+    for doc in [*default, *custom, *crds]:
+        if (doc["apiVersion"], doc["kind"]) in EXTERNAL_KINDS:
+            assert doc["metadata"]["name"] and doc["spec"], doc
+            continue
+        validate(doc)
+        checked += 1
+    assert checked >= 2 * 12 + len(crds)
+
+
+def test_the_validator_is_not_a_no_op(default: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    ds = json.loads(json.dumps(one(default, "DaemonSet")))
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privilegd"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(ds)
+
+
+def test_custom_values_render_every_optional_object(custom: list[dict[str, Any]]) -> None:
+    kinds = {d["kind"] for d in custom}
+    assert {"ServiceMonitor", "PodMonitor", "PodDisruptionBudget"} <= kinds
+    cm = one(custom, "ConfigMap", "weft-dashboards")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    deploy = one(custom, "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    assert "--leader-elect" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    image = agent_container(custom)["image"]
+    assert image.startswith("registry.example.org/mesh/weft@sha256:")
+
+
+def test_values_schema_rejects_unknown_keys_and_mismatched_audiences() -> None:
+    r = helm("template", "--set", "agent.privilegd=true")
+    assert r.returncode != 0 and "privilegd" in r.stderr
+    r = helm("template", "--set", "controller.tokenAudience=other")
+    assert r.returncode != 0 and "must be equal" in r.stderr
+
+
+# ---- the agent DaemonSet: privileges, mounts, identity ---------------------------------
+
+
+def test_agent_runs_on_every_node_on_the_host_network(default: list[dict[str, Any]]) -> None:
+    ds = one(default, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    assert env == {"NODE_NAME": "spec.nodeName", "NODE_IP": "status.hostIP"}
+    meta = ds["spec"]["template"]["metadata"]["annotations"]
+    assert meta["prometheus.io/scrape"] == "true" and meta["prometheus.io/port"] == "15020"
+
+
+def test_agent_default_is_capabilities_not_privileged(default: list[dict[str, Any]]) -> None:
+    sc = agent_container(default)["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"],
+    }
+    # Default profiles refuse bpf(2); the chart says so rather than failing at start.
+    assert sc["seccompProfile"] == {"type": "Unconfined"}
+    # Bidirectional propagation is refused by the API server for unprivileged containers.
+    assert mounts(agent_container(default))["bpffs"]["mountPropagation"] == "HostToContainer"
+
+
+def test_agent_privileged_switch(custom: list[dict[str, Any]]) -> None:
+    c = agent_container(custom)
+    assert c["securityContext"] == {"privileged": True}
+    assert mounts(c)["bpffs"]["mountPropagation"] == "Bidirectional"
+
+
+def test_agent_host_mounts(default: list[dict[str, Any]], custom: list[dict[str, Any]]) -> None:
+    m = mounts(agent_container(default))
+    v = volumes(default)
+    assert v["bpffs"]["hostPath"]["path"] == m["bpffs"]["mountPath"] == "/sys/fs/bpf"
+    assert v["cgroup"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    assert m["cgroup"]["mountPath"] == "/sys/fs/cgroup"
+    for name, path in (("modules", "/lib/modules"), ("headers", "/usr/src")):
+        assert v[name]["hostPath"]["path"] == path
+        assert m[name] == {"name": name, "mountPath": path, "readOnly": True}
+    assert v["host-proc"]["hostPath"]["path"] == "/proc"
+    assert m["host-proc"] == {"name": "host-proc", "mountPath": "/host/proc", "readOnly": True}
+    # Nothing else from the host, and nothing else writable from the host.
+    host = {n for n, vol in v.items() if "hostPath" in vol}
+    assert host == {"bpffs", "cgroup", "modules", "headers", "host-proc", "run", "state", "cache"}
+    writable = {n for n in host if not m[n].get("readOnly")}
+    assert writable == {"bpffs", "cgroup", "run", "state", "cache"}
+    # A hybrid host's cgroup v2 root is configurable and mounted where the agent finds it.
+    assert volumes(custom)["cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup/unified"
+    assert mounts(agent_container(custom))["cgroup"]["mountPath"] == "/sys/fs/cgroup/unified"
+
+
+def test_agent_identity_is_an_audience_bound_token_only(default: list[dict[str, Any]]) -> None:
+    from agent.settings import AgentSettings
+
+    pod = one(default, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "weft-agent"
+    assert pod["automountServiceAccountToken"] is False
+    (src,) = volumes(default)["sa-token"]["projected"]["sources"]
+    assert src["serviceAccountToken"]["audience"] == "weft-controller"
+    assert src["serviceAccountToken"]["path"] == "token"
+    m = mounts(agent_container(default))["sa-token"]
+    # The agent reads the token where its settings say, without a flag.
+    default_file = AgentSettings.model_fields["sa_token_file"].default
+    assert Path(m["mountPath"]) / "token" == default_file
+    assert m["readOnly"] is True
+
+
+def test_agent_trusts_the_controller_from_the_published_bundle(
+    default: list[dict[str, Any]],
+) -> None:
+    c = agent_container(default)
+    ca = volumes(default)["ca-root"]["configMap"]
+    assert ca["name"] == "weft-ca-root"
+    assert ca["items"] == [{"key": "trust-bundle.pem", "path": "trust-bundle.pem"}]
+    bundle = Path(mounts(c)["ca-root"]["mountPath"]) / "trust-bundle.pem"
+    assert f"--ca-bundle={bundle}" in c["args"]
+
+
+def _parse(command: Any, args: list[str]) -> dict[str, Any]:
+    ctx = command.make_context(command.name or "cmd", list(args), resilient_parsing=False)
+    return dict(ctx.params)
+
+
+def test_rendered_arguments_are_accepted_by_the_real_clis(
+    default: list[dict[str, Any]], custom: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renamed flag fails here, not in a CrashLoopBackOff."""
+    import typer.main
+
+    from agent.cli import agentcmd
+    from controller import __main__ as controller_cli
+
+    monkeypatch.setenv("NODE_NAME", "node-1")
+    monkeypatch.setenv("NODE_IP", "10.0.0.11")
+    agent_run = typer.main.get_command(agentcmd.app).commands["run"]  # type: ignore[attr-defined]
+    controller_run = typer.main.get_command(controller_cli.app)
+    for docs, ns in ((default, "weft-system"), (custom, "mesh-system")):
+        params = _parse(agent_run, agent_container(docs)["args"])
+        assert params["controller"] == f"weft-controller.{ns}.svc:15012"
+        assert params["cgroup_mode"] == "kubelet"
+        c = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        params = _parse(controller_run, c["args"])
+        assert params["config_source"] == "kubernetes" and params["ca_store"] == "kubernetes"
+        assert params["ca_secret"] == f"{ns}/weft-ca"
+        assert params["agent_service_account"] == f"{ns}/weft-agent"
+        assert f"weft-controller.{ns}.svc" in params["server_name"]
+
+
+# ---- RBAC -----------------------------------------------------------------------------
+
+
+def rules_of(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for d in docs if d["kind"] == kind for r in d.get("rules") or []]
+
+
+def test_agent_has_no_kubernetes_api_access(
+    default: list[dict[str, Any]], custom: list[dict[str, Any]]
+) -> None:
+    for docs in (default, custom):
+        for b in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+            assert all(s["name"] != "weft-agent" for s in b["subjects"]), b["metadata"]["name"]
+
+
+def test_no_wildcards_in_any_rule(
+    default: list[dict[str, Any]], custom: list[dict[str, Any]]
+) -> None:
+    for docs in (default, custom):
+        for r in rules_of(docs, "ClusterRole") + rules_of(docs, "Role"):
+            for key in ("verbs", "resources", "apiGroups", "resourceNames"):
+                assert "*" not in (r.get(key) or []), r
+
+
+def test_only_the_controller_touches_the_ca_secret_by_name(default: list[dict[str, Any]]) -> None:
+    cluster = rules_of(default, "ClusterRole")
+    assert not [r for r in cluster if "secrets" in r["resources"] or "configmaps" in r["resources"]]
+    ns = rules_of(default, "Role")
+    secrets = [r for r in ns if "secrets" in r["resources"]]
+    assert secrets == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["weft-ca"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    configmaps = [r for r in ns if "configmaps" in r["resources"]]
+    assert configmaps == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["weft-ca-root"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    (role,) = [d for d in default if d["kind"] == "Role"]
+    (binding,) = [d for d in default if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "weft-controller", "namespace": "weft-system"}
+    ]
+    # The chart creates the CA objects empty and keeps them on uninstall.
+    secret = one(default, "Secret", "weft-ca")
+    assert "data" not in secret
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_controller_reads_what_it_converts_and_nothing_more(default: list[dict[str, Any]]) -> None:
+    got = {
+        (g, res): tuple(r["verbs"])
+        for r in rules_of(default, "ClusterRole")
+        for g in r["apiGroups"]
+        for res in r["resources"]
+    }
+    read = ("get", "list", "watch")
+    crd_plurals = {
+        yaml.safe_load(p.read_text())["spec"]["names"]["plural"]
+        for p in (CHART / "crds").glob("*.yaml")
+    }
+    want = {
+        **{("", r): read for r in ("pods", "namespaces", "services", "nodes")},
+        ("discovery.k8s.io", "endpointslices"): read,
+        ("gateway.networking.k8s.io", "httproutes"): read,
+        ("security.istio.io", "authorizationpolicies"): read,
+        ("security.istio.io", "peerauthentications"): read,
+        **{("weft.dev", p): read for p in crd_plurals},
+        ("authentication.k8s.io", "tokenreviews"): ("create",),
+    }
+    assert got == want
+
+
+def test_leases_only_with_leader_election(
+    default: list[dict[str, Any]], custom: list[dict[str, Any]]
+) -> None:
+    assert not [r for r in rules_of(default, "Role") if "leases" in r["resources"]]
+    leases = [r for r in rules_of(custom, "Role") if "leases" in r["resources"]]
+    assert {tuple(r["verbs"]) for r in leases} == {("create",), ("get", "update")}
+    assert [r["resourceNames"] for r in leases if "resourceNames" in r] == [["weft-controller"]]
+
+
+# ---- the controller, its Service and PDB ------------------------------------------------
+
+
+def test_controller_service_and_disruption_budget(default: list[dict[str, Any]]) -> None:
+    svc = one(default, "Service", "weft-controller")
+    assert sorted(p["port"] for p in svc["spec"]["ports"]) == [15010, 15012, 15014]
+    pdb = one(default, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1  # never blocks a drain, even with one replica
+    c = one(default, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "--leader-elect" not in c["args"]
+
+
+# ---- dashboards -------------------------------------------------------------------------
+
+
+def test_dashboards_configmap_takes_any_number_of_json_files(tmp_path: Path) -> None:
+    chart = tmp_path / "weft"
+    shutil.copytree(CHART, chart)
+    (chart / "files" / "dashboards" / "weft-tokens.json").write_text('{"title": "tokens"}')
+    docs = render("--set", "dashboards.enabled=true", chart=chart)
+    cm = one(docs, "ConfigMap", "weft-dashboards")
+    assert sorted(cm["data"]) == ["weft-mesh.json", "weft-tokens.json"]
+    for body in cm["data"].values():
+        json.loads(body)
+    assert not [d for d in render(chart=chart) if d["metadata"]["name"] == "weft-dashboards"]
