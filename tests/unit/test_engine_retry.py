@@ -1,0 +1,135 @@
+"""Retries: what is retriable under which policy, the backoff schedule, and the budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from agent.waypoint.codec.headers import Headers
+from agent.waypoint.engine import Attempt, Engine, Failure, Forward
+from agent.waypoint.engine.retry import DEFAULT_RETRY, compile_retry
+from agent.waypoint.engine.testing import FakeClock, service, snapshot
+from controller.model.routing import Retry
+from controller.model.traffic import RetryPolicySpec
+
+LLM = ("ai", "llm")
+
+
+def policy(**spec: object) -> RetryPolicySpec:
+    return RetryPolicySpec.model_validate(spec)
+
+
+@pytest.mark.parametrize(
+    ("retry_on", "retried", "not_retried"),
+    [
+        (["5xx"], [500, 503, Failure.RESET, Failure.CONNECT_FAILURE], [429, 404, 200]),
+        (["gateway-error"], [502, 503, 504, Failure.TIMEOUT], [500, 501]),
+        (["reset"], [Failure.RESET, Failure.TIMEOUT], [503, Failure.REFUSED_STREAM]),
+        (["connect-failure"], [Failure.CONNECT_FAILURE], [Failure.RESET, 503]),
+        (["refused-stream"], [Failure.REFUSED_STREAM], [Failure.RESET, 500]),
+        (["retriable-status-codes"], [503], [500, 502]),
+    ],
+)
+def test_each_condition_covers_its_outcomes(retry_on, retried, not_retried):
+    """retryOn conditions classify outcomes as Envoy's do (503 is the default code list)."""
+    rule = compile_retry(None, policy(retryOn=retry_on))
+    assert all(int(o) in rule.retriable for o in retried)
+    assert not any(int(o) in rule.retriable for o in not_retried)
+
+
+def test_defaults_and_merging_gateway_retry_with_a_retry_policy():
+    """No config: retry only what never reached the app. Gateway API `retry` retries its
+    codes and connection errors; a RetryPolicy's explicit fields override it."""
+    assert 503 not in DEFAULT_RETRY.retriable and Failure.CONNECT_FAILURE in DEFAULT_RETRY.retriable
+    gw = Retry(codes=[502], attempts=4, backoff=0.1)
+    merged = compile_retry(gw, policy(perTryTimeout="2s", attempts=1), backend_request_timeout=9)
+    assert (merged.attempts, merged.base_interval, merged.per_try_timeout) == (1, 0.1, 2.0)
+    assert 502 in merged.retriable and Failure.RESET in merged.retriable
+    assert 503 not in merged.retriable
+    assert compile_retry(Retry(attempts=0), None).attempts == 0
+
+
+def test_backoff_is_fully_jittered_exponential_and_capped():
+    """Retry n waits in [0, base x (2^n - 1)], never above maxInterval."""
+    rule = compile_retry(None, policy(backoff={"baseInterval": "10ms", "maxInterval": "50ms"}))
+    rng = random.Random(9)
+    for n, upper in ((1, 0.010), (2, 0.030), (3, 0.050), (8, 0.050)):
+        waits = [rule.backoff(n, rng) for _ in range(500)]
+        assert min(waits) >= 0 and max(waits) <= upper + 1e-12
+        assert max(waits) > upper * 0.9  # the range is used, not a fixed delay
+
+
+ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: ai}
+spec:
+  parentRefs: [{group: "", kind: Service, name: llm}]
+  rules:
+    - retry: {codes: [503], attempts: 2, backoff: 10ms}
+      backendRefs: [{name: llm, port: 8000}]"""
+
+
+def test_a_503_twice_then_200_succeeds_via_retry():
+    """Two 503s are retried (with backoff); the third try's 200 is the answer; a third
+    retry would exceed `attempts: 2`."""
+    e = Engine(snapshot(service("llm"), ROUTE), clock=FakeClock(), rng=random.Random(1))
+    fwd = e.route(LLM, 8000, "POST", "/v1/chat/completions", Headers())
+    assert isinstance(fwd, Forward)
+    outcomes, waits = [503, 503, 200], []
+    for outcome in outcomes:
+        att = fwd.attempt()
+        assert isinstance(att, Attempt)
+        att.finish(outcome)
+        wait = fwd.retry_after(outcome)
+        if wait is None:
+            break
+        waits.append(wait)
+    assert fwd.tries == 3 and len(waits) == 2 and fwd.backend.counters.retries == 2
+    assert fwd.retry_after(503) is None and fwd.backend.counters.retries_exhausted == 1
+
+
+def test_retry_budget_caps_retries_under_a_failing_backend():
+    """100 concurrent requests all failing with 503: retries in flight stop at 20% (the
+    budget), the rest are refused and counted; the minimum of 3 holds at low load."""
+    e = Engine(snapshot(service("llm"), ROUTE), clock=FakeClock(), rng=random.Random(1))
+    fwds = [e.route(LLM, 8000, "POST", "/", Headers()) for _ in range(100)]
+    first = [f.attempt() for f in fwds]  # type: ignore[union-attr]
+    retries = []
+    for f, att in zip(fwds, first, strict=True):
+        assert isinstance(f, Forward) and isinstance(att, Attempt)
+        att.observe(503)  # the head arrived; the stream is still draining
+        if f.retry_after(503) is not None:
+            retries.append(f.attempt())
+    b = fwds[0].backend  # type: ignore[union-attr]
+    # 25 retries are 20% of the 125 tries then in flight.
+    assert len(retries) == 25 and b.budget.active_retries == 25
+    assert b.counters.retry_budget_exhausted == 75
+    lone = e.route(LLM, 8000, "POST", "/", Headers())
+    assert isinstance(lone, Forward)
+    for a in [*first, *retries]:
+        a.release()  # type: ignore[union-attr]
+    lone.attempt()
+    assert lone.retry_after(503) is not None  # min 3 concurrent retries at any load
+
+
+def test_no_retry_past_the_request_deadline():
+    """A retry whose backoff would end after timeouts.request is not taken."""
+    clock = FakeClock()
+    doc = ROUTE.replace("backoff: 10ms}", "backoff: 1s}\n      timeouts: {request: 2s}")
+    e = Engine(snapshot(service("llm"), doc), clock=clock, rng=random.Random(1))
+    fwd = e.route(LLM, 8000, "POST", "/", Headers())
+    assert isinstance(fwd, Forward)
+    fwd.attempt()
+    clock.advance(1.99)
+    assert fwd.retry_after(503) is None
+
+
+def test_failure_after_the_last_try_is_503_or_504():
+    """A connect failure with no retry left becomes 503; a per-try timeout 504."""
+    e = Engine(snapshot(service("llm")), clock=FakeClock())
+    fwd = e.route(LLM, 8000, "GET", "/", Headers())
+    assert isinstance(fwd, Forward)
+    assert fwd.failure_response(Failure.CONNECT_FAILURE).status == 503
+    assert fwd.failure_response(Failure.TIMEOUT).status == 504
