@@ -16,7 +16,6 @@ Its identity and config come from its node agent's Workload API (agent/waypoint/
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -40,6 +39,9 @@ from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
+from agent.waypoint.engine.engine import Engine
+from agent.waypoint.engine.respond import Respond
+from agent.waypoint.proxy import Proxy
 from agent.waypoint.tracing import (
     CLIENT,
     SERVER,
@@ -52,12 +54,24 @@ from agent.waypoint.tracing import (
 from agent.waypoint.upstream import Endpoint, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
 from controller.ca.spiffe import parse_workload_id
-from controller.model.workloads import Service, Workload
+from controller.model.workloads import Workload
 
 log = logging.getLogger("weft.waypoint")
 access = logging.getLogger("weft.access")
 
 XFCC = b"x-forwarded-client-cert"
+# Engine answers as Envoy-style response flags (a bounded set of label values).
+RESPOND_FLAGS = {
+    "NoMatchingRoute": "NR",
+    "BackendNotFound": "NR",
+    "FilterNotFound": "NR",
+    "IncompatibleFilters": "NR",
+    "Redirect": "-",
+    "FaultAbort": "FI",
+    "Overflow": "UO",
+    "NoHealthyEndpoint": "UH",
+    "Fallback": "UH",
+}
 REQUEST_LABELS = (
     "reporter",
     "source_workload",
@@ -135,6 +149,12 @@ class WaypointMetrics:
             buckets=SIZE_BYTES,
             registry=r,
         )
+        self.events = Counter(
+            "weft_waypoint_endpoint_events",
+            "Outlier ejections and readmissions, health changes, panic mode, by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.resp_bytes = Histogram(
             "istio_response_bytes",
             "Response body sizes (bytes).",
@@ -153,15 +173,18 @@ class Waypoint:
         self._server_ctx: ssl.SSLContext | None = None
         self.link = AgentLink(s.workload_socket, self._on_config, self._on_svid)
         self.tunnel_pool = ConnectionPool(PoolSettings(), hb.Settings())
+        self.engine = Engine(clock=time.monotonic)
+        self._h2_ports: dict[tuple[str, int], bool] = {}
         self.upstream = UpstreamPool(
             self.tunnel_pool, lambda: self.identity, self.client_context, s.connect_timeout
         )
         self.metrics = WaypointMetrics()
+        self.metrics.registry.register(_EngineCollector(self))
         self.traces = Exporter(s.otlp_endpoint, f"waypoint/{s.name}")
         self.inbound: set[HboneConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[Any]] = []
-        self._rr: dict[str, int] = {}
+        self.proxy = Proxy(self.upstream, self.endpoint)
         self.draining = False
 
     # ---- identity and config -----------------------------------------------------------
@@ -178,6 +201,15 @@ class Waypoint:
 
     def _on_config(self, snap: ConfigSnapshot) -> None:
         self.snapshot = snap
+        self.engine.update(snap)
+        # Backends that speak HTTP/2 (gRPC, h2c), from the Service port's appProtocol.
+        h2: dict[tuple[str, int], bool] = {}
+        for (ns, name), svc in snap.services.items():
+            for port in svc.spec.ports:
+                if _is_h2(port.app_protocol):
+                    for w in snap.endpoints.get((ns, name), ()):
+                        h2[(str(w.spec.addresses[0]), port.target())] = True
+        self._h2_ports = h2
         log.info("waypoint %s: config revision %d", self.s.name, snap.revision)
 
     def client_context(self) -> ssl.SSLContext:
@@ -231,6 +263,7 @@ class Waypoint:
             self._servers += srv.servers
         self.tunnel_pool.start()
         self.traces.start()
+        self._tasks.append(asyncio.create_task(self._timers(), name="engine-timers"))
         self._tasks.append(asyncio.create_task(self.link.run(), name="agent-link"))
         log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)
 
@@ -365,119 +398,120 @@ class Waypoint:
                 decision.reason,
             )
             return self._log(x, None, "UAEX")
-        sp = svc.port(c.port)
-        assert sp is not None
-        ep_w = self.pick(svc, snap)
-        if ep_w is None:
-            x.local_reply(503, b"no healthy upstream\n")
-            return self._log(x, None, "UH")
-        ep = self.endpoint(snap, ep_w, sp.target(), h2=_is_h2(sp.app_protocol))
-        if ep is None:
-            x.local_reply(503, b"upstream node unknown\n")
-            return self._log(x, ep_w, "UH")
+        routed = self.engine.route(
+            (svc.namespace, svc.name),
+            c.port,
+            head.method,
+            head.target,
+            headers,
+            source=c.principal,
+            authority=head.authority,
+            scheme=head.scheme,
+        )
+        if isinstance(routed, Respond):
+            self.proxy.reply(x, routed)
+            return self._log(x, None, RESPOND_FLAGS.get(routed.code, routed.code))
         headers.strip_hop_by_hop()
         headers.remove(XFCC)
         headers.set(XFCC, f"By={self.identity};URI={c.principal}".encode())
-        try:
-            await self.forward(x, ep, headers)
-        except UpstreamError as e:
-            if not x.responded:
-                x.local_reply(
-                    503 if e.kind == "connect-failure" else 502,
-                    f"upstream {e.kind}: {e}\n".encode(),
-                )
-            else:
-                x.abort()
-            return self._log(x, ep_w, "UF" if e.kind == "connect-failure" else "UR")
-        self._log(x, ep_w, "-")
+        dst: list[Workload] = []
 
-    def pick(self, svc: Service, snap: ConfigSnapshot) -> Workload | None:
-        eps = snap.endpoints.get((svc.namespace, svc.name), ())
-        if not eps:
+        async def attempt(ep: Endpoint, outcome: int) -> None:
+            dst.append(self.snapshot.workloads_by_ip.get(ep.ip))  # type: ignore[arg-type]
+
+        def before_try(ep: Endpoint, h: Headers) -> Span:
+            span = Span(
+                f"upstream {ep.key}",
+                x.trace.trace_id,
+                new_span_id(),
+                x.span.span_id,
+                CLIENT,
+                attributes={
+                    "server.address": ep.ip,
+                    "server.port": ep.port,
+                    "weft.peer.identity": ep.identity,
+                },
+            )
+            h.set(b"traceparent", traceparent(x.trace.trace_id, span.span_id, x.trace.sampled))
+            return span
+
+        def after_try(span: Span, outcome: int) -> None:
+            if outcome < 0:
+                span.error = f"try failed ({outcome})"
+            span.end(**{"http.response.status_code": outcome if outcome > 0 else None})
+            if x.trace.sampled:
+                self.traces.record(span)
+
+        flags = await self.proxy.run(
+            x, routed, headers, on_attempt=attempt, before_try=before_try, after_try=after_try
+        )
+
+        self._log(x, dst[-1] if dst else None, flags)
+
+    def endpoint(self, w: Workload, port: int) -> Endpoint | None:
+        """Where to reach a backend workload: its node's tunnel, as its identity."""
+        snap = self.snapshot
+        if w is None:
             return None
-        key = f"{svc.namespace}/{svc.name}"
-        i = self._rr.get(key, 0)
-        self._rr[key] = i + 1
-        return eps[i % len(eps)]
-
-    def endpoint(self, snap: ConfigSnapshot, w: Workload, port: int, h2: bool) -> Endpoint | None:
         node = snap.nodes.get(w.spec.node)
         if node is None:
             return None
         host, nport = node.tunnel_address
+        h2 = self._h2_ports.get((str(w.spec.addresses[0]), port), False)
         return Endpoint(
             str(w.spec.addresses[0]), port, snap.workload_identity(w), host, nport, h2=h2
         )
 
-    async def forward(self, x: Exchange, ep: Endpoint, headers: Headers) -> None:
-        attempt = Span(
-            f"upstream {ep.key}",
-            x.trace.trace_id,
-            new_span_id(),
-            x.span.span_id,
-            CLIENT,
-            attributes={
-                "server.address": ep.ip,
-                "server.port": ep.port,
-                "weft.peer.identity": ep.identity,
-            },
-        )
-        headers.set(b"traceparent", traceparent(x.trace.trace_id, attempt.span_id, x.trace.sampled))
-        try:
-            await self._attempt(x, ep, headers)
-        except UpstreamError as e:
-            attempt.error = f"{e.kind}: {e}"
-            raise
-        finally:
-            attempt.end(**{"http.response.status_code": x.status or None})
-            if x.trace.sampled:
-                self.traces.record(attempt)
+    async def _timers(self) -> None:
+        """The engine's clock work: outlier sweeps and readmissions, active health checks."""
+        while True:
+            due = self.engine.next_timer()
+            wait = 1.0 if due is None else max(0.01, min(1.0, due - time.monotonic()))
+            await asyncio.sleep(wait)
+            self.engine.tick()
+            for probe in self.engine.due_probes():
+                asyncio.get_running_loop().create_task(self._probe(probe))
+            for e in self.engine.take_events():
+                log.info("waypoint %s: %s", self.s.name, e)
+                self.metrics.events.labels(getattr(e, "kind", "event").__str__()).inc()
 
-    async def _attempt(self, x: Exchange, ep: Endpoint, headers: Headers) -> None:
-        head = x.head
-        up = await self.upstream.acquire(ep, x.caller.client_ip)
-        ended = x.body_done and x.body.qsize() <= 1
-        sid = up.start(head.method, head.target, head.authority, headers, end_stream=ended)
+    async def _probe(self, probe: Any) -> None:
+        ep = self.endpoint(probe.endpoint.workload, probe.endpoint.port)
+        ok = False
+        if ep is not None:
+            try:
+                up = await asyncio.wait_for(
+                    self.upstream.acquire(ep, "0.0.0.0", fresh=True), probe.timeout
+                )
+                h = Headers()
+                if probe.kind == "grpc":
+                    ok = await self._grpc_health(up, probe)
+                else:
+                    sid = up.start("GET", probe.path, f"{ep.ip}:{ep.port}", h, end_stream=True)
+                    async for e in up.events(sid):
+                        if isinstance(e, ev.ResponseHead) and not e.informational:
+                            ok = probe.passed(e.status)
+                up.close()
+            except (UpstreamError, TimeoutError, OSError):
+                ok = False
+        self.engine.report_probe(probe, ok)
 
-        async def pump() -> None:
-            if ended:
-                return
-            while (chunk := await x.body.get()) is not None:
-                await up.send(sid, chunk, False)
-                x.conn.consumed(x, len(chunk))
-            if x.reset:
-                up.cancel(sid)
-                return
-            if x.trailers is not None:
-                up.trailers(sid, x.trailers)
-            else:
-                await up.send(sid, b"", True)
-
-        pumping = asyncio.create_task(pump())
-        try:
-            async for e in up.events(sid):
-                if x.reset:
-                    up.cancel(sid)
-                    break
-                if isinstance(e, ev.ResponseHead):
-                    if e.informational:
-                        continue
-                    h = e.headers.copy()
-                    h.strip_hop_by_hop()
-                    x.respond_head(e.status, h, e.end_stream)
-                elif isinstance(e, ev.Data):
-                    await x.writable()
-                    x.respond_data(bytes(e.data), e.end_stream)
-                elif isinstance(e, ev.Trailers):
-                    x.respond_trailers(e.headers)
-                elif isinstance(e, ev.StreamReset):
-                    x.abort()
-        finally:
-            if not pumping.done():
-                pumping.cancel()
-            with contextlib.suppress(asyncio.CancelledError, UpstreamError):
-                await pumping
-            self.upstream.release(ep, up)
+    async def _grpc_health(self, up: Any, probe: Any) -> bool:
+        """grpc.health.v1.Health/Check: SERVING is field 1 = 1 in the response message."""
+        name = probe.service.encode()
+        msg = (b"\x0a" + bytes([len(name)]) + name) if name else b""
+        frame = b"\x00" + len(msg).to_bytes(4, "big") + msg
+        h = Headers.of(("content-type", "application/grpc"), ("te", "trailers"))
+        sid = up.start("POST", "/grpc.health.v1.Health/Check", "health", h, end_stream=False)
+        await up.send(sid, frame, True)
+        body = b""
+        status = None
+        async for e in up.events(sid):
+            if isinstance(e, ev.Data):
+                body += bytes(e.data)
+            elif isinstance(e, ev.Trailers):
+                status = e.headers.get(b"grpc-status")
+        return status == b"0" and body[5:7] == b"\x08\x01"
 
     # ---- telemetry ---------------------------------------------------------------------
 
@@ -539,7 +573,52 @@ class Waypoint:
         )
 
 
+class _EngineCollector:
+    """The engine's plain-int counters, read at scrape time (no cost per request)."""
+
+    def __init__(self, wp: Waypoint) -> None:
+        self.wp = wp
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        route = CounterMetricFamily(
+            "weft_waypoint_route_decisions",
+            "Route-stage decisions by outcome.",
+            labels=["decision"],
+        )
+        for name in type(self.wp.engine.counters).__slots__:
+            route.add_metric([name], getattr(self.wp.engine.counters, name))
+        yield route
+        backend = CounterMetricFamily(
+            "weft_waypoint_backend_events",
+            "What happened to each "
+            "backend's tries: retries, budget exhaustion, overflow, "
+            "ejections, fallbacks.",
+            labels=["backend", "event"],
+        )
+        for b in self.wp.engine.backends():
+            for name in type(b.counters).__slots__:
+                backend.add_metric([b.name, name], getattr(b.counters, name))
+        yield backend
+        mirrors = CounterMetricFamily(
+            "weft_waypoint_mirrors", "Mirror copies by outcome.", labels=["outcome"]
+        )
+        p = self.wp.proxy
+        for k, v in (
+            ("sent", p.mirrors_sent),
+            ("failed", p.mirrors_failed),
+            ("skipped", p.mirrors_skipped),
+        ):
+            mirrors.add_metric([k], v)
+        yield mirrors
+
+    def describe(self) -> list[Any]:
+        return []
+
+
 def _wl_name(w: Workload | None) -> str:
+
     if w is None:
         return "unknown"
     return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name

@@ -53,6 +53,10 @@ class UpstreamConnection(asyncio.Protocol):
     closed: bool = False
     last_used: float = field(default_factory=time.monotonic)
     requests: int = 0
+    served: int = 0  # responses received (max requests per connection)
+    retire: bool = False  # close instead of reusing once the current exchange ends
+    ep: Endpoint | None = None
+    on_close: Callable[[], None] | None = None  # tells the engine's pool accounting
     write_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -115,11 +119,17 @@ class UpstreamConnection(asyncio.Protocol):
         for q in self.queues.values():
             q.put_nowait(err)
         self.queues.clear()
+        self._closed_once()
+
+    def _closed_once(self) -> None:
+        cb, self.on_close = self.on_close, None
+        if cb is not None:
+            cb()
 
     # ---- used by the proxy -------------------------------------------------------------
 
     def reusable(self) -> bool:
-        if self.closed:
+        if self.closed or self.retire:
             return False
         if self.h2:
             return bool(self.codec.available_streams > 0)
@@ -177,6 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._closed_once()
         if self.transport is not None:
             self.transport.close()
 
@@ -211,25 +222,49 @@ class UpstreamPool:
         self._h2: dict[str, UpstreamConnection] = {}
         self.active: dict[str, int] = {}  # connections per endpoint, for pool limits
 
-    async def acquire(self, ep: Endpoint, client_ip: str) -> UpstreamConnection:
+    def has_idle(self, ep: Endpoint) -> bool:
+        """A connection to `ep` can take a request now (for the engine's pool admission)."""
         if ep.h2:
             c = self._h2.get(ep.key)
-            if c is not None and c.reusable():
-                return c
-        else:
-            idle = self._idle.get(ep.key)
-            while idle:
-                c = idle.pop()
-                if c.reusable() and time.monotonic() - c.last_used < IDLE_TIMEOUT:
+            return c is not None and c.reusable()
+        idle = self._idle.get(ep.key) or ()
+        return any(c.reusable() for c in idle)
+
+    async def acquire(
+        self,
+        ep: Endpoint,
+        client_ip: str,
+        *,
+        fresh: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> UpstreamConnection:
+        """A connection for one request: an idle one unless `fresh`, else a new dial.
+        `on_close` runs once when a newly dialled connection closes."""
+        if not fresh:
+            if ep.h2:
+                c = self._h2.get(ep.key)
+                if c is not None and c.reusable():
                     return c
-                c.close()
+            else:
+                idle = self._idle.get(ep.key)
+                while idle:
+                    c = idle.pop()
+                    if c.reusable() and time.monotonic() - c.last_used < IDLE_TIMEOUT:
+                        return c
+                    c.close()
         c = await self._dial(ep, client_ip)
+        c.ep = ep
+        c.on_close = on_close
         if ep.h2:
             self._h2[ep.key] = c
         return c
 
-    def release(self, ep: Endpoint, c: UpstreamConnection) -> None:
-        if ep.h2:
+    def release_conn(self, c: UpstreamConnection) -> None:
+        """The exchange on `c` is over: keep it for reuse, or close it."""
+        ep = c.ep
+        if ep is None or ep.h2:
+            if c.retire:
+                c.close()
             return
         if c.reusable():
             self._idle.setdefault(ep.key, deque()).append(c)
