@@ -325,7 +325,9 @@ def work(k):
     c = http.client.HTTPConnection(host, 8000, timeout=30)
     for _ in range(k):
         try:
-            c.request("POST", "/v1/embeddings", body, {"content-type": "application/json", **headers})
+            hdrs = {"content-type": "application/json", **headers}
+            c.request("POST", "/v1/embeddings", body, hdrs)
+
             r = c.getresponse(); r.read()
             key, code = r.getheader("x-weft-served-by", "-"), r.status
         except Exception as e:
