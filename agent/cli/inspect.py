@@ -156,6 +156,45 @@ def routes(
 
 
 @app.command()
+def rollouts(lab: LabOption = "weft", output: Format = OutputOption) -> None:
+    """Automated canary analyses in the lab's waypoints: phase, canary weight, events.
+
+    Example: weft inspect rollouts -o json
+    """
+    import json
+    import urllib.request
+
+    from agent.lab.topology import Lab
+    from agent.netns import call_in
+    from controller.model.workloads import WAYPOINT_LABEL
+
+    st = Lab(lab).state()
+    rows = []
+    for p in st.pods:
+        if WAYPOINT_LABEL not in p.labels:
+            continue
+
+        def get(ip: str = p.ip) -> list[dict[str, object]]:
+            with urllib.request.urlopen(f"http://{ip}:15020/rollouts", timeout=5) as r:
+                return json.loads(r.read())
+
+        for r in call_in(p.netns, get):
+            rows.append({"waypoint": p.key, **r})
+    emit(
+        rows,
+        output,
+        columns=[
+            ("WAYPOINT", "waypoint"),
+            ("ROLLOUT", "rollout"),
+            ("PHASE", "phase"),
+            ("STEP", "step"),
+            ("CANARY %", "canaryWeight"),
+            ("FAILURES", "failures"),
+        ],
+    )
+
+
+@app.command()
 def tunnel(
     node: NodeOption = None,
     lab: LabOption = "weft",

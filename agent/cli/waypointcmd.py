@@ -33,6 +33,14 @@ def run(
             "http://collector:4318 (unset: propagate trace context only).",
         ),
     ] = None,
+    quota_db: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="WEFT_QUOTA_DB",
+            help="SQLite file for token quotas, shared by the waypoint replicas of a node "
+            "(unset: in memory, per replica).",
+        ),
+    ] = None,
     head_timeout: Annotated[
         float,
         typer.Option(
@@ -61,5 +69,6 @@ def run(
             metrics_listen=metrics_listen,
             otlp_endpoint=otlp_endpoint,
             head_timeout=head_timeout,
+            quota_path=quota_db,
         )
     )

@@ -181,7 +181,6 @@ def install(
         wait_waypoint(lab, state, key, wait)
 
 
-
 def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | None = None) -> None:
     """A waypoint runs in its pod like any workload, and speaks HBONE on the pod's address."""
     p = state.pod(pod)
@@ -202,6 +201,8 @@ def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | No
             str(workload_socket(state, p.node)),
             "--metrics-listen",
             f"{p.ip}:15020",
+            "--quota-db",
+            str(node_dir(state, p.node) / "waypoint-quota.db"),
         ],
         pod=pod,
         env=env,

@@ -115,6 +115,7 @@ class Proxy:
         on_attempt: Callable[[Endpoint, int], Awaitable[Any]] | None = None,
         before_try: Callable[[Endpoint, Headers], Any] | None = None,
         after_try: Callable[[Any, int], None] | None = None,
+        held: Body | None = None,
     ) -> str:
         """Forward one request as the engine decided; returns Envoy-style response flags.
 
@@ -127,7 +128,9 @@ class Proxy:
         authority = fwd.authority or x.head.authority
         # Hold the body when it has all arrived already (free), or when a retry or a mirror
         # may need to send it again; otherwise stream it straight through.
-        if x.body_done or fwd.rule.retry.attempts > 0 or fwd.mirrors:
+        if held is not None:
+            body = held  # read already (the AI layer had to see it)
+        elif x.body_done or fwd.rule.retry.attempts > 0 or fwd.mirrors:
             body = await hold_body(x)
         else:
             body = Body()

@@ -36,12 +36,13 @@ from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.pool import ConnectionPool, PoolSettings
 from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
+from agent.waypoint.aiflow import AiFlow
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
 from agent.waypoint.engine.engine import Engine
 from agent.waypoint.engine.respond import Respond
-from agent.waypoint.proxy import Proxy
+from agent.waypoint.proxy import Body, Proxy
 from agent.waypoint.tracing import (
     CLIENT,
     SERVER,
@@ -124,6 +125,9 @@ class WaypointSettings:
     idle_timeout: float = 60.0
     drain_timeout: float = 10.0
     otlp_endpoint: str | None = None  # e.g. http://collector:4318; None: propagate only
+    # Token quotas, shared by the waypoint replicas of a node (SQLite, WAL); None: in memory
+    # (limits then hold per replica only).
+    quota_path: Path | None = None
 
 
 @dataclass
@@ -185,6 +189,7 @@ class Waypoint:
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.proxy = Proxy(self.upstream, self.endpoint)
+        self.ai = AiFlow(self, s.quota_path, self.metrics.registry)
         self.draining = False
 
     # ---- identity and config -----------------------------------------------------------
@@ -202,6 +207,7 @@ class Waypoint:
     def _on_config(self, snap: ConfigSnapshot) -> None:
         self.snapshot = snap
         self.engine.update(snap)
+        self.ai.update(list(snap.resources.values()))
         # Backends that speak HTTP/2 (gRPC, h2c), from the Service port's appProtocol.
         h2: dict[tuple[str, int], bool] = {}
         for (ns, name), svc in snap.services.items():
@@ -258,12 +264,20 @@ class Waypoint:
         )
         mhost, _, mport = self.s.metrics_listen.rpartition(":")
         if mport and mport != "0":
-            srv = HttpServer({"/metrics": self._h_metrics, "/healthz/ready": self._h_ready})
+            srv = HttpServer(
+                {
+                    "/metrics": self._h_metrics,
+                    "/healthz/ready": self._h_ready,
+                    "/rollouts": self._h_rollouts,
+                    "/config": self._h_config,
+                }
+            )
             await srv.listen_tcp(mhost, int(mport))
             self._servers += srv.servers
         self.tunnel_pool.start()
         self.traces.start()
         self._tasks.append(asyncio.create_task(self._timers(), name="engine-timers"))
+        self._tasks.append(asyncio.create_task(self.ai.run_timers(), name="ai-timers"))
         self._tasks.append(asyncio.create_task(self.link.run(), name="agent-link"))
         log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)
 
@@ -290,7 +304,26 @@ class Waypoint:
     async def _h_metrics(self, req: HttpRequest) -> Response:
         return 200, generate_latest(self.metrics.registry), "text/plain; version=0.0.4"
 
+    async def _h_config(self, req: HttpRequest) -> Response:
+        snap = self.snapshot
+        return (
+            200,
+            json.dumps(
+                {"waypoint": self.s.name, "epoch": snap.epoch, "revision": snap.revision}
+            ).encode(),
+            "application/json",
+        )
+
+    async def _h_rollouts(self, req: HttpRequest) -> Response:
+        """Automated canary analyses this waypoint runs: phase, weights, recent events."""
+        return (
+            200,
+            json.dumps([r.status() for r in self.ai.policies.rollouts()], default=str).encode(),
+            "application/json",
+        )
+
     async def _h_ready(self, req: HttpRequest) -> Response:
+
         ok = self.svid is not None and self.snapshot.revision > 0 and not self.draining
         return (200, "ready\n", "text/plain") if ok else (503, "not ready\n", "text/plain")
 
@@ -398,26 +431,13 @@ class Waypoint:
                 decision.reason,
             )
             return self._log(x, None, "UAEX")
-        routed = self.engine.route(
-            (svc.namespace, svc.name),
-            c.port,
-            head.method,
-            head.target,
-            headers,
-            source=c.principal,
-            authority=head.authority,
-            scheme=head.scheme,
-        )
-        if isinstance(routed, Respond):
-            self.proxy.reply(x, routed)
-            return self._log(x, None, RESPOND_FLAGS.get(routed.code, routed.code))
         headers.strip_hop_by_hop()
         headers.remove(XFCC)
         headers.set(XFCC, f"By={self.identity};URI={c.principal}".encode())
-        dst: list[Workload] = []
+        dst: list[Workload | None] = []
 
         async def attempt(ep: Endpoint, outcome: int) -> None:
-            dst.append(self.snapshot.workloads_by_ip.get(ep.ip))  # type: ignore[arg-type]
+            dst.append(self.snapshot.workloads_by_ip.get(ep.ip))
 
         def before_try(ep: Endpoint, h: Headers) -> Span:
             span = Span(
@@ -442,10 +462,41 @@ class Waypoint:
             if x.trace.sampled:
                 self.traces.record(span)
 
-        flags = await self.proxy.run(
-            x, routed, headers, on_attempt=attempt, before_try=before_try, after_try=after_try
-        )
+        async def plain(held: Body | None = None) -> str:
+            routed = self.engine.route(
+                (svc.namespace, svc.name),
+                c.port,
+                head.method,
+                head.target,
+                headers,
+                source=c.principal,
+                authority=head.authority,
+                scheme=head.scheme,
+            )
+            if isinstance(routed, Respond):
+                self.proxy.reply(x, routed)
+                return RESPOND_FLAGS.get(routed.code, routed.code)
+            return await self.proxy.run(
+                x,
+                routed,
+                headers,
+                on_attempt=attempt,
+                before_try=before_try,
+                after_try=after_try,
+                held=held,
+            )
 
+        ai = self.ai.policies.for_service(svc.namespace, svc.name)
+        if ai is None:
+            flags = await plain()  # the common path: no AI policy on this Service
+        else:
+            span = before_try(Endpoint("model", 0, "", "", 0), headers)
+            flags = await self.ai.handle(
+                x, ai, headers, c.principal, peer.namespace if peer else None, plain
+            )
+            after_try(span, x.status or -1)
+            ep_ip = x.annotations.get("endpoint", "").split(":")[0]
+            dst.append(self.snapshot.workloads_by_ip.get(ep_ip))
         self._log(x, dst[-1] if dst else None, flags)
 
     def endpoint(self, w: Workload, port: int) -> Endpoint | None:

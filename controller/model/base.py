@@ -160,7 +160,7 @@ def kind_named(name: str) -> type[Resource] | None:
 def _load_all() -> None:
     # The kind modules register themselves on import; import them once, lazily, so that
     # base.py stays importable from them without a cycle.
-    from controller.model import routing, security, traffic, workloads  # noqa: F401
+    from controller.model import ai, routing, security, traffic, workloads  # noqa: F401
 
 
 def describe(data: Any) -> str | None:

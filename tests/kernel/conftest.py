@@ -76,6 +76,8 @@ class Mesh:
         """Write a policy file where the controller reads config; wait until both agents
         run the revision that contains it."""
         f = self.config_file(name)
+        if f.exists() and f.read_text() == text:
+            return  # unchanged: the controller publishes no new revision for it
         f.write_text(text)
         self._settle()
 
@@ -104,6 +106,27 @@ class Mesh:
             "agents to apply it",
             10,
         )
+        wait_until(
+            lambda: all(r >= target for r in self.waypoint_revisions()), "waypoints to apply it", 10
+        )
+
+    def waypoint_revisions(self) -> list[int]:
+        """Config revision of every waypoint pod (they follow their node agent)."""
+        import urllib.request
+
+        from controller.model.workloads import WAYPOINT_LABEL
+
+        out = []
+        for p in self.state.pods:
+            if WAYPOINT_LABEL not in p.labels:
+                continue
+
+            def get(ip: str = p.ip) -> int:
+                with urllib.request.urlopen(f"http://{ip}:15020/config", timeout=5) as r:
+                    return int(json.loads(r.read())["revision"])
+
+            out.append(call_in(p.netns, get))
+        return out
 
 
 def _listening(ip: str, port: int) -> bool:

@@ -1,0 +1,213 @@
+"""OpenTelemetry GenAI metrics, exported to Prometheus.
+
+The semantic conventions (https://opentelemetry.io/docs/specs/semconv/gen-ai/) name:
+
+| OpenTelemetry                         | Prometheus (dots -> underscores)        | unit  |
+|---------------------------------------|-----------------------------------------|-------|
+| gen_ai.client.token.usage             | gen_ai_client_token_usage               | token |
+| gen_ai.server.time_to_first_token     | gen_ai_server_time_to_first_token       | s     |
+| gen_ai.server.time_per_output_token   | gen_ai_server_time_per_output_token     | s     |
+| gen_ai.server.request.duration        | gen_ai_server_request_duration          | s     |
+
+each a histogram (so `_bucket`, `_sum`, `_count` series) with the attributes
+gen_ai.operation.name (chat, text_completion, embeddings), gen_ai.request.model and
+gen_ai.response.model; token usage adds gen_ai.token.type (input, output); request duration
+adds error.type when the request failed. Bucket boundaries are the ones the conventions
+advise. No unit suffix is appended (an OpenTelemetry Collector's Prometheus exporter would
+add `_seconds`); the names are the conventions' own.
+
+`AiPolicyCollector` exports the policies' plain counters (cache hits, rate-limit decisions,
+shedding, rollouts) at scrape time, so the request path only increments ints.
+
+This is the one module of the package that imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent.waypoint.ai.usage import Usage
+
+if TYPE_CHECKING:
+    from agent.waypoint.ai.policy import AiPolicies
+
+OPERATION_NAMES = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+
+# The semantic conventions' advised boundaries.
+TOKEN_BUCKETS = (
+    1,
+    4,
+    16,
+    64,
+    256,
+    1024,
+    4096,
+    16384,
+    65536,
+    262144,
+    1048576,
+    4194304,
+    16777216,
+    67108864,
+)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+DURATION_BUCKETS = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+)
+
+OP, REQ, RESP = "gen_ai_operation_name", "gen_ai_request_model", "gen_ai_response_model"
+
+
+class GenAIMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Number of input and output tokens used (gen_ai.client.token.usage).",
+            (OP, REQ, RESP, "gen_ai_token_type"),
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token",
+            "Time to generate the first token, seconds (gen_ai.server.time_to_first_token).",
+            (OP, REQ, RESP),
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token",
+            "Time per output token after the first, seconds (gen_ai.server.time_per_output_token).",
+            (OP, REQ, RESP),
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "gen_ai_server_request_duration",
+            "Model request duration, seconds (gen_ai.server.request.duration).",
+            (OP, REQ, RESP, "error_type"),
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+
+    def record(
+        self,
+        *,
+        operation: str,
+        request_model: str | None,
+        response_model: str | None,
+        duration: float,
+        usage: Usage | None = None,
+        ttft: float | None = None,
+        tpot: float | None = None,
+        error_type: str = "",
+    ) -> None:
+        """One finished model request. `error_type`: "" when it succeeded, else the status
+        or failure (e.g. "503", "timeout"), the conventions' error.type."""
+        op = OPERATION_NAMES.get(operation, operation)
+        req, resp = request_model or "", response_model or ""
+        if usage is not None:
+            self.token_usage.labels(op, req, resp, "input").observe(usage.prompt_tokens)
+            if operation != "embeddings":
+                self.token_usage.labels(op, req, resp, "output").observe(usage.completion_tokens)
+        if ttft is not None:
+            self.ttft.labels(op, req, resp).observe(ttft)
+        if tpot is not None:
+            self.tpot.labels(op, req, resp).observe(tpot)
+        self.duration.labels(op, req, resp, error_type).observe(duration)
+
+
+class AiPolicyCollector(Collector):
+    """weft_ai_* counters read from the live policies when Prometheus scrapes."""
+
+    def __init__(self, policies: Callable[[], AiPolicies]) -> None:
+        self.policies = policies
+
+    def describe(self) -> Iterable[object]:
+        return []  # unchecked collector: families depend on the config
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        p = self.policies()
+        cache = CounterMetricFamily(
+            "weft_ai_cache_lookups",
+            "Response cache lookups by result.",
+            labels=("policy", "result"),
+        )
+        cache_bytes = GaugeMetricFamily("weft_ai_cache_bytes", "Bytes held.", labels=("policy",))
+        for c in p.caches():
+            k = c.counters
+            for result, n in (("hit", k.hits), ("miss", k.misses), ("bypass", k.bypass)):
+                cache.add_metric((c.name, result), n)
+            cache_bytes.add_metric((c.name,), c.bytes)
+        limits = CounterMetricFamily(
+            "weft_ai_ratelimit_decisions",
+            "Token rate limit decisions (shadow_denied: would have been denied).",
+            labels=("policy", "decision"),
+        )
+        for lim in p.limiters():
+            k2 = lim.counters
+            for what, n in (
+                ("allowed", k2.allowed),
+                ("denied", k2.denied),
+                ("shadow_denied", k2.shadow_denied),
+                ("store_error", k2.store_errors),
+            ):
+                limits.add_metric((lim.name, what), n)
+        shed = CounterMetricFamily(
+            "weft_ai_priority_requests",
+            "Requests by priority class and outcome.",
+            labels=("policy", "priority_class", "outcome"),
+        )
+        for s in p.shedders():
+            for cls in s.classes.values():
+                k3 = cls.counters
+                for what, n in (
+                    ("admitted", k3.admitted),
+                    ("queued", k3.queued),
+                    ("shed", k3.shed),
+                    ("timed_out", k3.timed_out),
+                ):
+                    shed.add_metric((s.name, cls.name, what), n)
+        weight = GaugeMetricFamily(
+            "weft_ai_rollout_canary_weight",
+            "The canary's share of traffic, percent.",
+            labels=("rollout", "phase"),
+        )
+        for r in p.rollouts():
+            weight.add_metric((r.name, r.phase), r.canary_weight)
+        yield from (cache, cache_bytes, limits, shed, weight)
