@@ -31,11 +31,12 @@ from agent.waypoint.ai.openai import BadModelRequest, error_body
 from agent.waypoint.ai.policy import MAX_REQUEST_BODY, AiPolicies, ServiceAi
 from agent.waypoint.ai.priority import LoadBoard, backend_level, parse_vllm_metrics
 from agent.waypoint.ai.quota import QuotaStore
-from agent.waypoint.ai.router import failure_kind
+from agent.waypoint.ai.router import Target, failure_kind
 from agent.waypoint.ai.usage import ResponseReader
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import Exchange
+from agent.waypoint.engine.respond import Respond
 from agent.waypoint.proxy import hold_body
 from agent.waypoint.upstream import Endpoint, UpstreamError
 
@@ -157,8 +158,12 @@ class AiFlow:
         principal: str | None,
         caller_ns: str | None,
         forward_plain: Callable[[Any], Any],
+        route_backend: Callable[[], tuple[str, str, int] | Respond],
     ) -> str:
-        """Serve one request under `ai`; returns response flags for the access log."""
+        """Serve one request under `ai`; returns response flags for the access log.
+
+        `forward_plain(held_body)` serves a request that is not an OpenAI operation;
+        `route_backend()` is the Service's own routing decision when no ModelRoute applies."""
         head = x.head
         body = await hold_body(x, MAX_REQUEST_BODY)
         if not body.complete:
@@ -201,19 +206,14 @@ class AiFlow:
                 return "NR"
             targets = plan.targets
         else:
+            # No ModelRoute: the Service's HTTPRoutes (canary splits, header matches) choose
+            # the backend, exactly as for a request without AI policy.
             plan = None
-            svc = self.wp.snapshot.services.get((x.caller.service_ns, x.caller.service))
-            sp = svc.port(x.caller.port) if svc else None
-            from agent.waypoint.ai.router import Target
-
-            targets = [
-                Target(
-                    req.model,
-                    (x.caller.service_ns, x.caller.service, sp.port if sp else x.caller.port),
-                    None,
-                    0,
-                )
-            ]
+            chosen = route_backend()
+            if isinstance(chosen, Respond):
+                self.wp.proxy.reply(x, chosen)
+                return "NR"
+            targets = [Target(req.model, chosen, None, 0)]
         last_status, last_body, last_headers = 503, b"", Headers()
         for i, target in enumerate(targets):
             more = i + 1 < len(targets)
@@ -279,8 +279,8 @@ class AiFlow:
             if ai.route is not None and ai.route.affinity_header:
                 affinity = headers.get(ai.route.affinity_header)
             if ai.balancer is not None:
-                chosen = ai.balancer.pick([e.key for e in eps], time.time(), affinity=affinity)
-                ep = next(e for e in eps if e.key == chosen)
+                picked = ai.balancer.pick([e.key for e in eps], time.time(), affinity=affinity)
+                ep = next(e for e in eps if e.key == picked)
             else:
                 ep = self._engine_pick(target.backend, eps)
             upstream_body, strip = req.upstream_body(target.upstream_model)

@@ -491,8 +491,22 @@ class Waypoint:
             flags = await plain()  # the common path: no AI policy on this Service
         else:
             span = before_try(Endpoint("model", 0, "", "", 0), headers)
+
+            def route_backend() -> tuple[str, str, int] | Respond:
+                r = self.engine.route(
+                    (svc.namespace, svc.name),
+                    c.port,
+                    head.method,
+                    head.target,
+                    headers,
+                    source=c.principal,
+                    authority=head.authority,
+                    scheme=head.scheme,
+                )
+                return r if isinstance(r, Respond) else r.backend.key
+
             flags = await self.ai.handle(
-                x, ai, headers, c.principal, peer.namespace if peer else None, plain
+                x, ai, headers, c.principal, peer.namespace if peer else None, plain, route_backend
             )
             after_try(span, x.status or -1)
             ep_ip = x.annotations.get("endpoint", "").split(":")[0]

@@ -382,7 +382,7 @@ def route(body: str) -> str:
 def clean(wp: Mesh) -> Iterator[Mesh]:
     """Policies a test applies are removed and model servers reset afterwards."""
     yield wp
-    for f in ("route.yaml", "backend.yaml", "retry.yaml"):
+    for f in ("route.yaml", "backend.yaml", "retry.yaml", "limit.yaml"):
         wp.remove(f)
     for pod in MODEL_PODS:
         control(wp, pod, {"reset": True})
@@ -522,3 +522,28 @@ spec:
         assert len(served) == 1, (session, served)
     spread = {next(iter(hits(clean, 2, 1, f"x-session: s{i}")["served"])) for i in range(12)}
     assert len(spread) >= 2  # different keys land on different endpoints
+
+
+def test_token_limits_and_httproute_splits_compose(clean: Mesh) -> None:
+    """An AI policy on a Service keeps the Service's HTTPRoute: the canary split still
+    decides the backend, and the limit's headers come back with the answer."""
+    clean.apply(
+        "route.yaml",
+        route("""  rules:
+    - backendRefs: [{name: llm-v2, port: 8000, weight: 100}, {name: llm-v1, port: 8000, weight: 0}]
+"""),
+    )
+    clean.apply(
+        "limit.yaml",
+        """\
+apiVersion: weft.dev/v1alpha1
+kind: TokenRateLimit
+metadata: {name: compose, namespace: ai}
+spec:
+  targetRefs: [{name: llm}]
+  limits: [{name: compose-rpm, by: principal, requestsPerMinute: 1000}]
+""",
+    )
+    rs = chat(clean, "apps/client", n=5)
+    assert {r["served_by"] for r in rs} == {"ai/llm-v2"}, rs
+    assert rs[0]["headers"]["x-ratelimit-limit-requests"] == "1000"
