@@ -475,13 +475,18 @@ class Agent:
             owner = by_cg.get(f.cgroup_id)
             peer_ip = (f.original_dst or f.remote)[0]
             peer = snap.workloads_by_ip.get(peer_ip)
+            svc = snap.services_by_vip.get(peer_ip)
             out.append(
                 {
                     "cookie": f.cookie,
                     "direction": f.direction,
                     "workload": f"{owner.namespace}/{owner.name}" if owner else None,
                     "identity": snap.workload_identity(owner) if owner else None,
-                    "peer": f"{peer.namespace}/{peer.name}" if peer else None,
+                    "peer": f"{peer.namespace}/{peer.name}"
+                    if peer
+                    else f"service {svc.namespace}/{svc.name}"
+                    if svc
+                    else None,
                     "peerIdentity": snap.workload_identity(peer)
                     if peer and peer.spec.mesh
                     else None,
