@@ -101,6 +101,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks
 
 clean:

@@ -1,92 +1,193 @@
-"""`python -m benchmarks` (`make bench`): run the scenarios and write results.
+"""`python -m benchmarks` (`make bench`): weft beside the alternatives, side by side, one run.
 
-Today: the direct pod-to-pod floor (same node and cross node), at a fixed rate of
-1,000 req/s over 4 connections with 1 KB requests (Istio's published setup); the
-mesh scenarios join as they land.
+    python -m benchmarks                       everything (under 15 minutes on 2 CPUs)
+    python -m benchmarks --quick               a smoke run (about 2-3 minutes)
+    python -m benchmarks --only weft-l4 stunnel controller-scale
+    python -m benchmarks --list                scenarios and workloads
+    python -m benchmarks --profile             also py-spy the agents (needs py-spy)
+
+Builds a lab (benchmarks/lab_suite.py: direct pod-to-pod, weft L4 cross node, weft same
+node with the fast path on and off, stunnel and HAProxy sidecar pairs, the waypoint slot),
+runs every workload against every scenario it applies to, then the controller scale
+benchmark (benchmarks/controller_scale.py), and writes results.json, results.md and PNG
+plots to benchmarks/results/<timestamp>/. See benchmarks/README.md for how to read them.
+Needs root (the lab).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
+import math
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-from agent.cli.demo import wait_port
-from agent.cli.output import table
-from agent.lab.manifest import load_manifest
-from agent.lab.topology import Lab
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+CONTROLLER_SCALE = "controller-scale"
 
 
-def main() -> None:
-    plan = dataclasses.replace(load_manifest(), name="weft-bench")
-    lab = Lab(plan.name)
-    rows = []
+def _first_line(argv: list[str]) -> str:
     try:
-        state = lab.up(plan)
-        for pod in ("ai/llm-v1-b", "ai/llm-v2"):
-            lab.start_process(
-                state,
-                f"echo-{pod.replace('/', '-')}",
-                [sys.executable, "-m", "agent.lab.workloads.echo"],
-                pod=pod,
-            )
-            wait_port(state, pod, 8000)
-        for label, target in (
-            ("direct, same node", "ai/llm-v1-b"),
-            ("direct, cross node", "ai/llm-v2"),
-        ):
-            out = lab.run(
-                "apps/client",
-                [
-                    sys.executable,
-                    "-m",
-                    "agent.lab.workloads.loadgen",
-                    state.pod(target).ip,
-                    "8000",
-                    "--rate",
-                    "1000",
-                    "--connections",
-                    "4",
-                    "--duration",
-                    "10",
-                ],
-                timeout=60,
-            )
-            r = json.loads(out.stdout)
-            rows.append(
-                {"scenario": label, **r["latency_us"], "rps": r["rps"], "errors": r["errors"]}
-            )
-    finally:
-        lab.down()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = RESULTS / stamp
-    out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "results": rows,
-    }
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
-    text = table(
-        rows,
-        [
-            ("SCENARIO", "scenario"),
-            ("P50 µs", "p50"),
-            ("P90 µs", "p90"),
-            ("P99 µs", "p99"),
-            ("P99.9 µs", "p99_9"),
-            ("REQ/S", "rps"),
-            ("ERRORS", "errors"),
-        ],
+        r = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()
+    return text[0] if text else "?"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    weft = _first_line(
+        ["git", "-C", str(Path(__file__).parent.parent), "describe", "--always", "--dirty"]
     )
+    stunnel = _first_line(["stunnel", "-version"])
+    for line in (
+        subprocess.run(["stunnel", "-version"], capture_output=True, check=False)
+        .stderr.decode(errors="replace")
+        .splitlines()
+    ):
+        if line.startswith("stunnel "):
+            stunnel = line
+            break
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "weft": weft,
+        "tools": {
+            "stunnel": " ".join(stunnel.split()[:2]),
+            "haproxy": " ".join(_first_line(["haproxy", "-v"]).split()[:3]),
+            "wrk": " ".join(_first_line(["wrk", "-v"]).split()[:2]),
+            "iperf3": " ".join(_first_line(["iperf3", "--version"]).split()[:2]),
+            "openssl": _first_line(["openssl", "version"]),
+        },
+    }
+
+
+def _clean(x: Any) -> Any:
+    """NaN/inf -> None, so results.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks import lab_suite, report
+
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="short smoke run (~2-3 minutes)")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SCENARIO",
+        default=[],
+        help=f"run only these scenarios (their baselines are added) and/or {CONTROLLER_SCALE}",
+    )
+    ap.add_argument("--list", action="store_true", help="list scenarios and workloads, exit")
+    ap.add_argument("--profile", action="store_true", help="py-spy the agents in a weft-l4 run")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--out", type=Path, help="results directory (default: results/<timestamp>)")
+    args = ap.parse_args(argv)
+
+    known = set(lab_suite.SCENARIOS) | {CONTROLLER_SCALE}
+    if args.list:
+        for s in lab_suite.SCENARIOS.values():
+            print(f"{s.name:22} {s.title}  [baseline: {s.baseline or '-'}]")
+        print(f"{CONTROLLER_SCALE:22} controller: 10,000 workloads, 100 agents, certs/s")
+        print()
+        for w in lab_suite.workloads(args.quick):
+            print(f"{w.key:22} {w.title}")
+        return 0
+    bad = [n for n in args.only if n not in known]
+    if bad:
+        ap.error(f"unknown scenario(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    only = set(args.only)
+    lab_only = only - {CONTROLLER_SCALE}
+    for name in list(lab_only):
+        base = lab_suite.SCENARIOS[name].baseline
+        if base:
+            lab_only.add(base)
+    run_lab = not only or bool(lab_only)
+    run_scale = not only or CONTROLLER_SCALE in only
+    if run_lab and os.geteuid() != 0:
+        ap.error("the lab scenarios need root (network namespaces); run as root")
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or RESULTS / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+
+    def progress(msg: str) -> None:
+        print(f"bench {time.monotonic() - t0:6.0f}s  {msg}", flush=True)
+
+    doc: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "mode": "quick" if args.quick else "full",
+        "machine": machine(),
+        "only": sorted(only),
+    }
+    progress(f"machine: {doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs; out: {out_dir}")
+    samples: dict[tuple[str, str], list[float]] = {}
+    failed = False
+    if run_lab:
+        bench = lab_suite.Bench(
+            out_dir, quick=args.quick, only=lab_only, progress=progress, profile=args.profile
+        )
+        try:
+            doc["lab"] = report.analyze(bench.run())
+        except KeyboardInterrupt:
+            progress("interrupted; the lab was torn down")
+            raise
+        samples = bench.samples
+        failed = any(not m["ok"] for m in doc["lab"]["measurements"])
+    if run_scale:
+        from benchmarks import controller_scale
+
+        progress("controller scale benchmark")
+        try:
+            doc["controller_scale"] = controller_scale.run(quick=args.quick, progress=progress)
+        except Exception as e:  # report and go on: the lab results are still worth writing
+            doc["controller_scale"] = {"error": f"{type(e).__name__}: {e}"}
+            failed = True
+            progress(f"controller scale failed: {e}")
+    doc["seconds"] = time.monotonic() - t0
+    doc = _clean(doc)
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    text = report.markdown(doc)
     (out_dir / "results.md").write_text(text)
+    if run_lab and not args.no_plots:
+        try:
+            written = report.plots(doc, samples, out_dir)
+            progress(f"{len(written)} plots")
+        except ImportError:
+            progress("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+    print()
     print(text)
-    print(f"written to {out_dir}")
+    progress(f"written to {out_dir}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Load generators the benchmark runs inside the client pod (one JSON object on stdout).
+
+    python -m benchmarks.clients http HOST PORT [--rate R] [-c N] [--duration S] [--samples F]
+    python -m benchmarks.clients connrate HOST PORT [--http] [-c N] [--duration S]
+
+`http`: 1 KB HTTP/1.1 POSTs on keep-alive connections, answered by a 1 KB body (the
+benchmarks' HTTP echo). Open loop at `--rate` (requests scheduled every 1/R across all
+connections; latency counts from the scheduled time, so a stall is charged to every request
+it delayed: the coordinated-omission correction wrk2 makes) or closed loop with `--rate 0`.
+The same scheduling as agent.lab.workloads.loadgen, which does this for raw TCP echo.
+
+`connrate`: N workers each open a connection, send one 1 KB request, read the whole answer
+and close, as fast as they can (closed loop): new connections per second, and the latency of
+connect + request + response. `--http` sends an HTTP request with `connection: close`.
+
+Both also report the client's own CPU seconds, so a saturated client can be spotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from benchmarks.stats import summarize_us
+
+SIZE = 1024
+
+
+def http_request(host: str, size: int = SIZE, close: bool = False) -> bytes:
+    head = (
+        f"POST /echo HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/octet-stream\r\n"
+        f"content-length: {size}\r\n"
+    )
+    if close:
+        head += "connection: close\r\n"
+    return head.encode() + b"\r\n" + b"x" * size
+
+
+@dataclass
+class Outcome:
+    latencies_ns: list[int] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+
+    def fail(self, e: BaseException | str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or str(e)
+
+
+class HttpReader:
+    """Reads HTTP/1.1 responses with a content-length (all the echo server sends)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def response(self) -> int:
+        """Read one whole response; its status."""
+        while True:
+            i = self.buf.find(b"\r\n\r\n")
+            if i >= 0:
+                break
+            self._more()
+        head = self.buf[:i].decode("latin-1")
+        self.buf = self.buf[i + 4 :]
+        lines = head.split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = 0
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            if k.strip().lower() == "content-length":
+                length = int(v.strip())
+        while len(self.buf) < length:
+            self._more()
+        self.buf = self.buf[length:]
+        return status
+
+    def drain(self) -> None:
+        while self.sock.recv(65536):
+            pass
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection mid-response")
+        self.buf += data
+
+
+def _connect(host: str, port: int) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _http_worker(
+    host: str,
+    port: int,
+    schedule: list[int] | None,
+    deadline_ns: int,
+    out: Outcome,
+    start: threading.Barrier,
+) -> None:
+    req = http_request(host)
+    try:
+        sock = _connect(host, port)
+    except OSError as e:
+        out.fail(f"connect {host}:{port}: {e}")
+        start.wait()
+        return
+    start.wait()
+    rd = HttpReader(sock)
+    with sock:
+        if schedule is None:
+            while time.monotonic_ns() < deadline_ns:
+                t0 = time.perf_counter_ns()
+                try:
+                    sock.sendall(req)
+                    status = rd.response()
+                except (OSError, ValueError, IndexError) as e:
+                    out.fail(e)
+                    return
+                if status != 200:
+                    out.fail(f"HTTP {status}")
+                    continue
+                out.latencies_ns.append(time.perf_counter_ns() - t0)
+            return
+        for due in schedule:
+            now = time.perf_counter_ns()
+            if due > now:
+                time.sleep((due - now) / 1e9)
+            try:
+                sock.sendall(req)
+                status = rd.response()
+            except (OSError, ValueError, IndexError) as e:
+                out.fail(e)
+                return
+            if status != 200:
+                out.fail(f"HTTP {status}")
+                continue
+            out.latencies_ns.append(time.perf_counter_ns() - due)
+
+
+def _http_warmup(host: str, port: int, n: int) -> None:
+    """n requests on one connection first (connections, caches and pools warm)."""
+    req = http_request(host)
+    with _connect(host, port) as sock:
+        rd = HttpReader(sock)
+        for _ in range(n):
+            sock.sendall(req)
+            rd.response()
+
+
+def schedules(rate: float, duration: float, connections: int, t0: int) -> list[list[int]]:
+    """Due times (perf_counter ns) of an open loop at `rate`, dealt round robin."""
+    total = int(rate * duration)
+    interval = 1e9 / rate
+    return [
+        [t0 + int(i * interval) for i in range(c, total, connections)] for c in range(connections)
+    ]
+
+
+def run_http(
+    host: str, port: int, *, rate: float, connections: int, duration: float, warmup: int
+) -> tuple[dict[str, object], list[int]]:
+    _tight_timer_slack()
+    if warmup:
+        _http_warmup(host, port, warmup)
+    outs = [Outcome() for _ in range(connections)]
+    barrier = threading.Barrier(connections + 1)
+    t0 = time.perf_counter_ns() + 50_000_000
+    plan: list[list[int] | None] = (
+        list(schedules(rate, duration, connections, t0)) if rate > 0 else [None] * connections
+    )
+    deadline = time.monotonic_ns() + int(duration * 1e9)
+    threads = [
+        threading.Thread(
+            target=_http_worker,
+            args=(host, port, plan[c], deadline, outs[c], barrier),
+            daemon=True,
+        )
+        for c in range(connections)
+    ]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    begin = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begin
+    return _result(outs, elapsed)
+
+
+def _conn_worker(
+    host: str, port: int, http: bool, deadline_ns: int, out: Outcome, start: threading.Barrier
+) -> None:
+    payload = http_request(host, close=True) if http else b"x" * SIZE
+    start.wait()
+    while time.monotonic_ns() < deadline_ns:
+        t0 = time.perf_counter_ns()
+        try:
+            with _connect(host, port) as s:
+                s.sendall(payload)
+                if http:
+                    rd = HttpReader(s)
+                    status = rd.response()
+                    if status != 200:
+                        out.fail(f"HTTP {status}")
+                        continue
+                else:
+                    got = 0
+                    while got < SIZE:
+                        data = s.recv(65536)
+                        if not data:
+                            raise ConnectionError("closed before the whole answer")
+                        got += len(data)
+                # Linger-free close; the server side closes after EOF (echo) or at once.
+                s.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            out.fail(e)
+            time.sleep(0.001)
+            continue
+        out.latencies_ns.append(time.perf_counter_ns() - t0)
+
+
+def run_connrate(
+    host: str, port: int, *, http: bool, connections: int, duration: float
+) -> tuple[dict[str, object], list[int]]:
+    outs = [Outcome() for _ in range(connections)]
+    barrier = threading.Barrier(connections + 1)
+    deadline = time.monotonic_ns() + int(duration * 1e9)
+    threads = [
+        threading.Thread(
+            target=_conn_worker, args=(host, port, http, deadline, outs[c], barrier), daemon=True
+        )
+        for c in range(connections)
+    ]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    begin = time.perf_counter()
+    for t in threads:
+        t.join()
+    return _result(outs, time.perf_counter() - begin)
+
+
+def _result(outs: list[Outcome], elapsed: float) -> tuple[dict[str, object], list[int]]:
+    lat = [x for o in outs for x in o.latencies_ns]
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out: dict[str, object] = {
+        "requests": len(lat),
+        "errors": sum(o.errors for o in outs),
+        "seconds": elapsed,
+        "rps": len(lat) / elapsed if elapsed > 0 else 0.0,
+        "latency_us": summarize_us(x / 1000.0 for x in lat),
+        "client_cpu_s": ru.ru_utime + ru.ru_stime,
+    }
+    first = next((o.first_error for o in outs if o.first_error), "")
+    if first:
+        out["first_error"] = first
+    return out, lat
+
+
+def _tight_timer_slack() -> None:
+    """1 ns timer slack: the default 50 µs would show up as open-loop latency."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.clients",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("mode", choices=("http", "connrate"))
+    ap.add_argument("host")
+    ap.add_argument("port", type=int)
+    ap.add_argument("--rate", type=float, default=0.0, help="http: requests/s; 0 = closed loop")
+    ap.add_argument("-c", "--connections", type=int, default=1)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--warmup", type=int, default=100, help="http: requests sent first, uncounted")
+    ap.add_argument("--http", action="store_true", help="connrate: HTTP with connection: close")
+    ap.add_argument("--samples", help="write every latency (ns) to this file, one per line")
+    args = ap.parse_args(argv)
+    if args.mode == "http":
+        out, lat = run_http(
+            args.host,
+            args.port,
+            rate=args.rate,
+            connections=args.connections,
+            duration=args.duration,
+            warmup=args.warmup,
+        )
+    else:
+        out, lat = run_connrate(
+            args.host,
+            args.port,
+            http=args.http,
+            connections=args.connections,
+            duration=args.duration,
+        )
+    if args.samples:
+        with open(args.samples, "w") as f:
+            f.writelines(f"{x}\n" for x in lat)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if not out["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The benchmark harness's pure parts: statistics, parsers, report rendering, configs.
+
+No timing is asserted anywhere: these check arithmetic and text, not speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from benchmarks import controller_scale, lab_suite, proxies, report, stats
+from benchmarks.clients import http_request, schedules
+from benchmarks.httpecho import parse_head, response
+
+# --------------------------------------------------------------------------- stats
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 101))  # 1..100
+    assert stats.percentile(values, 50) == 50
+    assert stats.percentile(values, 90) == 90
+    assert stats.percentile(values, 99) == 99
+    assert stats.percentile(values, 99.9) == 100
+    assert stats.percentile(values, 0) == 1
+    assert stats.percentile([7], 99.9) == 7
+    assert math.isnan(stats.percentile([], 50))
+
+
+def test_summarize_and_added():
+    s = stats.summarize_us([10.0, 20.0, 30.0, 40.0])
+    assert (s["p50"], s["p90"], s["p99"], s["p99_9"]) == (20.0, 40.0, 40.0, 40.0)
+    assert s["mean"] == 25.0 and s["max"] == 40.0 and s["count"] == 4
+    base = stats.summarize_us([5.0, 10.0, 15.0, 20.0])
+    assert stats.added(s, base) == {"p50": 10.0, "p90": 20.0, "p99": 20.0, "p99_9": 20.0}
+    empty = stats.summarize_us([])
+    assert math.isnan(empty["p50"]) and empty["count"] == 0
+
+
+def test_percentile_keys_match_loadgen():
+    assert [stats.percentile_key(p) for p in stats.PERCENTILES] == ["p50", "p90", "p99", "p99_9"]
+
+
+def test_ratio_and_per_thousand_never_raise():
+    assert stats.ratio(3.0, 2.0) == 1.5
+    for a, b in ((1.0, 0.0), (None, 1.0), (1.0, None), (math.nan, 1.0)):
+        assert math.isnan(stats.ratio(a, b))
+    assert stats.per_thousand(0.5, 2000) == 0.25
+    assert math.isnan(stats.per_thousand(1.0, 0))
+
+
+@pytest.mark.parametrize("v", [0.3, 1.0, 1.5, 2.0, 63.9, 64.0, 100.0, 12345.6, 1e6])
+def test_histogram_buckets_contain_their_values(v):
+    lo, hi = stats.bucket_bounds(stats.bucket_of(v))
+    assert lo <= v < hi
+    if v >= 1.0:
+        assert (hi - lo) / lo <= 1.0 / stats.SUB_BUCKETS + 1e-12
+
+
+def test_histogram_percentiles_within_bucket_error():
+    values = [float(x) for x in range(1, 5001)]
+    h = stats.histogram(values)
+    assert sum(h.values()) == 5000
+    for p in (50.0, 90.0, 99.0, 99.9):
+        exact = stats.percentile(values, p)
+        approx = stats.histogram_percentile(h, p)
+        assert exact <= approx <= exact * (1 + 1.0 / stats.SUB_BUCKETS) + 1
+    assert math.isnan(stats.histogram_percentile({}, 50))
+
+
+def test_percentile_curve_spans_what_the_samples_can_show():
+    values = sorted(float(x) for x in range(1, 1001))
+    pts = stats.percentile_curve(values, nines=4, points=30)
+    assert pts[0] == (0.0, 1.0)
+    assert pts[-1][0] == pytest.approx(99.9)  # 1,000 samples show three nines, not four
+    assert [v for _, v in pts] == sorted(v for _, v in pts)
+    assert stats.percentile_curve([]) == []
+    assert stats.nines(99.0) == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------- parsers
+
+WRK = """\
+Running 4s test @ http://127.0.0.1:28080/echo
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.01ms    1.20ms  45.00ms   90.00%
+    Req/Sec    10.50k   500.00    11.00k    70.00%
+  Latency Distribution
+     50%  812.00us
+     75%    1.20ms
+     90%    2.50ms
+     99%   10.10ms
+  84123 requests in 4.00s, 95.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  21030.75
+Transfer/sec:     23.75MB
+"""
+
+
+def test_parse_wrk():
+    r = lab_suite.parse_wrk(WRK)
+    assert r["requests"] == 84123
+    assert r["rps"] == 21030.75
+    assert r["seconds"] == 4.0
+    assert r["errors"] == 7
+    assert r["latency_us"] == {"p50": 812.0, "p75": 1200.0, "p90": 2500.0, "p99": 10100.0}
+
+
+def test_parse_wrk_without_distribution_fails_loudly():
+    with pytest.raises(ValueError, match="--latency"):
+        lab_suite.parse_wrk("Requests/sec: 5\n")
+
+
+def test_profile_summary_attributes_samples():
+    raw = (
+        'process 1:"python";thread (0x1);main (agent/main.py:10);flush (tunnel/hbone.py:5) 30\n'
+        'process 1:"python";thread (0x1);main (agent/main.py:10);write (libc.so.6) 10\n'
+        'process 1:"python";thread (0x2);epoll_wait (libc.so.6) 60\n'
+    )
+    p = lab_suite.profile_summary(raw, cpu_s=0.4, requests=1000)
+    assert p["samples"] == 40 and p["idle_samples_dropped"] == 60
+    assert p["cpu_us_per_request"] == pytest.approx(400.0)
+    top = p["self"][0]
+    assert top["function"] == "flush (tunnel/hbone.py)"
+    assert top["share"] == pytest.approx(0.75)
+    assert top["us_per_request"] == pytest.approx(300.0)
+    incl = {r["function"]: r["share"] for r in p["inclusive"]}
+    assert incl["main (agent/main.py)"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- plan and registry
+
+
+def test_workload_keys_are_unique_and_pinned_runs_come_first():
+    for quick in (False, True):
+        ws = lab_suite.workloads(quick)
+        assert len({w.key for w in ws}) == len(ws)
+        pinned = [w.pinned for w in ws]
+        assert pinned == sorted(pinned, reverse=True)
+        assert any(w.headline for w in ws)
+        assert {w.protocol for w in ws} <= set(lab_suite.PORTS)
+
+
+def test_full_plan_has_the_rates_and_connection_counts_asked_for():
+    ws = lab_suite.workloads(False)
+    rr = {(w.protocol, w.rate, w.connections) for w in ws if w.kind == "rr"}
+    for conns in (1, 64):
+        assert ("tcp", 100, conns) in rr or conns == 64
+        assert ("tcp", 1000, conns) in rr
+    assert ("tcp", 1000, 4) in rr
+    assert {w.kind for w in ws} == {"rr", "sse", "max", "bulk", "connrate"}
+
+
+def test_scenarios_name_existing_baselines_and_the_waypoint_slot_exists():
+    for s in lab_suite.SCENARIOS.values():
+        assert s.baseline is None or s.baseline in lab_suite.SCENARIOS
+        assert s.protocols <= set(lab_suite.PORTS)
+    assert "weft-waypoint" in lab_suite.SCENARIOS
+    with pytest.raises(lab_suite.Unavailable):
+        lab_suite.SCENARIOS["weft-waypoint"].setup(None)  # type: ignore[arg-type]
+
+
+def test_bench_lab_manifest_is_valid():
+    from agent.lab.manifest import plan
+    from controller.model.yamldoc import load_documents
+
+    p = plan(load_documents(lab_suite.MANIFEST, "bench-lab.yaml")[0])
+    pods = {x.key: x for x in p.pods}
+    for pod in (*lab_suite.SERVER_PODS, "plain/client", "mesh/client"):
+        assert pod in pods
+    assert not pods["plain/far"].meshed and pods["mesh/far"].meshed
+    assert pods["mesh/near"].node == pods["mesh/client"].node != pods["mesh/far"].node
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+def test_stunnel_configs(tmp_path):
+    certs = proxies.CertFiles(tmp_path / "r", tmp_path / "c", tmp_path / "k", tmp_path / "b")
+    routes = [proxies.Route("tcp", "127.0.0.1:18000", "10.244.2.2:19000")]
+    client = proxies.stunnel_config("client", routes, certs)
+    assert "[tcp]" in client and "client = yes" in client
+    assert "accept = 127.0.0.1:18000" in client and "connect = 10.244.2.2:19000" in client
+    assert "verifyChain = yes" in client and "sslVersionMin = TLSv1.3" in client
+    assert "requireCert" not in client
+    server = proxies.stunnel_config("server", routes, certs)
+    assert "client = no" in server and "requireCert = yes" in server
+    with pytest.raises(ValueError):
+        proxies.stunnel_config("sidecar", routes, certs)
+
+
+def test_haproxy_configs(tmp_path):
+    certs = proxies.CertFiles(tmp_path / "r", tmp_path / "c", tmp_path / "k", tmp_path / "b")
+    routes = [proxies.Route("http", "127.0.0.1:28080", "10.244.2.2:29080")]
+    client = proxies.haproxy_config("client", routes, certs)
+    assert "mode http" in client and "nbthread 1" in client
+    assert "server up 10.244.2.2:29080 ssl crt" in client and "verify required" in client
+    assert "bind 127.0.0.1:28080\n" in client
+    server = proxies.haproxy_config("server", routes, certs)
+    assert "bind 127.0.0.1:28080 ssl crt" in server and "server up 10.244.2.2:29080\n" in server
+
+
+def test_certificates_verify_against_the_root(tmp_path):
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    from controller.ca.spiffe import load_chain
+
+    certs = proxies.make_certs(tmp_path / "certs")
+    roots = load_chain(certs["client"].root.read_bytes())
+    for role in ("client", "server"):
+        (leaf,) = load_chain(certs[role].cert.read_bytes())
+        PolicyBuilder().store(Store(roots)).build_client_verifier().verify(leaf, [])
+        assert certs[role].key.stat().st_mode & 0o077 == 0
+        assert b"PRIVATE KEY" in certs[role].bundle.read_bytes()
+
+
+# --------------------------------------------------------------------------- clients, server
+
+
+def test_open_loop_schedule_deals_requests_round_robin():
+    s = schedules(rate=1000, duration=0.01, connections=3, t0=0)
+    assert [len(x) for x in s] == [4, 3, 3]
+    assert sorted(t for conn in s for t in conn) == [i * 1_000_000 for i in range(10)]
+
+
+def test_http_echo_framing():
+    req = http_request("h", size=5, close=True)
+    head, _, body = req.partition(b"\r\n\r\n")
+    assert body == b"xxxxx"
+    assert parse_head(head) == (5, True)
+    assert parse_head(b"POST / HTTP/1.1\r\ncontent-length: 3") == (3, False)
+    assert parse_head(b"GET / HTTP/1.0") == (0, True)
+    out = response(b"abc", close=False)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nabc")
+    assert b"content-length: 3\r\n" in out and b"connection: close" not in out
+
+
+# --------------------------------------------------------------------------- controller scale
+
+
+def test_spread_and_config_docs():
+    parts = controller_scale.spread(10, 3)
+    assert [len(p) for p in parts] == [4, 3, 3]
+    assert [x for p in parts for x in p] == list(range(10))
+    docs = list(yaml.safe_load_all(controller_scale.config_docs(2, range(5, 8), rev=3, changed=6)))
+    assert docs[0]["kind"] == "Node" and docs[0]["metadata"]["name"] == "n-002"
+    assert [d["metadata"]["name"] for d in docs[1:]] == ["w-00005", "w-00006", "w-00007"]
+    labels = {d["metadata"]["name"]: d["metadata"]["labels"] for d in docs[1:]}
+    assert labels["w-00006"][controller_scale.LABEL] == "3"
+    assert controller_scale.LABEL not in labels["w-00005"]
+    assert all(d["spec"]["node"] == "n-002" for d in docs[1:])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _m(scenario: str, workload: str, p50: float, p99: float, **kw: object) -> dict:
+    lat = {"p50": p50, "p90": p50, "p99": p99, "p99_9": p99}
+    return {"scenario": scenario, "workload": workload, "ok": True, "latency_us": lat,
+            "errors": 0, "rps": 1000.0, "cpu_per_1k_total": 0.1, "cpu_s": {}, "work": 1000,
+            **kw}  # fmt: skip
+
+
+def _lab() -> dict:
+    return {
+        "scenarios": {
+            "direct": {"title": "direct", "baseline": None},
+            "weft-l4": {"title": "weft", "baseline": "direct"},
+            "stunnel": {"title": "stunnel", "baseline": "direct"},
+            "weft-waypoint": {"title": "waypoint", "baseline": "direct", "skipped": "not yet"},
+        },
+        "workloads": [
+            {"key": "tcp-rr-1000-c4", "title": "TCP 1000", "kind": "rr", "headline": True},
+            {"key": "bulk", "title": "bulk", "kind": "bulk"},
+        ],
+        "measurements": [
+            _m("direct", "tcp-rr-1000-c4", 60, 200),
+            _m(
+                "weft-l4",
+                "tcp-rr-1000-c4",
+                260,
+                600,
+                cpu_per_1k_total=0.2,
+                cpu_s={"agent-node-1": 0.1, "agent-node-2": 0.1},
+            ),
+            _m("stunnel", "tcp-rr-1000-c4", 160, 400),
+            {"scenario": "direct", "workload": "bulk", "ok": True, "extra": {"MBps": 2000.0}},
+            {"scenario": "weft-l4", "workload": "bulk", "ok": True, "extra": {"MBps": 500.0}},
+            {"scenario": "stunnel", "workload": "bulk", "ok": True, "extra": {"MBps": 1000.0}},
+        ],
+        "memory": {"agent-node-1": {"rss_mb": 90.0, "pss_mb": 50.0, "uss_mb": 40.0}},
+        "pinned_cpu": 1,
+    }
+
+
+def test_analyze_adds_baseline_deltas_and_ratios():
+    lab = report.analyze(_lab())
+    idx = report.index(lab)
+    weft = idx[("tcp-rr-1000-c4", "weft-l4")]
+    assert weft["added_us"]["p50"] == 200 and weft["added_us"]["p99"] == 400
+    assert "added_us" not in idx[("tcp-rr-1000-c4", "direct")]
+    assert idx[("bulk", "weft-l4")]["throughput_vs_baseline"] == 0.25
+    (rr,) = [r for r in lab["ratios"] if r["workload"] == "tcp-rr-1000-c4"]
+    assert rr["weft"] == "weft-l4" and rr["baseline"] == "stunnel"
+    assert rr["added_p50"] == 2.0 and rr["added_p99"] == 2.0 and rr["cpu_per_1k"] == 2.0
+    (bulk,) = [r for r in lab["ratios"] if r["workload"] == "bulk"]
+    assert bulk["MBps"] == 0.5
+
+
+def test_markdown_renders_every_section():
+    doc = {
+        "date": "today",
+        "mode": "quick",
+        "machine": {"cpu": "X", "cpus": 2, "tools": {"haproxy": "2.6"}},
+        "lab": report.analyze(_lab()),
+        "controller_scale": {
+            "workloads": 10,
+            "agents": 2,
+            "workers": 1,
+            "poll_interval": 0.1,
+            "propagation": {
+                "detect_ms": 100.0,
+                "fanout_ms": 50.0,
+                "p50_ms": 120.0,
+                "total_ms": 150.0,
+            },
+            "signing": {"direct_per_s": 6000.0, "grpc_per_s": 1500.0},
+        },
+    }
+    text = report.markdown(doc)
+    assert "## Headline" in text and "| weft | 260 |" in text
+    assert "+200" in text and "2.00\u00d7" in text
+    assert "## Not run" in text and "not yet" in text
+    assert "## Memory" in text and "## Controller scale" in text and "6,000" in text
+    assert "## CPU per component" in text and "agent-node-1" in text
+
+
+def test_md_table_aligns_numbers_right():
+    t = report.md_table(["a", "b"], [["x", "1,234"], ["y", report.DASH]])
+    lines = t.splitlines()
+    assert lines[1] == "|---|---:|"
+    assert lines[2] == "| x | 1,234 |"
+    assert report.fmt(math.nan) == report.DASH and report.fmt(1234.5) == "1,234"
