@@ -14,7 +14,8 @@ and off run side by side with one agent configuration.
 
 Scenarios and workloads are registries: a scenario is a name, a baseline and a function that
 starts what it needs and returns where the client connects; a workload is a client command
-line and a parser. Adding the waypoint means filling in the one scenario function below.
+line and a parser. The weft waypoint scenario sends HTTP through a Service bound to the
+waypoint pod mesh/waypoint, so it is compared with the HAProxy pair on the same workloads.
 """
 
 from __future__ import annotations
@@ -65,16 +66,25 @@ spec:
     - {name: near-nofp, namespace: mesh, node: node-1, serviceAccount: server,
        labels: {app: near-nofp}}
     - {name: far, namespace: mesh, node: node-2, serviceAccount: server, labels: {app: far}}
+    - {name: waypoint, namespace: mesh, node: node-1, serviceAccount: waypoint,
+       labels: {weft.dev/waypoint: bench-waypoint, weft.dev/mesh: disabled}}
   services:
     - {name: near, namespace: mesh, selector: {app: near}, ports: __PORTS__}
     - {name: near-nofp, namespace: mesh, selector: {app: near-nofp}, ports: __PORTS__}
     - {name: far, namespace: mesh, selector: {app: far}, ports: __PORTS__}
+    - {name: far-l7, namespace: mesh, selector: {app: far},
+       labels: {weft.dev/use-waypoint: bench-waypoint}, ports: __HTTP_PORTS__}
 """
 
 # Workload protocol -> server port in every server pod.
 PORTS: dict[str, int] = {"tcp": 8000, "http": 8080, "bulk": 5201, "sse": 8001}
 MANIFEST = MANIFEST.replace(
     "__PORTS__", "[" + ", ".join(f"{{name: {k}, port: {v}}}" for k, v in PORTS.items()) + "]"
+).replace(
+    "__HTTP_PORTS__",
+    "["
+    + ", ".join(f"{{name: {k}, port: {PORTS[k]}, appProtocol: http}}" for k in ("http", "sse"))
+    + "]",
 )
 SERVER_PODS = ("plain/near", "plain/far", "mesh/near", "mesh/near-nofp", "mesh/far")
 SSE_SERVER = {"ttft": 0.001, "tpot": 0.0005, "tokens": 4}
@@ -236,14 +246,16 @@ def _haproxy(b: Bench) -> Target:
     title="weft waypoint (L7)",
     baseline="direct",
     protocols=("http", "sse"),
-    components=AGENTS,
-    description="mesh/client -> tunnel -> waypoint (L7) -> tunnel -> mesh/far.",
+    components=(*AGENTS, "waypoint-mesh-waypoint"),
+    description="mesh/client -> Service mesh/far-l7 (weft.dev/use-waypoint) -> node-1 tunnel "
+    "-> HBONE -> waypoint pod (HTTP parsed, routed, re-originated) -> HBONE -> node-2 "
+    "tunnel -> mesh/far: three HBONE hops and an L7 proxy, as in Istio ambient.",
 )
 def _weft_waypoint(b: Bench) -> Target:
-    # When the waypoint lands (issue 6): attach one to the mesh/far Service (its config
-    # resource), wait until the agents report it, and return b.pod_target("mesh/client",
-    # "mesh/far") as weft-l4 does; add the waypoint's process to `components` if it is one.
-    raise Unavailable("the waypoint does not exist yet (issue 6)")
+    b.require_mesh()
+    assert b.state is not None
+    vip = next(s["clusterIP"] for s in b.state.services if s["name"] == "far-l7")
+    return Target("mesh/client", vip, dict(PORTS), "mesh/far")
 
 
 @dataclass(frozen=True)

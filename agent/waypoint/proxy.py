@@ -88,6 +88,7 @@ class TryResult:
     sid: int = 0
     head: ev.ResponseHead | None = None
     events: Any = None  # the async iterator, positioned after the head
+    pump: asyncio.Task[None] | None = None  # still sending a streaming request body
 
 
 class Proxy:
@@ -212,16 +213,16 @@ class Proxy:
         limit = _min(per_try, None if deadline is None else deadline - self.clock())
         if limit is not None and limit <= 0:
             return TryResult(Failure.TIMEOUT)
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for wraps the await in a new
+        # Task, which costs more than the rest of a request's bookkeeping.
         try:
-            up = await asyncio.wait_for(
-                self.upstream.acquire(
+            async with asyncio.timeout(limit):
+                up = await self.upstream.acquire(
                     ep,
                     x.caller.client_ip,
                     fresh=fresh,
                     on_close=fwd.backend.pool.closed if fresh else None,
-                ),
-                limit,
-            )
+                )
         except UpstreamError as e:
             return TryResult(_FAILURE_OF.get(e.kind, Failure.CONNECT_FAILURE))
         except TimeoutError:
@@ -230,22 +231,29 @@ class Proxy:
         end_now = body.complete and not body.held and body.trailers is None
 
         sid = up.start(x.head.method, target, authority, headers, end_stream=end_now)
-        pump = asyncio.create_task(self._send_body(x, up, sid, body, rest_streams, end_now))
+        pump: asyncio.Task[None] | None = None
+        if rest_streams:  # the body keeps arriving: send it while the answer may come
+            pump = asyncio.create_task(self._send_body(x, up, sid, body, True, end_now))
+        else:
+            await self._send_body(x, up, sid, body, False, end_now)
         events = up.events(sid)
         try:
-            head = await asyncio.wait_for(_next_head(events), _min(limit, DEFAULT_HEAD_TIMEOUT))
+            async with asyncio.timeout(_min(limit, DEFAULT_HEAD_TIMEOUT)):
+                head = await _next_head(events)
         except TimeoutError:
-            pump.cancel()
+            if pump is not None:
+                pump.cancel()
             up.cancel(sid)
             return TryResult(Failure.TIMEOUT)
         except UpstreamError as e:
-            pump.cancel()
+            if pump is not None:
+                pump.cancel()
             return TryResult(_FAILURE_OF.get(e.kind, Failure.RESET))
         if head is None:
-            pump.cancel()
+            if pump is not None:
+                pump.cancel()
             return TryResult(Failure.RESET)
-        r = TryResult(head.status, up, sid, head, events)
-        r.pump = pump  # type: ignore[attr-defined]
+        r = TryResult(head.status, up, sid, head, events, pump)
         up.served += 1
         if fwd.backend.pool.retire_after(up.served):
             up.retire = True
@@ -289,41 +297,42 @@ class Proxy:
         fwd.rewrite_response(h)
         x.respond_head(r.head.status, h, r.head.end_stream)
         idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
+        loop = asyncio.get_running_loop()
         try:
-            while not r.head.end_stream:
-                # A stream's timeouts count from the last byte received, not from the start.
-                e = await asyncio.wait_for(anext(r.events, None), idle)
-                if e is None:
-                    break
-                if x.reset:
-                    r.up.cancel(r.sid)
-                    break
-                if isinstance(e, ev.Data):
-                    await x.writable()
-                    x.respond_data(bytes(e.data), e.end_stream)
-                    if e.end_stream:
+            async with asyncio.timeout(idle) as deadline:
+                while not r.head.end_stream:
+                    e = await anext(r.events, None)
+                    # A stream's timeouts count from the last byte received, not the start.
+                    deadline.reschedule(loop.time() + idle)
+                    if e is None:
                         break
-                elif isinstance(e, ev.Trailers):
-                    x.respond_trailers(e.headers)
-                    break
-                elif isinstance(e, ev.StreamReset):
-                    x.abort()
-                    break
+                    if x.reset:
+                        r.up.cancel(r.sid)
+                        break
+                    if isinstance(e, ev.Data):
+                        await x.writable()
+                        x.respond_data(bytes(e.data), e.end_stream)
+                        if e.end_stream:
+                            break
+                    elif isinstance(e, ev.Trailers):
+                        x.respond_trailers(e.headers)
+                        break
+                    elif isinstance(e, ev.StreamReset):
+                        x.abort()
+                        break
         except TimeoutError:
             r.up.cancel(r.sid)
             x.abort()
         except UpstreamError:
             x.abort()
         finally:
-            pump = getattr(r, "pump", None)
-            if pump is not None and not pump.done():
-                pump.cancel()
+            if r.pump is not None and not r.pump.done():
+                r.pump.cancel()
             self.upstream.release_conn(r.up)
 
     def _discard(self, r: TryResult) -> None:
-        pump = getattr(r, "pump", None)
-        if pump is not None and not pump.done():
-            pump.cancel()
+        if r.pump is not None and not r.pump.done():
+            r.pump.cancel()
         if r.up is not None:
             r.up.cancel(r.sid)
 

@@ -166,12 +166,19 @@ class UpstreamConnection(asyncio.Protocol):
                     raise e
                 if isinstance(e, ev.Data):
                     self._write(self.codec.consumed(sid, len(e.data)))
-                yield e
-                if isinstance(e, ev.Trailers | ev.StreamReset) or (
+                last = isinstance(e, ev.Trailers | ev.StreamReset) or (
                     isinstance(e, ev.Data | ev.ResponseHead)
                     and e.end_stream
                     and not getattr(e, "informational", False)
-                ):
+                )
+                if last:
+                    # Done with this exchange *before* handing out its last event: the
+                    # caller releases the connection right after it, and a suspended
+                    # generator would still hold the stream and make it look busy.
+                    self.queues.pop(sid, None)
+                    self.last_used = time.monotonic()
+                yield e
+                if last:
                     return
         finally:
             self.queues.pop(sid, None)
