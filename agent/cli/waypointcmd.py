@@ -48,6 +48,13 @@ def run(
             help="Seconds a caller has to send a complete request head (slowloris protection).",
         ),
     ] = 10.0,
+    access_log: Annotated[
+        str,
+        typer.Option(
+            envvar="WEFT_ACCESS_LOG",
+            help="Where the per-request JSON lines go: stdout, stderr, off, or a file path.",
+        ),
+    ] = "stdout",
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a waypoint. It gets its identity and config from the node agent.
@@ -70,5 +77,6 @@ def run(
             otlp_endpoint=otlp_endpoint,
             head_timeout=head_timeout,
             quota_path=quota_db,
+            access_log=access_log,
         )
     )

@@ -36,6 +36,7 @@ from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.pool import ConnectionPool, PoolSettings
 from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
+from agent.waypoint.accesslog import AccessLog
 from agent.waypoint.aiflow import AiFlow
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
@@ -58,7 +59,9 @@ from controller.ca.spiffe import parse_workload_id
 from controller.model.workloads import Workload
 
 log = logging.getLogger("weft.waypoint")
-access = logging.getLogger("weft.access")
+# Labelled metric children are cached per label tuple; a waypoint sees few distinct tuples
+# (caller x destination x status), and past this many the cache starts over.
+_CHILD_CACHE_MAX = 4096
 
 XFCC = b"x-forwarded-client-cert"
 # Engine answers as Envoy-style response flags (a bounded set of label values).
@@ -128,6 +131,7 @@ class WaypointSettings:
     # Token quotas, shared by the waypoint replicas of a node (SQLite, WAL); None: in memory
     # (limits then hold per replica only).
     quota_path: Path | None = None
+    access_log: str = "stdout"  # stdout | stderr | off | a file path
 
 
 @dataclass
@@ -184,6 +188,8 @@ class Waypoint:
         )
         self.metrics = WaypointMetrics()
         self.metrics.registry.register(_EngineCollector(self))
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self.access = AccessLog.open(s.access_log)
         self.traces = Exporter(s.otlp_endpoint, f"waypoint/{s.name}")
         self.inbound: set[HboneConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -300,6 +306,7 @@ class Waypoint:
             c.abort_all()
         self.upstream.close()
         await self.tunnel_pool.close()
+        self.access.close()
 
     async def _h_metrics(self, req: HttpRequest) -> Response:
         return 200, generate_latest(self.metrics.registry), "text/plain; version=0.0.4"
@@ -609,15 +616,26 @@ class Waypoint:
             flags,
             "mutual_tls",
         )
-        m = self.metrics
-        m.requests.labels(*labels).inc()
-        m.duration.labels(*labels).observe(elapsed_ms)
-        m.req_bytes.labels(*labels).observe(x.bytes_in)
-        m.resp_bytes.labels(*labels).observe(x.bytes_out)
-        access.info(
-            json.dumps(
+        children = self._children.get(labels)
+        if children is None:
+            if len(self._children) >= _CHILD_CACHE_MAX:
+                self._children.clear()
+            m = self.metrics
+            children = self._children[labels] = (
+                m.requests.labels(*labels),
+                m.duration.labels(*labels),
+                m.req_bytes.labels(*labels),
+                m.resp_bytes.labels(*labels),
+            )
+        requests, duration, req_bytes, resp_bytes = children
+        requests.inc()
+        duration.observe(elapsed_ms)
+        req_bytes.observe(x.bytes_in)
+        resp_bytes.observe(x.bytes_out)
+        if self.access.enabled:
+            self.access.write(
                 {
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "time": self.access.timestamp(),
                     "kind": "request",
                     "reporter": "waypoint",
                     "waypoint": self.s.name,
@@ -635,7 +653,6 @@ class Waypoint:
                     **x.annotations,
                 }
             )
-        )
 
 
 class _EngineCollector:

@@ -151,6 +151,17 @@ def test_requests_through_the_waypoint_carry_the_callers_identity(wp: Mesh) -> N
         )
         >= 6
     )
+    # Every request is in the access log (stdout, the pod's log in the lab), as JSON lines.
+    log = Path(wp.state.run_dir) / "logs" / "waypoint-ai-waypoint.log"
+    lines = [
+        json.loads(x)
+        for x in log.read_text(errors="replace").splitlines()
+        if x.startswith('{"time"')
+    ]
+    mine = [x for x in lines if x["source"] == "spiffe://cluster.local/ns/apps/sa/client"]
+    assert len(mine) >= 30
+    assert {x["destination"] for x in mine} == set(MODEL_PODS)
+    assert all(x["status"] == 200 and x["flags"] == "-" for x in mine[-30:])
 
 
 def _fetch(url: str) -> str:

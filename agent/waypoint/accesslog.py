@@ -1,0 +1,102 @@
+"""The waypoint's access log: one JSON object per request, one line each.
+
+A proxy logs every request, so the log is on the hot path. Going through `logging` costs a
+LogRecord, a formatter and a locked write per line; here a line costs one `json.dumps`, and
+lines gather in a buffer written once per event-loop turn (or sooner when the buffer passes
+64 KiB). A burst of requests handled in one turn is one write(2). The log is still complete:
+the buffer is written at the end of the turn that produced it, at `close()`, and when the
+process exits normally.
+
+Destinations: `stdout` (the default, what Kubernetes collects), `stderr`, a file path
+(appended to), or `off`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+FLUSH_BYTES = 64 * 1024
+
+
+class AccessLog:
+    def __init__(self, out: IO[str] | None) -> None:
+        self.out = out
+        self._buf: list[str] = []
+        self._size = 0
+        self._scheduled = False
+        self._second = -1
+        self._stamp = ""
+        self.lines = 0  # written since start (tests, /stats)
+
+    @classmethod
+    def open(cls, where: str) -> AccessLog:
+        """`stdout`, `stderr`, `off` or a file path."""
+        if where == "off":
+            return cls(None)
+        if where == "stdout":
+            return cls(sys.stdout)
+        if where == "stderr":
+            return cls(sys.stderr)
+        p = Path(where)
+        if not p.parent.is_dir():
+            raise ValueError(f"access log {where!r}: directory {str(p.parent)!r} does not exist")
+        return cls(p.open("a", encoding="utf-8", buffering=1 << 16))
+
+    @property
+    def enabled(self) -> bool:
+        return self.out is not None
+
+    def timestamp(self) -> str:
+        """UTC, second resolution (the record's durationMs carries the precision); formatted
+        once per second, not once per line."""
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        return self._stamp
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.out is None:
+            return
+        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        self._buf.append(line)
+        self._size += len(line)
+        self.lines += 1
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self._turn_done)
+
+    def _turn_done(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._buf or self.out is None:
+            return
+        data = "".join(self._buf)
+        self._buf.clear()
+        self._size = 0
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except (OSError, ValueError):
+            # A closed or broken stdout (the collector went away) must not fail requests.
+            pass
+
+    def close(self) -> None:
+        self.flush()
+        if self.out is not None and self.out not in (sys.stdout, sys.stderr):
+            self.out.close()
+        self.out = None

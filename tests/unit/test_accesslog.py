@@ -1,0 +1,88 @@
+"""The waypoint's access log: complete, one JSON object per line, batched per loop turn."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.waypoint.accesslog import FLUSH_BYTES, AccessLog
+
+
+class CountingIO(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def test_lines_of_one_loop_turn_are_one_write_and_all_arrive() -> None:
+    out = CountingIO()
+    log = AccessLog(out)
+
+    async def burst() -> None:
+        for i in range(100):
+            log.write({"n": i, "path": "/v1/chat/completions"})
+        assert out.writes == 0  # nothing yet: the turn is not over
+        await asyncio.sleep(0)
+
+    asyncio.run(burst())
+    assert out.writes == 1
+    lines = out.getvalue().splitlines()
+    assert [json.loads(x)["n"] for x in lines] == list(range(100))
+    assert log.lines == 100
+
+
+def test_a_large_burst_is_written_before_the_turn_ends() -> None:
+    out = CountingIO()
+    log = AccessLog(out)
+
+    async def burst() -> None:
+        for _ in range(FLUSH_BYTES // 1000 + 2):
+            log.write({"pad": "x" * 1000})
+        assert out.writes >= 1  # the buffer is bounded
+
+    asyncio.run(burst())
+    assert len(out.getvalue().splitlines()) == FLUSH_BYTES // 1000 + 2
+
+
+def test_outside_a_loop_lines_are_written_at_once_and_close_flushes(tmp_path: Path) -> None:
+    p = tmp_path / "access.log"
+    log = AccessLog.open(str(p))
+    log.write({"a": 1})
+    log.close()
+    assert json.loads(p.read_text()) == {"a": 1}
+
+
+def test_values_json_cannot_encode_are_strings_and_newlines_stay_escaped() -> None:
+    out = io.StringIO()
+    log = AccessLog(out)
+    log.write({"path": '/x\n{"forged":1}', "when": object.__new__(object)})
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["path"] == '/x\n{"forged":1}'
+
+
+def test_off_writes_nothing_and_a_missing_directory_is_named(tmp_path: Path) -> None:
+    log = AccessLog.open("off")
+    assert not log.enabled
+    log.write({"a": 1})
+    log.close()
+    with pytest.raises(ValueError, match="nope"):
+        AccessLog.open(str(tmp_path / "nope" / "access.log"))
+
+
+def test_a_broken_stdout_does_not_fail_the_request() -> None:
+    out = io.StringIO()
+    out.close()
+    AccessLog(out).write({"a": 1})  # no exception
+
+
+def test_timestamp_is_utc_seconds() -> None:
+    stamp = AccessLog(None).timestamp()
+    assert len(stamp) == 20 and stamp.endswith("Z") and stamp[10] == "T"
