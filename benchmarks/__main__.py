@@ -4,10 +4,10 @@
     python -m benchmarks --quick               a smoke run (about 2-3 minutes)
     python -m benchmarks --only weft-l4 stunnel controller-scale
     python -m benchmarks --list                scenarios and workloads
-    python -m benchmarks --profile             also py-spy the agents (needs py-spy)
+    python -m benchmarks --profile             also py-spy the agents and waypoint (needs py-spy)
 
 Builds a lab (benchmarks/lab_suite.py: direct pod-to-pod, weft L4 cross node, weft same
-node with the fast path on and off, stunnel and HAProxy sidecar pairs, the waypoint slot),
+node with the fast path on and off, stunnel and HAProxy sidecar pairs, the weft waypoint),
 runs every workload against every scenario it applies to, then the controller scale
 benchmark (benchmarks/controller_scale.py), and writes results.json, results.md and PNG
 plots to benchmarks/results/<timestamp>/. See benchmarks/README.md for how to read them.
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"run only these scenarios (their baselines are added) and/or {CONTROLLER_SCALE}",
     )
     ap.add_argument("--list", action="store_true", help="list scenarios and workloads, exit")
-    ap.add_argument("--profile", action="store_true", help="py-spy the agents in a weft-l4 run")
+    ap.add_argument(
+        "--profile", action="store_true", help="py-spy weft's processes (weft-l4, weft-waypoint)"
+    )
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--out", type=Path, help="results directory (default: results/<timestamp>)")
     args = ap.parse_args(argv)

@@ -848,7 +848,7 @@ class Bench:
                         f"{s.name:21} {_brief(w, m)}"
                     )
             mesh_state = self._mesh_state() if self.mesh_up else {}
-            profile = self._profile(targets) if self.profile and "weft-l4" in targets else {}
+            profile = self._profile(targets) if self.profile else {}
             return {
                 "scenarios": {
                     s.name: {
@@ -884,46 +884,54 @@ class Bench:
         return out
 
     def _profile(self, targets: Mapping[str, Target]) -> dict[str, Any]:
-        """py-spy on both agents during extra weft-l4 runs (not the measured ones): once
-        sampling Python frames (non-blocking; py-spy leaves out idle threads; a C call is
-        charged to the Python function making it), once with native frames (the process is
-        paused per sample, so fewer samples; idle leaves such as epoll_wait are dropped)."""
+        """py-spy on weft's processes during extra runs (not the measured ones) of each weft
+        scenario present: the agents under weft-l4 (TCP echo), the agents and the waypoint
+        under weft-waypoint (HTTP). Once sampling Python frames (non-blocking; py-spy leaves
+        out idle threads; a C call is charged to the Python function making it), once with
+        native frames (the process is paused per sample, so fewer samples; idle leaves such
+        as epoll_wait are dropped)."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not Path(spy).exists():
             self.progress("profile: py-spy not found (pip install py-spy); skipped")
             return {"skipped": "py-spy not installed"}
-        w = Workload("profile", "profile", "rr", "tcp", 1000, 4, 8.0 if not self.quick else 3.0)
-        s = SCENARIOS["weft-l4"]
+        out: dict[str, Any] = {}
+        for name, proto in (("weft-l4", "tcp"), ("weft-waypoint", "http")):
+            if name in targets:
+                out[name] = self._profile_one(spy, SCENARIOS[name], targets[name], proto)
+        return out
+
+    def _profile_one(self, spy: str, s: Scenario, t: Target, proto: str) -> dict[str, Any]:
+        w = Workload("profile", "profile", "rr", proto, 1000, 4, 8.0 if not self.quick else 3.0)
         out: dict[str, Any] = {}
         for mode, opts in (
             ("python", ["--rate", "1000", "--nonblocking"]),
             ("native", ["--rate", "250", "--native"]),
         ):
             spies = {}
-            for node in AGENTS:
-                p = self.proc(node)
+            for comp in s.components:
+                p = self.proc(comp)
                 if p is None:
                     continue
-                f = self.work / f"profile-{mode}-{node}.txt"
+                f = self.work / f"profile-{s.name}-{mode}-{comp}.txt"
                 argv = [spy, "record", "--pid", str(p.pid), *opts, "--format", "raw"]
                 argv += ["--output", str(f), "--duration", f"{w.duration + 3:g}"]
-                spies[node] = (
+                spies[comp] = (
                     f,
                     subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
                 )
             time.sleep(1.0)
-            m = self.measure(w, s, targets["weft-l4"])
+            m = self.measure(w, s, t)
             res: dict[str, Any] = {"requests": m.work, "cpu_s": m.cpu_s, "latency_us": m.latency_us}
-            for node, (f, proc) in spies.items():
+            for comp, (f, proc) in spies.items():
                 try:
                     proc.wait(timeout=w.duration + 30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                 if f.exists():
-                    res[node] = profile_summary(f.read_text(), m.cpu_s.get(node, 0.0), m.work)
+                    res[comp] = profile_summary(f.read_text(), m.cpu_s.get(comp, 0.0), m.work)
                     shutil.copy(f, self.out_dir / f.name)
             out[mode] = res
-            self.progress(f"profile ({mode} frames) written: py-spy, {m.work} requests")
+            self.progress(f"profile {s.name} ({mode} frames) written: py-spy, {m.work} requests")
         return out
 
 

@@ -399,31 +399,43 @@ def memory_section(lab: Mapping[str, Any]) -> list[str]:
     ]
 
 
+_PROFILED = {
+    "weft-l4": "weft-l4, TCP 1 KB, 1,000 req/s",
+    "weft-waypoint": "weft-waypoint, HTTP 1 KB, 1,000 req/s",
+}
+_ROLE = {
+    "agent-node-1": "outbound (client side)",
+    "agent-node-2": "inbound (server side)",
+}
+
+
 def profile_section(prof: Mapping[str, Any]) -> list[str]:
     out = [
-        "## Where the agents spend their time (py-spy, weft-l4, TCP 1 KB, 1,000 req/s)\n",
-        "Separate runs (py-spy slows the agents), so these are shares, converted to µs per "
-        "request with the agent's CPU seconds in that run / requests. *Python frames*: a C "
+        "## Where weft spends its time (py-spy)\n",
+        "Separate runs (py-spy slows the processes), so these are shares, converted to µs per "
+        "request with the process's CPU seconds in that run / requests. *Python frames*: a C "
         "call (a socket write, the SSL object, uvloop's loop) is charged to the Python "
         "function that makes it. *Native frames*: the C function itself; a socket write's "
         "time includes the kernel's TCP and veth work done in the writer's context.\n",
     ]
-    for mode, what in (("python", "Python frames"), ("native", "native frames")):
-        run = prof.get(mode) or {}
-        for node in ("agent-node-1", "agent-node-2"):
-            p = run.get(node)
-            if not p:
-                continue
-            side = "outbound (client side)" if node.endswith("1") else "inbound (server side)"
-            out.append(
-                f"### {node}, {side}, {what}: {fmt(p.get('cpu_us_per_request'), 0)} µs CPU "
-                f"per request, {p.get('samples')} samples\n"
-            )
-            rows = [
-                [r["function"], f"{r['share'] * 100:.1f} %", fmt(r["us_per_request"], 1)]
-                for r in p.get("self", [])[:10]
-            ]
-            out.append(md_table(["function (self time)", "share", "µs/req"], rows))
+    for scen, title in _PROFILED.items():
+        runs = prof.get(scen) or {}
+        for mode, what in (("python", "Python frames"), ("native", "native frames")):
+            run = runs.get(mode) or {}
+            for comp, p in run.items():
+                if not isinstance(p, Mapping) or "self" not in p:
+                    continue
+                role = _ROLE.get(comp, "the L7 proxy")
+                out.append(
+                    f"### {title}: {comp}, {role}, {what}: "
+                    f"{fmt(p.get('cpu_us_per_request'), 0)} µs CPU per request, "
+                    f"{p.get('samples')} samples\n"
+                )
+                rows = [
+                    [r["function"], f"{r['share'] * 100:.1f} %", fmt(r["us_per_request"], 1)]
+                    for r in p.get("self", [])[:10]
+                ]
+                out.append(md_table(["function (self time)", "share", "µs/req"], rows))
     return out
 
 

@@ -341,6 +341,26 @@ def test_markdown_renders_every_section():
     assert "## CPU per component" in text and "agent-node-1" in text
 
 
+def test_profile_section_names_each_scenario_and_process():
+    one = {
+        "cpu_us_per_request": 480.0,
+        "samples": 900,
+        "self": [{"function": "flush (hbone.py)", "share": 0.125, "us_per_request": 60.0}],
+    }
+    prof = {
+        "weft-l4": {"python": {"requests": 8000, "agent-node-1": one}},
+        "weft-waypoint": {
+            "python": {"requests": 8000, "cpu_s": {}, "waypoint-mesh-waypoint": one},
+            "native": {"requests": 2000, "agent-node-2": one},
+        },
+    }
+    text = "\n".join(report.profile_section(prof))
+    assert "weft-l4, TCP 1 KB" in text and "agent-node-1, outbound" in text
+    assert "weft-waypoint, HTTP 1 KB" in text and "waypoint-mesh-waypoint, the L7 proxy" in text
+    assert "agent-node-2, inbound (server side), native frames: 480 µs" in text
+    assert "| flush (hbone.py) |" in text and "12.5 %" in text
+
+
 def test_md_table_aligns_numbers_right():
     t = report.md_table(["a", "b"], [["x", "1,234"], ["y", report.DASH]])
     lines = t.splitlines()
