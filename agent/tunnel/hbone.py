@@ -32,8 +32,16 @@ class HboneConnection(asyncio.Protocol):
         on_request: Callable[[HboneConnection, hb.StreamRequest], None] | None = None,
         on_lost: Callable[[HboneConnection], None] | None = None,
         label: str = "",
+        coalesce: bool = False,
     ) -> None:
         self.h2 = hb.H2Connection(client=client, settings=settings)
+        # coalesce: writes made outside data_received (by tasks: the waypoint's proxy) are
+        # gathered and written once at the end of the loop turn, so a response's HEADERS,
+        # DATA and END_STREAM, or a WINDOW_UPDATE and the next request, share one TLS record
+        # and one write(2). The node tunnel leaves it off: its writes come from
+        # data_received callbacks, which already end with one write.
+        self.coalesce = coalesce
+        self._flush_scheduled = False
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
@@ -76,7 +84,7 @@ class HboneConnection(asyncio.Protocol):
             return
         for ev in events:
             self._event(ev)
-        self.flush()
+        self._write_out()
 
     def _event(self, ev: hb.Event) -> None:
         if isinstance(ev, hb.Data):
@@ -153,6 +161,14 @@ class HboneConnection(asyncio.Protocol):
     # ---- used by streams and the tunnel ------------------------------------------------
 
     def flush(self) -> None:
+        if not self.coalesce:
+            self._write_out()
+        elif not self._flush_scheduled and self.h2.out:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._flush_scheduled = False
         out = self.h2.out
         if out and self.transport is not None and not self.closed:
             self.transport.write(bytes(out))
@@ -202,11 +218,12 @@ class HboneConnection(asyncio.Protocol):
 
     def goaway(self) -> None:
         self.h2.goaway()
-        self.flush()
+        self._write_out()
         self.maybe_close_idle()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self._write_out()  # what a coalescing connection still holds goes first
             self.transport.close()
 
     def abort_all(self) -> None:

@@ -35,6 +35,7 @@ class PoolSettings:
     idle_timeout: float = 60.0  # seconds without streams before a connection is closed
     keepalive: float = 30.0  # seconds between PINGs on a quiet connection
     connect_timeout: float = 5.0  # TCP + TLS handshake to the peer node
+    coalesce_writes: bool = False  # see HboneConnection: on for the waypoint's task writes
 
 
 class PeerIdentityMismatch(Exception):
@@ -92,7 +93,11 @@ class ConnectionPool:
                     del self._conns[key]
 
         proto = HboneConnection(
-            client=True, settings=self.h2_settings, on_lost=lost, label=f"{src} -> {dst} @{host}"
+            client=True,
+            settings=self.h2_settings,
+            on_lost=lost,
+            label=f"{src} -> {dst} @{host}",
+            coalesce=self.settings.coalesce_writes,
         )
         try:
             sock = _socket(host, port, self.mark)

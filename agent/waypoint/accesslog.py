@@ -2,10 +2,10 @@
 
 A proxy logs every request, so the log is on the hot path. Going through `logging` costs a
 LogRecord, a formatter and a locked write per line; here a line costs one `json.dumps`, and
-lines gather in a buffer written once per event-loop turn (or sooner when the buffer passes
-64 KiB). A burst of requests handled in one turn is one write(2). The log is still complete:
-the buffer is written at the end of the turn that produced it, at `close()`, and when the
-process exits normally.
+lines gather in a buffer written every quarter second (FLUSH_INTERVAL), or sooner when it
+passes 64 KiB: at 1,000 requests/s that is four write(2)s a second, not a thousand (Envoy's
+access logs flush once a second by default). Every request still gets its line; what a
+crash can lose is the last quarter second, and `close()` (drain, SIGTERM) writes the rest.
 
 Destinations: `stdout` (the default, what Kubernetes collects), `stderr`, a file path
 (appended to), or `off`.
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 FLUSH_BYTES = 64 * 1024
+FLUSH_INTERVAL = 0.25  # seconds
 
 
 class AccessLog:
@@ -76,9 +77,9 @@ class AccessLog:
                 self.flush()
                 return
             self._scheduled = True
-            loop.call_soon(self._turn_done)
+            loop.call_later(FLUSH_INTERVAL, self._timer)
 
-    def _turn_done(self) -> None:
+    def _timer(self) -> None:
         self._scheduled = False
         self.flush()
 

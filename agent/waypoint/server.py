@@ -21,7 +21,6 @@ import logging
 import signal
 import ssl
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from agent.waypoint.tracing import (
     Span,
     TraceContext,
     new_span_id,
+    random_hex,
     traceparent,
 )
 from agent.waypoint.upstream import Endpoint, UpstreamError, UpstreamPool
@@ -180,7 +180,7 @@ class Waypoint:
         self._client_ctx: ssl.SSLContext | None = None
         self._server_ctx: ssl.SSLContext | None = None
         self.link = AgentLink(s.workload_socket, self._on_config, self._on_svid)
-        self.tunnel_pool = ConnectionPool(PoolSettings(), hb.Settings())
+        self.tunnel_pool = ConnectionPool(PoolSettings(coalesce_writes=True), hb.Settings())
         self.engine = Engine(clock=time.monotonic)
         self._h2_ports: dict[tuple[str, int], bool] = {}
         self.upstream = UpstreamPool(
@@ -343,6 +343,7 @@ class Waypoint:
             on_request=self._stream,
             on_lost=self.inbound.discard,
             label=f"waypoint {self.s.name}",
+            coalesce=True,
         )
         self.inbound.add(c)
         return c
@@ -411,7 +412,7 @@ class Waypoint:
         x.span = span
         x.trace = trace
         if not headers.get(b"x-request-id"):
-            headers.set(b"x-request-id", uuid.uuid4().hex.encode())
+            headers.set(b"x-request-id", random_hex(128).encode())
         peer = parse_workload_id(c.principal or "")
         decision = evaluate(
             service_policies(snap.authorization, svc.namespace, svc.name),

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
+import random
 import re
 import time
 from collections import deque
@@ -33,6 +33,17 @@ STATUS_ERROR = 2
 MAX_QUEUE = 4096  # spans waiting for export; beyond this they are dropped and counted
 BATCH = 256
 FLUSH_EVERY = 1.0  # seconds
+
+# Trace, span and request ids need to be unique, not secret (W3C Trace Context §6: "random
+# or pseudo-random"), so they come from a Mersenne Twister seeded once from the OS, as the
+# OpenTelemetry SDK's RandomIdGenerator does: a getrandom(2) per id was four syscalls per
+# proxied request.
+_ids = random.Random()
+
+
+def random_hex(bits: int) -> str:
+    """`bits` random bits as lowercase hex, never all zeros (an invalid trace or span id)."""
+    return f"{_ids.getrandbits(bits) or 1:0{bits // 4}x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +65,11 @@ class TraceContext:
                     bool(int(m.group(4), 16) & 1),
                     tracestate.decode("latin-1") if tracestate else None,
                 )
-        return cls(os.urandom(16).hex(), None, True, None)
+        return cls(random_hex(128), None, True, None)
 
 
 def new_span_id() -> str:
-    return os.urandom(8).hex()
+    return random_hex(64)
 
 
 def traceparent(trace_id: str, span_id: str, sampled: bool) -> bytes:

@@ -153,15 +153,16 @@ def test_requests_through_the_waypoint_carry_the_callers_identity(wp: Mesh) -> N
     )
     # Every request is in the access log (stdout, the pod's log in the lab), as JSON lines.
     log = Path(wp.state.run_dir) / "logs" / "waypoint-ai-waypoint.log"
-    lines = [
-        json.loads(x)
-        for x in log.read_text(errors="replace").splitlines()
-        if x.startswith('{"time"')
-    ]
-    mine = [x for x in lines if x["source"] == "spiffe://cluster.local/ns/apps/sa/client"]
-    assert len(mine) >= 30
-    assert {x["destination"] for x in mine} == set(MODEL_PODS)
-    assert all(x["status"] == 200 and x["flags"] == "-" for x in mine[-30:])
+
+    def mine() -> list[dict]:
+        lines = log.read_text(errors="replace").splitlines()
+        rows = [json.loads(x) for x in lines if x.startswith('{"time"')]
+        return [x for x in rows if x["source"] == "spiffe://cluster.local/ns/apps/sa/client"]
+
+    wait_until(lambda: len(mine()) >= 30, "30 access log lines", 5)
+    rows = mine()
+    assert {x["destination"] for x in rows} == set(MODEL_PODS)
+    assert all(x["status"] == 200 and x["flags"] == "-" for x in rows[-30:])
 
 
 def _fetch(url: str) -> str:
