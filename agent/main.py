@@ -25,7 +25,9 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from agent import __version__
 from agent.config.client import ConfigClient
+from agent.datapath.loader import Flow
 from agent.discovery import CgroupResolver
+from agent.flowmetrics import DatapathCollector, FlowExporter, FlowMetrics
 from agent.httpserver import HttpRequest, HttpServer, Response, json_response
 from agent.identity.manager import IdentityManager
 from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
@@ -91,6 +93,7 @@ class Agent:
         self.resolver = CgroupResolver(s.cgroup_mode)
         self.workload_api = WorkloadApi(self)
         self.datapath: Any = None
+        self.flows: FlowExporter | None = None
         self.tunnel: Tunnel | None = None
         self.http = HttpServer({})
         self.started = time.time()
@@ -105,6 +108,8 @@ class Agent:
     def _metrics(self) -> None:
         r = self.registry
         self.tunnel_metrics = TunnelMetrics(r)
+        self.flow_metrics = FlowMetrics(r)
+        r.register(DatapathCollector(lambda: self.flows))
         self.m_revision = Gauge(
             "weft_agent_config_revision", "Config revision applied.", registry=r
         )
@@ -267,6 +272,14 @@ class Agent:
             )
         )
         report = self.datapath.start()  # adopts a previous agent's attachments
+        self.flows = FlowExporter(
+            self.datapath,
+            self.flow_metrics,
+            snapshot=lambda: self.snapshot,
+            owners=self.workloads_by_cgroup,
+            node_ips=lambda: (self.s.node_ip,),
+            interval=self.s.flow_export_interval,
+        )
         log.info(
             "data path: build %s (%s, %.1fs), %d pod(s) adopted",
             report.build[:12],
@@ -304,6 +317,8 @@ class Agent:
             ("readiness", self._readiness_loop()),
         ):
             self._tasks.append(asyncio.create_task(coro, name=name))
+        if self.flows is not None:
+            self._tasks.append(asyncio.create_task(self.flows.run(), name="flow-export"))
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -460,19 +475,30 @@ class Agent:
             },
         )
 
-    async def _h_flows(self, req: HttpRequest) -> Response:
-        if self.datapath is None:
-            return json_response(200, [])
-        snap = self.snapshot
+    def workloads_by_cgroup(self) -> dict[int, Workload]:
+        """This node's workloads by cgroup id (the inode number the eBPF maps key on)."""
         by_cg = {}
-        for w in snap.local_workloads(self.s.node):
+        for w in self.snapshot.local_workloads(self.s.node):
             cg = self.resolver.cgroup_of(w)
             if cg is not None:
                 with contextlib.suppress(OSError):
                     by_cg[cg.stat().st_ino] = w
+        return by_cg
+
+    async def _h_flows(self, req: HttpRequest) -> Response:
+        if self.datapath is None:
+            return json_response(200, [])
+        snap = self.snapshot
+        by_cg = self.workloads_by_cgroup()
         out = []
-        for f in self.datapath.flows():
-            owner = by_cg.get(f.cgroup_id)
+        # Open flows (and closed ones not exported yet) from the map, then the recently
+        # closed ones the exporter took out of it, with the workload they belonged to.
+        flows = await asyncio.to_thread(self.datapath.flows)
+        owned: list[tuple[Flow, Workload | None]] = [(f, by_cg.get(f.cgroup_id)) for f in flows]
+        if self.flows is not None:
+            cookies = {f.cookie for f in flows}
+            owned += [(f, w) for f, w in self.flows.recent if f.cookie not in cookies]
+        for f, owner in owned:
             peer_ip = (f.original_dst or f.remote)[0]
             peer = snap.workloads_by_ip.get(peer_ip)
             svc = snap.services_by_vip.get(peer_ip)

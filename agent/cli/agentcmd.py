@@ -57,6 +57,13 @@ def run(
     ),
     state_dir: Annotated[Path, typer.Option()] = Path("/var/lib/weft/agent"),
     drain_timeout: Annotated[float, typer.Option(help="Seconds.")] = 20.0,
+    flow_export_interval: Annotated[
+        float,
+        typer.Option(
+            envvar="WEFT_FLOW_EXPORT_INTERVAL",
+            help="Seconds between reads of the eBPF flow map into Prometheus metrics.",
+        ),
+    ] = 5.0,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the node agent: data path, tunnel, identities, config from the controller.
@@ -88,6 +95,7 @@ def run(
         workload_socket=workload_socket,
         state_dir=state_dir,
         drain_timeout=drain_timeout,
+        flow_export_interval=flow_export_interval,
     )
     from agent.main import main
 

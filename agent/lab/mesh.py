@@ -124,7 +124,11 @@ def install(
     write_resources(state)
     p["state"].mkdir(parents=True, exist_ok=True, mode=0o700)
     tokens = TokenStore(p["state"] / "node-tokens.json")
-    env = {"WEFT_LOG_LEVEL": os.environ.get("WEFT_LOG_LEVEL", "INFO"), **(extra_env or {})}
+    env = {
+        "WEFT_LOG_LEVEL": os.environ.get("WEFT_LOG_LEVEL", "INFO"),
+        "WEFT_FLOW_EXPORT_INTERVAL": "1",  # the lab is watched closely: fresher flow metrics
+        **(extra_env or {}),
+    }
     fabric = state.fabric_ip
     lab.start_process(
         state,

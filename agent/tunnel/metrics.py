@@ -31,6 +31,15 @@ TCP_LABELS = (
 )
 
 
+def workload_name(w: Workload | None) -> str:
+    """The `*_workload` label. Istio reports the owning workload (Deployment), not the pod;
+    weft's Workload carries an `app` label where a Deployment name would be; else the pod
+    name. This keeps cardinality per workload, not per pod."""
+    if w is None:
+        return "unknown"
+    return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
+
+
 @dataclass(frozen=True, slots=True)
 class FlowLabels:
     reporter: str
@@ -59,14 +68,6 @@ class FlowLabels:
         mtls: bool,
         source_principal: str | None = None,
     ) -> FlowLabels:
-        def workload_name(w: Workload | None) -> str:
-            # Istio reports the owning workload (Deployment), not the pod; weft's Workload
-            # carries an `app` label where a Deployment name would be; fall back to the
-            # pod name. This keeps cardinality per workload, not per pod.
-            if w is None:
-                return "unknown"
-            return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
-
         td = snap.trust_domain
         svc_ns = svc.namespace if svc else (dst.namespace if dst else "unknown")
         return cls(

@@ -33,6 +33,7 @@ from agent.state import ConfigSnapshot
 from agent.tunnel import h2 as hb
 from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.localstream import StreamTransport
+from agent.tunnel.metrics import workload_name
 from agent.tunnel.pool import ConnectionPool, PoolSettings
 from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
 from agent.waypoint.accesslog import AccessLog
@@ -603,10 +604,10 @@ class Waypoint:
         svc_fqdn = f"{c.service}.{c.service_ns}.svc.cluster.local"
         labels = (
             "waypoint",
-            _wl_name(src),
+            workload_name(src),
             src.namespace if src else "unknown",
             c.principal or "unknown",
-            _wl_name(dst),
+            workload_name(dst),
             dst.namespace if dst else "unknown",
             snap.workload_identity(dst) if dst else "unknown",
             svc_fqdn,
@@ -698,13 +699,6 @@ class _EngineCollector:
 
     def describe(self) -> list[Any]:
         return []
-
-
-def _wl_name(w: Workload | None) -> str:
-
-    if w is None:
-        return "unknown"
-    return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
 
 
 def _header_dict(h: Headers) -> dict[str, str]:

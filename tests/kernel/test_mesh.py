@@ -186,6 +186,71 @@ def test_strict_drops_plaintext_that_bypasses_the_tunnel(meshed: Mesh) -> None:
     drops = meshed.admin("node-2", "/datapath")["drops"]
     assert sum(d["count"] for d in drops) > before
     assert {d["reason"] for d in drops} == {"not_from_tunnel"}
+    # Prometheus sees the same drops, by the workload that was protected.
+    text = labmesh.node_get(meshed.state, "node-2", "/metrics")
+    dropped = metric(
+        text,
+        "weft_datapath_drops_total",
+        workload="far",
+        workload_namespace="ai",
+        reason="not_from_tunnel",
+    )
+    assert dropped >= 1
+    assert metric(text, "weft_datapath_events_total", event="inbound_drops") >= dropped
+
+
+def test_closed_flows_become_metrics_once_and_leave_the_flow_map(meshed: Mesh) -> None:
+    def closed(node: str, **labels: str) -> float:
+        text = labmesh.node_get(meshed.state, node, "/metrics")
+        return metric(text, "weft_flows_closed_total", **labels)
+
+    out_labels = dict(
+        direction="outbound",
+        workload="client",
+        workload_namespace="apps",
+        peer_workload="far",
+        peer_namespace="ai",
+        path="tunnel",
+    )
+    before = closed("node-1", **out_labels)
+    for _ in range(3):
+        out = one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000)
+        assert out.returncode == 0, out.stderr.decode()
+    # The agent exports closed flows every second in the lab (5 s by default).
+    wait_until(lambda: closed("node-1", **out_labels) >= before + 3, "3 closed flows exported")
+    text = labmesh.node_get(meshed.state, "node-1", "/metrics")
+    local = dict(direction="outbound", workload="client", workload_namespace="apps", path="tunnel")
+    # RTT measured by the kernel: a real sample, from a veth path, well under a second.
+    count = metric(text, "weft_flow_srtt_microseconds_count", **local)
+    total = metric(text, "weft_flow_srtt_microseconds_sum", **local)
+    assert count >= 3 and 0 < total / count < 1_000_000
+    assert metric(text, "weft_flow_sent_bytes_total", **out_labels) >= 3 * len(b"hello\n")
+    assert metric(text, "weft_flow_received_bytes_total", **out_labels) > 0
+    assert metric(text, "weft_flow_duration_seconds_count", **local) >= 3
+    # The far side saw them arrive from its tunnel.
+    wait_until(
+        lambda: (
+            closed(
+                "node-2",
+                direction="inbound",
+                workload="far",
+                workload_namespace="ai",
+                path="tunnel",
+            )
+            >= 3
+        ),
+        "inbound flows exported on node-2",
+    )
+    # Exported flows leave the eBPF map (tests/kernel/test_datapath.py checks that), yet
+    # `weft inspect flows` still lists them, from the agent's ring of recent flows.
+    flows = meshed.admin("node-1", "/flows")
+    mine = [
+        f
+        for f in flows
+        if f["workload"] == "apps/client" and f["originalDst"] == f"{meshed.ip('ai/far')}:8000"
+    ]
+    assert len([f for f in mine if f["end"]]) >= 3, dumps(mine)
+    assert metric(text, "weft_flow_exports_total") >= 1
 
 
 def test_untrusted_or_missing_client_certificates_are_refused(meshed: Mesh, tmp_path) -> None:
