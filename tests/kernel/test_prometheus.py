@@ -8,11 +8,14 @@ import shutil
 import textwrap
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from agent.netns import call_in
 from tests.kernel.conftest import Mesh, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.kernel
 
@@ -118,3 +121,27 @@ def test_prometheus_scrapes_agents_and_promql_finds_mesh_traffic(
     )
     assert float(closed[0]["value"][1]) >= 12  # type: ignore[index]  (3 x "ping" back)
     assert query(meshed, prometheus, "weft_agent_config_revision") != []
+    # The flow exporter's RTT histogram, from the kernel's own measurement, is queryable.
+    rtt = wait_until(
+        lambda: query(
+            meshed,
+            prometheus,
+            "histogram_quantile(0.9, sum by (le) "
+            '(weft_flow_srtt_microseconds_bucket{workload="client",direction="outbound"}))',
+        ),
+        "flow RTT histogram",
+        20,
+    )
+    assert 0 < float(rtt[0]["value"][1]) < 1_000_000  # type: ignore[index]
+
+
+def test_every_dashboard_query_is_valid_promql(meshed: Mesh, prometheus: str) -> None:
+    """Grafana's queries, with its variables filled in, run on the real Prometheus."""
+    fill = {"$namespace": ".*", "$model": ".*", "$__rate_interval": "1m"}
+    for path in sorted((ROOT / "helm/weft/files/dashboards").glob("*.json")):
+        for p in json.loads(path.read_text())["panels"]:
+            for t in p["targets"]:
+                expr = t["expr"]
+                for k, v in fill.items():
+                    expr = expr.replace(k, v)
+                query(meshed, prometheus, expr)  # asserts status "success"

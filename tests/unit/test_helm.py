@@ -373,7 +373,7 @@ def test_dashboards_configmap_takes_any_number_of_json_files(tmp_path: Path) -> 
     (chart / "files" / "dashboards" / "weft-tokens.json").write_text('{"title": "tokens"}')
     docs = render("--set", "dashboards.enabled=true", chart=chart)
     cm = one(docs, "ConfigMap", "weft-dashboards")
-    assert sorted(cm["data"]) == ["weft-mesh.json", "weft-tokens.json"]
+    assert sorted(cm["data"]) == ["weft-ai.json", "weft-mesh.json", "weft-tokens.json"]
     for body in cm["data"].values():
         json.loads(body)
     assert not [d for d in render(chart=chart) if d["metadata"]["name"] == "weft-dashboards"]
