@@ -20,6 +20,29 @@ def _outputs(proto: Path) -> list[Path]:
     return [base.with_name(base.name + "_pb2.py"), base.with_name(base.name + "_pb2_grpc.py")]
 
 
+def _stamp(generated: Path) -> str | None:
+    """The protobuf version a generated module was made for ("Protobuf Python Version")."""
+    with generated.open() as f:
+        for line in f:
+            if line.startswith("# Protobuf Python Version:"):
+                return line.split(":", 1)[1].strip()
+            if not line.startswith("#"):
+                return None
+    return None
+
+
+def _loadable(generated: Path) -> bool:
+    """Code generated for a newer protobuf than the one installed refuses to import;
+    such files (made by another grpcio-tools, say in an isolated wheel build) are stale."""
+    import google.protobuf
+
+    def major_minor(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
+
+    stamp = _stamp(generated)
+    return stamp is None or major_minor(stamp) <= major_minor(google.protobuf.__version__)
+
+
 def build(root: Path = ROOT, *, force: bool = False) -> list[Path]:
     from grpc_tools import protoc  # build-time dependency only
 
@@ -29,7 +52,9 @@ def build(root: Path = ROOT, *, force: bool = False) -> list[Path]:
         for p in protos
         if force
         or any(
-            not (root / o).exists() or (root / o).stat().st_mtime < p.stat().st_mtime
+            not (root / o).exists()
+            or (root / o).stat().st_mtime < p.stat().st_mtime
+            or (o.name.endswith("_pb2.py") and not _loadable(root / o))
             for o in _outputs(p.relative_to(root))
         )
     ]
