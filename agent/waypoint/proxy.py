@@ -232,9 +232,12 @@ class Proxy:
 
         sid = up.start(x.head.method, target, authority, headers, end_stream=end_now)
         pump: asyncio.Task[None] | None = None
-        if rest_streams:  # the body keeps arriving: send it while the answer may come
-            pump = asyncio.create_task(self._send_body(x, up, sid, body, True, end_now))
+        if rest_streams or not up.write_ready.is_set():
+            # The body is still arriving, or the connection cannot take it now: send it in
+            # a task, so the answer (an early 413, a timeout) is read meanwhile.
+            pump = asyncio.create_task(self._send_body(x, up, sid, body, rest_streams, end_now))
         else:
+            # Complete and writable: the sends below do not wait, so no task is needed.
             await self._send_body(x, up, sid, body, False, end_now)
         events = up.events(sid)
         try:
