@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from agent import __version__
+from agent.accesslog import AccessLog
 from agent.config.client import ConfigClient
 from agent.datapath.loader import Flow
 from agent.discovery import CgroupResolver
@@ -91,6 +92,7 @@ class Agent:
             trust_domain=s.trust_domain,
         )
         self.resolver = CgroupResolver(s.cgroup_mode)
+        self.access = AccessLog.open(s.access_log)
         self.workload_api = WorkloadApi(self)
         self.datapath: Any = None
         self.flows: FlowExporter | None = None
@@ -307,6 +309,7 @@ class Agent:
             identities=self.identities,
             original=origins,
             metrics=self.tunnel_metrics,
+            access=self.access,
         )
         await self.tunnel.start()
         await self._endpoints()
@@ -355,6 +358,7 @@ class Agent:
         await self.identities.close()
         await self.node.close()
         self.http.close()
+        self.access.close()
         if self.datapath is not None:
             self.datapath.stop()  # pins and attachments stay for the next agent
         log.info("agent stopped")

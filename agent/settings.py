@@ -115,7 +115,11 @@ class AgentSettings(BaseModel):
         "cgroups (a pod's cgroup appears after its Workload).",
     )
     flow_export_interval: float = Field(
-        5.0, description="Seconds between reads of the eBPF flow map into metrics."
+        5.0, gt=0, description="Seconds between reads of the eBPF flow map into metrics."
+    )
+    access_log: str = Field(
+        "stdout",
+        description="Where the per-connection JSON lines go: stdout, stderr, off, or a path.",
     )
 
     @staticmethod

@@ -64,6 +64,13 @@ def run(
             help="Seconds between reads of the eBPF flow map into Prometheus metrics.",
         ),
     ] = 5.0,
+    access_log: Annotated[
+        str,
+        typer.Option(
+            envvar="WEFT_ACCESS_LOG",
+            help="Where the per-connection JSON lines go: stdout, stderr, off, or a file path.",
+        ),
+    ] = "stdout",
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the node agent: data path, tunnel, identities, config from the controller.
@@ -96,6 +103,7 @@ def run(
         state_dir=state_dir,
         drain_timeout=drain_timeout,
         flow_export_interval=flow_export_interval,
+        access_log=access_log,
     )
     from agent.main import main
 

@@ -92,6 +92,14 @@ class FlowLabels:
         return tuple(getattr(self, k) for k in TCP_LABELS)
 
 
+def request_direction(reporter: str, pod_sent: int, pod_received: int) -> tuple[int, int]:
+    """(client-to-server bytes, server-to-client bytes) from what the local pod sent and
+    received: at the source the pod is the client, at the destination the server."""
+    if reporter == "destination":
+        return pod_received, pod_sent
+    return pod_sent, pod_received
+
+
 class TunnelMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry or CollectorRegistry()
@@ -131,11 +139,10 @@ class TunnelMetrics:
         self._opened.labels(*labels.values()).inc()
 
     def closed(self, labels: FlowLabels, *, sent: int, received: int) -> None:
+        """`sent`: bytes in the request direction (client to server), `received`: in the
+        response direction, at either end (see request_direction)."""
         v = labels.values()
         self._closed.labels(*v).inc()
-        if labels.reporter == "destination":
-            # At the destination the pod side's "sent" is the response direction.
-            sent, received = received, sent
         if sent:
             self._sent.labels(*v).inc(sent)
         if received:

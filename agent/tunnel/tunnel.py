@@ -31,13 +31,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.accesslog import AccessLog
 from agent.identity.manager import WorkloadCert
 from agent.identity.node import TrustBundle
 from agent.policy.authz import Request, evaluate, principal_of, workload_policies
 from agent.state import ConfigSnapshot
 from agent.tunnel import h2 as hb
 from agent.tunnel.hbone import HboneConnection
-from agent.tunnel.metrics import FlowLabels, TunnelMetrics
+from agent.tunnel.metrics import FlowLabels, TunnelMetrics, request_direction
 from agent.tunnel.pool import ConnectionPool, PeerIdentityMismatch, PoolSettings
 from agent.tunnel.resolve import Destination, Unreachable, resolve
 from agent.tunnel.streams import PodSide, splice
@@ -108,12 +109,14 @@ class Tunnel:
         identities: Identities,
         original: OriginalDestinations,
         metrics: TunnelMetrics | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.s = settings
         self.config = config
         self.identities = identities
         self.original = original
         self.metrics = metrics or TunnelMetrics()
+        self.access = access or AccessLog(None)
         self.pool = ConnectionPool(settings.pool, settings.h2, mark=settings.mark)
         self._servers: list[asyncio.AbstractServer] = []
         self._inbound: set[HboneConnection] = set()
@@ -268,7 +271,7 @@ class Tunnel:
                 splice(pod, far)
                 pod.resume_reading()
                 self.metrics.opened(labels)
-                self._watch(labels, pod, far)
+                self._watch(labels, dst.authority, pod, far)
                 return
             await self._via_hbone(pod, snap, src, src_id, dst, client_ip, labels)
         except (ConnectionError, OSError, TimeoutError, PeerIdentityMismatch) as e:
@@ -317,14 +320,37 @@ class Tunnel:
         stream.bind(pod)
         pod.resume_reading()
         self.metrics.opened(labels)
-        self._watch(labels, pod)
+        self._watch(labels, dst.authority, pod)
 
-    def _watch(self, labels: FlowLabels, pod: PodSide, *others: PodSide) -> None:
+    def _watch(self, labels: FlowLabels, target: str, pod: PodSide, *others: PodSide) -> None:
         fut = asyncio.get_running_loop().create_future()
         pod.on_close = fut
+        started = time.monotonic()
 
         def done(_: object) -> None:
-            self.metrics.closed(labels, sent=pod.flow.sent, received=pod.flow.received)
+            sent, received = request_direction(labels.reporter, pod.flow.sent, pod.flow.received)
+            self.metrics.closed(labels, sent=sent, received=received)
+            if self.access.enabled:
+                self.access.write(
+                    {
+                        "time": self.access.timestamp(),
+                        "kind": "connection",
+                        "reporter": labels.reporter,
+                        "node": self.s.node,
+                        "source": labels.source_principal,
+                        "sourceWorkload": f"{labels.source_workload_namespace}/"
+                        f"{labels.source_workload}",
+                        "destination": labels.destination_principal,
+                        "destinationWorkload": f"{labels.destination_workload_namespace}/"
+                        f"{labels.destination_workload}",
+                        "destinationService": labels.destination_service,
+                        "target": target,
+                        "security": labels.connection_security_policy,
+                        "bytesSent": sent,
+                        "bytesReceived": received,
+                        "durationMs": round((time.monotonic() - started) * 1000, 3),
+                    }
+                )
             for p in (pod, *others):
                 self._local.discard(p)
 
@@ -484,7 +510,7 @@ class Tunnel:
         conn.respond(stream.sid, 200)
         stream.bind(pod)
         self.metrics.opened(labels)
-        self._watch(labels, pod)
+        self._watch(labels, f"{target[0]}:{target[1]}", pod)
 
 
 def listener_socket(host: str, port: int) -> socket.socket:

@@ -27,6 +27,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from agent.accesslog import AccessLog
 from agent.httpserver import HttpRequest, HttpServer, Response
 from agent.policy.authz import Request, evaluate, principal_of, service_policies
 from agent.state import ConfigSnapshot
@@ -36,7 +37,6 @@ from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.metrics import workload_name
 from agent.tunnel.pool import ConnectionPool, PoolSettings
 from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
-from agent.waypoint.accesslog import AccessLog
 from agent.waypoint.aiflow import AiFlow
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers

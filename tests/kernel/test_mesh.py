@@ -6,6 +6,7 @@ tests that change policy remove it again."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +74,36 @@ def test_cross_node_connection_goes_through_both_tunnels(meshed: Mesh) -> None:
         )
         >= 1
     )
+
+
+def connection_log(m: Mesh, node: str) -> list[dict]:
+    """The agent's per-connection access log lines (its stdout, the agent's lab log)."""
+    log = Path(m.state.run_dir) / "logs" / f"agent-{node}.log"
+    lines = log.read_text(errors="replace").splitlines()
+    return [json.loads(x) for x in lines if x.startswith('{"time"')]
+
+
+def test_each_end_logs_the_connection_with_both_identities(meshed: Mesh) -> None:
+    target = f"{meshed.ip('ai/far')}:8000"
+    out = one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000, "logged")
+    assert out.returncode == 0, out.stderr.decode()
+
+    def ours(node: str, reporter: str) -> list[dict]:
+        return [
+            r
+            for r in connection_log(meshed, node)
+            if r["kind"] == "connection" and r["reporter"] == reporter and r["target"] == target
+        ]
+
+    src = wait_until(lambda: ours("node-1", "source"), "node-1's connection line")[-1]
+    dst = wait_until(lambda: ours("node-2", "destination"), "node-2's connection line")[-1]
+    for r in (src, dst):
+        assert r["source"] == CLIENT_ID and r["destination"] == MODEL_ID
+        assert r["sourceWorkload"] == "apps/client" and r["destinationWorkload"] == "ai/far"
+        assert r["security"] == "mutual_tls" and r["durationMs"] >= 0
+    # What the client sent ("logged\n") and got back (greeting and echo).
+    assert src["bytesSent"] == dst["bytesSent"] == len("logged\n")
+    assert src["bytesReceived"] == dst["bytesReceived"] > len("logged\n")
 
 
 def test_a_service_vip_reaches_its_endpoint_with_the_target_port(meshed: Mesh) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.waypoint.accesslog import FLUSH_BYTES, FLUSH_INTERVAL, AccessLog
+from agent.accesslog import FLUSH_BYTES, FLUSH_INTERVAL, AccessLog
 
 
 class CountingIO(io.StringIO):

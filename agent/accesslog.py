@@ -1,4 +1,4 @@
-"""The waypoint's access log: one JSON object per request, one line each.
+"""Access logs: one JSON object per line, per request (waypoint) or connection (tunnel).
 
 A proxy logs every request, so the log is on the hot path. Going through `logging` costs a
 LogRecord, a formatter and a locked write per line; here a line costs one `json.dumps`, and
