@@ -145,6 +145,32 @@ def test_two_worker_processes_never_admit_more_than_the_limit_together(tmp_path)
     assert sum(counts) == 100  # 300 tries of 5 tokens at 500 per minute
 
 
+def _opener(path: str, start: Any, out: Any) -> None:
+    start.wait()
+    try:
+        QuotaStore(path).close()
+        out.put("ok")
+    except Exception as e:  # reported to the test, which names it
+        out.put(repr(e))
+
+
+def test_replicas_creating_the_store_file_at_once_all_open_it(tmp_path):
+    """Waypoint replicas of a node see a new token policy together and open the shared file
+    at the same moment; switching a new file to WAL takes an exclusive lock that the busy
+    timeout does not cover. Every one of them must get the store."""
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        q, start = ctx.Queue(), ctx.Barrier(6)
+        path = str(tmp_path / f"race-{round_}.db")
+        procs = [ctx.Process(target=_opener, args=(path, start, q)) for _ in range(6)]
+        for pr in procs:
+            pr.start()
+        results = [q.get(timeout=30) for _ in procs]
+        for pr in procs:
+            pr.join(30)
+        assert results == ["ok"] * 6, results
+
+
 def test_a_stream_over_budget_finishes_and_is_charged_in_full(store):
     """Admission reserves the prompt estimate; the end charges the actual usage, even past
     the limit (the stream was never cut), and the overshoot blocks the next request."""

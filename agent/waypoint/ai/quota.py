@@ -64,13 +64,32 @@ class QuotaStore:
 
     `path` may be ":memory:" for a single process (tests)."""
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = 0.25) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout: float = 0.25, open_timeout: float = 5.0
+    ) -> None:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves. busy_timeout: a worker
         # waits this long for another's write lock (transactions take tens of µs).
         self.db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        # Replicas on one node start (and see a new token policy) together, so several may
+        # create the file at once; switching to WAL needs an exclusive lock and does not
+        # wait on the busy timeout. Setup happens once: retry it for up to open_timeout.
+        deadline = time.monotonic() + open_timeout
+        delay = 0.01
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                    self.db.close()
+                    raise sqlite3.OperationalError(
+                        f"quota store {path}: {e} (another waypoint replica held it for "
+                        f"{open_timeout:g}s)"
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
         self._ops = 0
 
     def close(self) -> None:
