@@ -96,8 +96,9 @@ class AgentLink:
             resources[r.key] = r
         snap = ConfigSnapshot.build(doc["epoch"], doc["revision"], doc["trustDomain"], resources)
         if snap.revision != self.revision:
-            self.revision = snap.revision
             self.on_config(snap)
+            # Only once applied: a revision that failed to apply is fetched and tried again.
+            self.revision = snap.revision
         return snap
 
     async def run(self) -> None:
@@ -119,6 +120,11 @@ class AgentLink:
                     await self.fetch_config()
                 except (OSError, ConnectionError, ValueError, TimeoutError) as e:
                     log.warning("config from the node agent: %s; retrying", e)
+                    await asyncio.sleep(1)
+                except Exception:
+                    # Applying the config failed. The previous config keeps serving, and
+                    # this loop must not die quietly with it: say so, and try again.
+                    log.exception("applying config revision from the node agent failed")
                     await asyncio.sleep(1)
 
         await asyncio.gather(svids(), configs())

@@ -1,0 +1,52 @@
+"""The waypoint's link to its node agent survives a config it fails to apply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from agent.state import ConfigSnapshot
+from agent.waypoint.workload import AgentLink
+
+
+def test_a_config_that_fails_to_apply_is_fetched_again_and_the_link_lives_on(
+    tmp_path: Path,
+) -> None:
+    sock = tmp_path / "workload.sock"
+    asked: list[str] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = (await r.readuntil(b"\r\n\r\n")).decode()
+        asked.append(head.split(" ")[1])
+        body = json.dumps({"epoch": "e", "revision": 7, "trustDomain": "td", "resources": []})
+        w.write(f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+        await w.drain()
+        w.close()
+
+    applied: list[int] = []
+
+    def on_config(snap: ConfigSnapshot) -> None:
+        if not applied:
+            applied.append(-1)
+            raise RuntimeError("database is locked")  # e.g. a shared store busy at startup
+        applied.append(snap.revision)
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(serve, path=str(sock))
+        link = AgentLink(sock, on_config, lambda s: None)
+        task = asyncio.create_task(link.run())
+        try:
+            for _ in range(100):
+                if 7 in applied:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            server.close()
+        assert not task.done() or task.cancelled()
+
+    asyncio.run(main())
+    assert applied == [-1, 7]
+    # The failed revision was asked for again from the start, not skipped.
+    assert asked[:2] == ["/v1/config?after=-1", "/v1/config?after=-1"]
