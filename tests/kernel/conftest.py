@@ -180,8 +180,13 @@ def build_mesh(
             for proc in lab.state().processes:
                 log = Path(proc.log)
                 if log.exists():
-                    sys.stderr.write(f"\n==== {proc.name} ({log}) ====\n")
-                    sys.stderr.write(log.read_text(errors="replace")[-6000:])
+                    # Access log lines (JSON) would crowd out the diagnostics: count them.
+                    lines = log.read_text(errors="replace").splitlines()
+                    access = sum(1 for x in lines if x.startswith('{"time"'))
+                    rest = "\n".join(x for x in lines if not x.startswith('{"time"'))
+                    head = f"{proc.name} ({log}; {access} access log lines)"
+                    sys.stderr.write(f"\n==== {head} ====\n")
+                    sys.stderr.write(rest[-6000:])
         lab.down()
 
 

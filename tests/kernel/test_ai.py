@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from agent.netns import call_in
+from agent.waypoint.aiflow import SCRAPE_EVERY
 from tests.kernel.conftest import Mesh, build_mesh, metric, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -310,6 +312,9 @@ def test_low_priority_is_shed_under_saturation_while_high_priority_flows(clean: 
         "saturation to be seen",
         15,
     )
+    # That was one replica; the other scrapes on its own 2 s clock. One more period, and
+    # both have seen the server's new load (the 20 below ride one connection to either).
+    time.sleep(SCRAPE_EVERY + 0.5)
     low = client(clean, "apps/batch", "--model", "small-model", n=20)
     high = client(clean, "apps/client", "--model", "small-model", n=100)
     assert sum(r["status"] == 503 for r in low) == 20
