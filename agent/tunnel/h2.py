@@ -45,6 +45,8 @@ class Frame(IntEnum):
 
 
 class Err(IntEnum):
+    """HTTP/2 error codes (RFC 9113 section 7); the waypoint codec's ErrorCode too."""
+
     NO_ERROR = 0x0
     PROTOCOL_ERROR = 0x1
     INTERNAL_ERROR = 0x2

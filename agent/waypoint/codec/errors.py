@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Literal
+
+from agent.tunnel.h2 import Err
 
 Side = Literal["remote", "local"]
 
 
-class ErrorCode(IntEnum):
-    """HTTP/2 error codes (RFC 9113 section 7), also used for HTTP/1.1 stream resets."""
-
-    NO_ERROR = 0x0
-    PROTOCOL_ERROR = 0x1
-    INTERNAL_ERROR = 0x2
-    FLOW_CONTROL_ERROR = 0x3
-    SETTINGS_TIMEOUT = 0x4
-    STREAM_CLOSED = 0x5
-    FRAME_SIZE_ERROR = 0x6
-    REFUSED_STREAM = 0x7
-    CANCEL = 0x8
-    COMPRESSION_ERROR = 0x9
-    CONNECT_ERROR = 0xA
-    ENHANCE_YOUR_CALM = 0xB
-    INADEQUATE_SECURITY = 0xC
-    HTTP_1_1_REQUIRED = 0xD
+# HTTP/2 error codes (RFC 9113 section 7), also used for HTTP/1.1 stream resets: one table
+# for the whole agent, kept with the tunnel's HTTP/2 framing.
+ErrorCode = Err
 
 
 class ProtocolError(Exception):
