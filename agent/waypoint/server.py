@@ -41,7 +41,7 @@ from agent.waypoint.aiflow import AiFlow
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
-from agent.waypoint.engine.engine import Engine
+from agent.waypoint.engine.engine import Engine, Forward
 from agent.waypoint.engine.respond import Respond
 from agent.waypoint.proxy import Body, Proxy
 from agent.waypoint.tracing import (
@@ -471,8 +471,9 @@ class Waypoint:
             if x.trace.sampled:
                 self.traces.record(span)
 
-        async def plain(held: Body | None = None) -> str:
-            routed = self.engine.route(
+        def route() -> Forward | Respond:
+            """The Service's HTTPRoute decision for this request (a Forward or a Respond)."""
+            return self.engine.route(
                 (svc.namespace, svc.name),
                 c.port,
                 head.method,
@@ -482,6 +483,9 @@ class Waypoint:
                 authority=head.authority,
                 scheme=head.scheme,
             )
+
+        async def plain(held: Body | None = None) -> str:
+            routed = route()
             if isinstance(routed, Respond):
                 self.proxy.reply(x, routed)
                 return RESPOND_FLAGS.get(routed.code, routed.code)
@@ -502,16 +506,7 @@ class Waypoint:
             span = before_try(Endpoint("model", 0, "", "", 0), headers)
 
             def route_backend() -> tuple[str, str, int] | Respond:
-                r = self.engine.route(
-                    (svc.namespace, svc.name),
-                    c.port,
-                    head.method,
-                    head.target,
-                    headers,
-                    source=c.principal,
-                    authority=head.authority,
-                    scheme=head.scheme,
-                )
+                r = route()
                 return r if isinstance(r, Respond) else r.backend.key
 
             flags = await self.ai.handle(
