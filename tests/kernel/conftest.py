@@ -63,11 +63,33 @@ class Mesh:
             [sys.executable, "-m", "agent.lab.workloads.echo", "--port", str(port), *args],
             pod=pod,
         )
-        p = self.state.pod(pod)
-        wait_until(lambda: call_in(p.netns, _listening, p.ip, port), f"{pod}:{port} listening")
+        self.wait_listening(pod, port)
 
     def run(self, pod: str, code: str, *args: str, timeout: float = 60) -> Any:
         return self.lab.run(pod, [sys.executable, "-c", code, *args], timeout=timeout)
+
+    def access_log(self, process: str) -> list[dict[str, Any]]:
+        """A lab process's access log records: the JSON lines of its stdout (its lab log)."""
+        log = Path(self.state.run_dir) / "logs" / f"{process}.log"
+        lines = log.read_text(errors="replace").splitlines()
+        return [json.loads(x) for x in lines if is_access_line(x)]
+
+    def wait_listening(self, pod: str, port: int = 8000) -> None:
+        p = self.state.pod(pod)
+        wait_until(lambda: call_in(p.netns, _listening, p.ip, port), f"{pod}:{port} listening")
+
+    def vip(self, service: str = "llm") -> str:
+        return next(s["clusterIP"] for s in self.state.services if s["name"] == service)
+
+    def llm_client(
+        self, pod: str = "apps/client", *args: str, n: int = 1, timeout: float = 300
+    ) -> list[dict[str, Any]]:
+        """`n` requests from `pod` to the llm Service with agent.lab.workloads.llm_client;
+        one JSON result per request (status, headers, body fields)."""
+        argv = [sys.executable, "-m", "agent.lab.workloads.llm_client", f"http://{self.vip()}:8000"]
+        out = self.lab.run(pod, [*argv, "-n", str(n), "--all-headers", *args], timeout=timeout)
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        return [json.loads(line) for line in out.stdout.decode().splitlines() if line.strip()]
 
     def config_file(self, name: str) -> Path:
         return mesh.paths(self.state)["config"] / name
@@ -129,6 +151,11 @@ class Mesh:
         return out
 
 
+def is_access_line(line: str) -> bool:
+    """Access log records (agent/accesslog.py) are JSON objects that start with the time."""
+    return line.startswith('{"time"')
+
+
 def _listening(ip: str, port: int) -> bool:
     import socket
 
@@ -182,8 +209,8 @@ def build_mesh(
                 if log.exists():
                     # Access log lines (JSON) would crowd out the diagnostics: count them.
                     lines = log.read_text(errors="replace").splitlines()
-                    access = sum(1 for x in lines if x.startswith('{"time"'))
-                    rest = "\n".join(x for x in lines if not x.startswith('{"time"'))
+                    access = sum(1 for x in lines if is_access_line(x))
+                    rest = "\n".join(x for x in lines if not is_access_line(x))
                     head = f"{proc.name} ({log}; {access} access log lines)"
                     sys.stderr.write(f"\n==== {head} ====\n")
                     sys.stderr.write(rest[-6000:])

@@ -101,43 +101,13 @@ def ai(request: pytest.FixtureRequest) -> Iterator[Mesh]:
                 ],
                 pod=pod,
             )
-            p = m.state.pod(pod)
-            wait_until(lambda p=p: call_in(p.netns, _open, p.ip), f"{pod} serving")
+            m.wait_listening(pod)
         m.apply("route.yaml", ROUTE)
         yield m
 
 
-def _open(ip: str) -> bool:
-    import socket
-
-    try:
-        socket.create_connection((ip, 8000), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def vip(m: Mesh) -> str:
-    return next(s["clusterIP"] for s in m.state.services if s["name"] == "llm")
-
-
 def client(m: Mesh, pod: str, *args: str, n: int = 1) -> list[dict[str, Any]]:
-    out = m.lab.run(
-        pod,
-        [
-            sys.executable,
-            "-m",
-            "agent.lab.workloads.llm_client",
-            f"http://{vip(m)}:8000",
-            "-n",
-            str(n),
-            "--all-headers",
-            *args,
-        ],
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr.decode()[-2000:]
-    return [json.loads(line) for line in out.stdout.decode().splitlines() if line.strip()]
+    return m.llm_client(pod, *args, n=n)
 
 
 def control(m: Mesh, pod: str, body: dict[str, Any]) -> None:

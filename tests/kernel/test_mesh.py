@@ -6,7 +6,6 @@ tests that change policy remove it again."""
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import ssl
@@ -76,13 +75,6 @@ def test_cross_node_connection_goes_through_both_tunnels(meshed: Mesh) -> None:
     )
 
 
-def connection_log(m: Mesh, node: str) -> list[dict]:
-    """The agent's per-connection access log lines (its stdout, the agent's lab log)."""
-    log = Path(m.state.run_dir) / "logs" / f"agent-{node}.log"
-    lines = log.read_text(errors="replace").splitlines()
-    return [json.loads(x) for x in lines if x.startswith('{"time"')]
-
-
 def test_each_end_logs_the_connection_with_both_identities(meshed: Mesh) -> None:
     target = f"{meshed.ip('ai/far')}:8000"
     out = one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000, "logged")
@@ -91,7 +83,7 @@ def test_each_end_logs_the_connection_with_both_identities(meshed: Mesh) -> None
     def ours(node: str, reporter: str) -> list[dict]:
         return [
             r
-            for r in connection_log(meshed, node)
+            for r in meshed.access_log(f"agent-{node}")
             if r["kind"] == "connection" and r["reporter"] == reporter and r["target"] == target
         ]
 
@@ -366,7 +358,6 @@ for line in sys.stdin:
 
 def test_killing_the_agent_keeps_a_spliced_connection_and_a_new_agent_resumes(meshed: Mesh):
     p = meshed.state.pod("apps/client")
-    from pathlib import Path
 
     from agent.netns import spawn
 

@@ -6,7 +6,6 @@ pods, two versions, both nodes); an OTLP sink collects spans. Needs root."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -91,40 +90,12 @@ def wp(request: pytest.FixtureRequest) -> Iterator[Mesh]:
                 ],
                 pod=pod,
             )
-            p = m.state.pod(pod)
-            wait_until(lambda p=p: call_in(p.netns, _open, p.ip, 8000), f"{pod} serving")
+            m.wait_listening(pod)
         yield m
 
 
-def _open(ip: str, port: int) -> bool:
-    try:
-        socket.create_connection((ip, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-def vip(m: Mesh, name: str = "llm") -> str:
-    return next(s["clusterIP"] for s in m.state.services if s["name"] == name)
-
-
 def chat(m: Mesh, pod: str = "apps/client", *args: str, n: int = 1) -> list[dict]:
-    out = m.lab.run(
-        pod,
-        [
-            sys.executable,
-            "-m",
-            "agent.lab.workloads.llm_client",
-            f"http://{vip(m)}:8000",
-            "-n",
-            str(n),
-            "--all-headers",
-            *args,
-        ],
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr.decode()[-2000:]
-    return [json.loads(line) for line in out.stdout.decode().splitlines() if line.strip()]
+    return m.llm_client(pod, *args, n=n, timeout=120)
 
 
 def test_requests_through_the_waypoint_carry_the_callers_identity(wp: Mesh) -> None:
@@ -151,12 +122,10 @@ def test_requests_through_the_waypoint_carry_the_callers_identity(wp: Mesh) -> N
         )
         >= 6
     )
-    # Every request is in the access log (stdout, the pod's log in the lab), as JSON lines.
-    log = Path(wp.state.run_dir) / "logs" / "waypoint-ai-waypoint.log"
 
+    # Every request is in the access log (stdout, the pod's log in the lab), as JSON lines.
     def mine() -> list[dict]:
-        lines = log.read_text(errors="replace").splitlines()
-        rows = [json.loads(x) for x in lines if x.startswith('{"time"')]
+        rows = wp.access_log("waypoint-ai-waypoint")
         return [x for x in rows if x["source"] == "spiffe://cluster.local/ns/apps/sa/client"]
 
     wait_until(lambda: len(mine()) >= 30, "30 access log lines", 5)
@@ -209,7 +178,7 @@ def test_l7_authorization_at_the_waypoint(wp: Mesh) -> None:
                 sys.executable,
                 "-m",
                 "agent.lab.workloads.llm_client",
-                f"http://{vip(wp)}:8000",
+                f"http://{wp.vip()}:8000",
                 "--api",
                 "embeddings",
             ],
@@ -238,14 +207,14 @@ print(data.split(b"\\r\\n", 1)[0].decode())
 
 def test_malformed_request_gets_400_and_slowloris_408_without_blocking_others(wp: Mesh) -> None:
     bad = wp.run(
-        "apps/client", RAW, vip(wp), "GET / HTTP/1.1\\r\\nHost: x\\r\\nBad Header\\r\\n\\r\\n"
+        "apps/client", RAW, wp.vip(), "GET / HTTP/1.1\\r\\nHost: x\\r\\nBad Header\\r\\n\\r\\n"
     )
     assert bad.stdout.decode().startswith("HTTP/1.1 400"), bad.stdout
     p = wp.state.pod("apps/client")
     from agent.netns import spawn
 
     slow = spawn(
-        [sys.executable, "-c", RAW, vip(wp), "GET / HTTP/1.1\\r\\nHost: x\\r\\n"],
+        [sys.executable, "-c", RAW, wp.vip(), "GET / HTTP/1.1\\r\\nHost: x\\r\\n"],
         netns=p.netns,
         cgroup=Path(p.cgroup),
         stdout=subprocess.PIPE,
@@ -268,7 +237,7 @@ def test_trace_context_propagates_and_spans_are_exported(wp: Mesh) -> None:
             "r = urllib.request.Request(sys.argv[1], headers={'traceparent': sys.argv[2], "
             "'tracestate': 'vendor=1'})\n"
             "print(urllib.request.urlopen(r, timeout=10).read().decode())",
-            f"http://{vip(wp)}:8000/debug/headers",
+            f"http://{wp.vip()}:8000/debug/headers",
             f"00-{tid}-{parent}-01",
         ],
     )
@@ -354,7 +323,7 @@ print(json.dumps({"served": served, "status": {str(k): v for k, v in status.item
 
 
 def hits(m: Mesh, n: int, conc: int = 8, *headers: str, pod: str = "apps/client") -> dict:
-    out = m.run(pod, HITS, vip(m), str(n), str(conc), *headers, timeout=300)
+    out = m.run(pod, HITS, m.vip(), str(n), str(conc), *headers, timeout=300)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
