@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from controller.errors import EnvironmentProblem
+
 FLUSH_BYTES = 64 * 1024
 FLUSH_INTERVAL = 0.25  # seconds
 
@@ -45,8 +47,14 @@ class AccessLog:
             return cls(sys.stderr)
         p = Path(where)
         if not p.parent.is_dir():
-            raise ValueError(f"access log {where!r}: directory {str(p.parent)!r} does not exist")
-        return cls(p.open("a", encoding="utf-8", buffering=1 << 16))
+            raise EnvironmentProblem(
+                f"access log {where!r}: directory {str(p.parent)!r} does not exist",
+                hint="create it, or use --access-log stdout, stderr or off",
+            )
+        try:
+            return cls(p.open("a", encoding="utf-8", buffering=1 << 16))
+        except OSError as e:
+            raise EnvironmentProblem(f"access log {where!r}: {e.strerror}") from e
 
     @property
     def enabled(self) -> bool:

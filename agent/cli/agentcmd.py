@@ -61,6 +61,8 @@ def run(
         float,
         typer.Option(
             envvar="WEFT_FLOW_EXPORT_INTERVAL",
+            min=0.1,
+            max=300,
             help="Seconds between reads of the eBPF flow map into Prometheus metrics.",
         ),
     ] = 5.0,

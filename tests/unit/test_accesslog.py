@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.accesslog import FLUSH_BYTES, FLUSH_INTERVAL, AccessLog
+from controller.errors import EnvironmentProblem
 
 
 class CountingIO(io.StringIO):
@@ -75,7 +76,7 @@ def test_off_writes_nothing_and_a_missing_directory_is_named(tmp_path: Path) -> 
     assert not log.enabled
     log.write({"a": 1})
     log.close()
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(EnvironmentProblem, match="nope"):
         AccessLog.open(str(tmp_path / "nope" / "access.log"))
 
 
