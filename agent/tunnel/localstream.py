@@ -68,7 +68,11 @@ class StreamTransport(asyncio.Transport):
         self._is_lost = False
 
     def bind(self, stream: Stream) -> None:
-        """Connect to an HBONE stream (after 200) and start the protocol."""
+        """Connect to an HBONE stream (after 200) and start the protocol.
+
+        The stream is set before `connection_made`: a protocol that writes first (an HTTP/2
+        client's preface and SETTINGS) must not have its first bytes dropped."""
+        self.stream = stream
         self.protocol.connection_made(self)
         stream.bind(self.end)  # type: ignore[arg-type]
 
