@@ -133,3 +133,55 @@ def test_failure_after_the_last_try_is_503_or_504():
     assert isinstance(fwd, Forward)
     assert fwd.failure_response(Failure.CONNECT_FAILURE).status == 503
     assert fwd.failure_response(Failure.TIMEOUT).status == 504
+
+
+BUDGET_1 = """\
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: budget, namespace: ai}
+spec:
+  targetRefs: [{kind: Service, name: llm}]
+  retryBudget: {budgetPercent: 20, minRetryConcurrency: 1}"""
+ROUTE_3 = ROUTE.replace("attempts: 2", "attempts: 3")
+
+
+def test_one_requests_chain_of_retries_is_not_capped_by_min_retry_concurrency():
+    """Issue 19: with one request at a time, minRetryConcurrency 1 and attempts 3, every
+    retry of the chain is allowed: the failed try is over before the budget judges the
+    next one, so at most one retry is ever in flight and nothing counts as exhausted."""
+    e = Engine(snapshot(service("llm"), ROUTE_3, BUDGET_1), clock=FakeClock())
+    fwd = e.route(LLM, 8000, "POST", "/", Headers())
+    assert isinstance(fwd, Forward)
+    for _ in range(3):
+        att = fwd.attempt()
+        assert isinstance(att, Attempt)
+        att.observe(503)
+        assert fwd.retry_after(503, att) is not None
+        assert att.released  # released by the decision to retry
+    last = fwd.attempt()
+    assert isinstance(last, Attempt)
+    last.observe(503)
+    assert fwd.retry_after(503, last) is None and not last.released  # it is the answer
+    b = fwd.backend
+    assert (b.counters.retries, b.counters.retry_budget_exhausted) == (3, 0)
+    assert b.counters.retries_exhausted == 1 and b.budget.active_retries == 1
+    last.release()
+    assert (b.active, b.budget.active_retries) == (0, 0)
+
+
+def test_the_budget_still_caps_retries_when_every_request_fails():
+    """Issue 19's other half: 100 concurrent requests whose first tries all fail, each
+    handing its failed try to `retry_after`. Tries in flight stay at 100, so retries stop
+    at 20% of them (20) and the other 80 are refused and counted."""
+    e = Engine(snapshot(service("llm"), ROUTE_3, BUDGET_1), clock=FakeClock())
+    fwds = [e.route(LLM, 8000, "POST", "/", Headers()) for _ in range(100)]
+    first = [f.attempt() for f in fwds]  # type: ignore[union-attr]
+    retries = []
+    for f, att in zip(fwds, first, strict=True):
+        assert isinstance(f, Forward) and isinstance(att, Attempt)
+        att.observe(503)
+        if f.retry_after(503, att) is not None:
+            retries.append(f.attempt())
+    b = fwds[0].backend  # type: ignore[union-attr]
+    assert len(retries) == 20 and b.budget.active_retries == 20 and b.active == 100
+    assert b.counters.retry_budget_exhausted == 80

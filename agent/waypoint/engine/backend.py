@@ -30,6 +30,8 @@ from agent.waypoint.engine.retry import RetryBudget
 from controller.model.traffic import BackendPolicySpec, ConsistentHash
 
 Clock = Callable[[], float]
+# Chooses one of the available endpoints it is given (see Backend.attempt).
+Picker = Callable[[list[Endpoint]], Endpoint]
 BackendKey = tuple[str, str, int]  # namespace, service, port
 
 _DEFAULT_POLICY = BackendPolicySpec.model_validate({"targetRefs": [{"name": "default"}]})
@@ -295,8 +297,14 @@ class Backend:
 
     # ---- the request path -----------------------------------------------------------
 
-    def attempt(self, key: int | None = None, *, retry: bool = False) -> Attempt | Respond:
-        """Choose an endpoint for one try, or the answer when none is available."""
+    def attempt(
+        self, key: int | None = None, *, retry: bool = False, picker: Picker | None = None
+    ) -> Attempt | Respond:
+        """Choose an endpoint for one try, or the answer when none is available.
+
+        `picker` replaces the balancer's choice among the *available* endpoints (AI policy's
+        least-loaded and KV-cache-affine picking): ejection, health and panic still decide
+        which endpoints it may choose from, and the try is accounted here as any other."""
         now = self.clock()
         od = self.outlier
         if od is not None and now >= od.next_sweep and od.sweep(now, self.endpoints):
@@ -305,7 +313,10 @@ class Backend:
             self.refresh(now)
         if not self.available_count:
             return self._unavailable(key, retry)
-        ep = self.balancer.pick(key, now)
+        if picker is not None:
+            ep = picker([e for e in self.endpoints if e.available])
+        else:
+            ep = self.balancer.pick(key, now)
         ep.active += 1
         self.active += 1
         if retry:

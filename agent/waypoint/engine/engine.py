@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from agent.state import ConfigSnapshot, NsName
 from agent.waypoint.codec.headers import Headers
-from agent.waypoint.engine.backend import Attempt, Backend, BackendKey, Clock
+from agent.waypoint.engine.backend import Attempt, Backend, BackendKey, Clock, Picker
 from agent.waypoint.engine.balancer import Endpoint
 from agent.waypoint.engine.events import EngineEvent, EventLog, RouteCounters
 from agent.waypoint.engine.health import Probe
@@ -90,15 +90,21 @@ class Forward:
     def per_try_timeout(self) -> float | None:
         return self.rule.retry.per_try_timeout
 
-    def attempt(self) -> Attempt | Respond:
-        """An endpoint for the next try (the first, or a retry), or who answers instead."""
+    def attempt(self, picker: Picker | None = None) -> Attempt | Respond:
+        """An endpoint for the next try (the first, or a retry), or who answers instead.
+        `picker` chooses among the available endpoints instead of the balancer."""
         retry = self.tries > 0
         self.tries += 1
-        return self.backend.attempt(self.hash_key, retry=retry)
+        return self.backend.attempt(self.hash_key, retry=retry, picker=picker)
 
-    def retry_after(self, outcome: int) -> float | None:
+    def retry_after(self, outcome: int, last: Attempt | None = None) -> float | None:
         """After a try's outcome: seconds to back off before retrying, or None to stop and
-        answer with this outcome (the backend's response, or `failure_response`)."""
+        answer with this outcome (the backend's response, or `failure_response`).
+
+        `last` is the try that produced `outcome`. It is over whatever the answer, so the
+        budget judges the retry without it (one request's chain of retries never has more
+        than one retry in flight), and it is released here when a retry follows. Without
+        `last` the caller must have released the try already."""
         policy = self.rule.retry
         if outcome not in policy.retriable:
             return None
@@ -106,14 +112,38 @@ class Forward:
         if self.tries > policy.attempts:
             b.counters.retries_exhausted += 1
             return None
-        if not b.budget.allows(b.active):
+        live = last is not None and not last.released
+        active = b.active - 1 if live else b.active
+        retries = b.budget.active_retries - (1 if live and last.retry else 0)  # type: ignore[union-attr]
+        if not b.budget.allows(active, retries):
             b.counters.retry_budget_exhausted += 1
             return None
         delay = policy.backoff(self.tries, b.rng)
         if self.deadline is not None and b.clock() + delay >= self.deadline:
             return None
         b.counters.retries += 1
+        if live:
+            last.release()  # type: ignore[union-attr]
         return delay
+
+    def to_backend(self, backend: Backend) -> Forward:
+        """The same rule's decision sent to another backend (a model route's target or a
+        fallback): filters, timeouts, retry policy and the request deadline carry over;
+        the backendRef's own header modifiers do not, and mirrors were sent already."""
+        if backend is self.backend:
+            return self
+        f = Forward(
+            self.rule,
+            RuleBackend(backend),
+            self.target,
+            self.authority,
+            self.hash_key,
+            self.set_cookie,
+            NO_MIRRORS,
+            0.0,
+            self.deadline,
+        )
+        return f
 
     def remaining(self) -> float | None:
         """Seconds left of the request timeout, or None without one."""

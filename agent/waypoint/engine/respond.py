@@ -21,6 +21,7 @@ class Respond:
     headers: HeaderList = ()
     body: bytes = b""
     delay: float = 0.0  # seconds to wait before answering (an injected delay came first)
+    param: str = ""  # the request field at fault, for errors in OpenAI's shape
 
     @property
     def final_headers(self) -> list[tuple[bytes, bytes]]:

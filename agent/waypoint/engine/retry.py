@@ -134,7 +134,10 @@ class RetryBudget:
         self.min_concurrency = min_concurrency
         self.active_retries = 0
 
-    def allows(self, active_requests: int) -> bool:
+    def allows(self, active_requests: int, active_retries: int | None = None) -> bool:
+        """Whether one more retry may start, with `active_requests` tries in flight of which
+        `active_retries` are retries (default: the counted ones)."""
+        retries = self.active_retries if active_retries is None else active_retries
         limit = self.ratio * active_requests
         limit = max(limit, self.min_concurrency)
-        return self.active_retries < limit
+        return retries < limit
