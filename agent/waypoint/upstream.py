@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.tunnel.localstream import StreamTransport
@@ -58,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
     ep: Endpoint | None = None
     on_close: Callable[[], None] | None = None  # tells the engine's pool accounting
     write_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    error: UpstreamError | None = None  # why the connection failed (the first reason)
 
     def __post_init__(self) -> None:
         self.codec = (
@@ -116,6 +117,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _fail(self, err: UpstreamError) -> None:
         self.closed = True
+        if self.error is None:
+            self.error = err
         for q in self.queues.values():
             q.put_nowait(err)
         self.queues.clear()
@@ -139,8 +142,14 @@ class UpstreamConnection(asyncio.Protocol):
         self, method: str, target: str, authority: str, headers: Headers, end_stream: bool
     ) -> int:
         sid = self.codec.next_stream_id()
-        self.queues[sid] = asyncio.Queue()
+        q = self.queues[sid] = asyncio.Queue()
         self.requests += 1
+        if self.closed or (self.h2 and not self.codec.keep_alive):
+            # The backend broke the connection (or sent GOAWAY) before this request went
+            # out, e.g. a server that is not HTTP/2 greeting first. The codec would raise
+            # "going away" here, hiding why; the stream's events report the cause instead.
+            q.put_nowait(self._refusal())
+            return sid
         self._write(
             self.codec.send_request_head(
                 sid, method, target, authority, "http", headers, end_stream
@@ -150,10 +159,20 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def send(self, sid: int, data: bytes, end: bool) -> None:
         await self.write_ready.wait()
-        self._write(self.codec.send_data(sid, data, end))
+        if not self.closed:  # else the stream's events report why; the codec is dead
+            self._write(self.codec.send_data(sid, data, end))
 
     def trailers(self, sid: int, headers: Headers) -> None:
-        self._write(self.codec.send_trailers(sid, headers))
+        if not self.closed:
+            self._write(self.codec.send_trailers(sid, headers))
+
+    def _refusal(self) -> UpstreamError:
+        """The error for a request started on a connection that cannot take it."""
+        if self.error is not None:
+            return UpstreamError(self.error.kind, str(self.error))
+        if self.closed:
+            return UpstreamError("reset", "backend connection already closed")
+        return UpstreamError("refused-stream", "backend sent GOAWAY; request not sent")
 
     async def events(self, sid: int) -> AsyncIterator[ev.Event]:
         q = self.queues.get(sid)
@@ -264,6 +283,19 @@ class UpstreamPool:
         c.on_close = on_close
         if ep.h2:
             self._h2[ep.key] = c
+        return c
+
+    async def dial(
+        self, ep: Endpoint, client_ip: str = "0.0.0.0", *, h2: bool | None = None
+    ) -> UpstreamConnection:
+        """A new connection to `ep` that the pool neither shares nor keeps (active health
+        probes): unlike acquire(fresh=True) it does not replace the endpoint's shared
+        HTTP/2 connection. `h2` overrides the endpoint's protocol (gRPC probes need HTTP/2).
+        The caller closes it."""
+        if h2 is not None and h2 != ep.h2:
+            ep = replace(ep, h2=h2)
+        c = await self._dial(ep, client_ip)
+        c.ep = ep
         return c
 
     def release_conn(self, c: UpstreamConnection) -> None:

@@ -22,3 +22,21 @@ def test_code_stamped_for_a_newer_protobuf_is_stale(tmp_path: Path) -> None:
     assert _stamp(newer) == f"{major + 1}.0.0"
     assert _loadable(same) and _loadable(unstamped)
     assert not _loadable(newer)
+
+
+def test_nested_protos_become_importable_packages(tmp_path: Path) -> None:
+    """A proto in a subdirectory (grpc/health/v1/health.proto, package grpc.health.v1) is
+    generated under the same path with an __init__.py at every level, as `make setup` does
+    on a fresh checkout, and a second build finds nothing stale."""
+    import shutil
+
+    from controller.api.build import GEN_DIR, PROTO_DIR, ROOT, build
+
+    shutil.copytree(ROOT / PROTO_DIR, tmp_path / PROTO_DIR)
+    assert tmp_path / PROTO_DIR / "grpc/health/v1/health.proto" in build(tmp_path)
+    gen = tmp_path / GEN_DIR
+    for d in ("", "grpc", "grpc/health", "grpc/health/v1"):
+        assert (gen / d / "__init__.py").exists()
+    for f in ("health_pb2.py", "health_pb2.pyi", "health_pb2_grpc.py"):
+        assert (gen / "grpc/health/v1" / f).exists()
+    assert build(tmp_path) == []
