@@ -5,6 +5,23 @@ request becomes an `Exchange` handled by its own task, so a slow stream never bl
 another. Request bodies stream into the exchange through a bounded queue (reading pauses
 when it is full); responses stream out as they arrive.
 
+What the shell answers itself, before any handler runs:
+
+- CONNECT (RFC 9110 section 9.3.6) gets 405: the waypoint forwards HTTP requests, not
+  tunnels. On HTTP/1.1 the codec refuses it and the connection closes; on HTTP/2 only that
+  stream is answered, the others carry on. Extended CONNECT (RFC 8441) is reset by the
+  codec as malformed, since the waypoint does not advertise
+  SETTINGS_ENABLE_CONNECT_PROTOCOL.
+- `Expect: 100-continue` gets its 100 at once and is removed from the request, as Envoy
+  does: the body is streamed anyway, so a client waiting for the 100 would only stall.
+
+An HTTP/1.1 upgrade offer (h2c from `curl --http2`, WebSocket) is declined by the codec:
+the request is served over HTTP/1.1 without its Upgrade fields.
+
+On HTTP/2, a stream whose response is complete while its request is still arriving is
+reset with NO_ERROR (RFC 9113 section 8.1): the client stops sending, and the bytes nobody
+will read go back to the connection window.
+
 Slowloris: a connection that has not sent a complete request head within
 `head_timeout` gets 408 and is closed; an idle keep-alive connection is closed after
 `idle_timeout`.
@@ -23,14 +40,17 @@ from typing import Any
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.config import Limits, Role
 from agent.waypoint.codec.detect import detect_protocol
-from agent.waypoint.codec.errors import ProtocolError
+from agent.waypoint.codec.errors import ErrorCode, ProtocolError
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.codec.http1 import Http1Connection
 from agent.waypoint.codec.http2 import Http2Connection
+from agent.waypoint.engine.respond import Respond, plain
+from agent.waypoint.errors import Style, render
 
 log = logging.getLogger("weft.waypoint.downstream")
 
 BODY_QUEUE = 16  # chunks buffered per request before reading pauses (backpressure)
+NO_TUNNELS = b"CONNECT is not allowed: the waypoint forwards HTTP requests, not tunnels\n"
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,7 @@ class Exchange:
     bytes_out: int = 0
     first_byte_at: float | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
+    style: Style = Style.TEXT  # how the mesh's own answers are written (errors.py)
     span: Any = None  # the waypoint's SERVER span (agent/waypoint/tracing.py)
     trace: Any = None  # the request's TraceContext
 
@@ -103,6 +124,13 @@ class Exchange:
         if body:
             h.set(b"content-type", h.get(b"content-type") or b"text/plain")
         h.set(b"content-length", str(len(body)).encode())
+        self.respond_head(status, h, end=not body)
+        if body:
+            self.respond_data(body, end=True)
+
+    def reply(self, resp: Respond) -> None:
+        """Answer with a response the mesh makes itself, in the caller's protocol."""
+        status, h, body = render(self.style, resp)
         self.respond_head(status, h, end=not body)
         if body:
             self.respond_data(body, end=True)
@@ -227,12 +255,20 @@ class Downstream(asyncio.Protocol):
                 if e.end_stream:
                     x.body_done = True
                     x.body.put_nowait(None)
+                if e.method == "CONNECT":
+                    self._refuse_tunnel(x)
+                    continue
+                if not e.end_stream:
+                    self._continue(x)
                 t = asyncio.get_running_loop().create_task(self._run(x))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
             elif isinstance(e, ev.Data):
                 x2 = self.exchanges.get(e.stream_id)
                 if x2 is None:
+                    # answered already (or refused): drop the bytes, but give them back to
+                    # the HTTP/2 connection window, or the connection would starve.
+                    self.write(self.codec.consumed(e.stream_id, len(e.data)))
                     continue
                 x2.bytes_in += len(e.data)
                 if e.data:
@@ -259,6 +295,25 @@ class Downstream(asyncio.Protocol):
                         x5.reset = True
                         x5.body.put_nowait(None)
 
+    def _continue(self, x: Exchange) -> None:
+        """Answer `Expect: 100-continue` at once and drop it from the request (RFC 9110
+        section 10.1.1 lets an intermediary do so): the body is streamed to the backend as
+        it comes, so nothing is gained by waiting for the backend's 100, and a client
+        would stall (curl for 1 s, others until their timeout)."""
+        headers = x.head.headers
+        expect = headers.get(b"expect")
+        if expect is None or expect.strip().lower() != b"100-continue":
+            return
+        headers.remove(b"expect")
+        self.write(self.codec.send_response_head(x.sid, 100, Headers()))
+
+    def _refuse_tunnel(self, x: Exchange) -> None:
+        """CONNECT over HTTP/2 (over HTTP/1.1 the codec refuses it): 405 on its stream only
+        (`finished` then resets it with NO_ERROR if the client is still sending). The
+        handler never sees it."""
+        log.info("caller %s sent CONNECT %s: refused with 405", x.caller.principal, x.head.target)
+        x.local_reply(405, NO_TUNNELS)
+
     async def _run(self, x: Exchange) -> None:
         try:
             await self.handle(x)
@@ -267,7 +322,7 @@ class Downstream(asyncio.Protocol):
         except Exception:
             log.exception("waypoint handler failed for %s %s", x.head.method, x.head.target)
             if not x.responded:
-                x.local_reply(500, b"internal error in the waypoint\n")
+                x.reply(plain(500, "InternalError", "internal error in the waypoint"))
             else:
                 x.abort()
 
@@ -283,15 +338,26 @@ class Downstream(asyncio.Protocol):
             if self.codec.should_close:
                 self.close()
                 return
-            more = self.codec.next_events()
+            try:
+                more = self.codec.next_events()
+            except ProtocolError as e:  # the next pipelined request was malformed
+                self._protocol_error(e)
+                return
             if more:
                 self._dispatch(more)
             elif not self.exchanges:
                 self._arm(self.idle_timeout, self._idle_timed_out)
                 if self.codec.reading_head:
                     self._arm(self.head_timeout, self._head_timed_out)
-        elif self.codec.should_close and not self.exchanges:
-            self.close()
+        else:
+            if not x.body_done and not x.reset:
+                # The response is complete and the rest of the request is of no use: ask
+                # the client to stop sending, without an error (RFC 9113 section 8.1; Go
+                # and grpc-go do the same). This also gives the stream's unread bytes back
+                # to the connection window, which would otherwise shrink for good.
+                self.write(self.codec.reset_stream(x.sid, ErrorCode.NO_ERROR))
+            if self.codec.should_close and not self.exchanges:
+                self.close()
 
     def eof_received(self) -> bool:
         if self.codec is not None:

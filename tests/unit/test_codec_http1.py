@@ -140,6 +140,101 @@ def test_upgrade_is_ignored_and_parsing_goes_on():
     assert feed(conn, GET)[0].stream_id == 3
 
 
+H2C = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+def test_h2c_upgrade_offer_is_dropped_from_the_head():
+    """curl --http2's offer (Upgrade, HTTP2-Settings, and their Connection tokens) is
+    declined: the RequestHead reads as plain HTTP/1.1, other Connection tokens stay."""
+    conn = server()
+    (head,) = feed(
+        conn,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    assert head.headers == Headers([(b"host", b"a"), (b"connection", b"keep-alive")])
+    assert head.end_stream
+
+
+@pytest.mark.parametrize(
+    "framing, body",
+    [
+        (b"Content-Length: 11\r\n", b"hello world"),
+        (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_upgrade_offer_with_a_body_keeps_its_body(framing, body):
+    """A POST offering h2c has its body read as its body, however the bytes are split,
+    and the request after it is parsed. llhttp (through httptools) ends such a request at
+    its head; the body used to be lost and misread as the next request, leaving a backend
+    waiting for the Content-Length it was promised."""
+    wire = b"POST /v1 HTTP/1.1\r\nHost: a\r\n" + H2C + framing + b"\r\n" + body + GET
+    for cut in range(1, len(wire)):
+        conn = server()
+        events = feed(conn, wire[:cut], wire[cut:])
+        head = events[0]
+        assert (head.method, head.end_stream, b"upgrade" in head.headers) == ("POST", False, False)
+        assert b"".join(e.data for e in events[1:]) == b"hello world"
+        assert events[-1].end_stream, cut
+        conn.send_response_head(1, 200, Headers(), end_stream=True)
+        (nxt,) = conn.next_events()
+        assert (nxt.stream_id, nxt.target) == (3, "/v1/models")
+
+
+def test_upgrade_offer_with_expect_gets_its_body_after_the_100():
+    """With Expect: 100-continue the body of an upgrade offer arrives only after the 100:
+    it is still this request's body."""
+    conn = server()
+    (head,) = feed(
+        conn,
+        b"POST / HTTP/1.1\r\nHost: a\r\n" + H2C
+        + b"Expect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+    )  # fmt: skip
+    assert not head.end_stream and head.headers.get(b"expect") == b"100-continue"
+    assert conn.send_response_head(1, 100, Headers()) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert feed(conn, b"abc") == [Data(1, b"abc", True)]
+    assert conn.send_response_head(1, 200, Headers(), end_stream=True).startswith(b"HTTP/1.1 200")
+    assert conn.keep_alive
+
+
+def test_upgrade_offer_body_is_checked_like_any_body():
+    """The body of an upgrade offer goes through llhttp's chunked parser: a bad chunk size
+    is a 400 for that request, not something passed on."""
+    err = reject(
+        server(),
+        b"POST / HTTP/1.1\r\nHost: a\r\n" + H2C + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    )
+    assert (err.status, err.stream_id) == (400, 1)
+
+
+def test_upgrade_offer_that_closes_ignores_what_follows_its_body():
+    """Connection: close, upgrade: the body is read, the offer dropped, `close` kept, and
+    bytes after the body are ignored (RFC 9112 section 9.6)."""
+    conn = server()
+    events = feed(
+        conn,
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: close, upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 3\r\n\r\nabcGARBAGE",
+    )
+    assert events[0].headers.get(b"connection") == b"close"
+    assert events[1:] == [Data(1, b"abc", True)] and not conn.keep_alive
+
+
+def test_connect_is_refused_with_405():
+    """CONNECT asks for a tunnel, which the waypoint does not make: 405 with a short
+    reason, closing the connection (the bytes after the head would be tunnel data)."""
+    conn = server()
+    err = reject(conn, b"CONNECT llm:443 HTTP/1.1\r\nHost: llm:443\r\n\r\n\x16\x03\x01")
+    assert err.status == 405
+    out = conn.error_response(err)
+    assert out.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert b"connection: close\r\n" in out and out.endswith(b"not tunnels\n")
+
+
 # -------------------------------------------------------------------------- responses
 
 
@@ -358,7 +453,7 @@ def test_busy_connection_refuses_a_second_request():
         (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", {}, 505),
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", {}, 505),
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", {}, 501),
-        (b"CONNECT llm:443 HTTP/1.1\r\nHost: llm:443\r\n\r\n", {}, 501),
+        (b"CONNECT llm:443 HTTP/1.1\r\nHost: llm:443\r\n\r\n", {}, 405),
     ],
     ids=["header-bytes", "header-count", "uri", "http-1.2", "http-2.0", "te-gzip", "connect"],
 )

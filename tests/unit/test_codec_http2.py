@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from hyperframe.frame import DataFrame
 
 from agent.waypoint.codec import (
     H2_PREFACE,
@@ -252,6 +253,30 @@ def test_garbage_is_a_connection_error_with_goaway():
     assert srv.should_close
 
 
+def test_oversized_frame_is_refused_from_its_header():
+    """A frame announced longer than SETTINGS_MAX_FRAME_SIZE is a FRAME_SIZE_ERROR as soon
+    as its 9-byte header arrives, not after up to 16 MiB of it were buffered."""
+    srv, cli = pair()
+    header = (1 << 20).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"  # DATA, 1 MiB
+    with pytest.raises(ProtocolError, match="overlong frame") as info:
+        srv.receive_data(header)
+    assert info.value.error_code == ErrorCode.FRAME_SIZE_ERROR
+    (goaway,) = cli.receive_data(srv.data_to_send())
+    assert isinstance(goaway, GoAway) and goaway.error_code == ErrorCode.FRAME_SIZE_ERROR
+
+
+def test_backend_that_is_not_http2_is_a_connection_error_at_once():
+    """A backend answering in HTTP/1.1 (a 400 to the preface, connection left open) is a
+    connection error on its first bytes: they read as a 4.7 MB frame, which used to be
+    waited for until the backend closed, leaving the request hanging."""
+    cli = Http2Connection(Role.CLIENT, Limits())
+    cli.data_to_send()
+    with pytest.raises(ProtocolError) as info:
+        cli.receive_data(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert info.value.status == 502 and info.value.error_code == ErrorCode.FRAME_SIZE_ERROR
+    assert not cli.keep_alive and cli.should_close
+
+
 def test_exceeding_max_concurrent_streams_is_a_connection_error():
     """Opening more streams than advertised is refused by h2 as a connection error."""
     srv = Http2Connection(Role.SERVER, Limits(max_concurrent_streams=2))
@@ -377,3 +402,53 @@ def test_reset_stream_returns_its_unconsumed_bytes_to_the_connection():
     cli.receive_data(srv.reset_stream(sid))
     other, _ = request(cli)
     assert cli.send_window(other) == 65535
+
+
+# ------------------------------------------------------------------------------ CONNECT
+
+
+def test_connect_is_a_request_head_that_can_be_refused_on_its_stream():
+    """CONNECT (RFC 9113 section 8.5) reaches the core as a RequestHead whose target is the
+    authority, so the shell can refuse it: a 405 and RST_STREAM(NO_ERROR) end that stream
+    cleanly for the peer, and a stream opened after it is served."""
+    srv = Http2Connection(Role.SERVER)
+    raw = raw_peer(srv)
+    raw.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"llm:443")])
+    raw.send_data(1, b"\x16\x03\x01")
+    raw.send_headers(3, REQ, end_stream=True)
+    head, data, other = srv.receive_data(raw.data_to_send())
+    assert head == RequestHead(1, "CONNECT", "llm:443", "llm:443", "", Headers(), False)
+    assert data == Data(1, b"\x16\x03\x01", False) and other.stream_id == 3
+    h = Headers.of(("content-type", "text/plain"), ("content-length", "3"))
+    out = srv.send_response_head(1, 405, h) + srv.send_data(1, b"no\n", end_stream=True)
+    out += srv.reset_stream(1, ErrorCode.NO_ERROR)
+    out += srv.send_response_head(3, 200, Headers(), end_stream=True)
+    seen = [(type(e).__name__, e.stream_id) for e in raw.receive_data(out) if e.stream_id]
+    assert seen == [
+        ("ResponseReceived", 1),
+        ("DataReceived", 1),
+        ("StreamEnded", 1),
+        ("StreamReset", 1),
+        ("ResponseReceived", 3),
+        ("StreamEnded", 3),
+    ]
+    late = DataFrame(1)  # DATA the peer had in flight when the reset came: dropped
+    late.data = b"more"
+    assert srv.receive_data(late.serialize()) == []
+    assert srv.keep_alive
+
+
+def test_extended_connect_is_malformed_and_resets_only_its_stream():
+    """Extended CONNECT (:protocol, RFC 8441) without SETTINGS_ENABLE_CONNECT_PROTOCOL
+    from us is a malformed request: RST_STREAM(PROTOCOL_ERROR) on its stream, with a
+    reason that names it, and the next stream is served."""
+    srv = Http2Connection(Role.SERVER)
+    raw = raw_peer(srv)
+    ws = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), *REQ[1:]]
+    raw.send_headers(1, ws)
+    raw.send_headers(3, REQ, end_stream=True)
+    reset, head = srv.receive_data(raw.data_to_send())
+    assert (reset.stream_id, reset.error_code, reset.remote) == (1, ErrorCode.PROTOCOL_ERROR, False)
+    assert ":protocol" in reset.reason and head.stream_id == 3
+    (peer_view,) = [e for e in raw.receive_data(srv.data_to_send()) if hasattr(e, "error_code")]
+    assert (peer_view.stream_id, peer_view.error_code) == (1, ErrorCode.PROTOCOL_ERROR)

@@ -61,6 +61,9 @@ HOST_RE: Final = re.compile(
 # What may go on a request line: no whitespace, controls or DEL (no request splitting).
 _TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET_RE: Final = re.compile(r"[\x21-\x7e\x80-\xff]+")
+# An upgrade offer (RFC 9110 section 7.8; h2c's HTTP2-Settings, RFC 7540 section 3.2.1):
+# the fields, and the Connection tokens naming them, that a declined upgrade leaves out.
+_UPGRADE_OFFER: Final = frozenset({b"upgrade", b"http2-settings"})
 
 
 class _Exchange:
@@ -125,6 +128,9 @@ class Http1Connection:
         self._pending = bytearray()  # bytes read while paused, unparsed
         self._deferred: ProtocolError | None = None
         self._cb_error: ProtocolError | None = None
+        # server role, a request carrying Upgrade and a body: its framing (see _resume_body)
+        self._upgrade_body: bytes | None = None
+        self._synthetic = False  # the parser is reading the head _resume_body made up
         # per-message parse state
         self._in_head = False
         self._head_new = False
@@ -277,8 +283,11 @@ class Http1Connection:
                 self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # llhttp stops after a request carrying Upgrade. weft does not switch
-            # protocols (the core strips Upgrade as hop-by-hop), so parse on as HTTP/1.1.
+            # protocols (the offer was dropped from the head), so parse on as HTTP/1.1,
+            # starting with the request's own body if it has one.
             rest = data[upgrade.args[0] :]
+            if self._upgrade_body is not None:
+                self._resume_body()
             if rest:
                 self._feed(rest)
             return
@@ -304,6 +313,21 @@ class Http1Connection:
                 self._head_raw += len(data)
                 if self._head_raw > self.limits.max_header_bytes:
                     self._fail(self._too_large(self._head_raw))
+
+    def _resume_body(self) -> None:
+        """Parse the body of a request that offered an upgrade (curl --http2 -X POST).
+
+        httptools tells llhttp to skip the body of any request carrying Upgrade, so llhttp
+        ends the request at its head and would take the body for the next request (the
+        request was cut short and its body misread as garbage: a backend then waited for
+        a body that never came). A fresh parser is given a made-up head with the same
+        framing, which the callbacks ignore, and then parses the body with all of its
+        checks (chunk syntax, trailers) as the body of the request being read."""
+        framing = self._upgrade_body
+        self._upgrade_body = None
+        self._parser = self._new_parser()
+        self._synthetic = True
+        self._parser.feed_data(b"PUT / HTTP/1.1\r\n%s\r\n\r\n" % framing)
 
     def _feed_heads(self, data: bytes) -> None:
         """Client role, awaiting a response to HEAD: llhttp cannot be told that such a
@@ -367,6 +391,12 @@ class Http1Connection:
     # ------------------------------------------------------------------ parser callbacks
 
     def _on_message_begin(self) -> None:
+        if self._synthetic:  # the head _resume_body made up: no message of its own
+            self._in_head = True
+            self._fields = []
+            self._url = b""
+            self._head_size = 0
+            return
         if self._server:
             if not self._keep_alive:
                 # RFC 9112 section 9.6: nothing after a request that asked to close.
@@ -425,6 +455,9 @@ class Http1Connection:
 
     def _on_headers_complete(self) -> None:
         self._in_head = False
+        if self._synthetic:
+            self._synthetic = False
+            return
         parser = self._parser
         ex = self._reading
         assert ex is not None
@@ -467,7 +500,11 @@ class Http1Connection:
         parser = self._parser
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
-            raise self._error("CONNECT is not supported on the waypoint's HTTP/1.1 side", 501)
+            # A tunnel request: what follows the head would be raw bytes, not HTTP, so the
+            # connection closes after the answer.
+            raise self._error(
+                "CONNECT is not allowed: the waypoint forwards HTTP requests, not tunnels", 405
+            )
         url = self._url
         scheme = self._scheme
         if url[:1] == b"/" or (url == b"*" and method == "OPTIONS"):
@@ -500,6 +537,15 @@ class Http1Connection:
         if not keep:
             self._keep_alive = False
         body = self._body_expected = chunked or (cl is not None and cl != b"0")
+        if parser.should_upgrade():
+            # RFC 9110 section 7.8 lets a server ignore Upgrade (and RFC 9113 section 3.1
+            # deprecates h2c's): answer over HTTP/1.1, and drop the offer so that no
+            # Upgrade or HTTP2-Settings reaches a backend.
+            _decline_upgrade(headers)
+            if body:
+                self._upgrade_body = (
+                    b"transfer-encoding: chunked" if chunked else b"content-length: %s" % cl
+                )
         self._sink(ex.sid).append(
             RequestHead(
                 ex.sid, method, target, authority.decode("latin-1"), scheme, headers, not body
@@ -542,6 +588,8 @@ class Http1Connection:
         if self._informational:
             self._informational = False
             return
+        if self._upgrade_body is not None:
+            return  # llhttp's early end of a request offering an upgrade (see _resume_body)
         if self._body_expected and not ex.discard:
             if self._trailers:
                 self._sink(ex.sid).append(Trailers(ex.sid, Headers(self._trailers)))
@@ -897,6 +945,23 @@ def _fields(
             continue
         parts.append(b"%s: %s\r\n" % (n, v))
     return cl, close
+
+
+def _decline_upgrade(headers: Headers) -> None:
+    """Drop an upgrade offer from a request head in place: Upgrade, HTTP2-Settings, and
+    their tokens in Connection (the field goes if nothing else is left in it)."""
+    out: list[Field] = []
+    for n, v in headers.fields:
+        if n in _UPGRADE_OFFER:
+            continue
+        if n == b"connection":
+            tokens = [t.strip() for t in v.split(b",")]
+            kept = [t for t in tokens if t and t.lower() not in _UPGRADE_OFFER]
+            if kept:
+                out.append((n, b", ".join(kept) if len(kept) != len(tokens) else v))
+            continue
+        out.append((n, v))
+    headers.fields = out
 
 
 def _content_length(value: bytes, stream_id: int) -> int:

@@ -35,6 +35,7 @@ import h2.exceptions as h2x
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
 from hpack import Encoder, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError
@@ -87,6 +88,22 @@ class _Malformed(h2e.Event):
         self.reason = reason
 
 
+class _FrameBuffer(FrameBuffer):
+    """h2's frame buffer, checking a frame's length as soon as its 9-byte header is in.
+
+    h2 checks the length against SETTINGS_MAX_FRAME_SIZE only once the whole frame is
+    buffered, so a peer announcing an oversized frame is buffered up to the 16 MiB the
+    24-bit length allows before it is refused, and a peer that does not speak HTTP/2 at all
+    (b"HTTP/1.1 400 ..." reads as a 4.7 MB frame) is waited on until it closes. RFC 9113
+    section 4.2: a frame over the limit is a FRAME_SIZE_ERROR, known from the header.
+    """
+
+    def __next__(self) -> Any:
+        if len(self._data) >= 9:
+            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        return super().__next__()
+
+
 class _H2Machine(H2Connection):
     """h2's connection, changed in how it takes two kinds of received frame:
 
@@ -96,7 +113,13 @@ class _H2Machine(H2Connection):
     - GOAWAY reports ConnectionTerminated without closing h2's state machine, so streams
       the peer still processes (up to its last stream id) can finish: h2 would otherwise
       drop them and their responses.
+
+    Its frame buffer also refuses oversized frames from their header (see _FrameBuffer).
     """
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
 
     def _receive_frame(self, frame: Any) -> list[h2e.Event]:
         if type(frame) is GoAwayFrame:
@@ -470,6 +493,11 @@ class Http2Connection:
             if n[:1] != b":":
                 break
             if n not in _REQUEST_PSEUDO:
+                if n == b":protocol":  # RFC 8441 section 3: malformed unless we offered it
+                    return (
+                        "extended CONNECT (:protocol) is not supported: "
+                        "SETTINGS_ENABLE_CONNECT_PROTOCOL was not sent"
+                    )
                 return f"pseudo-header {n[:32]!r} is not allowed in a request"
             if n in pseudo:
                 return f"duplicate {n.decode()}"
