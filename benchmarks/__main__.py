@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help=f"run only these scenarios (their baselines are added) and/or {CONTROLLER_SCALE}",
     )
+    ap.add_argument(
+        "--workloads",
+        nargs="+",
+        metavar="WORKLOAD",
+        default=[],
+        help="run only these workloads (see --list); for iterating on one number",
+    )
     ap.add_argument("--list", action="store_true", help="list scenarios and workloads, exit")
     ap.add_argument(
         "--profile", action="store_true", help="py-spy weft's processes (weft-l4, weft-waypoint)"
@@ -122,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         for w in lab_suite.workloads(args.quick):
             print(f"{w.key:22} {w.title}")
         return 0
+    known_w = {w.key for w in lab_suite.workloads(args.quick)}
+    bad_w = [w for w in args.workloads if w not in known_w]
+    if bad_w:
+        ap.error(f"unknown workload(s) {', '.join(bad_w)}; see --list")
     bad = [n for n in args.only if n not in known]
     if bad:
         ap.error(f"unknown scenario(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
@@ -155,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     if run_lab:
         bench = lab_suite.Bench(
-            out_dir, quick=args.quick, only=lab_only, progress=progress, profile=args.profile
+            out_dir,
+            quick=args.quick,
+            only=lab_only,
+            progress=progress,
+            profile=args.profile,
+            workloads=args.workloads,
         )
         try:
             doc["lab"] = report.analyze(bench.run())

@@ -401,8 +401,10 @@ class Bench:
         only: Iterable[str] = (),
         progress: Progress = print,
         profile: bool = False,
+        workloads: Iterable[str] = (),
     ) -> None:
         self.out_dir = out_dir
+        self.only_workloads = set(workloads)
         self.quick = quick
         self.only = set(only)
         self.progress = progress
@@ -832,6 +834,7 @@ class Bench:
             plan_ = [
                 (w, [SCENARIOS[n] for n in targets if w.protocol in SCENARIOS[n].protocols])
                 for w in workloads(self.quick)
+                if not self.only_workloads or w.key in self.only_workloads
             ]
             plan_ = [(w, ss) for w, ss in plan_ if ss]
             total = sum(len(ss) for _, ss in plan_)
