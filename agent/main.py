@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from agent import __version__
 from agent.accesslog import AccessLog
+from agent.aio import cache_running_loop
 from agent.config.client import ConfigClient
 from agent.datapath.loader import Flow
 from agent.discovery import CgroupResolver
@@ -36,6 +37,7 @@ from agent.policy.authz import Request, evaluate, principal_of, workload_policie
 from agent.policy.peerauth import mtls_mode
 from agent.settings import AgentSettings
 from agent.state import ConfigSnapshot
+from agent.tunnel.handoff import HandoffServer, socket_beside
 from agent.tunnel.metrics import TunnelMetrics
 from agent.tunnel.tunnel import Tunnel, TunnelSettings
 from agent.workloadapi import WorkloadApi
@@ -94,6 +96,12 @@ class Agent:
         self.resolver = CgroupResolver(s.cgroup_mode)
         self.access = AccessLog.open(s.access_log)
         self.workload_api = WorkloadApi(self)
+        # Connections to a waypoint on this node go to it directly (tunnel/handoff.py).
+        self.handoff = (
+            HandoffServer(socket_beside(s.workload_socket), self.workload_api.attest_waypoint)
+            if s.workload_socket is not None
+            else None
+        )
         self.datapath: Any = None
         self.flows: FlowExporter | None = None
         self.tunnel: Tunnel | None = None
@@ -310,7 +318,10 @@ class Agent:
             original=origins,
             metrics=self.tunnel_metrics,
             access=self.access,
+            handoff=self.handoff,
         )
+        if self.handoff is not None:
+            self.handoff.start()
         await self.tunnel.start()
         await self._endpoints()
         for name, coro in (
@@ -355,6 +366,8 @@ class Agent:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.handoff is not None:
+            self.handoff.close()
         await self.identities.close()
         await self.node.close()
         self.http.close()
@@ -617,6 +630,7 @@ class Agent:
 
 
 async def run(settings: AgentSettings) -> None:
+    cache_running_loop(asyncio.get_running_loop())
     agent = Agent(settings)
     try:
         await agent.start()

@@ -71,6 +71,17 @@ class WorkloadApi:
         pid = peer_pid(req.transport)
         if pid is None:
             return None
+        return self.attest_pid(pid)
+
+    def attest_waypoint(self, pid: int) -> str | None:
+        """The address of the waypoint instance process `pid` is, or None (handoff.py)."""
+        w = self.attest_pid(pid)
+        if w is None or WAYPOINT_LABEL not in w.labels or not w.spec.addresses:
+            return None
+        return str(w.spec.addresses[0])
+
+    def attest_pid(self, pid: int) -> Workload | None:
+        """The pod of this node that process `pid` runs in (by its cgroup), or None."""
         cg = cgroup_of_pid(pid)
         if cg is None:
             return None

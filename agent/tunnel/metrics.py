@@ -128,12 +128,23 @@ class TunnelMetrics:
             TCP_LABELS,
             registry=r,
         )
+        self._handoffs = Counter(
+            "weft_tunnel_waypoint_handoffs",
+            "Captured connections handed to a waypoint on this node (no HBONE hop).",
+            registry=r,
+        )
         self._refused = Counter(
             "weft_tunnel_refused_connections",
             "Connections the tunnel could not serve, by direction and reason (bounded set).",
             ["direction", "reason"],
             registry=r,
         )
+
+    def handed_off(self, labels: FlowLabels) -> None:
+        """A connection given to a waypoint on this node (handoff.py): opened here, and
+        from now on the waypoint's to serve and to report."""
+        self._opened.labels(*labels.values()).inc()
+        self._handoffs.inc()
 
     def opened(self, labels: FlowLabels) -> None:
         self._opened.labels(*labels.values()).inc()

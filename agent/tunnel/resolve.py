@@ -88,7 +88,10 @@ def _to_waypoint(
             "has no ready instance (label weft.dev/waypoint="
             f"{name} in namespace {svc.namespace})"
         )
-    wp = pick(instances)
+    # An instance on this node first: its connections need no network hop, and the agent
+    # can hand them over without re-encrypting them (handoff.py).
+    local = [w for w in instances if w.spec.node == my_node]
+    wp = pick(local or instances)
     return Destination(
         ip,
         port,

@@ -37,6 +37,7 @@ from agent.identity.node import TrustBundle
 from agent.policy.authz import Request, evaluate, principal_of, workload_policies
 from agent.state import ConfigSnapshot
 from agent.tunnel import h2 as hb
+from agent.tunnel.handoff import Handoff, HandoffServer
 from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.metrics import FlowLabels, TunnelMetrics, request_direction
 from agent.tunnel.pool import ConnectionPool, PeerIdentityMismatch, PoolSettings
@@ -110,8 +111,10 @@ class Tunnel:
         original: OriginalDestinations,
         metrics: TunnelMetrics | None = None,
         access: AccessLog | None = None,
+        handoff: HandoffServer | None = None,
     ) -> None:
         self.s = settings
+        self.handoff = handoff
         self.config = config
         self.identities = identities
         self.original = original
@@ -236,8 +239,53 @@ class Tunnel:
             log.warning("%s/%s -> %s:%d: %s", src.namespace, src.name, orig[0], orig[1], e)
             pod.abort()
             return
+        if dst.hbone is not None and self._hand_off(pod, snap, src, dst, peer[0], orig):
+            return
         pod.pause_reading()  # nothing to forward to until the far end is up
         self._spawn(self._outbound(pod, snap, src, dst, peer[0]))
+
+    def _hand_off(
+        self,
+        pod: PodSide,
+        snap: ConfigSnapshot,
+        src: Workload,
+        dst: Destination,
+        client_ip: str,
+        orig: tuple[str, int],
+    ) -> bool:
+        """Give a connection to a Service's waypoint on this node straight to the waypoint
+        process (handoff.py); False when there is no such instance or channel."""
+        ho = self.handoff
+        wp = dst.workload
+        if ho is None or wp is None or wp.spec.node != self.s.node or dst.hbone is None:
+            return False
+        sock = pod.transport.get_extra_info("socket") if pod.transport is not None else None
+        if sock is None or not ho.has(dst.hbone[0]):
+            return False
+        src_id = snap.workload_identity(src)
+        if not ho.hand_off(dst.hbone[0], sock, Handoff(src_id, client_ip, f"{orig[0]}:{orig[1]}")):
+            return False
+        labels = FlowLabels.of(snap, src, wp, dst.service, reporter="source", mtls=True)
+        self.metrics.handed_off(labels)
+        if self.access.enabled:
+            self.access.write(
+                {
+                    "time": self.access.timestamp(),
+                    "kind": "handoff",
+                    "reporter": "source",
+                    "node": self.s.node,
+                    "source": src_id,
+                    "sourceWorkload": f"{src.namespace}/{src.name}",
+                    "waypoint": f"{wp.namespace}/{wp.name}",
+                    "destinationService": labels.destination_service,
+                    "target": dst.authority,
+                }
+            )
+        # The waypoint holds the connection now; closing our descriptor does not end it.
+        pod.on_close = None
+        assert pod.transport is not None
+        pod.transport.abort()
+        return True
 
     async def _outbound(
         self, pod: PodSide, snap: ConfigSnapshot, src: Workload, dst: Destination, client_ip: str

@@ -1,14 +1,19 @@
-"""Requests to Services with AI policy: models, tokens, budgets, priority, cache, fallback.
+"""AI policy as stages of the waypoint's one request path (agent/waypoint/proxy.py).
 
-The decisions are the sans-IO AI layer's (agent/waypoint/ai/); this module is the I/O
-around them, in the order docs/ai-traffic.md gives:
+The decisions are the sans-IO AI layer's (agent/waypoint/ai/). `AiFlow` is the per-waypoint
+part (policies, the quota store, the load board, timers and scrapes of model servers);
+`AiRequest` is one request's stage, which the proxy calls in the order docs/ai-traffic.md
+gives:
 
-    body -> model request -> cache -> plan (model routing, cost rules, rollout split)
-    -> for each target (the primary, then fallbacks): quota -> priority -> endpoint
-       -> send (model rewrite, usage injection) -> response head (fallback on failure)
-    -> stream the body through the usage reader -> charge, cache, canary, GenAI metrics
+    held body -> model request -> cache -> plan (model routing, cost rules, rollout split)
+    -> for each target (the primary, then fallbacks): quota -> priority
+       -> the engine's tries (pool admission, balancer or least-loaded pick among the
+          endpoints outlier detection and health checks left, per-try timeout, retries)
+    -> response head (answered-by headers) -> body through the usage reader
+    -> charge, cache, canary, GenAI metrics
 
-A started stream is never cut for quota: it finishes and is charged at the end (the
+Nothing here opens a connection to a model for a request: every try is the engine's. A
+started stream is never cut for quota: it finishes and is charged at the end (the
 overshoot bound is in docs/ai-traffic.md).
 """
 
@@ -19,7 +24,6 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,17 +31,17 @@ from prometheus_client import CollectorRegistry
 
 from agent.waypoint.ai.cache import BodyCollector
 from agent.waypoint.ai.metrics import AiPolicyCollector, GenAIMetrics
-from agent.waypoint.ai.openai import BadModelRequest, error_body
+from agent.waypoint.ai.openai import BadModelRequest, ModelRequest
 from agent.waypoint.ai.policy import MAX_REQUEST_BODY, AiPolicies, ServiceAi
 from agent.waypoint.ai.priority import LoadBoard, backend_level, parse_vllm_metrics
 from agent.waypoint.ai.quota import QuotaStore
-from agent.waypoint.ai.router import Target, failure_kind
+from agent.waypoint.ai.router import RoutePlan, Target
 from agent.waypoint.ai.usage import ResponseReader
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import Exchange
 from agent.waypoint.engine.respond import Respond
-from agent.waypoint.proxy import hold_body
+from agent.waypoint.proxy import Body
 from agent.waypoint.upstream import Endpoint, UpstreamError
 
 if TYPE_CHECKING:
@@ -46,8 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("weft.waypoint.ai")
 
 SCRAPE_EVERY = 2.0  # seconds between scrapes of model servers' /metrics (queue, KV cache)
-HEAD_TIMEOUT = 300.0  # seconds to a model's response head (a long prompt's prefill)
-STREAM_IDLE = 120.0  # seconds without a byte before a model stream counts as stalled
 
 
 class AiFlow:
@@ -150,202 +152,11 @@ class AiFlow:
 
     # ---- one request -------------------------------------------------------------------
 
-    async def handle(
-        self,
-        x: Exchange,
-        ai: ServiceAi,
-        headers: Headers,
-        principal: str | None,
-        caller_ns: str | None,
-        forward_plain: Callable[[Any], Any],
-        route_backend: Callable[[], tuple[str, str, int] | Respond],
-    ) -> str:
-        """Serve one request under `ai`; returns response flags for the access log.
-
-        `forward_plain(held_body)` serves a request that is not an OpenAI operation;
-        `route_backend()` is the Service's own routing decision when no ModelRoute applies."""
-        head = x.head
-        body = await hold_body(x, MAX_REQUEST_BODY)
-        if not body.complete:
-            x.local_reply(413, error_body(413, "request body too large for model routing"), _json())
-            return "-"
-        try:
-            req = ai.read_request(head.method, head.target, headers, bytes(body.held))
-        except BadModelRequest as e:
-            x.local_reply(400, error_body(400, str(e), param=e.param), _json())
-            return "-"
-        if req is None:  # not an OpenAI operation: plain routing, with the held body
-            return str(await forward_plain(body))
-        facts = ai.facts(principal, caller_ns, head.target, headers, req)
-        now = time.time()
-        x.annotations.update({"model": req.model, "operation": req.operation})
-        cache_key = ai.cache.key(req, facts) if ai.cache is not None else None
-        if ai.cache is not None:
-            hit = ai.cache.lookup(cache_key, headers, now)
-            if hit is not None:
-                h = Headers()
-                for hk, hv in hit.reply_headers(now):
-                    h.add(hk, hv)
-                x.local_reply(hit.status, hit.body, h)
-                x.annotations["cache"] = "hit"
-                return "-"
-        split = None
-        if ai.rollout is not None:
-            rollout = ai.rollout
-            split = lambda b: rollout.split(b, self.rng)  # noqa: E731
-        if ai.route is not None:
-            plan = ai.route.plan(req, self.rng, split=split)
-            if plan is None:
-                x.local_reply(
-                    404,
-                    error_body(
-                        404, f"The model '{req.model}' does not exist", code="model_not_found"
-                    ),
-                    _json(),
-                )
-                return "NR"
-            targets = plan.targets
-        else:
-            # No ModelRoute: the Service's HTTPRoutes (canary splits, header matches) choose
-            # the backend, exactly as for a request without AI policy.
-            plan = None
-            chosen = route_backend()
-            if isinstance(chosen, Respond):
-                self.wp.proxy.reply(x, chosen)
-                return "NR"
-            targets = [Target(req.model, chosen, None, 0)]
-        last_status, last_body, last_headers = 503, b"", Headers()
-        for i, target in enumerate(targets):
-            more = i + 1 < len(targets)
-            facts.model = target.model
-            admissions = []
-            denied = None
-            for lim in ai.limiters:
-                adm = lim.admit(facts, req.prompt_tokens, time.time())
-                admissions.append((lim, adm))
-                if not adm.allowed:
-                    denied = adm
-                    break
-            if denied is not None:
-                self._refund(admissions)
-                if more and plan is not None and plan.falls_back_on("over-quota"):
-                    continue
-                h = Headers()
-                for hk, hv in denied.headers:
-                    h.add(hk, hv)
-                x.local_reply(denied.status, error_body(denied.status, denied.message()), _json(h))
-                x.annotations["quota"] = "denied"
-                return "RL"
-            eps = self._endpoints(target.backend)
-            if ai.shedder is not None:
-                cls = ai.shedder.classify(facts)
-                level = backend_level(
-                    ai.shedder.saturation, self.board, [e.key for e in eps], time.time()
-                )
-                verdict = ai.shedder.admit(cls, level, time.time())
-                if verdict.action == "queue" and verdict.ticket is not None:
-                    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                    self._waiters[id(verdict.ticket)] = fut
-                    try:
-                        await fut
-                    except asyncio.CancelledError:
-                        ai.shedder.cancel(verdict.ticket)
-                        raise
-                    if verdict.ticket.state != "admitted":
-                        verdict = ai.shedder.shed_verdict(verdict.ticket)
-                if verdict.action == "shed" or (
-                    verdict.action == "queue"
-                    and verdict.ticket is not None
-                    and verdict.ticket.state != "admitted"
-                ):
-                    self._refund(admissions)
-                    h = Headers()
-                    for k, val in verdict.headers:
-                        h.add(k, val)
-                    x.local_reply(
-                        verdict.status,
-                        error_body(verdict.status, f"shed: {verdict.reason}"),
-                        _json(h),
-                    )
-                    x.annotations["shed"] = verdict.priority_class
-                    return "SH"
-            if not eps:
-                self._refund(admissions)
-                last_status, last_body = 503, error_body(503, "no ready model endpoint")
-                if more and plan is not None and plan.falls_back_on("connect-failure"):
-                    continue
-                break
-            affinity = None
-            if ai.route is not None and ai.route.affinity_header:
-                affinity = headers.get(ai.route.affinity_header)
-            if ai.balancer is not None:
-                picked = ai.balancer.pick([e.key for e in eps], time.time(), affinity=affinity)
-                ep = next(e for e in eps if e.key == picked)
-            else:
-                ep = self._engine_pick(target.backend, eps)
-            upstream_body, strip = req.upstream_body(target.upstream_model)
-            h = headers.copy()
-            h.set(b"content-length", str(len(upstream_body)).encode())
-            h.remove(b"accept-encoding")
-            self.board.started(ep.key)
-            x.annotations["endpoint"] = ep.key
-            started = time.monotonic()
-            outcome = await self._send(x, ep, h, upstream_body)
-            if outcome.error is not None or failure_kind(outcome.status) is not None:
-                self.board.finished(ep.key)
-                self._refund(admissions)
-                kind = "connect-failure" if outcome.error else failure_kind(outcome.status)
-                if ai.rollout is not None:
-                    ai.rollout.observe(target.backend, False, time.monotonic() - started)
-                if more and plan is not None and kind and plan.falls_back_on(kind):
-                    await outcome.discard()
-                    x.annotations.setdefault("fallbacks", []).append(target.model)
-                    continue
-                if outcome.error is not None:
-                    last_status, last_body = 503, error_body(503, outcome.error)
-                    break
-            # The answer: stream it through the usage reader.
-            try:
-                return await self._answer(
-                    x, ai, req, target, ep, outcome, admissions, strip, started, cache_key
-                )
-            finally:
-                self.board.finished(ep.key)
-                if ai.shedder is not None:
-                    self._release(ai.shedder)
-        x.local_reply(last_status, last_body, _json(last_headers))
-        return "UH"
-
-    def _endpoints(self, backend: tuple[str, str, int]) -> list[Endpoint]:
-        snap = self.wp.snapshot
-        svc = snap.services.get((backend[0], backend[1]))
-        port = svc.port(backend[2]) if svc else None
-        if svc is None or port is None:
-            return []
-        out = []
-        for w in snap.endpoints.get((backend[0], backend[1]), ()):
-            ep = self.wp.endpoint(w, port.target())
-            if ep is not None:
-                out.append(ep)
-        return out
-
-    def _engine_pick(self, backend: tuple[str, str, int], eps: list[Endpoint]) -> Endpoint:
-        b = self.wp.engine.backend(backend)
-        if b is not None:
-            att = b.attempt()
-            if not hasattr(att, "status"):  # an Attempt, not a Respond
-                att.release()
-                ip = att.endpoint.host
-                match = next((e for e in eps if e.ip == ip), None)
-                if match is not None:
-                    return match
-        return self.rng.choice(eps)
-
-    @staticmethod
-    def _refund(admissions: list[Any]) -> None:
-        for lim, adm in admissions:
-            if adm.allowed:
-                lim.charge(adm, 0, time.time())
+    def request(
+        self, x: Exchange, ai: ServiceAi, principal: str | None, caller_ns: str | None
+    ) -> AiRequest:
+        """The stage for one request to a Service with AI policy."""
+        return AiRequest(self, x, ai, principal, caller_ns)
 
     def _release(self, shedder: Any) -> None:
         while True:
@@ -359,116 +170,228 @@ class AiFlow:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    # ---- sending and answering ---------------------------------------------------------
 
-    async def _send(self, x: Exchange, ep: Endpoint, headers: Headers, body: bytes) -> _Sent:
-        try:
-            up = await asyncio.wait_for(self.wp.upstream.acquire(ep, x.caller.client_ip), 10)
-        except (UpstreamError, TimeoutError) as err:
-            return _Sent(error=f"cannot reach {ep.key}: {err}")
-        head = x.head
-        sid = up.start(head.method, head.target, head.authority, headers, end_stream=not body)
-        if body:
-            await up.send(sid, body, True)
-        events = up.events(sid)
-        try:
-            while True:
-                e = await asyncio.wait_for(anext(events), HEAD_TIMEOUT)
-                if isinstance(e, ev.ResponseHead) and not e.informational:
-                    return _Sent(
-                        status=e.status,
-                        head=e,
-                        events=events,
-                        up=up,
-                        sid=sid,
-                        pool=self.wp.upstream,
-                    )
-                if isinstance(e, ev.StreamReset):
-                    return _Sent(error=f"{ep.key} reset the stream")
-        except (UpstreamError, TimeoutError, StopAsyncIteration) as err:
-            up.cancel(sid)
-            return _Sent(error=f"{ep.key}: {err or 'no response'}")
+class AiRequest:
+    """One request's AI stage; see agent/waypoint/proxy.py `Stage` for when each is called."""
 
-    async def _answer(
+    max_body = MAX_REQUEST_BODY
+
+    def __init__(
         self,
+        flow: AiFlow,
         x: Exchange,
         ai: ServiceAi,
-        req: Any,
-        target: Any,
-        ep: Endpoint,
-        out: _Sent,
-        admissions: list[Any],
-        strip: bool,
-        started: float,
-        cache_key: bytes | None,
-    ) -> str:
-        assert out.head is not None
-        h = out.head.headers.copy()
-        h.strip_hop_by_hop()
+        principal: str | None,
+        caller_ns: str | None,
+    ) -> None:
+        self.flow = flow
+        self.x = x
+        self.ai = ai
+        self.principal = principal
+        self.caller_ns = caller_ns
+        self.targets: list[Target] = []
+        self.req: ModelRequest | None = None
+        self.plan: RoutePlan | None = None
+        self.facts: Any = None
+        self.cache_key: bytes | None = None
+        self.admissions: list[Any] = []
+        self.endpoint: str | None = None  # the endpoint of the try in flight (load board)
+        self.target: Target | None = None
+        self.started = time.monotonic()
+        self.reader: ResponseReader | None = None
+        self.collector: BodyCollector | None = None
+        self.status = 0
+        self.upstream_headers: Headers | None = None
+        self.strip = False
+
+    # ---- before the tries --------------------------------------------------------------
+
+    def prepare(self, body: Body, fwd: Any) -> Respond | None:
+        """Read the model request; answer from the cache, or plan the targets. Leaves
+        `targets` empty for a request that is not an OpenAI operation."""
+        x, ai = self.x, self.ai
+        head = x.head
+        try:
+            path = fwd.target or head.target
+            req = ai.read_request(head.method, path, head.headers, bytes(body.held))
+        except BadModelRequest as e:
+            return Respond(400, "BadRequest", str(e), param=e.param or "")
+        if req is None:
+            return None
+        self.req = req
+        self.facts = ai.facts(self.principal, self.caller_ns, head.target, head.headers, req)
+        x.annotations.update({"model": req.model, "operation": req.operation})
+        now = time.time()
+        if ai.cache is not None:
+            self.cache_key = ai.cache.key(req, self.facts)
+            hit = ai.cache.lookup(self.cache_key, head.headers, now)
+            if hit is not None:
+                x.annotations["cache"] = "hit"
+                return Respond(
+                    hit.status, "CacheHit", headers=tuple(hit.reply_headers(now)), body=hit.body
+                )
+        rng = self.flow.rng
+        if ai.route is not None:
+            rollout = ai.rollout
+            split = (lambda b: rollout.split(b, rng)) if rollout is not None else None
+            plan = ai.route.plan(req, rng, split=split)
+            if plan is None:
+                return Respond(
+                    404,
+                    "ModelNotFound",
+                    f"The model '{req.model}' does not exist",
+                    param="model",
+                )
+            self.plan = plan
+            self.targets = plan.targets
+        else:
+            # No ModelRoute: the Service's HTTPRoute chose the backend, as for any request.
+            self.targets = [Target(req.model, fwd.backend.key, None, 0)]
+        return None
+
+    async def admit(self, target: Target, fwd: Any) -> Respond | None:
+        """Token budgets, then priority and shedding, for one target."""
+        ai, facts, req = self.ai, self.facts, self.req
+        assert req is not None
+        self._refund()
+        facts.model = target.model
+        self.target = target
+        for lim in ai.limiters:
+            adm = lim.admit(facts, req.prompt_tokens, time.time())
+            self.admissions.append((lim, adm))
+            if not adm.allowed:
+                self._refund()
+                self.x.annotations["quota"] = "denied"
+                code = "RateLimited" if adm.status == 429 else "QuotaStoreUnavailable"
+                message = adm.message() or f"token quota store unavailable: {adm.store_error}"
+                return Respond(adm.status, code, message, headers=tuple(adm.headers))
+        shedder = ai.shedder
+        if shedder is None:
+            return None
+        cls = shedder.classify(facts)
+        keys = [e.address for e in fwd.backend.endpoints]
+        level = backend_level(shedder.saturation, self.flow.board, keys, time.time())
+        verdict = shedder.admit(cls, level, time.time())
+        if verdict.action == "queue" and verdict.ticket is not None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.flow._waiters[id(verdict.ticket)] = fut
+            try:
+                await fut
+            except asyncio.CancelledError:
+                shedder.cancel(verdict.ticket)
+                self._refund()
+                raise
+            if verdict.ticket.state != "admitted":
+                verdict = shedder.shed_verdict(verdict.ticket)
+        if verdict.action == "shed":
+            self._refund()
+            self.x.annotations["shed"] = verdict.priority_class
+            return Respond(
+                verdict.status, "Shed", f"shed: {verdict.reason}", headers=tuple(verdict.headers)
+            )
+        return None
+
+    def falls_back(self, kind: str) -> bool:
+        return self.plan is not None and self.plan.falls_back_on(kind)  # type: ignore[arg-type]
+
+    def picker(self, target: Target, backend: Any) -> Any:
+        """Least-loaded or KV-affine choice among the endpoints the engine offers."""
+        balancer, route = self.ai.balancer, self.ai.route
+        if balancer is None:
+            return None
+        affinity = None
+        if route is not None and route.affinity_header:
+            affinity = self.x.head.headers.get(route.affinity_header)
+
+        def pick(available: list[Any]) -> Any:
+            chosen = balancer.pick([e.address for e in available], time.time(), affinity=affinity)
+            return next(e for e in available if e.address == chosen)
+
+        return pick
+
+    def body_for(self, target: Target, body: Body) -> Body:
+        """The body this target's backend gets (its model name, usage asked for)."""
+        assert self.req is not None
+        data, self.strip = self.req.upstream_body(target.upstream_model)
+        if data is self.req.raw:
+            return body
+        return Body(bytearray(data), complete=True)
+
+    def headers_for(self, target: Target, headers: Headers, body: Body) -> Headers:
+        h = headers.copy()
+        h.set(b"content-length", str(len(body.held)).encode())
+        h.remove(b"accept-encoding")  # the usage reader reads the body
+        return h
+
+    def try_started(self, endpoint: str) -> None:
+        board = self.flow.board
+        if self.endpoint is not None:
+            board.finished(self.endpoint)
+        self.endpoint = endpoint
+        board.started(endpoint)
+        self.x.annotations["endpoint"] = endpoint
+
+    def failed(self, target: Target, outcome: int) -> None:
+        """This target's tries failed: give back its reservation, tell the canary."""
+        self._refund()
+        self._done_with_endpoint()
+        if self.ai.rollout is not None:
+            self.ai.rollout.observe(target.backend, False, time.monotonic() - self.started)
+
+    # ---- the answer --------------------------------------------------------------------
+
+    def response_head(self, target: Target, status: int, upstream: Headers, out: Headers) -> None:
+        ai = self.ai
+        self.status = status
+        self.upstream_headers = upstream
         if ai.route is not None:
             for k, v in ai.route.answered(target):
-                h.set(k, v)
-        for _lim, adm in admissions:
+                out.set(k, v)
+        for _lim, adm in self.admissions:
             for k, v in adm.headers:
-                h.set(k, v)
-        collector = None
-        if (
-            ai.cache is not None
-            and cache_key is not None
-            and ai.cache.storable(out.status, out.head.headers)
-        ):
-            collector = BodyCollector(ai.cache.max_entry)
-        ctype = out.head.headers.get(b"content-type") or b""
-        streamed = strip or ctype.startswith(b"text/event-stream")
-        if strip:
-            h.remove(b"content-length")  # the injected usage chunk is taken out
-        reader = ResponseReader(started, out.head.headers.get(b"content-type"), strip_usage=strip)
-        x.respond_head(out.status, h, out.head.end_stream)
-        ok = 200 <= out.status < 300
-        try:
-            while not out.head.end_stream:
-                e = await asyncio.wait_for(anext(out.events, None), STREAM_IDLE)
-                if e is None:
-                    break
-                if isinstance(e, ev.Data):
-                    data = reader.feed(bytes(e.data), time.monotonic())
-                    if collector is not None:
-                        collector.feed(bytes(e.data))
-                    if e.end_stream:
-                        data += reader.end(time.monotonic())
-                    await x.writable()
-                    x.respond_data(data, e.end_stream)
-                    if e.end_stream:
-                        break
-                elif isinstance(e, ev.Trailers):
-                    x.respond_trailers(e.headers)
-                    break
-                elif isinstance(e, ev.StreamReset):
-                    ok = False
-                    x.abort()
-                    break
-        except (TimeoutError, UpstreamError):
-            ok = False
-            x.abort()
-        finally:
-            out.pool.release_conn(out.up)
+                out.set(k, v)
+        cache = ai.cache
+        if cache is not None and self.cache_key is not None and cache.storable(status, upstream):
+            self.collector = BodyCollector(cache.max_entry)
+        if self.strip:
+            out.remove(b"content-length")  # the injected usage chunk is taken out
+        self.reader = ResponseReader(
+            self.started, upstream.get(b"content-type"), strip_usage=self.strip
+        )
+
+    def feed(self, data: bytes) -> bytes:
+        if self.collector is not None:
+            self.collector.feed(data)
+        assert self.reader is not None
+        return self.reader.feed(data, time.monotonic())
+
+    def end(self) -> bytes:
+        assert self.reader is not None
+        return self.reader.end(time.monotonic())
+
+    def finish(self, ok: bool) -> None:
+        """The answer is over (or cut): charge, cache, canary, GenAI metrics."""
+        ai, req, reader, target = self.ai, self.req, self.reader, self.target
+        self._done_with_endpoint()
+        if ai.shedder is not None:
+            self.flow._release(ai.shedder)
+        if req is None or reader is None or target is None:
+            return
+        ok = ok and 200 <= self.status < 300
         now = time.time()
         usage = reader.usage_or_estimate(req.prompt_tokens)
-        for lim, adm in admissions:
-            lim.charge(adm, usage.total_tokens, now)
-        body = collector.body() if collector is not None and ok else None
-        if body is not None and ai.cache is not None and cache_key is not None:
-            ai.cache.store(
-                cache_key,
-                out.status,
-                out.head.headers,
-                body,
-                now,
-            )
-        elapsed = time.monotonic() - started
+        for lim, adm in self.admissions:
+            if adm.allowed:
+                lim.charge(adm, usage.total_tokens, now)
+        self.admissions = []
+        if ok and self.collector is not None and self.cache_key is not None and ai.cache:
+            body = self.collector.body()
+            if body is not None and self.upstream_headers is not None:
+                ai.cache.store(self.cache_key, self.status, self.upstream_headers, body, now)
+        elapsed = time.monotonic() - self.started
         if ai.rollout is not None:
             ai.rollout.observe(target.backend, ok, elapsed, reader.ttft)
-        self.genai.record(
+        self.flow.genai.record(
             operation=req.operation,
             request_model=req.model,
             response_model=reader.model,
@@ -476,42 +399,27 @@ class AiFlow:
             usage=usage,
             ttft=reader.ttft,
             tpot=reader.tpot,
-            error_type="" if ok else str(out.status),
+            error_type="" if ok else str(self.status),
         )
-        x.annotations.update(
+        ctype = (self.upstream_headers or Headers()).get(b"content-type") or b""
+        self.x.annotations.update(
             {
                 "modelServed": reader.model or target.model,
                 "tokens": usage.total_tokens,
                 "promptTokens": usage.prompt_tokens,
                 "completionTokens": usage.completion_tokens,
                 "ttftMs": round(reader.ttft * 1000, 2) if reader.ttft else None,
-                "streamed": streamed,
+                "streamed": self.strip or ctype.startswith(b"text/event-stream"),
             }
         )
-        return "-"
 
+    def _refund(self) -> None:
+        for lim, adm in self.admissions:
+            if adm.allowed:
+                lim.charge(adm, 0, time.time())
+        self.admissions = []
 
-class _Sent:
-    def __init__(
-        self,
-        *,
-        status: int = 0,
-        head: ev.ResponseHead | None = None,
-        events: Any = None,
-        up: Any = None,
-        sid: int = 0,
-        pool: Any = None,
-        error: str | None = None,
-    ) -> None:
-        self.status, self.head, self.events = status, head, events
-        self.up, self.sid, self.pool, self.error = up, sid, pool, error
-
-    async def discard(self) -> None:
-        if self.up is not None:
-            self.up.cancel(self.sid)
-
-
-def _json(h: Headers | None = None) -> Headers:
-    out = h or Headers()
-    out.set(b"content-type", b"application/json")
-    return out
+    def _done_with_endpoint(self) -> None:
+        if self.endpoint is not None:
+            self.flow.board.finished(self.endpoint)
+            self.endpoint = None

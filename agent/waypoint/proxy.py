@@ -1,11 +1,16 @@
 """One request through the waypoint: the engine decides, this module does the I/O.
 
-The sequence follows docs/waypoint-engine.md: route (or answer locally), fault delay,
-request rewrites, mirrors, then tries: attempt -> admit (reuse, open, queue or overflow)
--> send -> read the response head within the per-try timeout and the route's deadline ->
-observe -> maybe back off and retry. The response then streams to the caller; for a
-stream, the timeouts count from the last byte received, so a long generation is never cut
-while tokens keep arriving.
+This is the waypoint's one request path; every request takes it, with or without AI policy.
+The sequence (docs/waypoint-engine.md, "One request path") is: route (or answer locally),
+fault delay, request rewrites, mirrors; then, when a policy stage applies (AI policy), the
+stage reads the held body and plans targets (a model route's primary and fallbacks); for
+each target: the stage's admission (token budget, priority), then the engine's tries:
+attempt -> admit to the connection pool (reuse, open, queue or overflow) -> send -> read
+the response head within the per-try timeout and the route's deadline -> observe (latency,
+outlier detection) -> maybe back off and retry within the budget. A target whose tries all
+failed in a way the model route falls back on gives way to the next. The response then
+streams to the caller through the stage (usage accounting); for a stream, the timeouts
+count from the last byte received, so a long generation is never cut while tokens arrive.
 
 What the engine cannot see and the shell therefore owns:
 - retries and mirrors need the whole request body: bodies up to RETRY_BUFFER are held
@@ -19,21 +24,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.waypoint.ai.router import failure_kind
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import Exchange
 from agent.waypoint.engine.engine import Forward
 from agent.waypoint.engine.outcome import Failure
 from agent.waypoint.engine.pool import OVERFLOW_RESPONSE, Admission
-from agent.waypoint.engine.respond import Respond
+from agent.waypoint.engine.respond import Respond, plain
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
-    from agent.waypoint.engine.backend import Attempt
+    from agent.waypoint.engine.backend import Attempt, Backend, Picker
 
 log = logging.getLogger("weft.waypoint.proxy")
 
@@ -52,6 +58,44 @@ _FLAGS = {
     Failure.REFUSED_STREAM: "UR",
     Failure.TIMEOUT: "UT",
 }
+# Answers the waypoint makes itself, as Envoy-style response flags (a bounded label set).
+RESPOND_FLAGS = {
+    "NoMatchingRoute": "NR",
+    "BackendNotFound": "NR",
+    "FilterNotFound": "NR",
+    "IncompatibleFilters": "NR",
+    "ModelNotFound": "NR",
+    "Redirect": "-",
+    "CacheHit": "-",
+    "BadRequest": "-",
+    "PayloadTooLarge": "-",
+    "FaultAbort": "FI",
+    "Overflow": "UO",
+    "NoHealthyEndpoint": "UH",
+    "Fallback": "UH",
+    "RateLimited": "RL",
+    "QuotaStoreUnavailable": "RL",
+    "Shed": "SH",
+    "RBACAccessDenied": "UAEX",
+    "UpstreamFailure": "UF",
+    "UpstreamTimeout": "UT",
+}
+TOO_LARGE = plain(413, "PayloadTooLarge", "request body too large for model routing")
+NOTHING_TRIED = plain(503, "NoHealthyEndpoint", "no target of the model route could be tried")
+
+
+def _kind(outcome: int) -> str | None:
+    """The fallbackOn condition of a try's outcome, or None when it is an answer to send."""
+    return "connect-failure" if outcome < 0 else failure_kind(outcome)
+
+
+def _kind_of_answer(r: Respond) -> str:
+    """The fallbackOn condition of an answer the mesh made instead of a try."""
+    if r.code == "RateLimited":
+        return "over-quota"
+    if r.code in ("NoHealthyEndpoint", "Overflow", "BackendNotFound", "Fallback"):
+        return "connect-failure"
+    return "5xx" if r.status >= 500 else str(r.status)
 
 
 @dataclass
@@ -91,15 +135,44 @@ class TryResult:
     pump: asyncio.Task[None] | None = None  # still sending a streaming request body
 
 
+class Stage(Protocol):
+    """What a request's policy layer (AI policy) adds to the one request path.
+
+    The proxy calls these in this order: `prepare` once, with the whole body held; then for
+    each of `targets` (the primary, then fallbacks) `admit`, `body_for` / `headers_for` and
+    `picker`, then the engine's tries (`try_started` before each); a target whose last try
+    failed in a way `falls_back` accepts is given up with `failed` and the next target is
+    tried; the answer's head goes through `response_head`, its body through `feed` and
+    `end`, and `finish(ok)` closes the request."""
+
+    max_body: int
+    targets: list[Any]
+
+    def prepare(self, body: Body, fwd: Forward) -> Respond | None: ...
+    async def admit(self, target: Any, fwd: Forward) -> Respond | None: ...
+    def falls_back(self, kind: str) -> bool: ...
+    def picker(self, target: Any, backend: Any) -> Picker | None: ...
+    def body_for(self, target: Any, body: Body) -> Body: ...
+    def headers_for(self, target: Any, headers: Headers, body: Body) -> Headers: ...
+    def try_started(self, endpoint: str) -> None: ...
+    def failed(self, target: Any, outcome: int) -> None: ...
+    def response_head(self, target: Any, status: int, upstream: Headers, out: Headers) -> None: ...
+    def feed(self, data: bytes) -> bytes: ...
+    def end(self) -> bytes: ...
+    def finish(self, ok: bool) -> None: ...
+
+
 class Proxy:
     def __init__(
         self,
         upstream: UpstreamPool,
         endpoint_of: Callable[[Any, int], Endpoint | None],
+        backend_of: Callable[[tuple[str, str, int]], Backend | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream = upstream
         self.endpoint_of = endpoint_of
+        self.backend_of = backend_of
         self.clock = clock
         self.mirrors_sent = 0
         self.mirrors_failed = 0
@@ -113,56 +186,167 @@ class Proxy:
         x: Exchange,
         fwd: Forward,
         headers: Headers,
-        on_attempt: Callable[[Endpoint, int], Awaitable[Any]] | None = None,
+        *,
+        stage: Stage | None = None,
+        on_attempt: Callable[[Endpoint, int], Any] | None = None,
         before_try: Callable[[Endpoint, Headers], Any] | None = None,
         after_try: Callable[[Any, int], None] | None = None,
-        held: Body | None = None,
     ) -> str:
         """Forward one request as the engine decided; returns Envoy-style response flags.
 
+        This is the waypoint's one request path: every request, with or without AI policy,
+        goes through it (the composition is documented in docs/waypoint-engine.md).
         `before_try(endpoint, headers)` runs before each try (it may set per-try headers
-        such as traceparent); its result goes to `after_try(result, outcome)`."""
+        such as traceparent); its result goes to `after_try(result, outcome)`;
+        `on_attempt(endpoint, outcome)` sees every try's outcome."""
         if fwd.delay:
             await asyncio.sleep(fwd.delay)
         fwd.rewrite_request(headers)
         target = fwd.target or x.head.target
         authority = fwd.authority or x.head.authority
-        # Hold the body when it has all arrived already (free), or when a retry or a mirror
-        # may need to send it again; otherwise stream it straight through.
-        if held is not None:
-            body = held  # read already (the AI layer had to see it)
+        # Hold the body when it has all arrived already (free), when a retry or a mirror may
+        # need to send it again, or when a policy must read it; else stream it through.
+        if stage is not None:
+            body = await hold_body(x, stage.max_body)
+            if not body.complete:
+                if x.reset:
+                    return "DC"
+                await self.reply(x, TOO_LARGE)
+                return "-"
+            answer = stage.prepare(body, fwd)
+            if answer is not None:
+                await self.reply(x, answer)
+                return RESPOND_FLAGS.get(answer.code, "-")
+            if not stage.targets:
+                stage = None  # not a request the policy reads (GET /v1/models, ...)
         elif x.body_done or fwd.rule.retry.attempts > 0 or fwd.mirrors:
             body = await hold_body(x)
         else:
             body = Body()
         for m in fwd.mirrors:
             self._mirror(m, x, target, authority, headers, body)
-        last: TryResult | None = None
+
+        plan: list[Any] = stage.targets if stage is not None else [None]
+        last: TryResult | Respond = NOTHING_TRIED
         att: Attempt | None = None
+        chosen: Any = None
+        tfwd = fwd
+        for i, chosen in enumerate(plan):
+            more = i + 1 < len(plan)
+            if stage is None:
+                send_body, send_headers, picker = body, headers, None
+            else:
+                routed = self._retarget(fwd, chosen.backend)
+                if isinstance(routed, Respond):
+                    last = routed
+                    continue
+                tfwd = routed
+                refused = await stage.admit(chosen, tfwd)
+                if refused is not None:
+                    if more and stage.falls_back(_kind_of_answer(refused)):
+                        continue
+                    await self.reply(x, refused)
+                    return RESPOND_FLAGS.get(refused.code, "-")
+                send_body = stage.body_for(chosen, body)
+                send_headers = stage.headers_for(chosen, headers, send_body)
+                picker = stage.picker(chosen, tfwd.backend)
+            last, att = await self._tries(
+                x,
+                tfwd,
+                target,
+                authority,
+                send_headers,
+                send_body,
+                picker,
+                stage,
+                on_attempt,
+                before_try,
+                after_try,
+            )
+            if stage is None:
+                break
+            kind = _kind_of_answer(last) if isinstance(last, Respond) else _kind(last.outcome)
+            if kind is None:
+                break  # an answer to stream
+            stage.failed(chosen, last.outcome if isinstance(last, TryResult) else -1)
+            if not (more and stage.falls_back(kind)):
+                break
+            x.annotations.setdefault("fallbacks", []).append(getattr(chosen, "model", None))
+            if isinstance(last, TryResult):
+                self._discard(last)
+            if att is not None:
+                att.release()
+                self._notify(tfwd)
+            att = None
+        try:
+            if isinstance(last, Respond):
+                await self.reply(x, last)
+                return RESPOND_FLAGS.get(last.code, last.code)
+            if last.outcome < 0:
+                await self.reply(x, tfwd.failure_response(last.outcome))
+                return _FLAGS.get(Failure(last.outcome), "UF")
+            await self._stream(x, tfwd, last, stage, chosen)
+            return "-"
+        finally:
+            if att is not None:
+                att.release()
+            self._notify(tfwd)
+
+    def _retarget(self, fwd: Forward, key: tuple[str, str, int]) -> Forward | Respond:
+        """The route's decision sent to a model route's target backend."""
+        if key == fwd.backend.key:
+            return fwd
+        b = self.backend_of(key) if self.backend_of is not None else None
+        if b is None:
+            return plain(500, "BackendNotFound", f"no Service port {key[0]}/{key[1]}:{key[2]}")
+        return fwd.to_backend(b)
+
+    # ---- the tries at one backend --------------------------------------------------------
+
+    async def _tries(
+        self,
+        x: Exchange,
+        fwd: Forward,
+        target: str,
+        authority: str,
+        headers: Headers,
+        body: Body,
+        picker: Picker | None,
+        stage: Stage | None,
+        on_attempt: Callable[[Endpoint, int], Any] | None,
+        before_try: Callable[[Endpoint, Headers], Any] | None,
+        after_try: Callable[[Any, int], None] | None,
+    ) -> tuple[TryResult | Respond, Attempt | None]:
+        """The engine's tries at one backend: attempt, admit, send, observe, retry. Returns
+        the last try (still holding its attempt) or the answer the engine chose instead."""
+        last = TryResult(Failure.CONNECT_FAILURE)
         while True:
-            chosen = fwd.attempt()
+            chosen = fwd.attempt(picker)
             if isinstance(chosen, Respond):
-                self.reply(x, chosen)
-                return chosen.code
+                return chosen, None
             att = chosen
             ep = self.endpoint_of(att.endpoint.workload, att.endpoint.port)
             if ep is None:
-                att.finish(Failure.CONNECT_FAILURE)
+                att.observe(Failure.CONNECT_FAILURE)
                 last = TryResult(Failure.CONNECT_FAILURE)
-                if (wait := fwd.retry_after(Failure.CONNECT_FAILURE)) is None:
-                    break
+                if (wait := fwd.retry_after(Failure.CONNECT_FAILURE, att)) is None:
+                    return last, att
                 await asyncio.sleep(wait)
                 continue
             admission = att.admit(reusable=self.upstream.has_idle(ep))
-            if admission is Admission.OVERFLOW:
-                self.reply(x, OVERFLOW_RESPONSE)
-                return "UO"
-            if admission is Admission.QUEUE:
+            while admission is Admission.QUEUE:
+                # Wait for a connection to be released or closed, then ask again: reuse it,
+                # or open one in the slot a closed one left (counted like any other).
                 if not await self._wait_for_connection(fwd, att):
-                    att.finish(Failure.TIMEOUT)
-                    self.reply(x, OVERFLOW_RESPONSE)
-                    return "UO"
+                    att.observed = True  # waiting says nothing about the endpoint
+                    att.release()
+                    return OVERFLOW_RESPONSE, None
                 att.dequeued()
+                admission = att.admit(reusable=self.upstream.has_idle(ep))
+            if admission is Admission.OVERFLOW:
+                return OVERFLOW_RESPONSE, None
+            if stage is not None:
+                stage.try_started(ep.key)
             token = before_try(ep, headers) if before_try is not None else None
             last = await self._try(
                 x, fwd, att, ep, target, authority, headers, body, fresh=admission is Admission.OPEN
@@ -170,28 +354,14 @@ class Proxy:
             if after_try is not None:
                 after_try(token, last.outcome)
             att.observe(last.outcome)
-
             if on_attempt is not None:
-                await on_attempt(ep, last.outcome)
-            wait = fwd.retry_after(last.outcome) if body.replayable else None
+                on_attempt(ep, last.outcome)
+            wait = fwd.retry_after(last.outcome, att) if body.replayable else None
             if wait is None:
-                break
+                return last, att
             self._discard(last)
-            att.release()
             self._notify(fwd)
             await asyncio.sleep(wait)
-        assert last is not None
-        try:
-            if last.outcome < 0:
-                resp = fwd.failure_response(last.outcome)
-                self.reply(x, resp)
-                return _FLAGS.get(Failure(last.outcome), "UF")
-            await self._stream(x, fwd, last)
-            return "-"
-        finally:
-            if att is not None:
-                att.release()
-            self._notify(fwd)
 
     # ---- one try -----------------------------------------------------------------------
 
@@ -213,20 +383,25 @@ class Proxy:
         limit = _min(per_try, None if deadline is None else deadline - self.clock())
         if limit is not None and limit <= 0:
             return TryResult(Failure.TIMEOUT)
-        # asyncio.timeout, not wait_for: in Python 3.11 wait_for wraps the await in a new
-        # Task, which costs more than the rest of a request's bookkeeping.
-        try:
-            async with asyncio.timeout(limit):
-                up = await self.upstream.acquire(
-                    ep,
-                    x.caller.client_ip,
-                    fresh=fresh,
-                    on_close=fwd.backend.pool.closed if fresh else None,
-                )
-        except UpstreamError as e:
-            return TryResult(_FAILURE_OF.get(e.kind, Failure.CONNECT_FAILURE))
-        except TimeoutError:
-            return TryResult(Failure.TIMEOUT)
+        up = None if fresh else self.upstream.take(ep)
+        if up is None:
+            if not fresh:
+                # Admitted as a reuse, but the idle connection went away meanwhile: the one
+                # dialled instead is counted like any other.
+                fwd.backend.pool.connections += 1
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for wraps the await in a
+            # new Task, which costs more than the rest of a request's bookkeeping.
+            try:
+                async with asyncio.timeout(limit):
+                    up = await self.upstream.acquire(
+                        ep, x.caller.client_ip, fresh=True, on_close=fwd.backend.pool.closed
+                    )
+            except UpstreamError as e:
+                fwd.backend.pool.closed()
+                return TryResult(_FAILURE_OF.get(e.kind, Failure.CONNECT_FAILURE))
+            except TimeoutError:
+                fwd.backend.pool.closed()
+                return TryResult(Failure.TIMEOUT)
         rest_streams = not body.complete  # the rest of the body is still in the queue
         end_now = body.complete and not body.held and body.trailers is None
 
@@ -293,14 +468,19 @@ class Proxy:
 
     # ---- the response ------------------------------------------------------------------
 
-    async def _stream(self, x: Exchange, fwd: Forward, r: TryResult) -> None:
+    async def _stream(
+        self, x: Exchange, fwd: Forward, r: TryResult, stage: Stage | None, target: Any
+    ) -> None:
         assert r.head is not None and r.up is not None
         h = r.head.headers.copy()
         h.strip_hop_by_hop()
         fwd.rewrite_response(h)
+        if stage is not None:
+            stage.response_head(target, r.head.status, r.head.headers, h)
         x.respond_head(r.head.status, h, r.head.end_stream)
         idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
         loop = asyncio.get_running_loop()
+        ok = 200 <= r.head.status < 300
         try:
             async with asyncio.timeout(idle) as deadline:
                 while not r.head.end_stream:
@@ -311,27 +491,40 @@ class Proxy:
                         break
                     if x.reset:
                         r.up.cancel(r.sid)
+                        ok = False
                         break
                     if isinstance(e, ev.Data):
+                        data = bytes(e.data)
+                        if stage is not None:
+                            data = stage.feed(data)
+                            if e.end_stream:
+                                data += stage.end()
                         await x.writable()
-                        x.respond_data(bytes(e.data), e.end_stream)
+                        x.respond_data(data, e.end_stream)
                         if e.end_stream:
                             break
                     elif isinstance(e, ev.Trailers):
+                        if stage is not None and (rest := stage.end()):
+                            x.respond_data(rest)
                         x.respond_trailers(e.headers)
                         break
                     elif isinstance(e, ev.StreamReset):
+                        ok = False
                         x.abort()
                         break
         except TimeoutError:
+            ok = False
             r.up.cancel(r.sid)
             x.abort()
         except UpstreamError:
+            ok = False
             x.abort()
         finally:
             if r.pump is not None and not r.pump.done():
                 r.pump.cancel()
             self.upstream.release_conn(r.up)
+            if stage is not None:
+                stage.finish(ok)
 
     def _discard(self, r: TryResult) -> None:
         if r.pump is not None and not r.pump.done():
@@ -339,24 +532,12 @@ class Proxy:
         if r.up is not None:
             r.up.cancel(r.sid)
 
-    def reply(self, x: Exchange, resp: Respond) -> None:
-        """Answer the caller from the waypoint itself (after the response's delay)."""
-
-        async def answer() -> None:
-            if resp.delay:
-                await asyncio.sleep(resp.delay)
-            h = Headers()
-            for k, v in resp.final_headers:
-                h.add(k, v)
-            x.local_reply(resp.status, resp.body, h)
-
+    async def reply(self, x: Exchange, resp: Respond) -> None:
+        """Answer the caller from the waypoint itself, in its protocol (x.style), after the
+        response's delay (an injected fault's)."""
         if resp.delay:
-            asyncio.get_running_loop().create_task(answer())
-        else:
-            h = Headers()
-            for k, v in resp.final_headers:
-                h.add(k, v)
-            x.local_reply(resp.status, resp.body, h)
+            await asyncio.sleep(resp.delay)
+        x.reply(resp)
 
     # ---- queueing for a connection -----------------------------------------------------
 

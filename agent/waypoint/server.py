@@ -19,8 +19,10 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import ssl
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,22 +30,27 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from agent.accesslog import AccessLog
+from agent.aio import cache_running_loop
 from agent.httpserver import HttpRequest, HttpServer, Response
-from agent.policy.authz import Request, evaluate, principal_of, service_policies
+from agent.policy.authz import Decision, Request, evaluate, principal_of, service_policies
 from agent.state import ConfigSnapshot
 from agent.tunnel import h2 as hb
+from agent.tunnel.handoff import Handoff, socket_beside
 from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.metrics import workload_name
 from agent.tunnel.pool import ConnectionPool, PoolSettings
 from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
 from agent.waypoint.aiflow import AiFlow
-from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
-from agent.waypoint.engine.engine import Engine, Forward
-from agent.waypoint.engine.respond import Respond
-from agent.waypoint.proxy import Body, Proxy
+from agent.waypoint.engine.engine import Engine
+from agent.waypoint.engine.health import Probe
+from agent.waypoint.engine.respond import Respond, plain
+from agent.waypoint.errors import style_of
+from agent.waypoint.handoff import HandoffReceiver
+from agent.waypoint.probes import Prober
+from agent.waypoint.proxy import RESPOND_FLAGS, Proxy
 from agent.waypoint.tracing import (
     CLIENT,
     SERVER,
@@ -54,7 +61,7 @@ from agent.waypoint.tracing import (
     random_hex,
     traceparent,
 )
-from agent.waypoint.upstream import Endpoint, UpstreamError, UpstreamPool
+from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
 from controller.ca.spiffe import parse_workload_id
 from controller.model.workloads import Workload
@@ -65,18 +72,8 @@ log = logging.getLogger("weft.waypoint")
 _CHILD_CACHE_MAX = 4096
 
 XFCC = b"x-forwarded-client-cert"
-# Engine answers as Envoy-style response flags (a bounded set of label values).
-RESPOND_FLAGS = {
-    "NoMatchingRoute": "NR",
-    "BackendNotFound": "NR",
-    "FilterNotFound": "NR",
-    "IncompatibleFilters": "NR",
-    "Redirect": "-",
-    "FaultAbort": "FI",
-    "Overflow": "UO",
-    "NoHealthyEndpoint": "UH",
-    "Fallback": "UH",
-}
+ACCESS_DENIED = plain(403, "RBACAccessDenied", "RBAC: access denied")
+ALLOWED = Decision(True, None, "no policy applies")
 REQUEST_LABELS = (
     "reporter",
     "source_workload",
@@ -133,6 +130,9 @@ class WaypointSettings:
     # (limits then hold per replica only).
     quota_path: Path | None = None
     access_log: str = "stdout"  # stdout | stderr | off | a file path
+    # Take pod connections from the node agent directly when this instance runs on the
+    # caller's node (agent/tunnel/handoff.py); off: every connection arrives over HBONE.
+    handoff: bool = True
 
 
 @dataclass
@@ -177,6 +177,7 @@ class Waypoint:
     def __init__(self, s: WaypointSettings) -> None:
         self.s = s
         self.snapshot = ConfigSnapshot.empty()
+        self._authz: dict[tuple[str, str], list[Any]] = {}
         self.svid: Svid | None = None
         self._client_ctx: ssl.SSLContext | None = None
         self._server_ctx: ssl.SSLContext | None = None
@@ -195,9 +196,15 @@ class Waypoint:
         self.inbound: set[HboneConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[Any]] = []
-        self.proxy = Proxy(self.upstream, self.endpoint)
+        self.prober = Prober(s.name)
+        self.proxy = Proxy(self.upstream, self.endpoint, self.engine.backend)
         self.ai = AiFlow(self, s.quota_path, self.metrics.registry)
         self.draining = False
+        # Pod connections its node agent handed over (no HBONE hop): see _handed.
+        self._handoffs: weakref.WeakSet[Downstream] = weakref.WeakSet()
+        self.receiver = (
+            HandoffReceiver(socket_beside(s.workload_socket), self._handed) if s.handoff else None
+        )
 
     # ---- identity and config -----------------------------------------------------------
 
@@ -213,6 +220,7 @@ class Waypoint:
 
     def _on_config(self, snap: ConfigSnapshot) -> None:
         self.snapshot = snap
+        self._authz = {}  # Service -> its L7 policies, for this snapshot
         self.engine.update(snap)
         self.ai.update(list(snap.resources.values()))
         # Backends that speak HTTP/2 (gRPC, h2c), from the Service port's appProtocol.
@@ -286,6 +294,8 @@ class Waypoint:
         self._tasks.append(asyncio.create_task(self._timers(), name="engine-timers"))
         self._tasks.append(asyncio.create_task(self.ai.run_timers(), name="ai-timers"))
         self._tasks.append(asyncio.create_task(self.link.run(), name="agent-link"))
+        if self.receiver is not None:
+            self._tasks.append(asyncio.create_task(self.receiver.run(), name="handoff"))
         log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)
 
     async def drain(self) -> None:
@@ -295,7 +305,9 @@ class Waypoint:
         for c in list(self.inbound):
             c.goaway()
         end = time.monotonic() + self.s.drain_timeout
-        while any(c.open_streams() for c in self.inbound) and time.monotonic() < end:  # noqa: ASYNC110
+        while (  # noqa: ASYNC110
+            any(c.open_streams() for c in self.inbound) or any(d.exchanges for d in self._handoffs)
+        ) and time.monotonic() < end:
             await asyncio.sleep(0.05)
         await self.close()
 
@@ -305,6 +317,8 @@ class Waypoint:
         await self.traces.close()
         for c in list(self.inbound):
             c.abort_all()
+        for d in list(self._handoffs):
+            d.close()
         self.upstream.close()
         await self.tunnel_pool.close()
         self.access.close()
@@ -350,49 +364,79 @@ class Waypoint:
         return c
 
     def _stream(self, conn: HboneConnection, req: hb.StreamRequest) -> None:
+        if req.method != "CONNECT":
+            conn.respond(req.stream_id, 400)
+            return
+        caller = self._caller(conn.peer_id, forwarded_for(req.headers), req.authority)
+        if isinstance(caller, int):
+            conn.respond(req.stream_id, caller)
+            return
+        stream = conn.accept_stream(req.stream_id)
+        conn.respond(req.stream_id, 200)
+        StreamTransport(self._downstream(caller), {"peer_identity": conn.peer_id}).bind(stream)
+
+    def _caller(
+        self, principal: str | None, client_ip: str | None, authority: str
+    ) -> CallerInfo | int:
+        """Who calls which Service port of this waypoint, or the status refusing it (401: not
+        a peer of this trust domain; 400: not a Service this waypoint serves)."""
         snap = self.snapshot
-        peer = parse_workload_id(conn.peer_id or "")
-        target = parse_authority(req.authority)
-        svc = snap.services_by_vip.get(target[0]) if target else None
+        peer = parse_workload_id(principal or "")
         if peer is None or peer.trust_domain != snap.trust_domain:
-            conn.respond(req.stream_id, 401)
-            return
-        if req.method != "CONNECT" or target is None or svc is None or svc.port(target[1]) is None:
-            log.info(
-                "waypoint %s: CONNECT %r is not a port of a Service it serves",
-                self.s.name,
-                req.authority,
-            )
-            conn.respond(req.stream_id, 400)
-            return
+            return 401
+        target = parse_authority(authority)
+        svc = snap.services_by_vip.get(target[0]) if target else None
+        if target is None or svc is None or svc.port(target[1]) is None:
+            log.info("waypoint %s: %r is not a port of a Service it serves", self.s.name, authority)
+            return 400
         if svc.waypoint != self.s.name:
-            conn.respond(req.stream_id, 400)
-            return
-        caller = CallerInfo(
-            principal=conn.peer_id,
-            client_ip=forwarded_for(req.headers) or "0.0.0.0",
+            return 400
+        return CallerInfo(
+            principal=principal,
+            client_ip=client_ip or "0.0.0.0",
             service_ns=svc.namespace,
             service=svc.name,
             vip=target[0],
             port=target[1],
         )
-        stream = conn.accept_stream(req.stream_id)
-        conn.respond(req.stream_id, 200)
-        proto = Downstream(
+
+    def _downstream(self, caller: CallerInfo) -> Downstream:
+        return Downstream(
             caller, self.handle, head_timeout=self.s.head_timeout, idle_timeout=self.s.idle_timeout
         )
-        StreamTransport(proto, {"peer_identity": conn.peer_id}).bind(stream)
+
+    # ---- connections handed over by the node agent -----------------------------------
+
+    def _handed(self, what: Handoff, sock: socket.socket) -> None:
+        """A pod connection the node agent captured for a Service of this waypoint
+        (agent/tunnel/handoff.py): plaintext HTTP straight from the pod's socket."""
+        caller = self._caller(what.source, what.client_ip, what.destination)
+        if isinstance(caller, int) or self.draining:
+            log.info("waypoint %s: handed connection to %s refused", self.s.name, what.destination)
+            sock.close()
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        proto = self._downstream(caller)
+        t = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(lambda: proto, sock)
+        )
+        self._handoffs.add(proto)
+        t.add_done_callback(lambda _t: _t.cancelled() or _t.exception())
 
     # ---- one request -------------------------------------------------------------------
 
     async def handle(self, x: Exchange) -> None:
+        """One request: L7 authorization, then the one request path (proxy.py)."""
         snap = self.snapshot
         c = x.caller
         svc = snap.services.get((c.service_ns, c.service))
-        if svc is None:
-            x.local_reply(503, b"service no longer exists\n")
-            return self._log(x, None, "NR")
         head = x.head
+        ai = self.ai.policies.for_service(c.service_ns, c.service)
+        x.style = style_of(head.headers, ai is not None)
+        if svc is None:
+            x.reply(plain(503, "NoHealthyEndpoint", "service no longer exists"))
+            return self._log(x, None, "NR")
         headers = head.headers.copy()
         trace = TraceContext.from_headers(headers.get(b"traceparent"), headers.get(b"tracestate"))
         span = Span(
@@ -415,22 +459,31 @@ class Waypoint:
         if not headers.get(b"x-request-id"):
             headers.set(b"x-request-id", random_hex(128).encode())
         peer = parse_workload_id(c.principal or "")
-        decision = evaluate(
-            service_policies(snap.authorization, svc.namespace, svc.name),
-            Request(
-                principal_of(c.principal),
-                peer.namespace if peer else None,
-                c.client_ip,
-                c.vip,
-                c.port,
-                method=head.method,
-                path=head.target.split("?", 1)[0],
-                host=head.authority,
-                headers=_header_dict(headers),
-            ),
+        policies = self._authz.get((svc.namespace, svc.name))
+        if policies is None:
+            policies = self._authz[(svc.namespace, svc.name)] = service_policies(
+                snap.authorization, svc.namespace, svc.name
+            )
+        decision = (
+            ALLOWED
+            if not policies
+            else evaluate(
+                policies,
+                Request(
+                    principal_of(c.principal),
+                    peer.namespace if peer else None,
+                    c.client_ip,
+                    c.vip,
+                    c.port,
+                    method=head.method,
+                    path=head.target.split("?", 1)[0],
+                    host=head.authority,
+                    headers=_header_dict(headers),
+                ),
+            )
         )
         if not decision.allowed:
-            x.local_reply(403, b"RBAC: access denied\n")
+            x.reply(ACCESS_DENIED)
             log.info(
                 "denied %s %s %s by %s: %s",
                 c.principal,
@@ -443,10 +496,7 @@ class Waypoint:
         headers.strip_hop_by_hop()
         headers.remove(XFCC)
         headers.set(XFCC, f"By={self.identity};URI={c.principal}".encode())
-        dst: list[Workload | None] = []
-
-        async def attempt(ep: Endpoint, outcome: int) -> None:
-            dst.append(self.snapshot.workloads_by_ip.get(ep.ip))
+        dst: list[Endpoint] = []
 
         def before_try(ep: Endpoint, h: Headers) -> Span:
             span = Span(
@@ -462,6 +512,7 @@ class Waypoint:
                 },
             )
             h.set(b"traceparent", traceparent(x.trace.trace_id, span.span_id, x.trace.sampled))
+            dst.append(ep)
             return span
 
         def after_try(span: Span, outcome: int) -> None:
@@ -471,51 +522,28 @@ class Waypoint:
             if x.trace.sampled:
                 self.traces.record(span)
 
-        def route() -> Forward | Respond:
-            """The Service's HTTPRoute decision for this request (a Forward or a Respond)."""
-            return self.engine.route(
-                (svc.namespace, svc.name),
-                c.port,
-                head.method,
-                head.target,
-                headers,
-                source=c.principal,
-                authority=head.authority,
-                scheme=head.scheme,
-            )
-
-        async def plain(held: Body | None = None) -> str:
-            routed = route()
-            if isinstance(routed, Respond):
-                self.proxy.reply(x, routed)
-                return RESPOND_FLAGS.get(routed.code, routed.code)
-            return await self.proxy.run(
-                x,
-                routed,
-                headers,
-                on_attempt=attempt,
-                before_try=before_try,
-                after_try=after_try,
-                held=held,
-            )
-
-        ai = self.ai.policies.for_service(svc.namespace, svc.name)
-        if ai is None:
-            flags = await plain()  # the common path: no AI policy on this Service
+        routed = self.engine.route(
+            (svc.namespace, svc.name),
+            c.port,
+            head.method,
+            head.target,
+            headers,
+            source=c.principal,
+            authority=head.authority,
+            scheme=head.scheme,
+        )
+        if isinstance(routed, Respond):
+            await self.proxy.reply(x, routed)
+            flags = RESPOND_FLAGS.get(routed.code, routed.code)
         else:
-            span = before_try(Endpoint("model", 0, "", "", 0), headers)
-
-            def route_backend() -> tuple[str, str, int] | Respond:
-                r = route()
-                return r if isinstance(r, Respond) else r.backend.key
-
-            flags = await self.ai.handle(
-                x, ai, headers, c.principal, peer.namespace if peer else None, plain, route_backend
+            stage = None
+            if ai is not None:
+                stage = self.ai.request(x, ai, c.principal, peer.namespace if peer else None)
+            flags = await self.proxy.run(
+                x, routed, headers, stage=stage, before_try=before_try, after_try=after_try
             )
-            after_try(span, x.status or -1)
-            ep_ip = x.annotations.get("endpoint", "").split(":")[0]
-            dst.append(self.snapshot.workloads_by_ip.get(ep_ip))
-        self._log(x, dst[-1] if dst else None, flags)
+        last = self.snapshot.workloads_by_ip.get(dst[-1].ip) if dst else None
+        self._log(x, last, flags)
 
     def endpoint(self, w: Workload, port: int) -> Endpoint | None:
         """Where to reach a backend workload: its node's tunnel, as its identity."""
@@ -533,54 +561,37 @@ class Waypoint:
 
     async def _timers(self) -> None:
         """The engine's clock work: outlier sweeps and readmissions, active health checks."""
-        while True:
-            due = self.engine.next_timer()
-            wait = 1.0 if due is None else max(0.01, min(1.0, due - time.monotonic()))
-            await asyncio.sleep(wait)
-            self.engine.tick()
-            for probe in self.engine.due_probes():
-                asyncio.get_running_loop().create_task(self._probe(probe))
-            for e in self.engine.take_events():
-                log.info("waypoint %s: %s", self.s.name, e)
-                self.metrics.events.labels(getattr(e, "kind", "event").__str__()).inc()
+        probes: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                due = self.engine.next_timer()
+                wait = 1.0 if due is None else max(0.01, min(1.0, due - time.monotonic()))
+                await asyncio.sleep(wait)
+                self.engine.tick()
+                for probe in self.engine.due_probes():
+                    t = asyncio.get_running_loop().create_task(self._probe(probe))
+                    probes.add(t)
+                    t.add_done_callback(probes.discard)
+                for e in self.engine.take_events():
+                    log.info("waypoint %s: %s", self.s.name, e)
+                    self.metrics.events.labels(str(getattr(e, "kind", "event"))).inc()
+        finally:
+            for t in probes:
+                t.cancel()
+            await asyncio.gather(*probes, return_exceptions=True)
 
-    async def _probe(self, probe: Any) -> None:
-        ep = self.endpoint(probe.endpoint.workload, probe.endpoint.port)
-        ok = False
-        if ep is not None:
-            try:
-                up = await asyncio.wait_for(
-                    self.upstream.acquire(ep, "0.0.0.0", fresh=True), probe.timeout
-                )
-                h = Headers()
-                if probe.kind == "grpc":
-                    ok = await self._grpc_health(up, probe)
-                else:
-                    sid = up.start("GET", probe.path, f"{ep.ip}:{ep.port}", h, end_stream=True)
-                    async for e in up.events(sid):
-                        if isinstance(e, ev.ResponseHead) and not e.informational:
-                            ok = probe.passed(e.status)
-                up.close()
-            except (UpstreamError, TimeoutError, OSError):
-                ok = False
-        self.engine.report_probe(probe, ok)
+    async def _probe(self, probe: Probe) -> None:
+        """One active health check; any failure is a failed probe (probes.py), so the
+        endpoint is always reported and probed again at the next interval."""
 
-    async def _grpc_health(self, up: Any, probe: Any) -> bool:
-        """grpc.health.v1.Health/Check: SERVING is field 1 = 1 in the response message."""
-        name = probe.service.encode()
-        msg = (b"\x0a" + bytes([len(name)]) + name) if name else b""
-        frame = b"\x00" + len(msg).to_bytes(4, "big") + msg
-        h = Headers.of(("content-type", "application/grpc"), ("te", "trailers"))
-        sid = up.start("POST", "/grpc.health.v1.Health/Check", "health", h, end_stream=False)
-        await up.send(sid, frame, True)
-        body = b""
-        status = None
-        async for e in up.events(sid):
-            if isinstance(e, ev.Data):
-                body += bytes(e.data)
-            elif isinstance(e, ev.Trailers):
-                status = e.headers.get(b"grpc-status")
-        return status == b"0" and body[5:7] == b"\x08\x01"
+        async def acquire() -> UpstreamConnection:
+            ep = self.endpoint(probe.endpoint.workload, probe.endpoint.port)
+            if ep is None:
+                raise UpstreamError("connect-failure", f"no route to {probe.endpoint.address}")
+            return await self.upstream.dial(ep, h2=True if probe.kind == "grpc" else None)
+
+        result = await self.prober.run(acquire, probe)
+        self.engine.report_probe(probe, result.ok)
 
     # ---- telemetry ---------------------------------------------------------------------
 
@@ -705,6 +716,7 @@ def _is_h2(app_protocol: str | None) -> bool:
 
 
 async def run(s: WaypointSettings) -> None:
+    cache_running_loop(asyncio.get_running_loop())
     wp = Waypoint(s)
     await wp.start()
     stop = asyncio.Event()

@@ -249,12 +249,29 @@ class UpstreamPool:
         self.active: dict[str, int] = {}  # connections per endpoint, for pool limits
 
     def has_idle(self, ep: Endpoint) -> bool:
-        """A connection to `ep` can take a request now (for the engine's pool admission)."""
+        """A connection to `ep` can take a request now (for the engine's pool admission);
+        `take(ep)` right after it (with no await between) returns it."""
         if ep.h2:
             c = self._h2.get(ep.key)
             return c is not None and c.reusable()
-        idle = self._idle.get(ep.key) or ()
-        return any(c.reusable() for c in idle)
+        idle = self._idle.get(ep.key)
+        if not idle:
+            return False
+        now = time.monotonic()
+        while idle:
+            c = idle[-1]
+            if c.reusable() and now - c.last_used < IDLE_TIMEOUT:
+                return True
+            idle.pop().close()  # stale: its close is counted back by on_close
+        return False
+
+    def take(self, ep: Endpoint) -> UpstreamConnection | None:
+        """A connection to `ep` that can take a request now, or None."""
+        if not self.has_idle(ep):
+            return None
+        if ep.h2:
+            return self._h2[ep.key]
+        return self._idle[ep.key].pop()
 
     async def acquire(
         self,
@@ -266,18 +283,8 @@ class UpstreamPool:
     ) -> UpstreamConnection:
         """A connection for one request: an idle one unless `fresh`, else a new dial.
         `on_close` runs once when a newly dialled connection closes."""
-        if not fresh:
-            if ep.h2:
-                c = self._h2.get(ep.key)
-                if c is not None and c.reusable():
-                    return c
-            else:
-                idle = self._idle.get(ep.key)
-                while idle:
-                    c = idle.pop()
-                    if c.reusable() and time.monotonic() - c.last_used < IDLE_TIMEOUT:
-                        return c
-                    c.close()
+        if not fresh and (c := self.take(ep)) is not None:
+            return c
         c = await self._dial(ep, client_ip)
         c.ep = ep
         c.on_close = on_close

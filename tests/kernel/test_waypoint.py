@@ -133,6 +133,19 @@ def test_requests_through_the_waypoint_carry_the_callers_identity(wp: Mesh) -> N
     assert {x["destination"] for x in rows} == set(MODEL_PODS)
     assert all(x["status"] == 200 and x["flags"] == "-" for x in rows[-30:])
 
+    # The client runs on the waypoint's node: its agent handed the captured connections to
+    # the waypoint process (no HBONE hop, agent/tunnel/handoff.py) and logged each handoff.
+    # batch, on node-2, comes over HBONE; both are served the same way.
+    agent1 = labmesh.node_get(wp.state, "node-1", "/metrics")
+    assert metric(agent1, "weft_tunnel_waypoint_handoffs_total") >= 1  # one keep-alive conn
+    handoffs = [x for x in wp.access_log("agent-node-1") if x.get("kind") == "handoff"]
+    assert handoffs and handoffs[-1]["source"] == "spiffe://cluster.local/ns/apps/sa/client"
+    assert handoffs[-1]["waypoint"] == "ai/waypoint"
+    (rb,) = chat(wp, "apps/batch")
+    assert rb["status"] == 200
+    agent2 = labmesh.node_get(wp.state, "node-2", "/metrics")
+    assert metric(agent2, "weft_tunnel_waypoint_handoffs_total") == 0
+
 
 def _fetch(url: str) -> str:
     import urllib.request

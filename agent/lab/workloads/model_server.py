@@ -45,6 +45,8 @@ from typing import Any, TypeGuard, cast
 
 import httptools
 
+from agent.waypoint.errors import openai_error
+
 log = logging.getLogger("weft.model_server")
 
 MiB = 1 << 20
@@ -237,23 +239,9 @@ class BadRequest(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-def _error_type(status: int) -> str:
-    return {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        403: "permission_error",
-        404: "not_found_error",
-        405: "invalid_request_error",
-        413: "invalid_request_error",
-        429: "rate_limit_error",
-        503: "service_unavailable",
-    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-
 def error_body(status: int, message: str, param: str | None = None, code: Any = None) -> bytes:
-    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
-    err = {"message": message, "type": _error_type(status), "param": param, "code": code}
-    return json.dumps({"error": err}).encode()
+    """An OpenAI-style error, with weft's one mapping of status to error type."""
+    return openai_error(status, message, param=param, code=code)
 
 
 def _text_of_content(content: object, where: str) -> list[str]:

@@ -56,25 +56,6 @@ class BadModelRequest(Exception):
         self.param = param
 
 
-def error_body(
-    status: int,
-    message: str,
-    *,
-    type_: str | None = None,
-    param: str | None = None,
-    code: str | None = None,
-) -> bytes:
-    """An OpenAI-style error body, which OpenAI clients know how to show."""
-    kind = type_ or {
-        400: "invalid_request_error",
-        404: "invalid_request_error",
-        429: "rate_limit_error",
-        503: "service_unavailable",
-    }.get(status, "server_error")
-    err = {"message": message, "type": kind, "param": param, "code": code}
-    return json.dumps({"error": err}, separators=(",", ":")).encode()
-
-
 @dataclass(slots=True)
 class ModelRequest:
     operation: Operation
