@@ -122,15 +122,20 @@ class AiFlow:
                         eps[ep.key] = ep
 
         async def one(ep: Endpoint) -> None:
+            # A connection of its own (a new HBONE stream on the pooled TLS connection),
+            # closed after: request traffic's pool limits count only request connections.
+            up = None
             with contextlib.suppress(UpstreamError, TimeoutError, OSError, ValueError):
-                up = await asyncio.wait_for(self.wp.upstream.acquire(ep, "0.0.0.0"), 2)
-                sid = up.start("GET", "/metrics", ep.key, Headers(), end_stream=True)
-                body = b""
-                async for e in up.events(sid):
-                    if isinstance(e, ev.Data):
-                        body += bytes(e.data)
-                self.wp.upstream.release_conn(up)
+                async with asyncio.timeout(2):
+                    up = await self.wp.upstream.dial(ep)
+                    sid = up.start("GET", "/metrics", ep.key, Headers(), end_stream=True)
+                    body = b""
+                    async for e in up.events(sid):
+                        if isinstance(e, ev.Data):
+                            body += bytes(e.data)
                 self.board.scraped(ep.key, parse_vllm_metrics(body), time.time())
+            if up is not None:
+                up.close()
 
         await asyncio.gather(*(one(ep) for ep in eps.values()))
         for s in self.policies.shedders():

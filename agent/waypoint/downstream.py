@@ -89,6 +89,7 @@ class Exchange:
     first_byte_at: float | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
     style: Style = Style.TEXT  # how the mesh's own answers are written (errors.py)
+    on_reset: Callable[[], None] | None = None  # cancels the upstream try (caller_gone)
     span: Any = None  # the waypoint's SERVER span (agent/waypoint/tracing.py)
     trace: Any = None  # the request's TraceContext
 
@@ -135,6 +136,15 @@ class Exchange:
         if body:
             self.respond_data(body, end=True)
 
+    def caller_gone(self) -> None:
+        """The caller reset the stream or closed the connection: whatever is in flight
+        upstream for this exchange is cancelled now (`on_reset`), not when the backend
+        next speaks."""
+        self.reset = True
+        cb, self.on_reset = self.on_reset, None
+        if cb is not None:
+            cb()
+
     def abort(self) -> None:
         if not self.response_done:
             self.conn.write(self.conn.codec.reset_stream(self.sid))
@@ -176,9 +186,12 @@ class Downstream(asyncio.Protocol):
         self.idle_timeout = idle_timeout
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self._out: list[bytes] | None = None  # written this loop turn, not yet flushed
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         self._arm(self.head_timeout, self._head_timed_out)
 
     def _arm(self, delay: float, fn: Callable[[], None]) -> None:
@@ -204,11 +217,25 @@ class Downstream(asyncio.Protocol):
             self.close()
 
     def write(self, data: bytes) -> None:
+        """Queue bytes for the caller; they go out in one write at the end of this loop
+        turn, so a response head and its body (or several streams' frames) share a
+        system call and a TCP segment instead of one each."""
         if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+            out = self._out
+            if out is None:
+                self._out = [data]
+                self._loop.call_soon(self._flush)
+            else:
+                out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self._flush()
             self.closed = True
             if self._timer is not None:
                 self._timer.cancel()
@@ -242,7 +269,7 @@ class Downstream(asyncio.Protocol):
         else:
             self.write(self.codec.data_to_send())
         for x in list(self.exchanges.values()):
-            x.reset = True
+            x.caller_gone()
         self.close()
 
     def _dispatch(self, events: list[ev.Event]) -> None:
@@ -287,12 +314,12 @@ class Downstream(asyncio.Protocol):
             elif isinstance(e, ev.StreamReset):
                 x4 = self.exchanges.pop(e.stream_id, None)
                 if x4 is not None:
-                    x4.reset = True
+                    x4.caller_gone()
                     x4.body.put_nowait(None)
             elif isinstance(e, ev.ConnectionClosed):
                 for x5 in self.exchanges.values():
                     if not x5.body_done:
-                        x5.reset = True
+                        x5.caller_gone()
                         x5.body.put_nowait(None)
 
     def _continue(self, x: Exchange) -> None:
@@ -371,8 +398,8 @@ class Downstream(asyncio.Protocol):
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
-        for x in self.exchanges.values():
-            x.reset = True
+        for x in list(self.exchanges.values()):
+            x.caller_gone()
             with contextlib.suppress(asyncio.QueueFull):
                 x.body.put_nowait(None)
         for t in self.tasks:

@@ -79,7 +79,9 @@ _OPENAI_TYPE = {
     503: "service_unavailable",
     504: "timeout_error",
 }
-_SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
+# A word starts at a capital after a lowercase letter or digit, or at the last capital of
+# an acronym followed by lowercase: RBACAccessDenied -> RBAC_Access_Denied.
+_SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 def snake(code: str) -> str:

@@ -36,6 +36,7 @@ from agent.waypoint.engine.engine import Forward
 from agent.waypoint.engine.outcome import Failure
 from agent.waypoint.engine.pool import OVERFLOW_RESPONSE, Admission
 from agent.waypoint.engine.respond import Respond, plain
+from agent.waypoint.errors import Style
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
@@ -80,8 +81,17 @@ RESPOND_FLAGS = {
     "UpstreamFailure": "UF",
     "UpstreamTimeout": "UT",
 }
+DEADLINE_TRAILERS = Headers.of(
+    ("grpc-status", "4"), ("grpc-message", "upstream timeout: no data within the route timeout")
+)
 TOO_LARGE = plain(413, "PayloadTooLarge", "request body too large for model routing")
 NOTHING_TRIED = plain(503, "NoHealthyEndpoint", "no target of the model route could be tried")
+
+
+def _declared_small(headers: Headers) -> bool:
+    """The request says its body fits the retry buffer (a content-length within it)."""
+    n = headers.get(b"content-length")
+    return n is not None and n.isdigit() and int(n) <= RETRY_BUFFER
 
 
 def _kind(outcome: int) -> str | None:
@@ -105,6 +115,9 @@ class Body:
     held: bytearray = field(default_factory=bytearray)
     complete: bool = False  # `held` is the whole body
     trailers: Headers | None = None
+    # While the body streams to the first try, a copy is kept up to RETRY_BUFFER: if it
+    # ends within that, it becomes `complete` and a retry can send it again.
+    teeing: bool = True
 
     @property
     def replayable(self) -> bool:
@@ -219,9 +232,14 @@ class Proxy:
                 return RESPOND_FLAGS.get(answer.code, "-")
             if not stage.targets:
                 stage = None  # not a request the policy reads (GET /v1/models, ...)
-        elif x.body_done or fwd.rule.retry.attempts > 0 or fwd.mirrors:
+        elif x.body_done or (
+            (fwd.rule.retry.attempts > 0 or fwd.mirrors) and _declared_small(x.head.headers)
+        ):
             body = await hold_body(x)
         else:
+            # Streamed to the first try as it arrives (a gRPC stream, a large upload): never
+            # waited for, or bidirectional calls would deadlock. A copy kept on the way
+            # (Body.teeing) still lets a retry resend a body that turned out small.
             body = Body()
         for m in fwd.mirrors:
             self._mirror(m, x, target, authority, headers, body)
@@ -353,10 +371,13 @@ class Proxy:
             )
             if after_try is not None:
                 after_try(token, last.outcome)
+            if x.reset:
+                att.observed = True  # the caller left: says nothing about the endpoint
             att.observe(last.outcome)
             if on_attempt is not None:
                 on_attempt(ep, last.outcome)
-            wait = fwd.retry_after(last.outcome, att) if body.replayable else None
+            replay = body.replayable and not x.reset
+            wait = fwd.retry_after(last.outcome, att) if replay else None
             if wait is None:
                 return last, att
             self._discard(last)
@@ -405,15 +426,25 @@ class Proxy:
         rest_streams = not body.complete  # the rest of the body is still in the queue
         end_now = body.complete and not body.held and body.trailers is None
 
-        sid = up.start(x.head.method, target, authority, headers, end_stream=end_now)
         pump: asyncio.Task[None] | None = None
-        if rest_streams or not up.write_ready.is_set():
+        if body.complete and body.held and body.trailers is None and up.write_ready.is_set():
+            # The common case: a whole body that the connection can take now goes out with
+            # its head in one write.
+            sid = up.start(
+                x.head.method, target, authority, headers, end_stream=True, body=bytes(body.held)
+            )
+        elif rest_streams or not up.write_ready.is_set():
+            sid = up.start(x.head.method, target, authority, headers, end_stream=end_now)
             # The body is still arriving, or the connection cannot take it now: send it in
             # a task, so the answer (an early 413, a timeout) is read meanwhile.
             pump = asyncio.create_task(self._send_body(x, up, sid, body, rest_streams, end_now))
         else:
             # Complete and writable: the sends below do not wait, so no task is needed.
+            sid = up.start(x.head.method, target, authority, headers, end_stream=end_now)
             await self._send_body(x, up, sid, body, False, end_now)
+        x.on_reset = lambda: up.cancel(sid)
+        if x.reset:  # gone while the try was being set up
+            up.cancel(sid)
         events = up.events(sid)
         try:
             async with asyncio.timeout(_min(limit, DEFAULT_HEAD_TIMEOUT)):
@@ -451,12 +482,22 @@ class Proxy:
         if body.held:
             await up.send(sid, bytes(body.held), end=not rest_streams and body.trailers is None)
         if rest_streams:
+            body.teeing = body.teeing and len(body.held) <= RETRY_BUFFER
             while (chunk := await x.body.get()) is not None:
                 await up.send(sid, chunk, False)
                 x.conn.consumed(x, len(chunk))
+                if body.teeing:
+                    if len(body.held) + len(chunk) <= RETRY_BUFFER:
+                        body.held += chunk
+                    else:
+                        body.teeing = False
+                        body.held = bytearray()
             if x.reset:
                 up.cancel(sid)
                 return
+            if body.teeing:
+                body.complete = True  # all of it went out, and all of it is kept
+                body.trailers = x.trailers
             if x.trailers is not None:
                 up.trailers(sid, x.trailers)
             else:
@@ -515,11 +556,17 @@ class Proxy:
         except TimeoutError:
             ok = False
             r.up.cancel(r.sid)
-            x.abort()
+            if x.style is Style.GRPC and x.responded:
+                # A gRPC caller past its headers learns the deadline from trailers, as a
+                # gRPC server would say it, not from a reset that reads as CANCELLED.
+                x.respond_trailers(DEADLINE_TRAILERS)
+            else:
+                x.abort()
         except UpstreamError:
             ok = False
             x.abort()
         finally:
+            x.on_reset = None
             if r.pump is not None and not r.pump.done():
                 r.pump.cancel()
             self.upstream.release_conn(r.up)

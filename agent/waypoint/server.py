@@ -43,6 +43,7 @@ from agent.tunnel.pool import ConnectionPool, PoolSettings
 from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
 from agent.waypoint.aiflow import AiFlow
 from agent.waypoint.codec.headers import Headers
+from agent.waypoint.codec.http2 import Http2Connection
 from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
 from agent.waypoint.engine.engine import Engine
 from agent.waypoint.engine.health import Probe
@@ -178,6 +179,7 @@ class Waypoint:
         self.s = s
         self.snapshot = ConfigSnapshot.empty()
         self._authz: dict[tuple[str, str], list[Any]] = {}
+        self._endpoints: dict[tuple[int, int], Endpoint | None] = {}
         self.svid: Svid | None = None
         self._client_ctx: ssl.SSLContext | None = None
         self._server_ctx: ssl.SSLContext | None = None
@@ -190,7 +192,7 @@ class Waypoint:
         )
         self.metrics = WaypointMetrics()
         self.metrics.registry.register(_EngineCollector(self))
-        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
         self.access = AccessLog.open(s.access_log)
         self.traces = Exporter(s.otlp_endpoint, f"waypoint/{s.name}")
         self.inbound: set[HboneConnection] = set()
@@ -221,6 +223,7 @@ class Waypoint:
     def _on_config(self, snap: ConfigSnapshot) -> None:
         self.snapshot = snap
         self._authz = {}  # Service -> its L7 policies, for this snapshot
+        self._endpoints = {}  # (id(workload), port) -> Endpoint, for this snapshot
         self.engine.update(snap)
         self.ai.update(list(snap.resources.values()))
         # Backends that speak HTTP/2 (gRPC, h2c), from the Service port's appProtocol.
@@ -231,6 +234,7 @@ class Waypoint:
                     for w in snap.endpoints.get((ns, name), ()):
                         h2[(str(w.spec.addresses[0]), port.target())] = True
         self._h2_ports = h2
+        self._endpoints = {}  # the h2 flags changed with the config, too
         log.info("waypoint %s: config revision %d", self.s.name, snap.revision)
 
     def client_context(self) -> ssl.SSLContext:
@@ -439,22 +443,24 @@ class Waypoint:
             return self._log(x, None, "NR")
         headers = head.headers.copy()
         trace = TraceContext.from_headers(headers.get(b"traceparent"), headers.get(b"tracestate"))
-        span = Span(
-            f"{head.method} {svc.name}.{svc.namespace}",
-            trace.trace_id,
-            new_span_id(),
-            trace.parent_id,
-            SERVER,
-            attributes={
-                "http.request.method": head.method,
-                "url.path": head.target,
-                "server.address": head.authority,
-                "weft.source.principal": c.principal,
-                "weft.waypoint": self.s.name,
-            },
-        )
+        # Spans are objects only when they are exported; otherwise the trace context is
+        # still propagated (a new span id per try), which is all W3C asks of a proxy.
+        if trace.sampled and self.traces.enabled:
+            x.span = Span(
+                f"{head.method} {svc.name}.{svc.namespace}",
+                trace.trace_id,
+                new_span_id(),
+                trace.parent_id,
+                SERVER,
+                attributes={
+                    "http.request.method": head.method,
+                    "url.path": head.target,
+                    "server.address": head.authority,
+                    "weft.source.principal": c.principal,
+                    "weft.waypoint": self.s.name,
+                },
+            )
         x.annotations["traceId"] = trace.trace_id
-        x.span = span
         x.trace = trace
         if not headers.get(b"x-request-id"):
             headers.set(b"x-request-id", random_hex(128).encode())
@@ -498,7 +504,11 @@ class Waypoint:
         headers.set(XFCC, f"By={self.identity};URI={c.principal}".encode())
         dst: list[Endpoint] = []
 
-        def before_try(ep: Endpoint, h: Headers) -> Span:
+        def before_try(ep: Endpoint, h: Headers) -> Span | None:
+            dst.append(ep)
+            if x.span is None:
+                h.set(b"traceparent", traceparent(trace.trace_id, new_span_id(), trace.sampled))
+                return None
             span = Span(
                 f"upstream {ep.key}",
                 x.trace.trace_id,
@@ -512,15 +522,15 @@ class Waypoint:
                 },
             )
             h.set(b"traceparent", traceparent(x.trace.trace_id, span.span_id, x.trace.sampled))
-            dst.append(ep)
             return span
 
-        def after_try(span: Span, outcome: int) -> None:
+        def after_try(span: Span | None, outcome: int) -> None:
+            if span is None:
+                return
             if outcome < 0:
                 span.error = f"try failed ({outcome})"
             span.end(**{"http.response.status_code": outcome if outcome > 0 else None})
-            if x.trace.sampled:
-                self.traces.record(span)
+            self.traces.record(span)
 
         routed = self.engine.route(
             (svc.namespace, svc.name),
@@ -546,10 +556,16 @@ class Waypoint:
         self._log(x, last, flags)
 
     def endpoint(self, w: Workload, port: int) -> Endpoint | None:
-        """Where to reach a backend workload: its node's tunnel, as its identity."""
+        """Where to reach a backend workload: its node's tunnel, as its identity (cached
+        for the config revision)."""
+        key = (id(w), port)
+        ep = self._endpoints.get(key)
+        if ep is None and w is not None:
+            ep = self._endpoints[key] = self._endpoint(w, port)
+        return ep
+
+    def _endpoint(self, w: Workload, port: int) -> Endpoint | None:
         snap = self.snapshot
-        if w is None:
-            return None
         node = snap.nodes.get(w.spec.node)
         if node is None:
             return None
@@ -598,38 +614,51 @@ class Waypoint:
     def _log(self, x: Exchange, dst: Workload | None, flags: str) -> None:
         snap = self.snapshot
         c = x.caller
-        span = getattr(x, "span", None)
+        span = x.span
         if span is not None:
             if x.status >= 500 or flags not in ("-",):
                 span.error = flags if flags != "-" else f"HTTP {x.status}"
             span.end(**{"http.response.status_code": x.status, "weft.response_flags": flags})
-            if x.trace.sampled:
-                self.traces.record(span)
-        src = snap.workloads_by_ip.get(c.client_ip)
+            self.traces.record(span)
         elapsed_ms = (time.monotonic() - x.started) * 1000
         svc_fqdn = f"{c.service}.{c.service_ns}.svc.cluster.local"
-        labels = (
-            "waypoint",
-            workload_name(src),
-            src.namespace if src else "unknown",
-            c.principal or "unknown",
-            workload_name(dst),
-            dst.namespace if dst else "unknown",
-            snap.workload_identity(dst) if dst else "unknown",
-            svc_fqdn,
-            c.service,
+        h2 = type(x.conn.codec) is Http2Connection
+        # The label values follow from these (and the config revision): look the metric
+        # children up by them, not by 14 labels recomputed per request.
+        key = (
+            snap.revision,
+            c.client_ip,
+            c.principal,
             c.service_ns,
-            "HTTP/2" if x.conn.codec.__class__.__name__ == "Http2Connection" else "HTTP/1.1",
-            str(x.status or 0),
+            c.service,
+            id(dst),  # the snapshot of this revision holds it: the id is not reused
+            h2,
+            x.status,
             flags,
-            "mutual_tls",
         )
-        children = self._children.get(labels)
+        children = self._children.get(key)
         if children is None:
             if len(self._children) >= _CHILD_CACHE_MAX:
                 self._children.clear()
+            src = snap.workloads_by_ip.get(c.client_ip)
+            labels = (
+                "waypoint",
+                workload_name(src),
+                src.namespace if src else "unknown",
+                c.principal or "unknown",
+                workload_name(dst),
+                dst.namespace if dst else "unknown",
+                snap.workload_identity(dst) if dst else "unknown",
+                svc_fqdn,
+                c.service,
+                c.service_ns,
+                "HTTP/2" if h2 else "HTTP/1.1",
+                str(x.status or 0),
+                flags,
+                "mutual_tls",
+            )
             m = self.metrics
-            children = self._children[labels] = (
+            children = self._children[key] = (
                 m.requests.labels(*labels),
                 m.duration.labels(*labels),
                 m.req_bytes.labels(*labels),

@@ -139,8 +139,16 @@ class UpstreamConnection(asyncio.Protocol):
         return bool(self.codec.keep_alive and self.codec.idle and not self.queues)
 
     def start(
-        self, method: str, target: str, authority: str, headers: Headers, end_stream: bool
+        self,
+        method: str,
+        target: str,
+        authority: str,
+        headers: Headers,
+        end_stream: bool,
+        body: bytes = b"",
     ) -> int:
+        """Send a request head (and, with `body`, the whole body after it, in one write:
+        the request ends with it)."""
         sid = self.codec.next_stream_id()
         q = self.queues[sid] = asyncio.Queue()
         self.requests += 1
@@ -149,6 +157,12 @@ class UpstreamConnection(asyncio.Protocol):
             # out, e.g. a server that is not HTTP/2 greeting first. The codec would raise
             # "going away" here, hiding why; the stream's events report the cause instead.
             q.put_nowait(self._refusal())
+            return sid
+        if body:
+            self._write(
+                self.codec.send_request_head(sid, method, target, authority, "http", headers, False)
+                + self.codec.send_data(sid, body, True)
+            )
             return sid
         self._write(
             self.codec.send_request_head(
@@ -204,10 +218,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.last_used = time.monotonic()
 
     def cancel(self, sid: int) -> None:
+        """Abandon stream `sid`: reset it toward the backend, and wake whoever waits for
+        its events with a "reset" error."""
         if sid in self.queues or not self.closed:
             with contextlib.suppress(Exception):
                 self._write(self.codec.reset_stream(sid))
-        self.queues.pop(sid, None)
+        q = self.queues.pop(sid, None)
+        if q is not None:
+            q.put_nowait(UpstreamError("reset", "the exchange was cancelled"))
         if not self.h2:
             self.close()  # an HTTP/1.1 connection cannot abandon one response and go on
 

@@ -141,3 +141,17 @@ def test_the_style_follows_the_callers_protocol():
     body = json.loads(render(Style.OPENAI, MESH_ANSWERS[4])[2])
     assert body["error"]["type"] == "invalid_request_error"
     assert body["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("RBACAccessDenied", "rbac_access_denied"),
+        ("NoHealthyEndpoint", "no_healthy_endpoint"),
+        ("UpstreamTimeout", "upstream_timeout"),
+        ("Overflow", "overflow"),
+    ],
+)
+def test_codes_are_the_documented_snake_case(code, expected):
+    """The JSON error's `code` is the one docs/waypoint-engine.md lists (acronyms whole)."""
+    assert snake(code) == expected
