@@ -7,7 +7,8 @@
     python -m benchmarks --profile             also py-spy the agents and waypoint (needs py-spy)
 
 Builds a lab (benchmarks/lab_suite.py: direct pod-to-pod, weft L4 cross node, weft same
-node with the fast path on and off, stunnel and HAProxy sidecar pairs, the weft waypoint),
+node with the fast path on and off, stunnel and HAProxy sidecar pairs, the weft waypoint
+without and with AI policy),
 runs every workload against every scenario it applies to, then the controller scale
 benchmark (benchmarks/controller_scale.py), and writes results.json, results.md and PNG
 plots to benchmarks/results/<timestamp>/. See benchmarks/README.md for how to read them.
@@ -38,6 +39,15 @@ def _first_line(argv: list[str]) -> str:
         return "not installed"
     text = (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()
     return text[0] if text else "?"
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def machine() -> dict[str, Any]:
@@ -74,6 +84,7 @@ def machine() -> dict[str, Any]:
             "wrk": " ".join(_first_line(["wrk", "-v"]).split()[:2]),
             "iperf3": " ".join(_first_line(["iperf3", "--version"]).split()[:2]),
             "openssl": _first_line(["openssl", "version"]),
+            "grpcio": _version("grpcio"),
         },
     }
 

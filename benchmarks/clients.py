@@ -1,12 +1,15 @@
 """Load generators the benchmark runs inside the client pod (one JSON object on stdout).
 
     python -m benchmarks.clients http HOST PORT [--rate R] [-c N] [--duration S] [--samples F]
+        [--path P --body-file F --content-type T]
     python -m benchmarks.clients connrate HOST PORT [--http] [-c N] [--duration S]
 
 `http`: 1 KB HTTP/1.1 POSTs on keep-alive connections, answered by a 1 KB body (the
-benchmarks' HTTP echo). Open loop at `--rate` (requests scheduled every 1/R across all
-connections; latency counts from the scheduled time, so a stall is charged to every request
-it delayed: the coordinated-omission correction wrk2 makes) or closed loop with `--rate 0`.
+benchmarks' HTTP echo); or, with `--path`, `--body-file` and `--content-type`, any POST (the
+AI workloads send an OpenAI chat completion body to a model server). Only a 200 counts.
+Open loop at `--rate` (requests scheduled every 1/R across all connections; latency counts
+from the scheduled time, so a stall is charged to every request it delayed: the
+coordinated-omission correction wrk2 makes) or closed loop with `--rate 0`.
 The same scheduling as agent.lab.workloads.loadgen, which does this for raw TCP echo.
 
 `connrate`: N workers each open a connection, send one 1 KB request, read the whole answer
@@ -33,13 +36,19 @@ SIZE = 1024
 
 
 def http_request(host: str, size: int = SIZE, close: bool = False) -> bytes:
+    return post_request(host, "/echo", b"x" * size, "application/octet-stream", close)
+
+
+def post_request(
+    host: str, path: str, body: bytes, content_type: str, close: bool = False
+) -> bytes:
     head = (
-        f"POST /echo HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/octet-stream\r\n"
-        f"content-length: {size}\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\n"
     )
     if close:
         head += "connection: close\r\n"
-    return head.encode() + b"\r\n" + b"x" * size
+    return head.encode() + b"\r\n" + body
 
 
 @dataclass
@@ -54,7 +63,8 @@ class Outcome:
 
 
 class HttpReader:
-    """Reads HTTP/1.1 responses with a content-length (all the echo server sends)."""
+    """Reads HTTP/1.1 responses framed by content-length (all the echo server sends) or
+    chunked (a proxy may re-frame a body); trailers after the last chunk are skipped."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -72,14 +82,41 @@ class HttpReader:
         lines = head.split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         length = 0
+        chunked = False
         for line in lines[1:]:
             k, _, v = line.partition(":")
-            if k.strip().lower() == "content-length":
+            name = k.strip().lower()
+            if name == "content-length":
                 length = int(v.strip())
+            elif name == "transfer-encoding" and v.strip().lower().endswith("chunked"):
+                chunked = True
+        if chunked:
+            self._chunks()
+            return status
         while len(self.buf) < length:
             self._more()
         self.buf = self.buf[length:]
         return status
+
+    def _line(self) -> bytes:
+        while (i := self.buf.find(b"\r\n")) < 0:
+            self._more()
+        line = self.buf[:i]
+        self.buf = self.buf[i + 2 :]
+        return line
+
+    def _chunks(self) -> None:
+        while True:
+            size = int(self._line().split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while self._line():  # trailer fields, then the blank line
+                    pass
+                return
+            while len(self.buf) < size + 2:
+                self._more()
+            if self.buf[size : size + 2] != b"\r\n":
+                raise ValueError("chunk not followed by CRLF")
+            self.buf = self.buf[size + 2 :]
 
     def drain(self) -> None:
         while self.sock.recv(65536):
@@ -101,12 +138,12 @@ def _connect(host: str, port: int) -> socket.socket:
 def _http_worker(
     host: str,
     port: int,
+    req: bytes,
     schedule: list[int] | None,
     deadline_ns: int,
     out: Outcome,
     start: threading.Barrier,
 ) -> None:
-    req = http_request(host)
     try:
         sock = _connect(host, port)
     except OSError as e:
@@ -146,14 +183,15 @@ def _http_worker(
             out.latencies_ns.append(time.perf_counter_ns() - due)
 
 
-def _http_warmup(host: str, port: int, n: int) -> None:
+def _http_warmup(host: str, port: int, req: bytes, n: int) -> None:
     """n requests on one connection first (connections, caches and pools warm)."""
-    req = http_request(host)
     with _connect(host, port) as sock:
         rd = HttpReader(sock)
         for _ in range(n):
             sock.sendall(req)
-            rd.response()
+            status = rd.response()
+            if status != 200:
+                raise ConnectionError(f"warm-up request answered HTTP {status}")
 
 
 def schedules(rate: float, duration: float, connections: int, t0: int) -> list[list[int]]:
@@ -166,11 +204,19 @@ def schedules(rate: float, duration: float, connections: int, t0: int) -> list[l
 
 
 def run_http(
-    host: str, port: int, *, rate: float, connections: int, duration: float, warmup: int
+    host: str,
+    port: int,
+    *,
+    rate: float,
+    connections: int,
+    duration: float,
+    warmup: int,
+    request: bytes | None = None,
 ) -> tuple[dict[str, object], list[int]]:
     _tight_timer_slack()
+    req = request if request is not None else http_request(host)
     if warmup:
-        _http_warmup(host, port, warmup)
+        _http_warmup(host, port, req, warmup)
     outs = [Outcome() for _ in range(connections)]
     barrier = threading.Barrier(connections + 1)
     t0 = time.perf_counter_ns() + 50_000_000
@@ -181,7 +227,7 @@ def run_http(
     threads = [
         threading.Thread(
             target=_http_worker,
-            args=(host, port, plan[c], deadline, outs[c], barrier),
+            args=(host, port, req, plan[c], deadline, outs[c], barrier),
             daemon=True,
         )
         for c in range(connections)
@@ -291,8 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=100, help="http: requests sent first, uncounted")
     ap.add_argument("--http", action="store_true", help="connrate: HTTP with connection: close")
     ap.add_argument("--samples", help="write every latency (ns) to this file, one per line")
+    ap.add_argument("--path", default="/echo", help="http: request path")
+    ap.add_argument("--body-file", help="http: POST this file's bytes (default 1 KB of x)")
+    ap.add_argument("--content-type", default="application/octet-stream", help="http")
     args = ap.parse_args(argv)
     if args.mode == "http":
+        body = b"x" * SIZE
+        if args.body_file:
+            with open(args.body_file, "rb") as f:
+                body = f.read()
         out, lat = run_http(
             args.host,
             args.port,
@@ -300,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             connections=args.connections,
             duration=args.duration,
             warmup=args.warmup,
+            request=post_request(args.host, args.path, body, args.content_type),
         )
     else:
         out, lat = run_connrate(

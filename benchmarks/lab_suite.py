@@ -7,15 +7,20 @@ The bench lab (built here, torn down in `finally`):
 
 `plain` pods are outside the mesh (the direct floor and the sidecar baselines, whose proxies
 run inside the plain pods); `mesh` pods are captured by weft. Every server pod runs the same
-four servers: TCP echo :8000, HTTP echo :8080, iperf3 :5201, model server :8001 (SSE).
+four servers: TCP echo :8000, HTTP echo :8080, iperf3 :5201, model server :8001 (SSE); the
+two `far` pods also run a gRPC echo :50051 and a second model server :8002 that answers at
+once (the AI policy workloads).
 mesh/near-nofp carries the `weft.dev/fastpath: "false"` annotation, so same-node traffic to
 it goes through the agent while traffic to mesh/near is spliced in the kernel: fast path on
 and off run side by side with one agent configuration.
 
 Scenarios and workloads are registries: a scenario is a name, a baseline and a function that
 starts what it needs and returns where the client connects; a workload is a client command
-line and a parser. The weft waypoint scenario sends HTTP through a Service bound to the
-waypoint pod mesh/waypoint, so it is compared with the HAProxy pair on the same workloads.
+line and a parser. The weft waypoint scenario sends HTTP, SSE, gRPC and OpenAI-style calls
+through a Service bound to the waypoint pod mesh/waypoint, so it is compared with the HAProxy
+pair on the same workloads; weft-waypoint-ai sends the OpenAI calls through a second such
+Service (far-ai) that has a TokenRateLimit and a ModelRoute, so the AI stages' cost is the
+difference between the two.
 """
 
 from __future__ import annotations
@@ -74,20 +79,102 @@ spec:
     - {name: far, namespace: mesh, selector: {app: far}, ports: __PORTS__}
     - {name: far-l7, namespace: mesh, selector: {app: far},
        labels: {weft.dev/use-waypoint: bench-waypoint}, ports: __HTTP_PORTS__}
+    - {name: far-ai, namespace: mesh, selector: {app: far},
+       labels: {weft.dev/use-waypoint: bench-waypoint}, ports: __AI_PORTS__}
 """
 
-# Workload protocol -> server port in every server pod.
-PORTS: dict[str, int] = {"tcp": 8000, "http": 8080, "bulk": 5201, "sse": 8001}
-MANIFEST = MANIFEST.replace(
-    "__PORTS__", "[" + ", ".join(f"{{name: {k}, port: {v}}}" for k, v in PORTS.items()) + "]"
-).replace(
-    "__HTTP_PORTS__",
-    "["
-    + ", ".join(f"{{name: {k}, port: {PORTS[k]}, appProtocol: http}}" for k in ("http", "sse"))
-    + "]",
+# Workload protocol -> server port (grpc and ai: in the far pods only, see FAR_PODS).
+PORTS: dict[str, int] = {
+    "tcp": 8000,
+    "http": 8080,
+    "bulk": 5201,
+    "sse": 8001,
+    "grpc": 50051,
+    "ai": 8002,
+}
+# The appProtocol of each port on the waypoint-bound Services: grpc makes the waypoint
+# speak HTTP/2 to the backend.
+APP_PROTOCOL = {"http": "http", "sse": "http", "grpc": "grpc", "ai": "http"}
+
+
+def _ports(protocols: Iterable[str], app: bool) -> str:
+    return (
+        "["
+        + ", ".join(
+            f"{{name: {k}, port: {PORTS[k]}"
+            + (f", appProtocol: {APP_PROTOCOL[k]}}}" if app else "}")
+            for k in protocols
+        )
+        + "]"
+    )
+
+
+MANIFEST = (
+    MANIFEST.replace("__PORTS__", _ports(PORTS, app=False))
+    .replace("__HTTP_PORTS__", _ports(("http", "sse", "grpc", "ai"), app=True))
+    .replace("__AI_PORTS__", _ports(("ai",), app=True))
 )
 SERVER_PODS = ("plain/near", "plain/far", "mesh/near", "mesh/near-nofp", "mesh/far")
+FAR_PODS = ("plain/far", "mesh/far")  # also run the gRPC echo and the AI model server
+FAR_ONLY = ("grpc", "ai")  # protocols served only in FAR_PODS
 SSE_SERVER = {"ttft": 0.001, "tpot": 0.0005, "tokens": 4}
+# The AI policy workloads' model server: answers at once, so the tables show the path's
+# cost (what the waypoint's AI stages add), not a made-up generation time.
+AI_MODEL = "bench-model"
+AI_SERVER: dict[str, Any] = {"model": AI_MODEL, "ttft": 0.0, "tpot": 0.0, "tokens": 8}
+AI_PATH = "/v1/chat/completions"
+# Policies on Service mesh/far-ai (the waypoint's AI stages): a token and request limit per
+# caller that never denies at benchmark rates, and a ModelRoute sending the model to the far
+# pods' model server (through Service mesh/far). Same shapes as docs/ai-traffic.md.
+AI_POLICY = f"""\
+apiVersion: weft.dev/v1alpha1
+kind: TokenRateLimit
+metadata: {{name: bench-tokens, namespace: mesh}}
+spec:
+  targetRefs: [{{name: far-ai}}]
+  limits:
+    - {{name: per-caller, by: principal, tokensPerMinute: 1000000000,
+       requestsPerMinute: 1000000000}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ModelRoute
+metadata: {{name: bench-models, namespace: mesh}}
+spec:
+  targetRefs: [{{name: far-ai}}]
+  rules:
+    - {{name: bench, models: [{AI_MODEL}], backendRefs: [{{name: far, port: {PORTS["ai"]}}}]}}
+"""
+AI_POLICY_FILE = "bench-ai.yaml"
+
+
+def ai_chat_body(stream: bool = False) -> bytes:
+    """An OpenAI chat completion request of about 1 KB (a system and a user message), as the
+    AI workloads send it; `stream` asks for SSE."""
+    text = "the mesh routes every model call through the waypoint and counts its tokens "
+    prompt = (text * 13)[:900]
+    body: dict[str, Any] = {
+        "model": AI_MODEL,
+        "messages": [
+            {"role": "system", "content": "You are a benchmark. Answer briefly."},
+            {"role": "user", "content": prompt},
+        ],
+        "max_tokens": AI_SERVER["tokens"],
+        "temperature": 0,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+# Workload protocol -> the name (before the pod) of the lab process serving it.
+SERVER_PROCESS = {
+    "tcp": "echo",
+    "http": "http",
+    "bulk": "iperf",
+    "sse": "sse",
+    "grpc": "grpc",
+    "ai": "ai",
+}
 
 Progress = Callable[[str], None]
 
@@ -148,14 +235,16 @@ def scenario(
 
 
 ALL = ("tcp", "http", "bulk", "sse")
+L7 = ("http", "sse", "grpc", "ai")  # what the L7 proxies (waypoint, HAProxy) are measured on
 AGENTS = ("agent-node-1", "agent-node-2")
+WAYPOINT = (*AGENTS, "waypoint-mesh-waypoint")
 
 
 @scenario(
     "direct",
     title="direct (cross node)",
     baseline=None,
-    protocols=ALL,
+    protocols=(*ALL, *FAR_ONLY),
     description="plain/client -> plain/far over the node link: no mesh, no proxy; the floor.",
 )
 def _direct(b: Bench) -> Target:
@@ -232,7 +321,7 @@ def _stunnel(b: Bench) -> Target:
     "haproxy",
     title="HAProxy sidecars (mTLS, L7 HTTP)",
     baseline="direct",
-    protocols=("http", "sse"),
+    protocols=L7,
     components=("haproxy-client", "haproxy-server"),
     description="plain/client -> HAProxy (HTTP mode) in plain/client -> mTLS 1.3 -> HAProxy "
     "in plain/far -> loopback -> server: a C L7 sidecar pair, the waypoint's baseline.",
@@ -245,17 +334,32 @@ def _haproxy(b: Bench) -> Target:
     "weft-waypoint",
     title="weft waypoint (L7)",
     baseline="direct",
-    protocols=("http", "sse"),
-    components=(*AGENTS, "waypoint-mesh-waypoint"),
+    protocols=L7,
+    components=WAYPOINT,
     description="mesh/client -> Service mesh/far-l7 (weft.dev/use-waypoint) -> node-1 tunnel "
     "-> HBONE -> waypoint pod (HTTP parsed, routed, re-originated) -> HBONE -> node-2 "
     "tunnel -> mesh/far: three HBONE hops and an L7 proxy, as in Istio ambient.",
 )
 def _weft_waypoint(b: Bench) -> Target:
     b.require_mesh()
-    assert b.state is not None
-    vip = next(s["clusterIP"] for s in b.state.services if s["name"] == "far-l7")
-    return Target("mesh/client", vip, dict(PORTS), "mesh/far")
+    return Target("mesh/client", b.vip("far-l7"), dict(PORTS), "mesh/far")
+
+
+@scenario(
+    "weft-waypoint-ai",
+    title="weft waypoint + AI policy",
+    baseline="direct",
+    protocols=("ai",),
+    components=WAYPOINT,
+    description="mesh/client -> Service mesh/far-ai (weft.dev/use-waypoint) with a "
+    "TokenRateLimit (never denies) and a ModelRoute: the waypoint path of weft-waypoint plus "
+    "the AI stages (read the OpenAI body, route by model, admit and charge tokens in the "
+    "node's SQLite quota store, read usage from the JSON or SSE answer, GenAI metrics).",
+)
+def _weft_waypoint_ai(b: Bench) -> Target:
+    b.require_mesh()
+    b.apply_ai_policy()
+    return Target("mesh/client", b.vip("far-ai"), dict(PORTS), "mesh/far")
 
 
 @dataclass(frozen=True)
@@ -270,6 +374,8 @@ class Workload:
     pinned: bool = True  # every lab process (and the client) on one CPU
     count: int = 0  # sse: streams
     headline: bool = False
+    messages: int = 0  # grpc: server-streaming messages per call (0: unary)
+    group: str = ""  # a report section of its own ("grpc", "ai"); "" = the general tables
 
     @property
     def fixed_rate(self) -> bool:
@@ -323,6 +429,50 @@ def workloads(quick: bool = False) -> list[Workload]:
             count=60 if quick else 300,
         )
     )
+    # gRPC and AI at 200 calls/s: the waypoint spends about 1 ms of CPU on a gRPC call, so
+    # at 500/s the one pinned CPU (waypoint, agents, grpcio client and server) runs near 90 %
+    # and p90/p99 measure queueing rather than the path.
+    out += [
+        Workload(
+            "grpc-unary-200-c4",
+            "gRPC unary 1 KB, 200 req/s, 4 conn (pinned)",
+            "rr",
+            "grpc",
+            200,
+            4,
+            d,
+            group="grpc",
+        ),
+        Workload(
+            "grpc-stream-100-c4",
+            "gRPC server streaming, 10 x 1 KB messages, 100 streams/s, 4 conn (pinned)",
+            "rr",
+            "grpc",
+            100,
+            4,
+            d,
+            messages=10,
+            group="grpc",
+        ),
+        Workload(
+            "ai-chat-200-c4",
+            "OpenAI chat completion, 1 KB body, 200 req/s, 4 conn (pinned)",
+            "rr",
+            "ai",
+            200,
+            4,
+            d,
+            group="ai",
+        ),
+        Workload(
+            "ai-sse-ttft",
+            "OpenAI chat completion stream, time to first token (pinned)",
+            "sse",
+            "ai",
+            count=60 if quick else 300,
+            group="ai",
+        ),
+    ]
     rr("tcp", 1000, 4, pinned=False, headline=not quick)
     for proto in ("tcp", "http"):
         for conns in (1, 64) if not quick else (64,):
@@ -436,8 +586,9 @@ class Bench:
         for pod in SERVER_PODS:
             self._start_servers(pod)
         for pod in SERVER_PODS:
-            for port in PORTS.values():
-                self.wait_port(pod, port)
+            for proto, port in PORTS.items():
+                if proto not in FAR_ONLY or pod in FAR_PODS:
+                    self.wait_port(pod, port)
         self.progress(
             f"lab {LAB_NAME} up with servers in {len(SERVER_PODS)} pods "
             f"({time.monotonic() - t:.1f}s)"
@@ -473,6 +624,40 @@ class Bench:
             ),
         ):
             self.lab.start_process(self.state, name, argv, pod=pod)
+        if pod not in FAR_PODS:
+            return
+        ai = AI_SERVER
+        for name, argv in (
+            (
+                f"grpc-{tag}",
+                [py, "-m", "agent.lab.workloads.grpc_echo", "--port", str(PORTS["grpc"])],
+            ),
+            (
+                f"ai-{tag}",
+                [
+                    py,
+                    "-m",
+                    "agent.lab.workloads.model_server",
+                    "--port",
+                    str(PORTS["ai"]),
+                    "--model",
+                    str(ai["model"]),
+                    "--ttft",
+                    str(ai["ttft"]),
+                    "--tpot",
+                    str(ai["tpot"]),
+                    "--tokens",
+                    str(ai["tokens"]),
+                    "--max-concurrency",
+                    "0",
+                ],
+            ),
+        ):
+            self.lab.start_process(self.state, name, argv, pod=pod)
+
+    def vip(self, service: str) -> str:
+        assert self.state is not None
+        return str(next(s["clusterIP"] for s in self.state.services if s["name"] == service))
 
     def wait_port(self, pod: str, port: int, host: str | None = None, limit: float = 20) -> None:
         assert self.state is not None
@@ -534,6 +719,35 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError(f"node-1 never attached {nofp} without the fast path: {pods}")
 
+    def apply_ai_policy(self, limit: float = 30.0) -> None:
+        """Write the TokenRateLimit and ModelRoute for mesh/far-ai where the controller reads
+        config (beside the lab's resources), then call far-ai from mesh/client until the
+        answer shows both stages at work: `x-weft-model-served` (ModelRoute) and the
+        `x-ratelimit-*` headers (TokenRateLimit). Unavailable if that never happens."""
+        assert self.state is not None
+        f = mesh.paths(self.state)["config"] / AI_POLICY_FILE
+        if not f.exists():
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(AI_POLICY)
+            tmp.replace(f)
+        body = self.work / "ai-probe.json"
+        body.write_bytes(ai_chat_body())
+        url = f"http://{self.vip('far-ai')}:{PORTS['ai']}{AI_PATH}"
+        argv = [sys.executable, "-m", "agent.lab.workloads.llm_client", url, "--all-headers"]
+        argv += ["--body", f"@{body}", "--timeout", "5"]
+        seen: dict[str, Any] = {}
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            out = self.lab.run("mesh/client", argv, timeout=30)
+            lines = [x for x in out.stdout.decode(errors="replace").splitlines() if x.strip()]
+            with contextlib.suppress(ValueError, IndexError):
+                seen = json.loads(lines[-1])
+            if ai_policy_active(seen):
+                self.progress("AI policy on mesh/far-ai active (ModelRoute, TokenRateLimit)")
+                return
+            time.sleep(0.5)
+        raise Unavailable(f"the AI policy on mesh/far-ai never took effect; last answer {seen}")
+
     def admin(self, node: str, path: str) -> Any:
         assert self.state is not None
         return mesh.admin_get(mesh.admin_socket(self.state, node), path)
@@ -582,13 +796,15 @@ class Bench:
             raise Unavailable("haproxy is not installed (make setup installs it)")
         certs = self._certs()
         far = self.state.pod("plain/far").ip
-        locals_ = {"http": 28080, "sse": 28001}
-        tls = {"http": 29080, "sse": 29001}
+        locals_ = {"http": 28080, "sse": 28001, "grpc": 28051, "ai": 28002}
+        tls = {"http": 29080, "sse": 29001, "grpc": 29051, "ai": 29002}
         client_routes = [
-            proxies.Route(p, f"127.0.0.1:{locals_[p]}", f"{far}:{tls[p]}") for p in locals_
+            proxies.Route(p, f"127.0.0.1:{locals_[p]}", f"{far}:{tls[p]}", h2=p == "grpc")
+            for p in locals_
         ]
         server_routes = [
-            proxies.Route(p, f"0.0.0.0:{tls[p]}", f"127.0.0.1:{PORTS[p]}") for p in locals_
+            proxies.Route(p, f"0.0.0.0:{tls[p]}", f"127.0.0.1:{PORTS[p]}", h2=p == "grpc")
+            for p in locals_
         ]
         for role, pod, routes in (
             ("server", "plain/far", server_routes),
@@ -700,8 +916,18 @@ class Bench:
         if w.kind == "rr" or (w.kind == "max" and w.protocol == "tcp"):
             if w.protocol == "tcp":
                 argv = [py, "-m", "agent.lab.workloads.loadgen", host, str(port), "--warmup", "100"]
+            elif w.protocol == "grpc":
+                mode = "stream" if w.messages else "unary"
+                argv = [py, "-m", "benchmarks.grpc_client", mode, host, str(port)]
+                argv += ["--warmup", "100"]
+                argv += ["--messages", str(w.messages)] if w.messages else []
             else:
                 argv = [py, "-m", "benchmarks.clients", "http", host, str(port), "--warmup", "100"]
+                if w.protocol == "ai":
+                    body = self.work / "ai-chat.json"
+                    body.write_bytes(ai_chat_body())
+                    argv += ["--path", AI_PATH, "--body-file", str(body)]
+                    argv += ["--content-type", "application/json"]
             argv += ["--rate", f"{w.rate:g}", "-c", str(w.connections)]
             argv += ["--duration", f"{w.duration:g}", "--samples", str(samples)]
         elif w.kind == "max":
@@ -711,6 +937,11 @@ class Bench:
             secs = f"{max(1, round(w.duration))}s"  # wrk takes whole seconds
             argv = ["wrk", "-t", str(threads), "-c", str(w.connections), "-d", secs]
             argv += ["--latency", "-s", str(script), f"http://{host}:{port}/echo"]
+        elif w.kind == "sse" and w.protocol == "ai":
+            body = self.work / "ai-chat-stream.json"
+            body.write_bytes(ai_chat_body(stream=True))
+            argv = [py, "-m", "agent.lab.workloads.llm_client", f"http://{host}:{port}{AI_PATH}"]
+            argv += ["-n", str(w.count), "-c", "1", "--body", f"@{body}", "--timeout", "10"]
         elif w.kind == "sse":
             argv = [py, "-m", "agent.lab.workloads.llm_client", f"http://{host}:{port}"]
             argv += ["-n", str(w.count), "-c", "1", "--stream", "--max-tokens", "4"]
@@ -732,7 +963,7 @@ class Bench:
         self.pin(w.pinned)
         m = Measurement(s.name, w.key)
         samples = self.work / f"samples-{s.name}-{w.key}.txt"
-        server = {"tcp": "echo", "http": "http", "bulk": "iperf", "sse": "sse"}[w.protocol]
+        server = SERVER_PROCESS[w.protocol]
         server_proc = f"{server}-{t.server_pod.replace('/', '-')}"
         names = [*s.components, server_proc]
         argv = self.client(w, t, samples)
@@ -771,8 +1002,11 @@ class Bench:
             m.seconds = float(r["seconds"])
             if r.get("first_error"):
                 m.extra["first_error"] = r["first_error"]
-            if "client_cpu_s" in r:
-                m.extra["client_cpu_s"] = r["client_cpu_s"]
+            if not m.requests:
+                raise ValueError(f"no request succeeded: {r.get('first_error', '?')}")
+            for k in ("client_cpu_s", "first_message_us", "messages"):
+                if k in r:
+                    m.extra[k] = r[k]
             us = [int(x) / 1000.0 for x in samples.read_text().split()]
             self._keep(w, m, us)
         elif w.kind == "max":
@@ -795,7 +1029,7 @@ class Bench:
                     errors += 1
             m.requests = m.work = len(ttft)
             m.errors = errors
-            m.extra["server"] = dict(SSE_SERVER)
+            m.extra["server"] = dict(AI_SERVER if w.protocol == "ai" else SSE_SERVER)
             self._keep(w, m, ttft)
         elif w.kind == "bulk":
             r = json.loads(stdout)
@@ -871,6 +1105,8 @@ class Bench:
                 "profile": profile,
                 "pinned_cpu": self.pin_cpu,
                 "sse_server": SSE_SERVER,
+                "ai_server": AI_SERVER,
+                "ai_policy": AI_POLICY if "weft-waypoint-ai" in targets else "",
                 "seconds": time.monotonic() - started,
             }
         finally:
@@ -954,6 +1190,17 @@ def _brief(w: Workload, m: Measurement) -> str:
 
 
 # --------------------------------------------------------------------------- parsers
+
+
+def ai_policy_active(answer: Mapping[str, Any]) -> bool:
+    """An llm_client result (with --all-headers) answered through the waypoint's AI stages:
+    200, the ModelRoute's x-weft-model-served and the TokenRateLimit's x-ratelimit-*."""
+    headers = {str(k).lower() for k in (answer.get("headers") or {})}
+    return (
+        answer.get("status") == 200
+        and "x-weft-model-served" in headers
+        and any(h.startswith("x-ratelimit-") for h in headers)
+    )
 
 
 def cgroup_cpu_seconds(cg: Path) -> float:

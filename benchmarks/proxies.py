@@ -12,6 +12,8 @@ code (the same key type, chain and signature algorithm weft's tunnel uses):
   keep-alive and server-side connection reuse on each side (`http-reuse always`), as Envoy
   sidecars do, and `option http-no-delay` (no MSG_MORE coalescing: without it HAProxy holds
   a streamed response's first chunk back by about a millisecond, which SSE would show).
+  An HTTP/2 route (gRPC) speaks h2 on every leg: h2c (`proto h2`) from the app and to the
+  server, h2 over mTLS (ALPN `h2`) between the two proxies, so trailers pass end to end.
 
 Neither checks the peer's SPIFFE ID (they cannot match URI SANs); both verify the chain.
 The render functions are pure so the unit tests can read the configurations.
@@ -29,11 +31,13 @@ from controller.ca.spiffe import key_pem, make_csr, new_key
 
 @dataclass(frozen=True)
 class Route:
-    """One forwarded port: `listen` (host:port) on this proxy to `upstream` (host:port)."""
+    """One forwarded port: `listen` (host:port) on this proxy to `upstream` (host:port);
+    `h2`: HTTP/2 on every leg (gRPC), else HTTP/1.1."""
 
     name: str
     listen: str
     upstream: str
+    h2: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,15 @@ def haproxy_config(role: str, routes: Sequence[Route], certs: CertFiles) -> str:
     for r in routes:
         bind = f"    bind {r.listen}"
         server = f"    server up {r.upstream}"
+        alpn = "h2" if r.h2 else "http/1.1"
         if role == "client":
-            server += f" ssl {tls} alpn http/1.1"
+            server += f" ssl {tls} alpn {alpn}"
+            if r.h2:
+                bind += " proto h2"  # h2c prior knowledge from the app
         else:
-            bind += f" ssl {tls} alpn http/1.1"
+            bind += f" ssl {tls} alpn {alpn}"
+            if r.h2:
+                server += " proto h2"  # h2c to the app
         lines += [
             f"frontend {r.name}_in",
             bind,

@@ -22,7 +22,9 @@ from benchmarks.stats import (
     ratio,
 )
 
-WEFT = ("weft-l4", "weft-waypoint")
+WEFT = ("weft-l4", "weft-waypoint", "weft-waypoint-ai")
+# (scenario, the same path without one feature, what the difference is): stage costs.
+STAGES = (("weft-waypoint-ai", "weft-waypoint", "AI policy stages"),)
 DASH, MINUS, TIMES = "\u2013", "\u2212", "\u00d7"  # en dash, minus, times
 BASELINES = ("stunnel", "haproxy")
 MIN_ADDED_US = 20.0  # added latency below this is within run-to-run noise: no ratio of it
@@ -56,7 +58,31 @@ def analyze(doc: dict[str, Any]) -> dict[str, Any]:
             m["baseline"] = base
             m["throughput_vs_baseline"] = ratio(m["extra"]["MBps"], b.get("extra", {}).get("MBps"))
     doc["ratios"] = weft_ratios(doc)
+    doc["stage_costs"] = stage_costs(doc)
     return doc
+
+
+def stage_costs(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What a feature costs on the same path, same workload, same run: latency percentiles
+    (µs) and proxy CPU per 1,000 requests of the scenario minus its STAGES reference."""
+    idx = index(doc)
+    out = []
+    for w in doc.get("workloads", []):
+        for scen, ref, what in STAGES:
+            a, b = idx.get((w["key"], scen)), idx.get((w["key"], ref))
+            if not a or not b or not a.get("ok") or not b.get("ok"):
+                continue
+            la, lb = a.get("latency_us") or {}, b.get("latency_us") or {}
+            ca, cb = a.get("cpu_per_1k_total"), b.get("cpu_per_1k_total")
+            row: dict[str, Any] = {"workload": w["key"], "scenario": scen, "reference": ref}
+            row["what"] = what
+            row["latency_us"] = added(la, lb)
+            row["cpu_per_1k"] = (
+                ca - cb if isinstance(ca, int | float) and isinstance(cb, int | float) else None
+            )
+            row["cpu_ratio"] = ratio(ca, cb)
+            out.append(row)
+    return out
 
 
 def _metric(m: Mapping[str, Any] | None, name: str) -> float | None:
@@ -247,11 +273,11 @@ def _lab_sections(doc: Mapping[str, Any], lab: Mapping[str, Any]) -> list[str]:
             out.append(latency_table(sub, k))
     out.append("## Request/response at fixed rates\n")
     for k, w in wl.items():
-        if w["kind"] == "rr" and not w.get("headline"):
+        if w["kind"] == "rr" and not w.get("headline") and not w.get("group"):
             out.append(f"### {w['title']}\n")
             out.append(latency_table(sub, k))
     for k, w in wl.items():
-        if w["kind"] == "sse":
+        if w["kind"] == "sse" and not w.get("group"):
             out.append(f"## {w['title']}\n")
             srv = lab.get("sse_server", {})
             out.append(
@@ -262,6 +288,8 @@ def _lab_sections(doc: Mapping[str, Any], lab: Mapping[str, Any]) -> list[str]:
                 "over direct.\n"
             )
             out.append(latency_table(sub, k))
+    out += grpc_section(sub, wl)
+    out += ai_section(sub, wl, lab)
     sat = [k for k, w in wl.items() if w["kind"] in ("max", "connrate")]
     if sat:
         out.append("## Saturation and connection setup (2 CPUs)\n")
@@ -360,6 +388,93 @@ def _lab_sections(doc: Mapping[str, Any], lab: Mapping[str, Any]) -> list[str]:
     if prof and "skipped" not in prof:
         out += profile_section(prof)
     return out
+
+
+def grpc_section(doc: Mapping[str, Any], wl: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    keys = [k for k, w in wl.items() if w.get("group") == "grpc"]
+    if not keys:
+        return []
+    out = [
+        "## gRPC (HTTP/2)\n",
+        "Client: benchmarks.grpc_client (grpcio's C core; open loop, latency from each call's "
+        "due time), one HTTP/2 connection per channel, one call in flight on each; server: "
+        "agent.lab.workloads.grpc_echo (grpc.aio), 1 KB messages. The waypoint's Service port "
+        "has appProtocol grpc, so the waypoint speaks HTTP/2 to the server too; the HAProxy "
+        "pair speaks h2c to the app and the server and h2 over mTLS between the proxies. A "
+        "call counts only when it ends with status OK and the bytes sent. Streams: latency "
+        "is to the end of the stream (its status), CPU is per 1,000 streams.\n",
+    ]
+    for k in keys:
+        w = wl[k]
+        out.append(f"### {w['title']}\n")
+        out.append(latency_table(doc, k))
+        if w.get("messages"):
+            rows = []
+            for m in _rows_for(doc, k):
+                first = (m.get("extra") or {}).get("first_message_us") or {}
+                if m.get("ok") and first:
+                    rows.append(
+                        [
+                            _title(doc, m["scenario"]),
+                            *(fmt(first.get(percentile_key(p))) for p in (50.0, 90.0, 99.0)),
+                        ]
+                    )
+            if rows:
+                out.append("Time to the first message of the stream:\n")
+                out.append(md_table(["scenario", "p50 µs", "p90 µs", "p99 µs"], rows))
+    return out
+
+
+def ai_section(
+    doc: Mapping[str, Any], wl: Mapping[str, Mapping[str, Any]], lab: Mapping[str, Any]
+) -> list[str]:
+    keys = [k for k, w in wl.items() if w.get("group") == "ai"]
+    if not keys:
+        return []
+    srv = lab.get("ai_server") or {}
+    out = [
+        "## AI policy: TokenRateLimit and ModelRoute in the waypoint\n",
+        "OpenAI chat completions (a 1 KB system + user message body, `max_tokens` "
+        f"{srv.get('tokens')}) to the model server agent.lab.workloads.model_server "
+        f"(--ttft {srv.get('ttft')} --tpot {srv.get('tpot')}: it answers at once, so the "
+        "latency is the path's). *weft waypoint + AI policy* goes through Service "
+        "mesh/far-ai, which has a TokenRateLimit (per caller; limits never reached) and a "
+        "ModelRoute (the model to Service mesh/far): the waypoint reads the body, routes by "
+        "model, admits and charges tokens in its SQLite quota store and reads `usage` from "
+        "the answer. *weft waypoint* is the same waypoint through mesh/far-l7, which has no "
+        "AI policy; HAProxy does no AI work at all (that is the comparison). Non-streaming: "
+        "benchmarks.clients http, open loop; streaming: agent.lab.workloads.llm_client, one "
+        "stream at a time, time to the first content token.\n",
+    ]
+    for k in keys:
+        out.append(f"### {wl[k]['title']}\n")
+        out.append(latency_table(doc, k))
+    rows = [
+        [
+            r["workload"],
+            f"{_title(doc, r['scenario'])} {MINUS} {_title(doc, r['reference'])}",
+            *(_signed((r.get("latency_us") or {}).get(percentile_key(p))) for p in PERCENTILES),
+            _signed_cpu(r.get("cpu_per_1k")),
+            _x(r.get("cpu_ratio")),
+        ]
+        for r in doc.get("stage_costs", [])
+        if r["workload"] in keys
+    ]
+    if rows:
+        out.append("### What the AI stages cost (same waypoint, same run)\n")
+        out.append(
+            md_table(
+                ["workload", "difference", "p50", "p90", "p99", "p99.9", "CPU s/1k req", "CPU"],
+                rows,
+            )
+        )
+    return out
+
+
+def _signed_cpu(v: float | None) -> str:
+    if v is None or math.isnan(v):
+        return DASH
+    return f"+{v:.3f}" if v >= 0 else f"{MINUS}{-v:.3f}"
 
 
 def cpu_section(doc: Mapping[str, Any]) -> list[str]:

@@ -6,12 +6,13 @@ No timing is asserted anywhere: these check arithmetic and text, not speed.
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 import yaml
 
 from benchmarks import controller_scale, lab_suite, proxies, report, stats
-from benchmarks.clients import http_request, schedules
+from benchmarks.clients import HttpReader, http_request, post_request, schedules
 from benchmarks.httpecho import parse_head, response
 
 # --------------------------------------------------------------------------- stats
@@ -174,8 +175,81 @@ def test_bench_lab_manifest_is_valid():
     pods = {x.key: x for x in p.pods}
     for pod in (*lab_suite.SERVER_PODS, "plain/client", "mesh/client"):
         assert pod in pods
+    assert set(lab_suite.FAR_PODS) <= set(lab_suite.SERVER_PODS)
     assert not pods["plain/far"].meshed and pods["mesh/far"].meshed
     assert pods["mesh/near"].node == pods["mesh/client"].node != pods["mesh/far"].node
+    services = {s["name"]: s for s in yaml.safe_load(lab_suite.MANIFEST)["spec"]["services"]}
+    l7 = {port["name"]: port for port in services["far-l7"]["ports"]}
+    # gRPC: the port's appProtocol makes the waypoint speak HTTP/2 to the server.
+    assert l7["grpc"] == {"name": "grpc", "port": 50051, "appProtocol": "grpc"}
+    assert l7["ai"]["appProtocol"] == "http"
+    for name in ("far-l7", "far-ai"):
+        assert services[name]["labels"] == {"weft.dev/use-waypoint": "bench-waypoint"}
+        assert services[name]["selector"] == services["far"]["selector"]
+    assert [port["port"] for port in services["far-ai"]["ports"]] == [lab_suite.PORTS["ai"]]
+
+
+def test_ai_policy_is_valid_and_targets_the_ai_service_only():
+    from controller.model.base import parse_resource
+    from controller.model.yamldoc import load_documents
+
+    docs = [parse_resource(d.data) for d in load_documents(lab_suite.AI_POLICY, "ai.yaml")]
+    assert [d.kind for d in docs] == ["TokenRateLimit", "ModelRoute"]
+    for d in docs:
+        assert [r.name for r in d.spec.target_refs] == ["far-ai"]
+        assert d.metadata.namespace == "mesh"
+    limit, route = docs
+    # Never denies at benchmark rates: the cost measured is the stage's, not a 429's.
+    (lim,) = limit.spec.limits
+    assert lim.tokens_per_minute >= 10**9 and lim.requests_per_minute >= 10**9
+    (rule,) = route.spec.rules
+    assert rule.models == [lab_suite.AI_MODEL]
+    assert [(b.name, b.port) for b in rule.backend_refs] == [("far", lab_suite.PORTS["ai"])]
+
+
+def test_ai_bodies_are_openai_chat_completions_of_about_1kb():
+    import json
+
+    plain, stream = (json.loads(lab_suite.ai_chat_body(s)) for s in (False, True))
+    assert plain["model"] == lab_suite.AI_MODEL and "stream" not in plain
+    assert stream["stream"] is True
+    assert [m["role"] for m in plain["messages"]] == ["system", "user"]
+    assert plain["max_tokens"] == lab_suite.AI_SERVER["tokens"]
+    assert 900 <= len(lab_suite.ai_chat_body()) <= 1200
+
+
+def test_ai_policy_active_needs_the_route_and_the_limit_headers():
+    ok = {
+        "status": 200,
+        "headers": {"x-weft-model-served": "bench-model", "x-ratelimit-limit-requests": "1"},
+    }
+    assert lab_suite.ai_policy_active(ok)
+    assert not lab_suite.ai_policy_active({**ok, "status": 404})
+    assert not lab_suite.ai_policy_active({"status": 200, "headers": {"x-weft-model-served": "m"}})
+    assert not lab_suite.ai_policy_active(
+        {"status": 200, "headers": {"x-ratelimit-limit-tokens": 1}}
+    )
+    assert not lab_suite.ai_policy_active({})
+
+
+def test_grpc_and_ai_workloads_run_on_the_l7_proxies():
+    ws = {w.key: w for w in lab_suite.workloads(quick=True)}
+    unary, stream = ws["grpc-unary-200-c4"], ws["grpc-stream-100-c4"]
+    assert (unary.protocol, unary.kind, unary.rate, unary.connections) == ("grpc", "rr", 200, 4)
+    assert unary.messages == 0 and stream.messages == 10 and unary.pinned and stream.pinned
+    assert ws["ai-chat-200-c4"].kind == "rr" and ws["ai-sse-ttft"].kind == "sse"
+    assert {w.group for w in ws.values() if w.protocol in ("grpc", "ai")} == {"grpc", "ai"}
+    sc = lab_suite.SCENARIOS
+    for proto in ("grpc", "ai"):
+        assert {n for n, s in sc.items() if proto in s.protocols} >= {
+            "direct",
+            "haproxy",
+            "weft-waypoint",
+        }
+    ai = sc["weft-waypoint-ai"]
+    assert ai.protocols == {"ai"} and ai.baseline == "direct"
+    assert ai.components == sc["weft-waypoint"].components
+    assert "weft-waypoint-ai" in report.WEFT
 
 
 # --------------------------------------------------------------------------- proxies
@@ -206,6 +280,21 @@ def test_haproxy_configs(tmp_path):
     assert "bind 127.0.0.1:28080 ssl crt" in server and "server up 10.244.2.2:29080\n" in server
 
 
+def test_haproxy_h2_route_is_http2_on_every_leg(tmp_path):
+    certs = proxies.CertFiles(tmp_path / "r", tmp_path / "c", tmp_path / "k", tmp_path / "b")
+    client = proxies.haproxy_config(
+        "client", [proxies.Route("grpc", "127.0.0.1:28051", "10.244.2.2:29051", h2=True)], certs
+    )
+    assert "bind 127.0.0.1:28051 proto h2\n" in client  # h2c prior knowledge from the app
+    assert "server up 10.244.2.2:29051 ssl crt" in client and client.rstrip().endswith("alpn h2")
+    server = proxies.haproxy_config(
+        "server", [proxies.Route("grpc", "0.0.0.0:29051", "127.0.0.1:50051", h2=True)], certs
+    )
+    assert "verify required ssl-min-ver TLSv1.3 alpn h2\n" in server
+    assert "server up 127.0.0.1:50051 proto h2\n" in server
+    assert "http/1.1" not in client + server
+
+
 def test_certificates_verify_against_the_root(tmp_path):
     from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -227,6 +316,99 @@ def test_open_loop_schedule_deals_requests_round_robin():
     s = schedules(rate=1000, duration=0.01, connections=3, t0=0)
     assert [len(x) for x in s] == [4, 3, 3]
     assert sorted(t for conn in s for t in conn) == [i * 1_000_000 for i in range(10)]
+
+
+def _reader(data: bytes) -> tuple[HttpReader, socket.socket]:
+    a, b = socket.socketpair()
+    b.sendall(data)
+    b.close()
+    return HttpReader(a), a
+
+
+def test_http_reader_reads_content_length_and_chunked_responses():
+    chunked = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n"
+        b"5\r\nhello\r\n3;ext=1\r\n{}!\r\n0\r\nx-trailer: yes\r\n\r\n"
+    )
+    plain = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 4\r\n\r\nslow"
+    rd, sock = _reader(chunked + plain + chunked)
+    with sock:
+        assert rd.response() == 200
+        assert rd.response() == 429
+        assert rd.response() == 200
+        assert rd.buf == b""
+    rd, sock = _reader(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX")
+    with sock, pytest.raises((ValueError, ConnectionError)):
+        rd.response()
+
+
+def test_post_request_frames_any_body():
+    req = post_request("h", "/v1/chat/completions", b'{"a":1}', "application/json")
+    head, _, body = req.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"content-type: application/json" in head and b"content-length: 7" in head
+    assert body == b'{"a":1}'
+    assert http_request("h", size=3) == post_request(
+        "h", "/echo", b"xxx", "application/octet-stream"
+    )
+
+
+def test_grpc_client_against_the_echo_server():
+    """benchmarks.grpc_client and agent.lab.workloads.grpc_echo on loopback: unary and
+    server-streaming calls complete, are checked, and are counted (closed loop, briefly)."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from agent.lab.workloads import grpc_echo
+    from benchmarks import grpc_client
+
+    started = threading.Event()
+    box: dict = {}
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc_echo.handler(),))
+        box["port"] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        box["stop"] = asyncio.Event()
+        box["loop"] = asyncio.get_running_loop()
+        started.set()
+        await box["stop"].wait()
+        await server.stop(0)
+
+    t = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    t.start()
+    assert started.wait(10)
+    try:
+        for mode, messages in (("unary", 0), ("stream", 3)):
+            out, lat = grpc_client.run(
+                mode,
+                "127.0.0.1",
+                box["port"],
+                rate=0,
+                connections=2,
+                duration=0.2,
+                warmup=4,
+                size=100,
+                messages=messages,
+            )
+            assert out["errors"] == 0 and out["requests"] == len(lat) > 0
+            if mode == "stream":
+                assert out["messages"] == 3 and out["first_message_us"]["count"] == len(lat)
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        t.join(10)
+
+
+def test_grpc_echo_reads_the_message_count():
+    from agent.lab.workloads.grpc_echo import DEFAULT_MESSAGES, messages_asked
+
+    assert messages_asked((("x-messages", "7"), ("other", "1"))) == 7
+    assert messages_asked(()) == messages_asked(None) == DEFAULT_MESSAGES
+    with pytest.raises(ValueError):
+        messages_asked((("x-messages", "-1"),))
 
 
 def test_http_echo_framing():
@@ -339,6 +521,72 @@ def test_markdown_renders_every_section():
     assert "## Not run" in text and "not yet" in text
     assert "## Memory" in text and "## Controller scale" in text and "6,000" in text
     assert "## CPU per component" in text and "agent-node-1" in text
+
+
+def _l7_lab() -> dict:
+    first = {"p50": 300.0, "p90": 400.0, "p99": 500.0, "p99_9": 500.0}
+    ms = []
+    for scen, p50, cpu in (
+        ("direct", 100, 0.0),
+        ("haproxy", 200, 0.1),
+        ("weft-waypoint", 600, 0.6),
+        ("weft-waypoint-ai", 900, 1.0),
+    ):
+        ms.append(_m(scen, "ai-chat-200-c4", p50, 2 * p50, cpu_per_1k_total=cpu))
+        if scen != "weft-waypoint-ai":
+            extra = {"first_message_us": first, "messages": 10}
+            ms.append(_m(scen, "grpc-stream-100-c4", p50, 2 * p50, extra=extra))
+    return {
+        "scenarios": {
+            n: {"title": n, "baseline": None if n == "direct" else "direct"}
+            for n in ("direct", "haproxy", "weft-waypoint", "weft-waypoint-ai")
+        },
+        "workloads": [
+            {
+                "key": "grpc-stream-100-c4",
+                "title": "gRPC streams",
+                "kind": "rr",
+                "group": "grpc",
+                "messages": 10,
+            },
+            {"key": "ai-chat-200-c4", "title": "AI chat", "kind": "rr", "group": "ai"},
+        ],
+        "measurements": ms,
+        "ai_server": {"ttft": 0.0, "tpot": 0.0, "tokens": 8},
+        "pinned_cpu": 1,
+    }
+
+
+def test_ai_stage_cost_is_the_waypoint_with_policy_minus_without():
+    lab = report.analyze(_l7_lab())
+    (cost,) = lab["stage_costs"]
+    assert (cost["workload"], cost["scenario"], cost["reference"]) == (
+        "ai-chat-200-c4",
+        "weft-waypoint-ai",
+        "weft-waypoint",
+    )
+    assert cost["latency_us"]["p50"] == 300 and cost["latency_us"]["p99"] == 600
+    assert cost["cpu_per_1k"] == pytest.approx(0.4)
+    assert cost["cpu_ratio"] == pytest.approx(1.0 / 0.6)
+    pairs = {(r["workload"], r["weft"], r["baseline"]): r for r in lab["ratios"]}
+    ai = pairs[("ai-chat-200-c4", "weft-waypoint-ai", "haproxy")]
+    assert ai["added_p50"] == pytest.approx(8.0) and ai["cpu_per_1k"] == pytest.approx(10.0)
+    assert ("grpc-stream-100-c4", "weft-waypoint", "haproxy") in pairs
+
+
+def test_markdown_renders_the_grpc_and_ai_sections():
+    text = report.markdown({"lab": report.analyze(_l7_lab())})
+    general = text.split("## Request/response at fixed rates", 1)[1].split("## gRPC", 1)[0]
+    assert "AI chat" not in general and "gRPC streams" not in general
+    grpc = text.split("## gRPC (HTTP/2)", 1)[1].split("## AI policy", 1)[0]
+    assert "### gRPC streams" in grpc and "Time to the first message" in grpc
+    assert "| weft-waypoint | 300 | 400 | 500 |" in grpc
+    ai = text.split("## AI policy", 1)[1]
+    assert "### AI chat" in ai and "--ttft 0.0 --tpot 0.0" in ai
+    assert "### What the AI stages cost" in ai
+    assert "| ai-chat-200-c4 | weft-waypoint-ai \u2212 weft-waypoint | +300 |" in ai
+    assert "+0.400 | 1.67\u00d7 |" in ai
+    assert "weft-waypoint-ai ÷ haproxy" in text
 
 
 def test_profile_section_names_each_scenario_and_process():

@@ -1,0 +1,168 @@
+"""A gRPC echo server (test workload) for the lab and the benchmarks: h2c, no TLS, grpc.aio.
+
+    python -m agent.lab.workloads.grpc_echo [--port 50051] [--name NAME]
+
+Service `weft.bench.Echo`, messages as raw bytes (gRPC frames them; no protobuf schema is
+needed to carry them, and a mesh never decodes them anyway):
+
+- `Unary`: answers with the request message.
+- `ServerStream`: answers with the request message `x-messages` times (request metadata,
+  default 10), then OK.
+- `ClientStream`: answers, once the client half-closes, with the request messages joined
+  by `+`.
+- `Bidi`: answers every request message with the same bytes as soon as it arrives (a
+  client may use it as ping-pong: one message, one answer, the next message).
+- `Sleep`: the request is a number of seconds in ASCII (at most 3600); sleeps that long,
+  silent (no response headers), then answers with the request. A deadline shorter than
+  that ends the call with DEADLINE_EXCEEDED.
+
+With `--name`, every call's initial metadata carries `x-served-by: NAME`, so a client can
+see which replica answered. Without it the server sends nothing extra: it does no other
+work, so its cost is the same small constant under every scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+SERVICE = "weft.bench.Echo"
+UNARY = f"/{SERVICE}/Unary"
+SERVER_STREAM = f"/{SERVICE}/ServerStream"
+CLIENT_STREAM = f"/{SERVICE}/ClientStream"
+BIDI = f"/{SERVICE}/Bidi"
+SLEEP = f"/{SERVICE}/Sleep"
+MESSAGES_KEY = "x-messages"
+SERVED_BY_KEY = "x-served-by"
+DEFAULT_MESSAGES = 10
+MAX_MESSAGES = 100_000
+MAX_SLEEP = 3600.0
+
+
+def messages_asked(metadata: Any) -> int:
+    """The `x-messages` count from invocation metadata (default 10, at most 100,000)."""
+    for k, v in metadata or ():
+        if k == MESSAGES_KEY:
+            n = int(v)
+            if not 0 <= n <= MAX_MESSAGES:
+                raise ValueError(f"{MESSAGES_KEY} must be in [0, {MAX_MESSAGES}]")
+            return n
+    return DEFAULT_MESSAGES
+
+
+def sleep_asked(request: bytes) -> float:
+    """The seconds a `Sleep` request asks for (ASCII, in [0, 3600])."""
+    s = float(request.decode("ascii"))
+    if not 0 <= s <= MAX_SLEEP:
+        raise ValueError(f"Sleep takes seconds in [0, {MAX_SLEEP:g}]")
+    return s
+
+
+async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+async def server_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    try:
+        n = messages_asked(context.invocation_metadata())
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return
+    for _ in range(n):
+        yield request
+
+
+async def client_stream(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> bytes:
+    return b"+".join([m async for m in requests])
+
+
+async def bidi(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for m in requests:
+        yield m
+
+
+async def sleep(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    try:
+        seconds = sleep_asked(request)
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return b""  # not reached: abort raises
+    await asyncio.sleep(seconds)
+    return request
+
+
+def _named(name: str, method: Any, streaming: bool) -> Any:
+    """`method`, sending `x-served-by: name` as initial metadata first."""
+    meta = ((SERVED_BY_KEY, name),)
+    if streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            await context.send_initial_metadata(meta)
+            async for m in method(request, context):
+                yield m
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        await context.send_initial_metadata(meta)
+        return await method(request, context)  # type: ignore[no-any-return]
+
+    return call
+
+
+def handler(name: str = "") -> grpc.GenericRpcHandler:
+    """The Echo service; with `name`, each call's initial metadata says who served it."""
+
+    def wrap(method: Any, streaming: bool = False) -> Any:
+        return _named(name, method, streaming) if name else method
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(wrap(unary)),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(wrap(server_stream, True)),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(wrap(client_stream)),
+            "Bidi": grpc.stream_stream_rpc_method_handler(wrap(bidi, True)),
+            "Sleep": grpc.unary_unary_rpc_method_handler(sleep),
+        },
+    )
+
+
+async def serve(host: str, port: int, name: str = "") -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler(name),))
+    if not server.add_insecure_port(f"{host}:{port}"):
+        raise OSError(f"grpc_echo could not bind {host}:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m agent.lab.workloads.grpc_echo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=50051)
+    ap.add_argument("--name", default="", help="x-served-by initial metadata (default: none)")
+    args = ap.parse_args(argv)
+    asyncio.run(serve(args.host, args.port, args.name))
+
+
+if __name__ == "__main__":
+    main()
