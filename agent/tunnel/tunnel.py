@@ -29,11 +29,9 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.accesslog import AccessLog
-from agent.identity.manager import WorkloadCert
-from agent.identity.node import TrustBundle
 from agent.policy.authz import Request, evaluate, principal_of, workload_policies
 from agent.state import ConfigSnapshot
 from agent.tunnel import h2 as hb
@@ -45,6 +43,12 @@ from agent.tunnel.resolve import Destination, Unreachable, resolve
 from agent.tunnel.streams import PodSide, splice
 from controller.ca.spiffe import WorkloadId, parse_workload_id
 from controller.model.workloads import Workload
+
+if TYPE_CHECKING:
+    # Types only: the identity modules bring gRPC and protobuf (about 12 MB), which the
+    # waypoint, importing this module for its helpers, does not need.
+    from agent.identity.manager import WorkloadCert
+    from agent.identity.node import TrustBundle
 
 log = logging.getLogger("weft.tunnel")
 

@@ -316,8 +316,18 @@ class Waypoint:
         await self.close()
 
     async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
         for t in self._tasks:
             t.cancel()
+        # Await what was cancelled: a task's error surfaces here instead of as "Task
+        # exception was never retrieved", and nothing runs after close returns.
+        for t, res in zip(
+            self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True), strict=True
+        ):
+            if isinstance(res, Exception):
+                log.error("waypoint task %s had failed: %r", t.get_name(), res)
+        self._tasks.clear()
         await self.traces.close()
         for c in list(self.inbound):
             c.abort_all()
