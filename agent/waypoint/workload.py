@@ -19,6 +19,11 @@ from typing import Any
 
 from agent.identity.tls import client_context, server_context
 from agent.state import ConfigSnapshot
+from agent.waypoint.codec import events as ev
+from agent.waypoint.codec.config import Limits, Role
+from agent.waypoint.codec.errors import ProtocolError
+from agent.waypoint.codec.headers import Headers
+from agent.waypoint.codec.http1 import Http1Connection
 from controller.model.base import Resource, ResourceKey, resource_from_json
 
 log = logging.getLogger("weft.waypoint.workload")
@@ -40,17 +45,43 @@ class Svid:
 
 
 async def _get(sock: Path, path: str, limit: float) -> tuple[int, Any]:
+    """GET `path` from the agent's Workload API, with the waypoint's own HTTP/1.1 codec.
+    A connection the agent drops (it restarts) is a ConnectionError, never a parse
+    error on half an answer."""
+    codec = Http1Connection(Role.CLIENT, Limits())
+    sid = codec.next_stream_id()
+    request = codec.send_request_head(sid, "GET", path, "agent", "http", Headers(), True)
     reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), 5)
+    status, body, done = 0, bytearray(), False
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n".encode())
+        writer.write(request)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), limit)
+        async with asyncio.timeout(limit):
+            while not done:
+                data = await reader.read(65536)
+                try:
+                    events = codec.receive_data(data)
+                except ProtocolError as err:
+                    raise ConnectionError(f"the node agent broke HTTP: {err}") from err
+                for e in events:
+                    if isinstance(e, ev.ResponseHead) and not e.informational:
+                        status = e.status
+                        done = e.end_stream
+                    elif isinstance(e, ev.Data):
+                        body += e.data
+                        done = e.end_stream
+                    elif isinstance(e, ev.StreamReset):
+                        raise ConnectionError(f"the node agent's answer was cut: {e.reason}")
+                    elif isinstance(e, ev.ConnectionClosed):
+                        done = True
+                if not data and not done:
+                    raise ConnectionError("the node agent closed the connection mid-answer")
     finally:
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
+    if not status:
+        raise ConnectionError("the node agent closed the connection without an answer")
     return status, json.loads(body) if body else None
 
 

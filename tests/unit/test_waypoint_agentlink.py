@@ -50,3 +50,32 @@ def test_a_config_that_fails_to_apply_is_fetched_again_and_the_link_lives_on(
     assert applied == [-1, 7]
     # The failed revision was asked for again from the start, not skipped.
     assert asked[:2] == ["/v1/config?after=-1", "/v1/config?after=-1"]
+
+
+def test_an_agent_that_drops_the_answer_is_a_connection_error_not_a_crash(tmp_path: Path) -> None:
+    """A node agent restarting mid-answer (nothing, half a status line, a body cut short)
+    is a ConnectionError the link retries on, never an IndexError from parsing it."""
+    import pytest
+
+    from agent.waypoint.workload import _get
+
+    sock = tmp_path / "workload.sock"
+    answers = [b"", b"HTTP/1.", b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}"]
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(answers.pop(0))
+        await w.drain()
+        w.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(serve, path=str(sock))
+        try:
+            for _ in range(3):
+                with pytest.raises(ConnectionError):
+                    await _get(sock, "/v1/svid", 5)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
