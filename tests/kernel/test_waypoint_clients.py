@@ -6,7 +6,7 @@ One lab per module. The waypoint pod is on node-1; apps/client (node-1) reaches 
 its node agent's handoff, apps/batch (node-2) over HBONE. Services behind the waypoint:
 
 - ai/grpc-echo (appProtocol grpc): agent.lab.workloads.grpc_echo on grpc-a (node-1) and
-  grpc-b (node-2);
+  grpc-b (node-2), each with a grpc.health.v1 server a test can switch to NOT_SERVING;
 - ai/pool: three model servers (pool-a on node-1, pool-b and pool-c on node-2);
 - ai/llm and ai/llm-tight (no pods of their own): a ModelRoute sends model `llama` to
   ai/pool; llm has a generous TokenRateLimit and denies apps/batch, llm-tight allows two
@@ -19,12 +19,13 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from agent.netns import call_in
-from tests.kernel.conftest import Mesh, build_mesh, metric
+from tests.kernel.conftest import Mesh, build_mesh, metric, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -242,6 +243,110 @@ def test_a_grpc_authorization_deny_is_permission_denied(wp: Mesh) -> None:
         assert allowed["code"] == "OK" and allowed["replies"] == ["yes"], allowed
     finally:
         wp.remove("deny-grpc.yaml")
+
+
+GRPC_HEALTH = """\
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: grpc-health, namespace: ai}
+spec:
+  targetRefs: [{name: grpc-echo, port: 9000}]
+  loadBalancer: {type: RoundRobin}
+  healthCheck:
+    grpc: {service: ""}
+    interval: 1s
+    timeout: 500ms
+    unhealthyThreshold: 2
+    healthyThreshold: 1
+"""
+
+# Runs in a replica's pod: weft.bench.Echo/SetHealth on its own server (127.0.0.1, so no
+# capture and no waypoint in the way: the call reaches that replica and no other).
+SET_HEALTH = """
+import sys, grpc
+from agent.lab.workloads.grpc_echo import SET_HEALTH
+with grpc.insecure_channel("127.0.0.1:50051", options=[("grpc.enable_http_proxy", 0)]) as ch:
+    print(ch.unary_unary(SET_HEALTH)(sys.argv[1].encode(), timeout=10).decode())
+"""
+
+
+def set_health(m: Mesh, pod: str, status: str) -> None:
+    """What the grpc.health.v1 server of replica `pod` reports from now on."""
+    out = m.run(pod, SET_HEALTH, status, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == status, out.stdout
+
+
+def test_a_not_serving_grpc_replica_leaves_and_comes_back_without_errors(wp: Mesh) -> None:
+    """A BackendPolicy gRPC health check (grpc.health.v1 Check of "", every 1s, 2 failures
+    out, 1 success back) on the grpc-echo Service, probed by the waypoint over the mesh
+    (grpc-b is on the other node): both SERVING replicas take calls; grpc-b is switched to
+    NOT_SERVING while grpcio calls continuously (one channel) and is marked unhealthy (the
+    waypoint counts the failed probes and the health change) without a single failed call,
+    and then every call is grpc-a's; switched back to SERVING the same way, grpc-b comes
+    back (a healthy event), again without a failed call, and takes calls again."""
+
+    def events(kind: str) -> float:
+        return metric(waypoint_metrics(wp), "weft_waypoint_endpoint_events_total", kind=kind)
+
+    def probe_failures() -> float:
+        return metric(
+            waypoint_metrics(wp),
+            "weft_waypoint_backend_events_total",
+            backend="ai/grpc-echo:9000",
+            event="health_check_failures",
+        )
+
+    def client_calls() -> float:
+        return metric(
+            waypoint_metrics(wp),
+            "istio_requests_total",
+            reporter="waypoint",
+            destination_service_name="grpc-echo",
+            source_principal="spiffe://cluster.local/ns/apps/sa/client",
+        )
+
+    def switch(status: str, kind: str) -> list[dict[str, Any]]:
+        """Switch grpc-b to `status` while apps/client calls without pause on one channel
+        (two unary calls, a 100 ms Sleep call, 40 times: about 5 s), then, if need be,
+        keep calling until the waypoint counts a `kind` event. Every call made."""
+        before, sent = events(kind), client_calls()
+        paced = [c for i in range(40) for c in (f"unary:{i}a", f"unary:{i}b", "sleep:0.1")]
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(grpc_calls, wp, "apps/client", *paced)
+            # Switch once the client's first two calls (one per replica) are through.
+            wait_until(lambda: running.done() or client_calls() - sent >= 2, "calls", 60)
+            set_health(wp, "ai/grpc-b", status)
+            rows = running.result()
+        for _ in range(10):  # bounded: only if the transition outlasted the client
+            if events(kind) > before:
+                return rows
+            rows += grpc_calls(wp, "apps/client", *paced[:30])
+        raise AssertionError(f"no {kind} event: {waypoint_metrics(wp)[-3000:]}")
+
+    def served(n: int, tag: str) -> Counter[str | None]:
+        rows = grpc_calls(wp, "apps/client", *(f"unary:{tag}{i}" for i in range(n)))
+        assert all(r["code"] == "OK" for r in rows), rows
+        return Counter(r["served_by"] for r in rows)
+
+    try:
+        wp.apply("grpc-health.yaml", GRPC_HEALTH)
+        assert set(served(10, "both")) == set(GRPC_PODS)
+        failures = probe_failures()
+
+        rows = switch("NOT_SERVING", "unhealthy")
+        assert [r for r in rows if r["code"] != "OK"] == [], rows
+        # The calls spanned the switch: grpc-b answered some before it left.
+        assert "ai/grpc-b" in {r["served_by"] for r in rows}, rows
+        assert probe_failures() - failures >= 2
+        assert served(20, "a-only") == {"ai/grpc-a": 20}
+
+        rows = switch("SERVING", "healthy")
+        assert [r for r in rows if r["code"] != "OK"] == [], rows
+        assert set(served(20, "back")) == set(GRPC_PODS)
+    finally:
+        set_health(wp, "ai/grpc-b", "SERVING")
+        wp.remove("grpc-health.yaml")
 
 
 # ---- 2. curl --------------------------------------------------------------------------

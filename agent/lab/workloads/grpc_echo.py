@@ -15,6 +15,15 @@ needed to carry them, and a mesh never decodes them anyway):
 - `Sleep`: the request is a number of seconds in ASCII (at most 3600); sleeps that long,
   silent (no response headers), then answers with the request. A deadline shorter than
   that ends the call with DEADLINE_EXCEEDED.
+- `SetHealth`: the request is a serving status name, `SERVING` or `NOT_SERVING`; sets what
+  the health service reports from now on and answers with the request (INVALID_ARGUMENT
+  for any other name). A test calls it on one replica (its pod IP, or 127.0.0.1 from
+  inside the pod) to make an active health check fail or pass.
+
+Service `grpc.health.v1.Health` (the standard one, generated protobuf): `Check` and `Watch`
+answer for "" (the server as a whole) and `weft.bench.Echo`, NOT_FOUND for any other
+service. The status starts SERVING and only `SetHealth` changes it; the Echo methods
+answer whatever it is.
 
 With `--name`, every call's initial metadata carries `x-served-by: NAME`, so a client can
 see which replica answered. Without it the server sends nothing extra: it does no other
@@ -31,12 +40,15 @@ from typing import Any
 
 import grpc
 
+from controller.api.gen.grpc.health.v1 import health_pb2, health_pb2_grpc
+
 SERVICE = "weft.bench.Echo"
 UNARY = f"/{SERVICE}/Unary"
 SERVER_STREAM = f"/{SERVICE}/ServerStream"
 CLIENT_STREAM = f"/{SERVICE}/ClientStream"
 BIDI = f"/{SERVICE}/Bidi"
 SLEEP = f"/{SERVICE}/Sleep"
+SET_HEALTH = f"/{SERVICE}/SetHealth"
 MESSAGES_KEY = "x-messages"
 SERVED_BY_KEY = "x-served-by"
 DEFAULT_MESSAGES = 10
@@ -98,6 +110,54 @@ async def sleep(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return request
 
 
+class Health(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1.Health for "" and weft.bench.Echo: one status for both, SERVING until
+    `set` changes it. `Watch` streams the current status, then each change."""
+
+    SERVICES = frozenset({"", SERVICE})
+    SETTABLE = {
+        "SERVING": health_pb2.HealthCheckResponse.SERVING,
+        "NOT_SERVING": health_pb2.HealthCheckResponse.NOT_SERVING,
+    }
+
+    def __init__(self) -> None:
+        self.status = health_pb2.HealthCheckResponse.SERVING
+        self._changed = asyncio.Event()
+
+    def set(self, name: str) -> None:
+        """Report `name` (SERVING or NOT_SERVING) from now on; ValueError for another."""
+        status = self.SETTABLE.get(name)
+        if status is None:
+            raise ValueError(f"SetHealth takes one of {sorted(self.SETTABLE)}, not {name!r}")
+        if status != self.status:
+            self.status = status
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.service not in self.SERVICES:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=self.status)
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if request.service not in self.SERVICES:
+            yield health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            )
+            return
+        while True:
+            changed = self._changed
+            yield health_pb2.HealthCheckResponse(status=self.status)
+            await changed.wait()
+
+    async def set_health(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            self.set(request.decode("ascii", "replace"))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return request
+
+
 def _named(name: str, method: Any, streaming: bool) -> Any:
     """`method`, sending `x-served-by: name` as initial metadata first."""
     meta = ((SERVED_BY_KEY, name),)
@@ -117,8 +177,9 @@ def _named(name: str, method: Any, streaming: bool) -> Any:
     return call
 
 
-def handler(name: str = "") -> grpc.GenericRpcHandler:
-    """The Echo service; with `name`, each call's initial metadata says who served it."""
+def handler(name: str = "", health: Health | None = None) -> grpc.GenericRpcHandler:
+    """The Echo service; with `name`, each call's initial metadata says who served it.
+    `SetHealth` changes `health` (without one, a Health nobody reads)."""
 
     def wrap(method: Any, streaming: bool = False) -> Any:
         return _named(name, method, streaming) if name else method
@@ -131,13 +192,16 @@ def handler(name: str = "") -> grpc.GenericRpcHandler:
             "ClientStream": grpc.stream_unary_rpc_method_handler(wrap(client_stream)),
             "Bidi": grpc.stream_stream_rpc_method_handler(wrap(bidi, True)),
             "Sleep": grpc.unary_unary_rpc_method_handler(sleep),
+            "SetHealth": grpc.unary_unary_rpc_method_handler((health or Health()).set_health),
         },
     )
 
 
 async def serve(host: str, port: int, name: str = "") -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((handler(name),))
+    health = Health()
+    server.add_generic_rpc_handlers((handler(name, health),))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if not server.add_insecure_port(f"{host}:{port}"):
         raise OSError(f"grpc_echo could not bind {host}:{port}")
     await server.start()
