@@ -24,6 +24,8 @@ from controller.errors import EnvironmentProblem
 
 FLUSH_BYTES = 64 * 1024
 FLUSH_INTERVAL = 0.25  # seconds
+# One encoder: json.dumps with non-default options builds a new JSONEncoder per line.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class AccessLog:
@@ -72,7 +74,7 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.out is None:
             return
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        line = _encode(record) + "\n"
         self._buf.append(line)
         self._size += len(line)
         self.lines += 1

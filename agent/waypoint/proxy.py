@@ -520,6 +520,7 @@ class Proxy:
             stage.response_head(target, r.head.status, r.head.headers, h)
         x.respond_head(r.head.status, h, r.head.end_stream)
         idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
+        slack = idle / 10
         loop = asyncio.get_running_loop()
         ok = 200 <= r.head.status < 300
         try:
@@ -527,7 +528,11 @@ class Proxy:
                 while not r.head.end_stream:
                     e = await anext(r.events, None)
                     # A stream's timeouts count from the last byte received, not the start.
-                    deadline.reschedule(loop.time() + idle)
+                    # Moved once it has slipped by a tenth of the timeout, not on every
+                    # event: rescheduling cancels and allocates a timer each time.
+                    now = loop.time()
+                    if now + idle - (deadline.when() or now) > slack:
+                        deadline.reschedule(now + idle)
                     if e is None:
                         break
                     if x.reset:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from agent.accesslog import AccessLog
 from agent.aio import cache_running_loop
@@ -52,6 +52,7 @@ from agent.waypoint.errors import style_of
 from agent.waypoint.handoff import HandoffReceiver
 from agent.waypoint.probes import Prober
 from agent.waypoint.proxy import RESPOND_FLAGS, Proxy
+from agent.waypoint.reqmetrics import RequestMetrics, Series
 from agent.waypoint.tracing import (
     CLIENT,
     SERVER,
@@ -75,45 +76,6 @@ _CHILD_CACHE_MAX = 4096
 XFCC = b"x-forwarded-client-cert"
 ACCESS_DENIED = plain(403, "RBACAccessDenied", "RBAC: access denied")
 ALLOWED = Decision(True, None, "no policy applies")
-REQUEST_LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "request_protocol",
-    "response_code",
-    "response_flags",
-    "connection_security_policy",
-)
-# Istio's default buckets for istio_request_duration_milliseconds.
-DURATION_MS = (
-    0.5,
-    1,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-    60000,
-    300000,
-    600000,
-    1800000,
-    3600000,
-)
-SIZE_BYTES = tuple(10.0**k for k in range(1, 9))
 
 
 @dataclass
@@ -142,34 +104,13 @@ class WaypointMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter(
-            "istio_requests", "Requests through the waypoint.", REQUEST_LABELS, registry=r
-        )
-        self.duration = Histogram(
-            "istio_request_duration_milliseconds",
-            "Request duration at the waypoint (ms).",
-            REQUEST_LABELS,
-            buckets=DURATION_MS,
-            registry=r,
-        )
-        self.req_bytes = Histogram(
-            "istio_request_bytes",
-            "Request body sizes (bytes).",
-            REQUEST_LABELS,
-            buckets=SIZE_BYTES,
-            registry=r,
-        )
+        # istio_requests_total and the request histograms (reqmetrics.py).
+        self.requests = RequestMetrics()
+        r.register(self.requests)
         self.events = Counter(
             "weft_waypoint_endpoint_events",
             "Outlier ejections and readmissions, health changes, panic mode, by kind.",
             ["kind"],
-            registry=r,
-        )
-        self.resp_bytes = Histogram(
-            "istio_response_bytes",
-            "Response body sizes (bytes).",
-            REQUEST_LABELS,
-            buckets=SIZE_BYTES,
             registry=r,
         )
 
@@ -192,7 +133,7 @@ class Waypoint:
         )
         self.metrics = WaypointMetrics()
         self.metrics.registry.register(_EngineCollector(self))
-        self._children: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[Any, ...], Series] = {}
         self.access = AccessLog.open(s.access_log)
         self.traces = Exporter(s.otlp_endpoint, f"waypoint/{s.name}")
         self.inbound: set[HboneConnection] = set()
@@ -646,8 +587,8 @@ class Waypoint:
             x.status,
             flags,
         )
-        children = self._children.get(key)
-        if children is None:
+        series = self._children.get(key)
+        if series is None:
             if len(self._children) >= _CHILD_CACHE_MAX:
                 self._children.clear()
             src = snap.workloads_by_ip.get(c.client_ip)
@@ -667,18 +608,8 @@ class Waypoint:
                 flags,
                 "mutual_tls",
             )
-            m = self.metrics
-            children = self._children[key] = (
-                m.requests.labels(*labels),
-                m.duration.labels(*labels),
-                m.req_bytes.labels(*labels),
-                m.resp_bytes.labels(*labels),
-            )
-        requests, duration, req_bytes, resp_bytes = children
-        requests.inc()
-        duration.observe(elapsed_ms)
-        req_bytes.observe(x.bytes_in)
-        resp_bytes.observe(x.bytes_out)
+            series = self._children[key] = self.metrics.requests.series_for(labels)
+        series.record(elapsed_ms, x.bytes_in, x.bytes_out)
         if self.access.enabled:
             self.access.write(
                 {
