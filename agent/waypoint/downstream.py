@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.waypoint.chanq import Channel
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.config import Limits, Role
 from agent.waypoint.codec.detect import detect_protocol
@@ -76,7 +77,7 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     # Unbounded on purpose: the connection pauses reading once BODY_QUEUE chunks wait, and a
     # put must never fail for the few chunks already in flight.
-    body: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    body: Channel[bytes | None] = field(default_factory=Channel)
 
     body_done: bool = False
     trailers: Headers | None = None
@@ -400,8 +401,7 @@ class Downstream(asyncio.Protocol):
             self._timer.cancel()
         for x in list(self.exchanges.values()):
             x.caller_gone()
-            with contextlib.suppress(asyncio.QueueFull):
-                x.body.put_nowait(None)
+            x.body.put_nowait(None)
         for t in self.tasks:
             t.cancel()
 

@@ -21,6 +21,7 @@ from typing import Any
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.pool import ConnectionPool
 from agent.tunnel.tunnel import FORWARDED, sni_for
+from agent.waypoint.chanq import Channel
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.config import Limits, Role
 from agent.waypoint.codec.errors import ProtocolError
@@ -49,7 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
     h2: bool = False
     codec: Any = None
     transport: Any = None
-    queues: dict[int, asyncio.Queue[ev.Event | BaseException]] = field(default_factory=dict)
+    queues: dict[int, Channel[ev.Event | BaseException]] = field(default_factory=dict)
     closed: bool = False
     last_used: float = field(default_factory=time.monotonic)
     requests: int = 0
@@ -150,7 +151,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request head (and, with `body`, the whole body after it, in one write:
         the request ends with it)."""
         sid = self.codec.next_stream_id()
-        q = self.queues[sid] = asyncio.Queue()
+        q = self.queues[sid] = Channel()
         self.requests += 1
         if self.closed or (self.h2 and not self.codec.keep_alive):
             # The backend broke the connection (or sent GOAWAY) before this request went
