@@ -770,6 +770,8 @@ class Bench:
         far = self.state.pod("plain/far").ip
         client_routes, server_routes, ports = [], [], {}
         for proto, port in PORTS.items():
+            if proto not in ALL:
+                continue  # stunnel is measured on the L4 workloads (ALL) only
             local = {"tcp": 18000, "http": 18080, "bulk": 15201, "sse": 18001}[proto]
             tls = {"tcp": 19000, "http": 19080, "bulk": 19201, "sse": 19001}[proto]
             client_routes.append(proxies.Route(proto, f"127.0.0.1:{local}", f"{far}:{tls}"))
