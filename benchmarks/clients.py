@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from benchmarks.stats import summarize_us
@@ -218,6 +219,26 @@ def run_http(
     if warmup:
         _http_warmup(host, port, req, warmup)
     outs = [Outcome() for _ in range(connections)]
+    elapsed = run_workers(
+        connections,
+        rate,
+        duration,
+        lambda c, plan, deadline, barrier: _http_worker(
+            host, port, req, plan, deadline, outs[c], barrier
+        ),
+    )
+    return _result(outs, elapsed)
+
+
+Worker = Callable[[int, "list[int] | None", int, threading.Barrier], None]
+
+
+def run_workers(connections: int, rate: float, duration: float, work: Worker) -> float:
+    """Run `work(c, schedule, deadline, barrier)` in a thread per connection: `schedule` is
+    connection c's send times (perf_counter ns) at `rate` requests/s over all of them, or
+    None for a closed loop; `deadline` is monotonic ns; each worker waits on `barrier`
+    before its first request. Returns the seconds from the common start to the last
+    worker's end."""
     barrier = threading.Barrier(connections + 1)
     t0 = time.perf_counter_ns() + 50_000_000
     plan: list[list[int] | None] = (
@@ -225,11 +246,7 @@ def run_http(
     )
     deadline = time.monotonic_ns() + int(duration * 1e9)
     threads = [
-        threading.Thread(
-            target=_http_worker,
-            args=(host, port, req, plan[c], deadline, outs[c], barrier),
-            daemon=True,
-        )
+        threading.Thread(target=work, args=(c, plan[c], deadline, barrier), daemon=True)
         for c in range(connections)
     ]
     for t in threads:
@@ -238,8 +255,7 @@ def run_http(
     begin = time.perf_counter()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - begin
-    return _result(outs, elapsed)
+    return time.perf_counter() - begin
 
 
 def _conn_worker(

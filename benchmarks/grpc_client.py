@@ -32,7 +32,7 @@ from collections.abc import Callable
 import grpc
 
 from agent.lab.workloads.grpc_echo import MESSAGES_KEY, SERVER_STREAM, UNARY
-from benchmarks.clients import SIZE, Outcome, _result, _tight_timer_slack, schedules
+from benchmarks.clients import SIZE, Outcome, _result, _tight_timer_slack, run_workers
 from benchmarks.stats import summarize_us
 
 CHANNEL_OPTIONS = (
@@ -146,27 +146,15 @@ def run(
             calls[i % connections]()
         outs = [Outcome() for _ in range(connections)]
         firsts: list[list[int]] = [[] for _ in range(connections)]
-        barrier = threading.Barrier(connections + 1)
-        t0 = time.perf_counter_ns() + 50_000_000
-        plan: list[list[int] | None] = (
-            list(schedules(rate, duration, connections, t0)) if rate > 0 else [None] * connections
+        elapsed = run_workers(
+            connections,
+            rate,
+            duration,
+            lambda c, plan, deadline, barrier: _worker(
+                calls[c], plan, deadline, outs[c], firsts[c], barrier
+            ),
         )
-        deadline = time.monotonic_ns() + int(duration * 1e9)
-        threads = [
-            threading.Thread(
-                target=_worker,
-                args=(calls[c], plan[c], deadline, outs[c], firsts[c], barrier),
-                daemon=True,
-            )
-            for c in range(connections)
-        ]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        begin = time.perf_counter()
-        for t in threads:
-            t.join()
-        out, lat = _result(outs, time.perf_counter() - begin)
+        out, lat = _result(outs, elapsed)
     finally:
         for ch in channels:
             ch.close()

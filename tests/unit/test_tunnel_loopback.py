@@ -16,59 +16,13 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from agent.identity.manager import WorkloadCert
-from agent.identity.node import TrustBundle
 from agent.state import ConfigSnapshot
 from agent.tunnel.tunnel import Tunnel, TunnelSettings
 from controller.ca.authority import CertificateAuthority, FileCAStore
-from controller.ca.spiffe import key_pem, load_chain, make_csr, new_key
 from controller.model.loader import parse_text
+from tests.unit.waypoint_mesh import Identities, OrigDst, free_port
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-class Identities:
-    """Certificates issued by the real CA, handed over directly (no controller round trip)."""
-
-    def __init__(self, ca: CertificateAuthority, idents: list[tuple[str, str]]) -> None:
-        self.trust = TrustBundle(ca.bundle_pem())
-        self._certs = {}
-        for ns, sa in idents:
-            key = new_key()
-            issued = ca.sign_workload(make_csr(key, None), ns, sa)
-            leaf = load_chain(issued.chain_pem)[0]
-            self._certs[(ns, sa)] = WorkloadCert(
-                issued.spiffe_id,
-                ns,
-                sa,
-                issued.chain_pem,
-                key_pem(key),
-                leaf.not_valid_before_utc.timestamp(),
-                issued.not_after,
-                issued.serial_hex,
-            )
-
-    def get(self, ns, sa):
-        return self._certs.get((ns, sa))
-
-    async def wait_for(self, ns, sa, limit=10.0):
-        return self.get(ns, sa)
-
-    def certs(self):
-        return list(self._certs.values())
-
-
-class OrigDst(dict):
-    def original_destination(self, ip, port):
-        return self.pop((ip, port), None)
 
 
 def config(ports: dict[str, int], extra: str = "") -> ConfigSnapshot:
