@@ -55,6 +55,21 @@ def run(
             help="Where the per-request JSON lines go: stdout, stderr, off, or a file path.",
         ),
     ] = "stdout",
+    escaped_slashes: Annotated[
+        str,
+        typer.Option(
+            envvar="WEFT_ESCAPED_SLASHES",
+            help="A request path with %2F or %5C: reject (400), decode (to /) or keep "
+            "(docs/policy-reference.md, path normalization).",
+        ),
+    ] = "reject",
+    handoff: Annotated[
+        bool,
+        typer.Option(
+            help="Take connections from the node agent directly when on the caller's node "
+            "(no HBONE hop).",
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a waypoint. It gets its identity and config from the node agent.
@@ -68,6 +83,11 @@ def run(
     )
     from agent.waypoint.server import WaypointSettings, main
 
+    if escaped_slashes not in ("reject", "decode", "keep"):
+        raise typer.BadParameter(
+            f"{escaped_slashes!r}: use reject, decode or keep", param_hint="--escaped-slashes"
+        )
+
     main(
         WaypointSettings(
             name=name,
@@ -78,5 +98,7 @@ def run(
             head_timeout=head_timeout,
             quota_path=quota_db,
             access_log=access_log,
+            handoff=handoff,
+            escaped_slashes=escaped_slashes,  # type: ignore[arg-type]
         )
     )

@@ -224,7 +224,7 @@ class AiRequest:
         if req is None:
             return None
         self.req = req
-        self.facts = ai.facts(self.principal, self.caller_ns, head.target, head.headers, req)
+        self.facts = ai.facts(self.principal, self.caller_ns, path, head.headers, req)
         x.annotations.update({"model": req.model, "operation": req.operation})
         now = time.time()
         if ai.cache is not None:

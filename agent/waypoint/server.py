@@ -50,6 +50,7 @@ from agent.waypoint.engine.health import Probe
 from agent.waypoint.engine.respond import Respond, plain
 from agent.waypoint.errors import style_of
 from agent.waypoint.handoff import HandoffReceiver
+from agent.waypoint.pathnorm import BadPath, EscapedSlashes, normalize
 from agent.waypoint.probes import Prober
 from agent.waypoint.proxy import RESPOND_FLAGS, Proxy
 from agent.waypoint.reqmetrics import RequestMetrics, Series
@@ -96,6 +97,9 @@ class WaypointSettings:
     # Take pod connections from the node agent directly when this instance runs on the
     # caller's node (agent/tunnel/handoff.py); off: every connection arrives over HBONE.
     handoff: bool = True
+    # A request path with %2F or %5C: refused with 400 (reject), decoded to / (decode), or
+    # forwarded as it is (keep); see agent/waypoint/pathnorm.py.
+    escaped_slashes: EscapedSlashes = "reject"
 
 
 @dataclass
@@ -392,6 +396,14 @@ class Waypoint:
         if svc is None:
             x.reply(plain(503, "NoHealthyEndpoint", "service no longer exists"))
             return self._log(x, None, "NR")
+        # What policy matches is what is forwarded: one canonical spelling (pathnorm.py).
+        try:
+            target = normalize(head.target, self.s.escaped_slashes)
+        except BadPath as e:
+            x.reply(plain(400, "BadRequest", str(e)))
+            return self._log(x, None, "-")
+        if target != head.target:
+            x.annotations["normalizedPath"] = target
         headers = head.headers.copy()
         trace = TraceContext.from_headers(headers.get(b"traceparent"), headers.get(b"tracestate"))
         # Spans are objects only when they are exported; otherwise the trace context is
@@ -405,7 +417,7 @@ class Waypoint:
                 SERVER,
                 attributes={
                     "http.request.method": head.method,
-                    "url.path": head.target,
+                    "url.path": target,
                     "server.address": head.authority,
                     "weft.source.principal": c.principal,
                     "weft.waypoint": self.s.name,
@@ -433,7 +445,7 @@ class Waypoint:
                     c.vip,
                     c.port,
                     method=head.method,
-                    path=head.target.split("?", 1)[0],
+                    path=target.split("?", 1)[0],
                     host=head.authority,
                     headers=_header_dict(headers),
                 ),
@@ -487,7 +499,7 @@ class Waypoint:
             (svc.namespace, svc.name),
             c.port,
             head.method,
-            head.target,
+            target,
             headers,
             source=c.principal,
             authority=head.authority,
