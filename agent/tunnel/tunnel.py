@@ -42,7 +42,7 @@ from agent.tunnel.pool import ConnectionPool, PeerIdentityMismatch, PoolSettings
 from agent.tunnel.resolve import Destination, Unreachable, resolve
 from agent.tunnel.streams import PodSide, splice
 from controller.ca.spiffe import WorkloadId, parse_workload_id
-from controller.model.workloads import Workload
+from controller.model.workloads import WAYPOINT_LABEL, Workload
 
 if TYPE_CHECKING:
     # Types only: the identity modules bring gRPC and protobuf (about 12 MB), which the
@@ -374,7 +374,14 @@ class Tunnel:
         self.metrics.opened(labels)
         self._watch(labels, dst.authority, pod)
 
-    def _watch(self, labels: FlowLabels, target: str, pod: PodSide, *others: PodSide) -> None:
+    def _watch(
+        self,
+        labels: FlowLabels,
+        target: str,
+        pod: PodSide,
+        *others: PodSide,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         fut = asyncio.get_running_loop().create_future()
         pod.on_close = fut
         started = time.monotonic()
@@ -401,6 +408,7 @@ class Tunnel:
                         "bytesSent": sent,
                         "bytesReceived": received,
                         "durationMs": round((time.monotonic() - started) * 1000, 3),
+                        **(extra or {}),
                     }
                 )
             for p in (pod, *others):
@@ -512,7 +520,19 @@ class Tunnel:
             )
             conn.respond(req.stream_id, 400)
             return
-        client_ip = forwarded_for(req.headers) or "0.0.0.0"
+        asserted = forwarded_for(req.headers)
+        peername = conn.transport.get_extra_info("peername") if conn.transport else None
+        client_ip, believed = caller_address(
+            snap, conn.peer_id, peername[0] if peername else None, asserted, w
+        )
+        if asserted is not None and not believed:
+            self.metrics.refused("inbound", "forwarded_not_trusted")
+            log.info(
+                "inbound from %s asserts Forwarded for=%s, which it cannot vouch for; judged as %s",
+                conn.peer_id,
+                asserted,
+                client_ip,
+            )
         src = snap.workloads_by_ip.get(client_ip)
         labels = FlowLabels.of(
             snap, src, w, None, reporter="destination", mtls=True, source_principal=conn.peer_id
@@ -536,10 +556,18 @@ class Tunnel:
             conn.respond(req.stream_id, 401)
             return
         stream = conn.accept_stream(req.stream_id)
-        self._spawn(self._inbound_connect(conn, stream, target, labels))
+        extra = {"peer": conn.peer_id, "clientIp": client_ip}
+        if asserted is not None and not believed:
+            extra["assertedClientIp"] = asserted
+        self._spawn(self._inbound_connect(conn, stream, target, labels, extra))
 
     async def _inbound_connect(
-        self, conn: HboneConnection, stream: object, target: tuple[str, int], labels: FlowLabels
+        self,
+        conn: HboneConnection,
+        stream: object,
+        target: tuple[str, int],
+        labels: FlowLabels,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         from agent.tunnel.streams import Stream
 
@@ -562,7 +590,7 @@ class Tunnel:
         conn.respond(stream.sid, 200)
         stream.bind(pod)
         self.metrics.opened(labels)
-        self._watch(labels, f"{target[0]}:{target[1]}", pod)
+        self._watch(labels, f"{target[0]}:{target[1]}", pod, extra=extra)
 
 
 def listener_socket(host: str, port: int) -> socket.socket:
@@ -583,6 +611,102 @@ def parse_authority(a: str) -> tuple[str, int] | None:
     except ValueError:
         return None
     return (host, p) if 0 < p < 65536 else None
+
+
+def caller_address(
+    snap: ConfigSnapshot,
+    peer_id: str | None,
+    peer_ip: str | None,
+    asserted: str | None,
+    destination: Workload | None,
+) -> tuple[str, bool]:
+    """The caller's address to authorize and log an HBONE stream with, and whether the
+    `Forwarded: for=` the stream carried (`asserted`) was believed.
+
+    A peer may say who it speaks for only when the mesh can check it:
+    - a node tunnel speaking for one of its pods: the asserted address is a workload with
+      the peer's own identity, on the node the connection comes from (`peer_ip` is one of
+      that node's addresses);
+    - a waypoint: the peer is a waypoint instance (its address is `peer_ip`) that serves a
+      Service `destination` belongs to (or, at a waypoint, `destination` is None).
+    Anything else (a workload that got its own certificate and dialled HBONE itself, or a
+    waypoint speaking for a Service it does not serve) is judged by the address it
+    connects from, whatever it asserts."""
+    fallback = peer_ip or "0.0.0.0"
+    if asserted is None or peer_id is None:
+        return fallback, False
+    claimed = snap.workloads_by_ip.get(asserted)
+    if claimed is not None and snap.workload_identity(claimed) == peer_id:
+        node = snap.nodes.get(claimed.spec.node)
+        if node is not None and peer_ip in {str(a) for a in node.spec.addresses}:
+            return asserted, True
+    via = snap.workloads_by_ip.get(peer_ip or "")
+    name = via.labels.get(WAYPOINT_LABEL) if via is not None else None
+    if via is not None and name and snap.workload_identity(via) == peer_id:
+        if destination is None:
+            return asserted, True
+        serves = waypoint_reach(snap).get((via.namespace, name), frozenset())
+        if destination.spec.addresses and str(destination.spec.addresses[0]) in serves:
+            return asserted, True
+    return fallback, False
+
+
+_REACH: dict[int, tuple[ConfigSnapshot, dict[tuple[str, str], frozenset[str]]]] = {}
+
+
+def waypoint_reach(snap: ConfigSnapshot) -> dict[tuple[str, str], frozenset[str]]:
+    """For each waypoint (namespace, name): the addresses of every workload it may send
+    to on a caller's behalf: the endpoints of the Services that use it, and of the
+    backends their HTTPRoutes, ModelRoutes and BackendPolicy fallbacks name. Computed once
+    per config snapshot."""
+    hit = _REACH.get(id(snap))
+    if hit is not None and hit[0] is snap:
+        return hit[1]
+    from controller.model.ai import ModelRoute
+    from controller.model.traffic import BackendPolicy
+
+    def ips(ns: str, name: str) -> set[str]:
+        return {
+            str(w.spec.addresses[0]) for w in snap.endpoints.get((ns, name), ()) if w.spec.addresses
+        }
+
+    out: dict[tuple[str, str], set[str]] = {}
+    model_routes = [r for r in snap.of_kind(ModelRoute.KIND) if isinstance(r, ModelRoute)]
+    policies = [r for r in snap.of_kind(BackendPolicy.KIND) if isinstance(r, BackendPolicy)]
+    for (ns, name), svc in snap.services.items():
+        if not svc.waypoint:
+            continue
+        reach = out.setdefault((ns, svc.waypoint), set())
+        backends = {(ns, name)}
+        for route in snap.routes.get((ns, name), ()):
+            for rule in route.spec.rules:
+                for ref in rule.backend_refs or ():
+                    backends.add((ref.namespace or route.namespace, ref.name))
+        for mr in model_routes:
+            if any(
+                (t.namespace or mr.namespace, t.name) == (ns, name) for t in mr.spec.target_refs
+            ):
+                for mrule in mr.spec.rules:
+                    for b in mrule.backend_refs:
+                        backends.add((b.namespace or mr.namespace, b.name))
+                    for f in mrule.fallback:
+                        if f.backend_ref is not None:
+                            ref_ns = f.backend_ref.namespace or mr.namespace
+                            backends.add((ref_ns, f.backend_ref.name))
+        for bp in policies:
+            fb = bp.spec.fallback
+            if (
+                fb is not None
+                and fb.backend_ref is not None
+                and any((t[0], t[1]) in backends for t in bp.targets())
+            ):
+                backends.add((fb.backend_ref.namespace or bp.namespace, fb.backend_ref.name))
+        for b_ns, b_name in backends:
+            reach |= ips(b_ns, b_name)
+    frozen = {k: frozenset(v) for k, v in out.items()}
+    _REACH.clear()  # one snapshot at a time: the current one
+    _REACH[id(snap)] = (snap, frozen)
+    return frozen
 
 
 def forwarded_for(headers: list[tuple[str, str]]) -> str | None:

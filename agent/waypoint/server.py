@@ -40,7 +40,7 @@ from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.metrics import workload_name
 from agent.tunnel.pool import ConnectionPool, PoolSettings
-from agent.tunnel.tunnel import forwarded_for, listener_socket, parse_authority
+from agent.tunnel.tunnel import caller_address, forwarded_for, listener_socket, parse_authority
 from agent.waypoint.aiflow import AiFlow
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.codec.http2 import Http2Connection
@@ -326,7 +326,16 @@ class Waypoint:
         if req.method != "CONNECT":
             conn.respond(req.stream_id, 400)
             return
-        caller = self._caller(conn.peer_id, forwarded_for(req.headers), req.authority)
+        # The caller's address only as far as its node tunnel can vouch for it.
+        peername = conn.transport.get_extra_info("peername") if conn.transport else None
+        client_ip, _ = caller_address(
+            self.snapshot,
+            conn.peer_id,
+            peername[0] if peername else None,
+            forwarded_for(req.headers),
+            None,
+        )
+        caller = self._caller(conn.peer_id, client_ip, req.authority)
         if isinstance(caller, int):
             conn.respond(req.stream_id, caller)
             return

@@ -362,3 +362,58 @@ def test_drain_lets_open_streams_finish_and_refuses_new_ones(tmp_path):
                 await asyncio.open_connection("127.0.0.1", m.ports["in2"])
 
     uvloop.run(main())
+
+
+ALLOW_CLIENT_IP = """
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: llm-by-ip, namespace: ai}
+spec:
+  selector: {matchLabels: {app: llm}}
+  action: ALLOW
+  rules:
+    - from: [{source: {ipBlocks: [127.0.0.11/32]}}]
+"""
+
+
+def test_a_forwarded_header_is_believed_only_from_who_can_vouch_for_it(tmp_path):
+    """Issue 14, trusted headers: batch holds its own valid certificate and opens HBONE to
+    node-2 itself, claiming `Forwarded: for=` the client pod's address to pass an
+    ipBlocks rule. The client pod has another identity, so the claim is not believed: the
+    stream is judged by the address it comes from and refused (401), counted as
+    forwarded_not_trusted. The client's own traffic, vouched for by its node tunnel, is
+    allowed by the same rule."""
+    from agent.tunnel import h2 as hb
+    from agent.tunnel.pool import ConnectionPool, PoolSettings
+    from agent.tunnel.tunnel import FORWARDED, sni_for
+
+    async def main() -> None:
+        async with Mesh(tmp_path, ALLOW_CLIENT_IP) as m:
+            llm = ("127.0.0.21", m.ports["llm"])
+            assert await roundtrip(m, "127.0.0.11", llm, b"ok") == b"ok"
+            ids = Identities(m.ca, [("apps", "batch")])
+            batch = ids.get("apps", "batch")
+            assert batch is not None
+            llm_id = "spiffe://cluster.local/ns/ai/sa/llm"
+            pool = ConnectionPool(PoolSettings(), hb.Settings(), mark=0)
+            try:
+                conn = await pool.get(
+                    (batch.spiffe_id, llm_id, "127.0.0.1", m.ports["in2"]),
+                    batch.context("client", ids.trust),
+                    sni_for(llm_id),
+                )
+                _, response = conn.open(
+                    f"127.0.0.21:{m.ports['llm']}", [(FORWARDED, "for=127.0.0.11")]
+                )
+                resp = await asyncio.wait_for(response, 10)
+                assert resp.status == 401
+            finally:
+                await pool.close()
+            refused = m.t2.metrics.registry.get_sample_value(
+                "weft_tunnel_refused_connections_total",
+                {"direction": "inbound", "reason": "forwarded_not_trusted"},
+            )
+            assert refused == 1
+
+    uvloop.run(main())
