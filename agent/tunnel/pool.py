@@ -43,10 +43,20 @@ class PeerIdentityMismatch(Exception):
 
 
 class ConnectionPool:
-    def __init__(self, settings: PoolSettings, h2_settings: hb.Settings, *, mark: int = 0) -> None:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        h2_settings: hb.Settings,
+        *,
+        mark: int = 0,
+        source: str | None = None,
+    ) -> None:
         self.settings = settings
         self.h2_settings = h2_settings
         self.mark = mark
+        # The address connections come from (a waypoint's own: the destination checks
+        # that a waypoint's identity arrives from a waypoint instance's address).
+        self.source = source
         self._conns: dict[PoolKey, list[HboneConnection]] = {}
         self._dialing: dict[PoolKey, asyncio.Future[HboneConnection]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -101,6 +111,8 @@ class ConnectionPool:
         )
         try:
             sock = _socket(host, port, self.mark)
+            if self.source is not None and (":" in self.source) == (":" in host):
+                sock.bind((self.source, 0))
             await asyncio.wait_for(
                 loop.sock_connect(sock, (host, port)), self.settings.connect_timeout
             )

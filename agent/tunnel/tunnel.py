@@ -316,6 +316,22 @@ class Tunnel:
                 )
                 pod.abort()
                 return
+        if dst.workload is not None and dst.hbone is None:
+            needed = required_waypoints(snap, dst.workload, dst.port)
+            if needed:
+                # The pod was dialled by its address, around its Service's waypoint.
+                self.metrics.refused("outbound", "waypoint_required")
+                log.info(
+                    "%s -> %s/%s:%d refused: reachable only through waypoint %s "
+                    "(dial its Service instead)",
+                    src_id,
+                    dst.workload.namespace,
+                    dst.workload.name,
+                    dst.port,
+                    ", ".join(f"{ns}/{n}" for ns, n in sorted(needed)),
+                )
+                pod.abort()
+                return
         try:
             if not dst.meshed or dst.local:
                 far = await self._connect_pod(dst.ip, dst.port)
@@ -522,9 +538,23 @@ class Tunnel:
             return
         asserted = forwarded_for(req.headers)
         peername = conn.transport.get_extra_info("peername") if conn.transport else None
-        client_ip, believed = caller_address(
-            snap, conn.peer_id, peername[0] if peername else None, asserted, w
-        )
+        peer_ip = peername[0] if peername else None
+        needed = required_waypoints(snap, w, target[1])
+        if needed and not is_waypoint(snap, conn.peer_id, peer_ip, needed):
+            self.metrics.refused("inbound", "waypoint_required")
+            log.info(
+                "inbound CONNECT %s from %s refused: %s/%s:%d is reachable only through "
+                "waypoint %s (dial its Service instead)",
+                req.authority,
+                conn.peer_id,
+                w.namespace,
+                w.name,
+                target[1],
+                ", ".join(f"{ns}/{n}" for ns, n in sorted(needed)),
+            )
+            conn.respond(req.stream_id, 401)
+            return
+        client_ip, believed = caller_address(snap, conn.peer_id, peer_ip, asserted, w)
         if asserted is not None and not believed:
             self.metrics.refused("inbound", "forwarded_not_trusted")
             log.info(
@@ -649,6 +679,48 @@ def caller_address(
         if destination.spec.addresses and str(destination.spec.addresses[0]) in serves:
             return asserted, True
     return fallback, False
+
+
+_GUARDS: dict[int, tuple[ConfigSnapshot, dict[tuple[str, int], frozenset[tuple[str, str]]]]] = {}
+
+
+def required_waypoints(
+    snap: ConfigSnapshot, workload: Workload, port: int
+) -> frozenset[tuple[str, str]]:
+    """The waypoints (namespace, name) that must carry traffic to `workload` on `port`: a
+    port of a Service that selects it and uses a waypoint is reachable only through that
+    waypoint, whatever address the caller dialled (issue 14, waypoint-only reach)."""
+    hit = _GUARDS.get(id(snap))
+    if hit is None or hit[0] is not snap:
+        guards: dict[tuple[str, int], set[tuple[str, str]]] = {}
+        for (ns, name), svc in snap.services.items():
+            if not svc.waypoint:
+                continue
+            for w in snap.endpoints.get((ns, name), ()):
+                if not w.spec.addresses:
+                    continue
+                for sp in svc.spec.ports:
+                    key = (str(w.spec.addresses[0]), sp.target())
+                    guards.setdefault(key, set()).add((ns, svc.waypoint))
+        _GUARDS.clear()
+        hit = (snap, {k: frozenset(v) for k, v in guards.items()})
+        _GUARDS[id(snap)] = hit
+    if not workload.spec.addresses:
+        return frozenset()
+    return hit[1].get((str(workload.spec.addresses[0]), port), frozenset())
+
+
+def is_waypoint(
+    snap: ConfigSnapshot,
+    peer_id: str | None,
+    peer_ip: str | None,
+    allowed: frozenset[tuple[str, str]],
+) -> bool:
+    """The peer is an instance of one of `allowed`: its identity, from its own address."""
+    via = snap.workloads_by_ip.get(peer_ip or "")
+    if via is None or snap.workload_identity(via) != peer_id:
+        return False
+    return (via.namespace, via.labels.get(WAYPOINT_LABEL, "")) in allowed
 
 
 _REACH: dict[int, tuple[ConfigSnapshot, dict[tuple[str, str], frozenset[str]]]] = {}

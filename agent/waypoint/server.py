@@ -129,7 +129,11 @@ class Waypoint:
         self._client_ctx: ssl.SSLContext | None = None
         self._server_ctx: ssl.SSLContext | None = None
         self.link = AgentLink(s.workload_socket, self._on_config, self._on_svid)
-        self.tunnel_pool = ConnectionPool(PoolSettings(coalesce_writes=True), hb.Settings())
+        self.tunnel_pool = ConnectionPool(
+            PoolSettings(coalesce_writes=True),
+            hb.Settings(),
+            source=s.listen.rpartition(":")[0].strip("[]") or None,
+        )
         self.engine = Engine(clock=time.monotonic)
         self._h2_ports: dict[tuple[str, int], bool] = {}
         self.upstream = UpstreamPool(

@@ -417,3 +417,51 @@ def test_a_forwarded_header_is_believed_only_from_who_can_vouch_for_it(tmp_path)
             assert refused == 1
 
     uvloop.run(main())
+
+
+LLM_USES_A_WAYPOINT = """
+---
+apiVersion: v1
+kind: Service
+metadata: {name: llm-l7, namespace: ai, labels: {weft.dev/use-waypoint: ai-waypoint}}
+spec: {selector: {app: llm}, clusterIP: 10.96.0.20, ports: [{port: 8080, targetPort: PORT}]}
+"""
+
+
+def test_hbone_that_skips_the_waypoint_is_refused_by_the_destination(tmp_path):
+    """Issue 14, waypoint-only reach, at the destination: llm's port belongs to a Service
+    that uses a waypoint, so node-2 accepts streams to it only from that waypoint. A
+    workload with its own valid certificate opening HBONE to node-2 itself (skipping its
+    own node tunnel, which would refuse) gets 401, counted as waypoint_required."""
+    from agent.tunnel import h2 as hb
+    from agent.tunnel.pool import ConnectionPool, PoolSettings
+    from agent.tunnel.tunnel import sni_for
+
+    async def main() -> None:
+        m = Mesh(tmp_path)
+        m.snap = config(m.ports, LLM_USES_A_WAYPOINT.replace("PORT", str(m.ports["llm"])))
+        async with m:
+            ids = Identities(m.ca, [("apps", "client")])
+            client = ids.get("apps", "client")
+            assert client is not None
+            llm_id = "spiffe://cluster.local/ns/ai/sa/llm"
+            pool = ConnectionPool(PoolSettings(), hb.Settings(), mark=0)
+            try:
+                conn = await pool.get(
+                    (client.spiffe_id, llm_id, "127.0.0.1", m.ports["in2"]),
+                    client.context("client", ids.trust),
+                    sni_for(llm_id),
+                )
+                _, response = conn.open(f"127.0.0.21:{m.ports['llm']}", [])
+                assert (await asyncio.wait_for(response, 10)).status == 401
+            finally:
+                await pool.close()
+            assert (
+                m.t2.metrics.registry.get_sample_value(
+                    "weft_tunnel_refused_connections_total",
+                    {"direction": "inbound", "reason": "waypoint_required"},
+                )
+                == 1
+            )
+
+    uvloop.run(main())
