@@ -39,7 +39,7 @@ from controller.ca.authority import (
 )
 from controller.ca.spiffe import key_pem, make_csr, new_key, parse_node_id, spiffe_id_of
 from controller.model.base import ResourceKey, kind_named
-from controller.model.loader import parse_text
+from controller.model.loader import duplicates, parse_text
 from controller.model.problems import Problem
 from controller.model.workloads import Workload
 from controller.settings import ControllerSettings
@@ -636,10 +636,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         c = self.c
         problems: list[Problem] = []
         resources = []
+        offers = []
         for doc in request.documents:
             offer = parse_text(doc.text, doc.file or "<stdin>")
+            offers.append(offer)
             problems += offer.problems
             resources += offer.resources
+        problems += duplicates(offers)
         for r in resources:
             owner = c.store.owner(r.key)
             mine = c.source.source_id(self._applied_path(r.key))

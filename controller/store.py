@@ -64,6 +64,8 @@ class Offer:
     problems: list[Problem] = field(default_factory=list)
     claimed: set[ResourceKey] = field(default_factory=set)
     unreadable: bool = False  # the whole source failed (YAML syntax): keep everything
+    # Where each of `resources` was written: "file:line" of its document (same order).
+    origins: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from agent.cli.output import Format, OutputOption, emit
 from agent.cli.targets import ControllerSocketOption, LabOption, admin_stub, call
 from controller.api.gen import admin_pb2
 from controller.model.base import kind_named
-from controller.model.loader import parse_text
+from controller.model.loader import duplicates, parse_text
 from controller.model.problems import InvalidConfig, Problem
 
 app = typer.Typer(
@@ -63,10 +63,13 @@ def validate(file: FileOption, output: Format = OutputOption) -> None:
     """
     problems: list[Problem] = []
     resources = []
+    offers = []
     for name, text in _documents(file):
         offer = parse_text(text, name)
+        offers.append(offer)
         problems += offer.problems
         resources += offer.resources
+    problems += duplicates(offers)
     rows = [
         {"kind": r.KIND, "namespace": r.namespace, "name": r.name, "valid": True} for r in resources
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from controller.model.base import ResourceKey, _load_all, describe, kinds, parse_resource
-from controller.model.problems import InvalidConfig
+from controller.model.problems import InvalidConfig, Problem
 from controller.model.yamldoc import Document, load_documents
 from controller.store import Offer
 
@@ -42,11 +42,13 @@ def parse_text(text: str | bytes, file: str, *, default_namespace: str | None = 
             items: list[tuple[object, Document | None]] = [(i, None) for i in data["items"]]
         else:
             items = [(data, doc)]
-        for item, d in items:
+        for i, (item, d) in enumerate(items):
             try:
                 offer.resources.append(
                     parse_resource(item, file=file, doc=d, default_namespace=default_namespace)
                 )
+                where = f"{file}:{doc.line}" if doc.line else file
+                offer.origins.append(where if d is not None else f"{where} (List item {i + 1})")
             except InvalidConfig as e:
                 offer.problems.extend(e.problems)
                 key = _claimed_key(item, default_namespace)
@@ -55,4 +57,24 @@ def parse_text(text: str | bytes, file: str, *, default_namespace: str | None = 
     return offer
 
 
-__all__ = ["describe", "parse_text"]
+def duplicates(offers: list[Offer]) -> list[Problem]:
+    """One problem per resource defined more than once across `offers` (one apply, one
+    validation), naming every place: otherwise the last would silently replace the
+    others (a DENY becoming an ALLOW)."""
+    seen: dict[ResourceKey, list[str]] = {}
+    for offer in offers:
+        for res, where in zip(offer.resources, offer.origins, strict=True):
+            seen.setdefault(res.key, []).append(where)
+    return [
+        Problem(
+            f"defined {len(places)} times ({', '.join(places)}); each resource may appear "
+            "once, or the last would silently replace the others",
+            resource=str(key),
+            file=places[-1].split(":", 1)[0],
+        )
+        for key, places in seen.items()
+        if len(places) > 1
+    ]
+
+
+__all__ = ["describe", "duplicates", "parse_text"]

@@ -342,3 +342,30 @@ def test_admin_apply_get_delete_round_trip(tmp_path):
             assert gone.deleted and not c.store.resources("AuthorizationPolicy")
 
     run(tmp_path, body)
+
+
+def test_one_apply_with_the_same_resource_twice_is_refused_naming_both_places(tmp_path):
+    """Issue 14: two documents of one apply (in one file or in two) defining the same
+    kind, namespace and name are an error naming both places, and nothing is applied:
+    the last used to win silently (a DENY became an ALLOW)."""
+    deny = POLICY.replace("ALLOW", "DENY")
+
+    async def body(c: Controller) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{c.settings.admin_socket}") as ch:
+            admin = admin_pb2_grpc.AdminStub(ch)
+            for docs in (
+                [admin_pb2.ApplyRequest.Document(file="p.yaml", text=deny + "---\n" + POLICY)],
+                [
+                    admin_pb2.ApplyRequest.Document(file="a.yaml", text=deny),
+                    admin_pb2.ApplyRequest.Document(file="b.yaml", text=POLICY),
+                ],
+            ):
+                r = await admin.Apply(admin_pb2.ApplyRequest(documents=docs))
+                assert not r.applied and len(r.problems) == 1, r
+                (p,) = r.problems
+                assert "defined 2 times" in p.reason and "allow-apps" in p.resource
+                for d in docs:
+                    assert d.file in p.reason
+            assert not c.store.resources("AuthorizationPolicy")
+
+    run(tmp_path, body)
