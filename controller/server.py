@@ -41,6 +41,7 @@ from controller.ca.spiffe import key_pem, make_csr, new_key, parse_node_id, spif
 from controller.model.base import ResourceKey, kind_named
 from controller.model.loader import duplicates, parse_text
 from controller.model.problems import Problem
+from controller.model.status import conditions
 from controller.model.workloads import Workload
 from controller.settings import ControllerSettings
 from controller.sources.files import APPLIED_DIR, FileSource
@@ -678,7 +679,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             tmp.replace(path)
         if not request.dry_run:
             await asyncio.to_thread(c.source.scan)
-        return admin_pb2.ApplyResponse(applied=applied, revision=c.store.revision)
+        # Applied, but will it take effect? Judged on the config as it is with these in it.
+        mine = {r.key: r for r in resources}
+        everything = {e.key: e.resource for e in c.store.entries()} | mine
+        status = conditions(everything.values())
+        warnings = [
+            _problem_info(
+                Problem(f"{cd.type} is False ({cd.reason}): {cd.message}", resource=str(k))
+            )
+            for k in mine
+            for cd in status.get(k, ())
+            if not cd.status
+        ]
+        return admin_pb2.ApplyResponse(
+            applied=applied, revision=c.store.revision, warnings=warnings
+        )
 
     async def Delete(
         self, request: admin_pb2.DeleteRequest, context: grpc.aio.ServicerContext
@@ -718,6 +733,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 )
                 raise AssertionError
             kind = cls.KIND
+        status = conditions(r.resource for r in c.store.entries())
         out = [
             admin_pb2.StoredResource(
                 kind=e.key.kind,
@@ -726,6 +742,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 revision=e.revision,
                 source=e.source,
                 body=e.body,
+                conditions=[
+                    admin_pb2.ConditionInfo(
+                        type=cd.type, status=cd.status, reason=cd.reason, message=cd.message
+                    )
+                    for cd in status.get(e.key, ())
+                ],
             )
             for e in c.store.entries(kind)
             if (not request.namespace or e.key.namespace == request.namespace)

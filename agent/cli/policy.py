@@ -119,13 +119,19 @@ def apply(
         {"kind": a.kind, "namespace": a.namespace, "name": a.name, "action": a.action}
         for a in resp.applied
     ]
+    warnings = [{"resource": w.resource, "reason": w.reason} for w in resp.warnings]
     if output is Format.table:
         for r in rows:
             suffix = " (dry run)" if dry_run else ""
             typer.echo(f"{r['kind'].lower()}/{r['namespace']}/{r['name']} {r['action']}{suffix}")
         typer.echo(f"revision {resp.revision}")
+        for w in warnings:
+            typer.echo(f"warning: {w['resource']}: {w['reason']}", err=True)
     else:
-        emit({"applied": rows, "revision": resp.revision, "dryRun": dry_run}, output)
+        emit(
+            {"applied": rows, "revision": resp.revision, "dryRun": dry_run, "warnings": warnings},
+            output,
+        )
 
 
 @app.command()
@@ -149,7 +155,23 @@ def get(
     resp = call(
         stub.Get, admin_pb2.GetRequest(kind=kind or "", namespace=namespace or "", name=name or "")
     )
-    docs = [json.loads(r.body) for r in resp.resources]
+    docs = []
+    for r in resp.resources:
+        doc = json.loads(r.body)
+        if r.conditions:
+            # As the API server shows them: status.conditions on the resource.
+            doc["status"] = {
+                "conditions": [
+                    {
+                        "type": c.type,
+                        "status": "True" if c.status else "False",
+                        "reason": c.reason,
+                        "message": c.message,
+                    }
+                    for c in r.conditions
+                ]
+            }
+        docs.append(doc)
     if output is Format.table:
         emit(
             None,
@@ -160,6 +182,7 @@ def get(
                 ("NAME", "name"),
                 ("REVISION", "revision"),
                 ("SOURCE", "source"),
+                ("STATUS", "status"),
             ],
             rows=[
                 {
@@ -168,6 +191,8 @@ def get(
                     "name": r.name,
                     "revision": r.revision,
                     "source": r.source,
+                    "status": ", ".join(c.reason for c in r.conditions if not c.status)
+                    or ("Accepted" if r.conditions else "-"),
                 }
                 for r in resp.resources
             ],

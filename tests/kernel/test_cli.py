@@ -116,6 +116,38 @@ def test_policy_apply_get_delete(meshed: Mesh, tmp_path: Path) -> None:
     assert gone.returncode == 4
 
 
+GHOST_L7 = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ghost, namespace: ai}
+spec:
+  targetRefs: [{kind: Service, group: "", name: far}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+"""
+
+
+def test_a_policy_enforced_nowhere_says_so(meshed: Mesh, tmp_path: Path) -> None:
+    """Issue 14: an L7 policy on a Service without a waypoint is applied with a warning
+    (NoWaypoint) and `weft policy get` shows its False condition, in the table and as
+    status.conditions."""
+    f = tmp_path / "ghost.yaml"
+    f.write_text(GHOST_L7)
+    try:
+        out = weft(meshed, "policy", "apply", "-f", str(f))
+        assert "NoWaypoint" in out.stderr and "enforced nowhere" in out.stderr
+        table = weft(meshed, "policy", "get", "authorizationpolicies", "-n", "ai")
+        assert any("ghost" in line and "NoWaypoint" in line for line in table.stdout.splitlines())
+        doc = weft_json(meshed, "policy", "get", "authorizationpolicies", "ghost", "-n", "ai")
+        conds = {c["type"]: (c["status"], c["reason"]) for c in doc["status"]["conditions"]}
+        assert conds == {
+            "ResolvedRefs": ("True", "ResolvedRefs"),
+            "Accepted": ("False", "NoWaypoint"),
+        }
+    finally:
+        weft(meshed, "policy", "delete", "authorizationpolicy/ai/ghost", ok=False)
+
+
 def test_inspect_commands(meshed: Mesh) -> None:
     meshed.start_server("ai/far", port=8100)
     out = meshed.run(

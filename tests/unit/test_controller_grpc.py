@@ -369,3 +369,34 @@ def test_one_apply_with_the_same_resource_twice_is_refused_naming_both_places(tm
             assert not c.store.resources("AuthorizationPolicy")
 
     run(tmp_path, body)
+
+
+def test_a_policy_that_would_be_enforced_nowhere_is_applied_with_a_warning(tmp_path):
+    """An L7 AuthorizationPolicy on a Service that does not exist: applied (the Service may
+    come later), with a warning, and `Get` shows its False conditions."""
+    l7 = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: ai}
+spec:
+  targetRefs: [{kind: Service, group: "", name: no-such-service}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+"""
+
+    async def body(c: Controller) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{c.settings.admin_socket}") as ch:
+            admin = admin_pb2_grpc.AdminStub(ch)
+            r = await admin.Apply(
+                admin_pb2.ApplyRequest(
+                    documents=[admin_pb2.ApplyRequest.Document(file="l7.yaml", text=l7)]
+                )
+            )
+            assert r.applied and not r.problems
+            assert any("ServiceNotFound" in w.reason for w in r.warnings), r.warnings
+            got = await admin.Get(admin_pb2.GetRequest(kind="authorizationpolicies"))
+            (res,) = [x for x in got.resources if x.name == "deny-admin"]
+            conds = {cd.type: (cd.status, cd.reason) for cd in res.conditions}
+            assert conds["ResolvedRefs"] == (False, "ServiceNotFound")
+
+    run(tmp_path, body)

@@ -1,0 +1,124 @@
+"""Gateway API-style conditions: whether a stored resource can take effect, and why not.
+
+A policy that references a Service which does not exist (yet), or that needs L7 but
+targets a Service without a waypoint, is valid on its own and is stored (the Service may
+come later), but it is enforced nowhere: that must be visible, never silent. Each
+resource gets two conditions, computed from the whole config:
+
+- `ResolvedRefs`: every Service it references exists (reason `ServiceNotFound` or
+  `BackendNotFound` otherwise);
+- `Accepted`: something enforces it (reason `NoWaypoint` when the L7 policy's Service has
+  no waypoint, so no proxy sees its requests).
+
+`weft policy apply` prints the False ones as warnings, `weft policy get` shows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from controller.model.base import Resource, ResourceKey
+
+# L7 kinds that act only at a waypoint (the ones the node tunnel cannot enforce).
+_L7_TARGETED = ("TokenRateLimit", "ModelRoute", "LoadShedding", "ResponseCache", "Rollout")
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    type: str  # Accepted | ResolvedRefs
+    status: bool
+    reason: str
+    message: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "type": self.type,
+            "status": "True" if self.status else "False",
+            "reason": self.reason,
+            "message": self.message,
+        }
+
+
+def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Condition]]:
+    """Conditions for every resource that references Services, from the whole config."""
+    res = list(resources)
+    services: dict[tuple[str, str], Resource] = {
+        (r.namespace, r.name): r for r in res if r.KIND == "Service"
+    }
+
+    def waypoint_of(ns: str, name: str) -> str | None:
+        svc = services.get((ns, name))
+        if svc is None:
+            return None
+        return svc.metadata.labels.get("weft.dev/use-waypoint") or None
+
+    out: dict[ResourceKey, list[Condition]] = {}
+    for r in res:
+        l7_targets, backends = _references(r)
+        if not l7_targets and not backends:
+            continue
+        gone_targets = [f"{ns}/{n}" for ns, n in l7_targets if (ns, n) not in services]
+        gone_backends = [f"{ns}/{n}" for ns, n in backends if (ns, n) not in services]
+        missing = sorted(set(gone_targets + gone_backends))
+        conds = [
+            Condition(
+                "ResolvedRefs",
+                False,
+                "ServiceNotFound" if gone_targets else "BackendNotFound",
+                "no Service " + ", ".join(missing),
+            )
+            if missing
+            else Condition("ResolvedRefs", True, "ResolvedRefs")
+        ]
+        without = [
+            f"{ns}/{n}"
+            for ns, n in l7_targets
+            if (ns, n) in services and waypoint_of(ns, n) is None
+        ]
+        if without:
+            conds.append(
+                Condition(
+                    "Accepted",
+                    False,
+                    "NoWaypoint",
+                    f"Service {', '.join(without)} has no waypoint (label weft.dev/use-waypoint)"
+                    f": no proxy sees its requests, so this {r.KIND} is enforced nowhere",
+                )
+            )
+        elif gone_targets:
+            conds.append(Condition("Accepted", False, "ServiceNotFound", "its Service is missing"))
+        else:
+            conds.append(Condition("Accepted", True, "Accepted"))
+        out[r.key] = conds
+    return out
+
+
+def problems_of(conds: list[Condition]) -> Iterator[Condition]:
+    return (c for c in conds if not c.status)
+
+
+def _references(r: Resource) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(Services it needs a waypoint on, other Services it references)."""
+    spec = getattr(r, "spec", None)
+    if spec is None:
+        return [], []
+    if r.KIND == "AuthorizationPolicy":
+        refs = [(t.namespace or r.namespace, t.name) for t in spec.targets() if t.kind == "Service"]
+        return refs, []
+    if r.KIND == "HTTPRoute":
+        parents = [(ns, n) for ns, n, _ in r.parent_services()]  # type: ignore[attr-defined]
+        backends = [
+            (b.namespace or r.namespace, b.name)
+            for rule in spec.rules
+            for b in rule.backend_refs or ()
+            if getattr(b, "kind", "Service") in ("Service", None)
+        ]
+        return parents, backends
+    if r.KIND == "Rollout":
+        return [(spec.target_ref.namespace or r.namespace, spec.target_ref.name)], []
+    if r.KIND in _L7_TARGETED:
+        return [(t.namespace or r.namespace, t.name) for t in spec.target_refs], []
+    if r.KIND == "BackendPolicy":
+        return [], [(ns, n) for ns, n, _ in r.targets()]  # type: ignore[attr-defined]
+    return [], []
