@@ -48,6 +48,9 @@ from controller.sources.files import APPLIED_DIR, FileSource
 from controller.store import ConfigStore, Entry
 from controller.tokens import TokenStore
 
+# The largest admin request (an apply): the CLI checks files against APPLY_LIMITS first,
+# so a user sees which file is too large instead of a gRPC size error.
+ADMIN_MAX_MESSAGE = 20 * 1024 * 1024
 log = logging.getLogger("weft.controller")
 
 SERVER_CERT_TTL = 24 * 3600
@@ -210,7 +213,7 @@ class Controller:
         self.ports["bootstrap"] = boot.add_secure_port(
             self.settings.bootstrap_listen, self._credentials(require_client=False)
         )
-        admin = grpc.aio.server()
+        admin = grpc.aio.server(options=[("grpc.max_receive_message_length", ADMIN_MAX_MESSAGE)])
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self), admin)
         sock = self.settings.admin_socket
         sock.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -34,20 +35,59 @@ FileOption = Annotated[
 ]
 
 
+# Policy files are small (a large mesh's config is a few MiB in all); these bound what one
+# file and one apply may be, so a mistake (a log file, a data dump) is named, not sent.
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_APPLY_BYTES = 16 * 1024 * 1024
+
+
 def _documents(paths: list[Path]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
+    too_big: list[Problem] = []
+
+    def add(name: str, size: int, read: Callable[[], str]) -> None:
+        if size > MAX_FILE_BYTES:
+            what = f"{size / 1048576:.1f} MiB" if size > MAX_FILE_BYTES + 1 else "more than that"
+            too_big.append(
+                Problem(
+                    f"{what} is over the {MAX_FILE_BYTES >> 20} MiB limit for one policy "
+                    "file; split it",
+                    file=name,
+                )
+            )
+        else:
+            out.append((name, read()))
+
     for p in paths:
         if str(p) == "-":
-            out.append(("<stdin>", sys.stdin.read()))
+            stdin = sys.stdin.read(MAX_FILE_BYTES + 1)
+
+            def given(t: str = stdin) -> str:
+                return t
+
+            add("<stdin>", len(stdin.encode()), given)
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml", ".json"))
-            out += [(str(f), f.read_text()) for f in files]
+            for f in sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml", ".json")):
+                add(str(f), f.stat().st_size, f.read_text)
         elif p.exists():
-            out.append((str(p), p.read_text()))
+            add(str(p), p.stat().st_size, p.read_text)
         else:
             raise InvalidConfig([Problem("no such file or directory", file=str(p))])
+    if too_big:
+        raise InvalidConfig(too_big)
     if not out:
         raise InvalidConfig([Problem("no YAML files found", file=", ".join(map(str, paths)))])
+    total = sum(len(text.encode()) for _, text in out)
+    if total > MAX_APPLY_BYTES:
+        raise InvalidConfig(
+            [
+                Problem(
+                    f"these {len(out)} files are {total / 1048576:.1f} MiB together, over the "
+                    f"{MAX_APPLY_BYTES >> 20} MiB limit for one apply; apply them in parts",
+                    file=", ".join(n for n, _ in out[:3]) + (", ..." if len(out) > 3 else ""),
+                )
+            ]
+        )
     return out
 
 

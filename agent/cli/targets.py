@@ -59,7 +59,11 @@ def admin_stub(lab: str, override: Path | None) -> admin_pb2_grpc.AdminStub:
             hint="is the controller running? In the lab: weft lab up (the mesh starts with "
             "it); elsewhere pass --controller-socket",
         )
-    return admin_pb2_grpc.AdminStub(grpc.insecure_channel(f"unix:{sock}"))
+    # An apply may carry up to MAX_APPLY_BYTES of YAML (policy.py checks it per file).
+    channel = grpc.insecure_channel(
+        f"unix:{sock}", options=[("grpc.max_send_message_length", 20 * 1024 * 1024)]
+    )
+    return admin_pb2_grpc.AdminStub(channel)
 
 
 def call(fn: Any, request: Any) -> Any:
