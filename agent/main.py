@@ -187,6 +187,9 @@ class Agent:
                 asyncio.get_running_loop().create_task(self.workload_api.notify())
         if self.datapath is not None:
             self._reconcile_datapath(snap, local)
+        if self.tunnel is not None:
+            # Open connections the new config no longer admits are closed now (issue 14).
+            self.tunnel.revalidate(snap)
 
     def _reconcile_datapath(self, snap: ConfigSnapshot, local: list[Workload]) -> None:
         from agent.datapath import PodAttachment

@@ -133,6 +133,13 @@ class TunnelMetrics:
             "Captured connections handed to a waypoint on this node (no HBONE hop).",
             registry=r,
         )
+        self._revoked = Counter(
+            "weft_tunnel_revoked_connections",
+            "Open connections closed because a new config no longer admits them, by kind "
+            "(inbound HBONE stream, local relay) and reason.",
+            ["kind", "reason"],
+            registry=r,
+        )
         self._refused = Counter(
             "weft_tunnel_refused_connections",
             "Connections the tunnel could not serve, by direction and reason (bounded set).",
@@ -161,6 +168,9 @@ class TunnelMetrics:
 
     def denied(self, labels: FlowLabels) -> None:
         self._denied.labels(*labels.values()).inc()
+
+    def revoked(self, kind: str, reason: str) -> None:
+        self._revoked.labels(kind, reason).inc()
 
     def refused(self, direction: str, reason: str) -> None:
         self._refused.labels(direction, reason).inc()

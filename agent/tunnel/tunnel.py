@@ -95,6 +95,22 @@ def sni_for(ident: WorkloadId | str) -> str:
     return f"{w.service_account}.{w.namespace}.{w.trust_domain}"
 
 
+@dataclass(eq=False)
+class _Flow:
+    """An admitted connection and what admitted it, so a new config can take it back."""
+
+    kind: str  # "inbound" (an HBONE stream to a local pod) or "local" (a same-node relay)
+    request: Request  # what authorization judged
+    destination: str  # the destination pod's address
+    port: int
+    labels: FlowLabels
+    pods: tuple[PodSide, ...]
+    stream: Any = None  # the HBONE stream (inbound)
+    peer_id: str | None = None  # the authenticated peer (inbound)
+    peer_ip: str | None = None
+    local_id: str | None = None  # the identity the stream was accepted as (inbound)
+
+
 class _OutboundPod(PodSide):
     def __init__(self, tunnel: Tunnel) -> None:
         super().__init__()
@@ -128,6 +144,7 @@ class Tunnel:
         self._servers: list[asyncio.AbstractServer] = []
         self._inbound: set[HboneConnection] = set()
         self._local: set[PodSide] = set()
+        self._flows: dict[int, _Flow] = {}  # by id() of the flow's first PodSide
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx_ids: dict[int, str] = {}
         self.draining = False
@@ -205,6 +222,69 @@ class Tunnel:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+    # ---- revocation --------------------------------------------------------------------
+
+    def revalidate(self, snap: ConfigSnapshot) -> int:
+        """Judge every open connection again under a new config; close, at once and at
+        both ends, the ones it no longer admits (a DENY applied, an ALLOW removed, the
+        destination's identity changed or its Service now needs a waypoint). Returns how
+        many were closed."""
+        revoked = 0
+        for key, flow in list(self._flows.items()):
+            why = self._still_denied(snap, flow)
+            if why is None:
+                continue
+            self._flows.pop(key, None)
+            revoked += 1
+            self.metrics.revoked(flow.kind, why[0])
+            log.info(
+                "revoked %s connection %s -> %s:%d: %s",
+                flow.kind,
+                flow.peer_id or flow.request.source_principal,
+                flow.destination,
+                flow.port,
+                why[1],
+            )
+            if self.access.enabled:
+                self.access.write(
+                    {
+                        "time": self.access.timestamp(),
+                        "kind": "revoked",
+                        "reporter": flow.labels.reporter,
+                        "node": self.s.node,
+                        "source": flow.labels.source_principal,
+                        "destination": flow.labels.destination_principal,
+                        "target": f"{flow.destination}:{flow.port}",
+                        "reason": why[1],
+                    }
+                )
+            if flow.stream is not None:
+                with contextlib.suppress(Exception):
+                    flow.stream.reset()  # RST_STREAM: the peer's end closes too
+            for p in flow.pods:
+                p.abort()
+        return revoked
+
+    def _still_denied(self, snap: ConfigSnapshot, flow: _Flow) -> tuple[str, str] | None:
+        """(reason code, explanation) when `flow` is no longer admitted, else None."""
+        w = snap.workloads_by_ip.get(flow.destination)
+        if w is None:
+            return "destination_gone", "the destination workload is gone"
+        if flow.kind == "inbound":
+            if snap.workload_identity(w) != flow.local_id:
+                return "identity_changed", "the destination's identity changed"
+            needed = required_waypoints(snap, w, flow.port)
+            if needed and not is_waypoint(snap, flow.peer_id, flow.peer_ip, needed):
+                return "waypoint_required", "its Service now needs a waypoint"
+        elif required_waypoints(snap, w, flow.port):
+            return "waypoint_required", "its Service now needs a waypoint"
+        decision = evaluate(workload_policies(snap.authorization, w), flow.request)
+        if not decision.allowed:
+            return "denied", f"{decision.reason}" + (
+                f" by {decision.policy}" if decision.policy else ""
+            )
+        return None
 
     # ---- outbound ----------------------------------------------------------------------
 
@@ -339,6 +419,15 @@ class Tunnel:
                 splice(pod, far)
                 pod.resume_reading()
                 self.metrics.opened(labels)
+                if dst.meshed and dst.workload is not None:
+                    self._flows[id(pod)] = _Flow(
+                        "local",
+                        Request(principal_of(src_id), src.namespace, client_ip, dst.ip, dst.port),
+                        dst.ip,
+                        dst.port,
+                        labels,
+                        (pod, far),
+                    )
                 self._watch(labels, dst.authority, pod, far)
                 return
             await self._via_hbone(pod, snap, src, src_id, dst, client_ip, labels)
@@ -429,6 +518,7 @@ class Tunnel:
                 )
             for p in (pod, *others):
                 self._local.discard(p)
+            self._flows.pop(id(pod), None)
 
         fut.add_done_callback(done)
 
@@ -589,7 +679,19 @@ class Tunnel:
         extra = {"peer": conn.peer_id, "clientIp": client_ip}
         if asserted is not None and not believed:
             extra["assertedClientIp"] = asserted
-        self._spawn(self._inbound_connect(conn, stream, target, labels, extra))
+        flow = _Flow(
+            "inbound",
+            Request(peer.principal, peer.namespace, client_ip, target[0], target[1]),
+            target[0],
+            target[1],
+            labels,
+            (),
+            stream,
+            conn.peer_id,
+            peer_ip,
+            conn.local_id,
+        )
+        self._spawn(self._inbound_connect(conn, stream, target, labels, extra, flow))
 
     async def _inbound_connect(
         self,
@@ -598,6 +700,7 @@ class Tunnel:
         target: tuple[str, int],
         labels: FlowLabels,
         extra: dict[str, Any] | None = None,
+        flow: _Flow | None = None,
     ) -> None:
         from agent.tunnel.streams import Stream
 
@@ -620,6 +723,9 @@ class Tunnel:
         conn.respond(stream.sid, 200)
         stream.bind(pod)
         self.metrics.opened(labels)
+        if flow is not None:
+            flow.pods = (pod,)
+            self._flows[id(pod)] = flow
         self._watch(labels, f"{target[0]}:{target[1]}", pod, extra=extra)
 
 

@@ -351,7 +351,7 @@ class Proxy:
                     return last, att
                 await asyncio.sleep(wait)
                 continue
-            admission = att.admit(reusable=self.upstream.has_idle(ep))
+            admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
             while admission is Admission.QUEUE:
                 # Wait for a connection to be released or closed, then ask again: reuse it,
                 # or open one in the slot a closed one left (counted like any other).
@@ -360,7 +360,7 @@ class Proxy:
                     att.release()
                     return OVERFLOW_RESPONSE, None
                 att.dequeued()
-                admission = att.admit(reusable=self.upstream.has_idle(ep))
+                admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
             if admission is Admission.OVERFLOW:
                 return OVERFLOW_RESPONSE, None
             if stage is not None:
@@ -404,7 +404,7 @@ class Proxy:
         limit = _min(per_try, None if deadline is None else deadline - self.clock())
         if limit is not None and limit <= 0:
             return TryResult(Failure.TIMEOUT)
-        up = None if fresh else self.upstream.take(ep)
+        up = None if fresh else self.upstream.take(ep, x.caller.client_ip)
         if up is None:
             if not fresh:
                 # Admitted as a reuse, but the idle connection went away meanwhile: the one

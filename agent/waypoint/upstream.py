@@ -57,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
     served: int = 0  # responses received (max requests per connection)
     retire: bool = False  # close instead of reusing once the current exchange ends
     ep: Endpoint | None = None
+    client_ip: str = ""  # the caller this connection's HBONE stream was authorized for
     on_close: Callable[[], None] | None = None  # tells the engine's pool accounting
     write_ready: asyncio.Event = field(default_factory=asyncio.Event)
     error: UpstreamError | None = None  # why the connection failed (the first reason)
@@ -263,17 +264,20 @@ class UpstreamPool:
         self.local_id = local_id
         self.client_ctx = client_ctx
         self.connect_timeout = connect_timeout
-        self._idle: dict[str, deque[UpstreamConnection]] = {}
-        self._h2: dict[str, UpstreamConnection] = {}
+        self._idle: dict[tuple[str, str], deque[UpstreamConnection]] = {}
+        self._h2: dict[tuple[str, str], UpstreamConnection] = {}
         self.active: dict[str, int] = {}  # connections per endpoint, for pool limits
 
-    def has_idle(self, ep: Endpoint) -> bool:
-        """A connection to `ep` can take a request now (for the engine's pool admission);
-        `take(ep)` right after it (with no await between) returns it."""
+    def has_idle(self, ep: Endpoint, client_ip: str) -> bool:
+        """A connection to `ep` for this caller can take a request now (for the engine's
+        pool admission); `take(ep, client_ip)` right after it (no await between) returns
+        it. Connections are per caller address: the destination authorized each HBONE
+        stream for the caller it was opened for, so it never serves another."""
+        key = (ep.key, client_ip)
         if ep.h2:
-            c = self._h2.get(ep.key)
+            c = self._h2.get(key)
             return c is not None and c.reusable()
-        idle = self._idle.get(ep.key)
+        idle = self._idle.get(key)
         if not idle:
             return False
         now = time.monotonic()
@@ -284,13 +288,13 @@ class UpstreamPool:
             idle.pop().close()  # stale: its close is counted back by on_close
         return False
 
-    def take(self, ep: Endpoint) -> UpstreamConnection | None:
-        """A connection to `ep` that can take a request now, or None."""
-        if not self.has_idle(ep):
+    def take(self, ep: Endpoint, client_ip: str) -> UpstreamConnection | None:
+        """A connection to `ep` for this caller that can take a request now, or None."""
+        if not self.has_idle(ep, client_ip):
             return None
         if ep.h2:
-            return self._h2[ep.key]
-        return self._idle[ep.key].pop()
+            return self._h2[(ep.key, client_ip)]
+        return self._idle[(ep.key, client_ip)].pop()
 
     async def acquire(
         self,
@@ -302,13 +306,14 @@ class UpstreamPool:
     ) -> UpstreamConnection:
         """A connection for one request: an idle one unless `fresh`, else a new dial.
         `on_close` runs once when a newly dialled connection closes."""
-        if not fresh and (c := self.take(ep)) is not None:
+        if not fresh and (c := self.take(ep, client_ip)) is not None:
             return c
         c = await self._dial(ep, client_ip)
         c.ep = ep
+        c.client_ip = client_ip
         c.on_close = on_close
         if ep.h2:
-            self._h2[ep.key] = c
+            self._h2[(ep.key, client_ip)] = c
         return c
 
     async def dial(
@@ -332,7 +337,7 @@ class UpstreamPool:
                 c.close()
             return
         if c.reusable():
-            self._idle.setdefault(ep.key, deque()).append(c)
+            self._idle.setdefault((ep.key, c.client_ip), deque()).append(c)
         else:
             c.close()
 

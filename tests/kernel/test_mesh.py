@@ -6,6 +6,7 @@ tests that change policy remove it again."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -188,6 +189,57 @@ def test_allow_for_one_principal_and_deny_for_another(meshed: Mesh) -> None:
     finally:
         meshed.remove("policy-allow.yaml")
     assert one_shot(meshed, "apps/batch", meshed.ip("ai/far"), 8000).returncode == 0
+
+
+HOLD_OPEN = """
+import json, pathlib, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+f = s.makefile("rb")
+f.readline()  # the server's greeting
+s.sendall(b"ping\\n")
+assert f.readline() == b"ping\\n"
+pathlib.Path(sys.argv[3]).write_text("ready")
+s.settimeout(25)
+t0 = time.monotonic()
+try:
+    closed = f.readline() == b""
+except (ConnectionError, TimeoutError) as e:
+    closed = not isinstance(e, TimeoutError)
+print(json.dumps({"closed": closed, "after_s": round(time.monotonic() - t0, 3)}))
+"""
+
+
+def test_a_deny_closes_an_open_cross_node_connection(meshed: Mesh, tmp_path) -> None:
+    """Issue 14, revocation, with real agents: client holds a connection to far open; a
+    DENY for client is applied; node-2's agent closes the stream it admitted, so the
+    client's connection ends (it does not stay usable until it closes itself), and the
+    revocation is counted there."""
+    import threading
+
+    ready = tmp_path / "ready"
+    result: list[subprocess.CompletedProcess[bytes]] = []
+    t = threading.Thread(
+        target=lambda: result.append(
+            meshed.run("apps/client", HOLD_OPEN, meshed.ip("ai/far"), "8000", str(ready))
+        )
+    )
+    t.start()
+    try:
+        wait_until(ready.exists, "the connection to be up", 20)
+        meshed.apply(
+            "policy-revoke.yaml",
+            POLICY.replace("ACTION", "DENY").replace(
+                "PRINCIPAL", "cluster.local/ns/apps/sa/client"
+            ),
+        )
+        t.join(40)
+        (out,) = result
+        assert json.loads(out.stdout)["closed"] is True, out
+        text = labmesh.node_get(meshed.state, "node-2", "/metrics")
+        assert metric(text, "weft_tunnel_revoked_connections_total", reason="denied") >= 1
+    finally:
+        t.join(40)
+        meshed.remove("policy-revoke.yaml")
 
 
 def test_strict_drops_plaintext_that_bypasses_the_tunnel(meshed: Mesh) -> None:

@@ -6,6 +6,7 @@ tested on the lab in tests/kernel). Pods are distinct 127.0.0.x addresses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -463,5 +464,49 @@ def test_hbone_that_skips_the_waypoint_is_refused_by_the_destination(tmp_path):
                 )
                 == 1
             )
+
+    uvloop.run(main())
+
+
+DENY_CLIENT = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-client, namespace: ai}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/apps/sa/client]}}]}]
+"""
+
+
+def test_a_new_deny_closes_open_connections_at_both_ends(tmp_path):
+    """Issue 14, revocation: a connection admitted under one config is closed when the
+    next denies it, at once and at both ends: the cross-node HBONE stream (the
+    destination's tunnel resets it, so the caller sees its connection end, and the pod's
+    side is closed) and the same-node relay (both sockets closed), each counted and
+    logged. The tunnels re-judge when the agent applies a config (Agent.apply)."""
+
+    async def main() -> None:
+        async with Mesh(tmp_path) as m:
+            far = await m.dial("127.0.0.11", ("127.0.0.21", m.ports["llm"]))
+            near = await m.dial("127.0.0.11", ("127.0.0.13", m.ports["near"]))
+            for r, w in (far, near):
+                w.write(b"ping")
+                assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            m.snap = config(m.ports, DENY_CLIENT)
+            assert m.t2.revalidate(m.snap) == 1  # the inbound stream to llm
+            assert m.t1.revalidate(m.snap) == 1  # the local relay to near
+            for r, w in (far, near):
+                with contextlib.suppress(ConnectionError):
+                    assert await asyncio.wait_for(r.read(), 10) == b""  # closed
+                w.close()
+            for t, kind in ((m.t2, "inbound"), (m.t1, "local")):
+                assert (
+                    t.metrics.registry.get_sample_value(
+                        "weft_tunnel_revoked_connections_total", {"kind": kind, "reason": "denied"}
+                    )
+                    == 1
+                )
+            # Connections the new config still admits are left alone.
+            assert m.t2.revalidate(m.snap) == 0 and m.t1.revalidate(m.snap) == 0
 
     uvloop.run(main())
