@@ -622,10 +622,10 @@ def test_pool_dial_opens_a_private_connection_for_probes():
             "10.0.0.1", 50051, "spiffe://cluster.local/ns/ai/sa/llm", "192.0.2.1", 15008, h2=False
         )
         shared = UpstreamConnection(h2=True)
-        pool._h2[ep.key] = shared
+        pool._h2[(ep.key, "0.0.0.0")] = shared
         conn = await pool.dial(ep, h2=True)
         assert conn is not shared and conn.h2 and conn.ep is not None and conn.ep.h2
-        assert pool._h2[ep.key] is shared and not pool.has_idle(ep)
+        assert pool._h2[(ep.key, "0.0.0.0")] is shared and not pool.has_idle(ep, "0.0.0.0")
         assert tunnel.streams[0].sent[0].startswith(H2_PREFACE)
         conn.close()
         assert tunnel.streams[0].sent[-1] == b"<eof>"
