@@ -35,6 +35,22 @@ def cgroup2_root() -> Path:
     )
 
 
+def own_cgroup() -> Path | None:
+    """This process's cgroup v2 directory (from /proc/self/cgroup), or None when it runs in
+    the hierarchy's root (attaching there would cover every process of the host)."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hier, _, rel = line.split(":", 2)
+            if hier == "0":
+                if rel in ("", "/"):
+                    return None
+                path = cgroup2_root() / rel.lstrip("/")
+                return path if path.is_dir() else None
+    except (OSError, ValueError, EnvironmentProblem):
+        return None
+    return None
+
+
 def cgroup_id(path: Path) -> int:
     """The kernel's cgroup id is the inode number of the cgroup directory (cgroup v2)."""
     return os.stat(path).st_ino

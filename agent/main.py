@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from agent import __version__
 from agent.accesslog import AccessLog
 from agent.aio import cache_running_loop
+from agent.cgroups import own_cgroup
 from agent.config.client import ConfigClient
 from agent.datapath.loader import Flow
 from agent.discovery import CgroupResolver
@@ -285,6 +286,18 @@ class Agent:
             )
         )
         report = self.datapath.start()  # adopts a previous agent's attachments
+        # The tunnel's own cgroup: SO_ORIGINAL_DST for its sockets, and its SYNs to local
+        # pods recorded, so STRICT pods admit the tunnel and not any process that sends
+        # from the node's address (bpf/weft.c, weft_tunnel_egress).
+        own = own_cgroup()
+        if own is not None:
+            self.datapath.attach_tunnel(own)
+        else:
+            log.warning(
+                "the agent's own cgroup is unknown: STRICT pods on node %s admit any process "
+                "that connects from the node's address, not only the tunnel",
+                self.s.node,
+            )
         self.flows = FlowExporter(
             self.datapath,
             self.flow_metrics,

@@ -9,6 +9,7 @@
  *   weft_sockops                   sockops on each meshed pod's cgroup
  *   weft_fastpath_msg              sk_msg verdict on weft_fastpath_socks_v1
  *   weft_inbound                   cgroup_skb/ingress on each meshed pod's cgroup
+ *   weft_tunnel_egress             cgroup_skb/egress on the node tunnel's cgroup
  *   weft_original_dst              cgroup/getsockopt on the tunnel's cgroup (SO_ORIGINAL_DST)
  *
  * Minimum kernel: 5.10 (bpf_sk_fullsock in cgroup_skb, RTT callbacks, sk_msg size).
@@ -201,6 +202,66 @@ int weft_fastpath_msg(struct sk_msg_md *msg)
 	return SK_PASS;
 }
 
+/* A TCP packet between the node's address and a pod, keyed as the pod sees it (local =
+ * the pod, the destination): the same key for the tunnel's SYN leaving (egress on the
+ * tunnel's cgroup) and arriving (ingress on the pod's). -1 if not TCP or unreadable. */
+static __always_inline int weft_tcp_key(struct __sk_buff *skb, struct iphdr *ip,
+					struct weft_sock_key *key, __u8 *flags)
+{
+	struct tcphdr tcp;
+	__u32 off = (__u32)ip->ihl * 4;
+
+	if (ip->protocol != IPPROTO_TCP || off < sizeof(*ip) || off > 60)
+		return -1;
+	if (bpf_skb_load_bytes(skb, off, &tcp, sizeof(tcp)) < 0)
+		return -1;
+	key->local_ip = ip->daddr;
+	key->remote_ip = ip->saddr;
+	key->local_port = bpf_ntohs(tcp.dest);
+	key->remote_port = bpf_ntohs(tcp.source);
+	*flags = ((__u8 *)&tcp)[13]; /* CWR ECE URG ACK PSH RST SYN FIN */
+	return 0;
+}
+
+#define WEFT_TCP_SYN 0x02
+#define WEFT_TCP_ACK 0x10
+
+/* Whether a packet from the node's address to a STRICT pod's listener belongs to a
+ * connection the node tunnel itself opened (weft_tunnel_egress recorded its SYN). */
+static __always_inline int weft_from_tunnel_socket(struct __sk_buff *skb, struct iphdr *ip)
+{
+	struct weft_sock_key key = {};
+	__u8 flags = 0;
+
+	if (weft_tcp_key(skb, ip, &key, &flags) < 0)
+		return 0;
+	return weft_tunnel_syns_v1.lookup(&key) != NULL;
+}
+
+/* cgroup_skb/egress on the node tunnel's own cgroup: remember each connection it opens to a
+ * local pod (its SYN), so the pod's STRICT check can tell the tunnel from other processes
+ * that send from the node's address. Never drops. */
+int weft_tunnel_egress(struct __sk_buff *skb)
+{
+	struct weft_sock_key key = {};
+	__u64 cgroup_id = 0;
+	struct iphdr ip;
+	__u8 flags = 0, one = 1;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return WEFT_SYS_PROCEED;
+	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+		return WEFT_SYS_PROCEED;
+	if (weft_tcp_key(skb, &ip, &key, &flags) < 0)
+		return WEFT_SYS_PROCEED;
+	if ((flags & (WEFT_TCP_SYN | WEFT_TCP_ACK)) != WEFT_TCP_SYN)
+		return WEFT_SYS_PROCEED;
+	if (!weft_pod_by_ip(ip.daddr, &cgroup_id))
+		return WEFT_SYS_PROCEED;
+	weft_tunnel_syns_v1.update(&key, &one);
+	return WEFT_SYS_PROCEED;
+}
+
 /* STRICT: TCP reaching a listening socket of the pod must come from the node tunnel, the
  * pod itself, an inbound exception port, or an allowed fast-path peer. Packets of
  * established connections pass: those exist only if their SYN passed here or the pod
@@ -230,7 +291,10 @@ static __always_inline int weft_inbound_check(struct __sk_buff *skb)
 		return weft_drop(cgroup_id, WEFT_DROP_NODE_UNCONFIGURED);
 	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
 		return weft_drop(cgroup_id, WEFT_DROP_MALFORMED);
-	if (ip.saddr == node->tunnel_ip || ip.saddr == pod->ip || weft_is_loopback(ip.saddr))
+	if (ip.saddr == node->tunnel_ip)
+		return weft_from_tunnel_socket(skb, &ip) ? 0 :
+			weft_drop(cgroup_id, WEFT_DROP_NOT_TUNNEL_SOCKET);
+	if (ip.saddr == pod->ip || weft_is_loopback(ip.saddr))
 		return 0;
 	if (weft_port_listed(cgroup_id, sk->src_port, WEFT_PORT_INBOUND_EXCEPTION))
 		return 0;

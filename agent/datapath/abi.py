@@ -42,6 +42,7 @@ LAYOUTS: dict[str, tuple[int, int]] = {
     "weft_fastpath_pairs_v1": (PAIR_KEY.size, U8.size),
     "weft_fastpath_socks_v1": (SOCK_KEY.size, 4),
     "weft_fastpath_state_v1": (SOCK_KEY.size, FASTPATH_SOCK.size),
+    "weft_tunnel_syns_v1": (SOCK_KEY.size, U8.size),
     "weft_flows_v1": (U64.size, FLOW.size),
     "weft_counters_v1": (U32.size, U64.size),
     "weft_drops_v1": (DROP_KEY.size, U64.size),

@@ -87,6 +87,13 @@ HOOKS: tuple[Hook, ...] = (
         on_sockhash=True,
     ),
     Hook(
+        "weft_tunnel_egress",
+        bpfsys.PROG_CGROUP_SKB,
+        bpfsys.ATTACH_CGROUP_INET_EGRESS,
+        bpfsys.ATTACH_CGROUP_INET_EGRESS,
+        on_tunnel=True,
+    ),
+    Hook(
         "weft_original_dst",
         bpfsys.PROG_CGROUP_SOCKOPT,
         bpfsys.ATTACH_CGROUP_GETSOCKOPT,

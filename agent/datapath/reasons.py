@@ -19,6 +19,9 @@ class DropReason(IntEnum):
     """STRICT pod, but the agent has not set the tunnel address yet: fail closed."""
     MALFORMED = 3
     """The IPv4 header could not be read."""
+    NOT_TUNNEL_SOCKET = 4
+    """STRICT pod: TCP from the node's address, but not from a socket of the node tunnel
+    (another process in the node's network namespace)."""
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
 #include <linux/errno.h>
 #include <linux/socket.h>
 

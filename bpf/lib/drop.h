@@ -11,6 +11,7 @@ enum weft_drop_reason {
 	WEFT_DROP_NOT_FROM_TUNNEL = 1,   /* STRICT: TCP to a listener from a source that is not the tunnel */
 	WEFT_DROP_NODE_UNCONFIGURED = 2, /* STRICT pod but no tunnel address set yet: fail closed */
 	WEFT_DROP_MALFORMED = 3,         /* could not read the IPv4 header */
+	WEFT_DROP_NOT_TUNNEL_SOCKET = 4, /* STRICT: from the node's address, but not a tunnel socket */
 };
 
 static __always_inline void weft_count(__u32 counter, __u64 n)

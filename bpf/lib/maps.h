@@ -41,6 +41,12 @@ BPF_SOCKHASH(weft_fastpath_socks_v1, struct weft_sock_key, WEFT_FASTPATH_SOCKS_M
 BPF_TABLE("lru_hash", struct weft_sock_key, struct weft_fastpath_sock, weft_fastpath_state_v1,
 	  WEFT_FASTPATH_SOCKS_MAX);
 
+/* Connections the node tunnel opened to local pods, by the pod's view of their 4-tuple
+ * (local = the pod): written by weft_tunnel_egress as the tunnel's SYN leaves, read by
+ * weft_inbound, so a STRICT pod admits the tunnel's own sockets, not any process that
+ * uses the node's address. */
+BPF_TABLE("lru_hash", struct weft_sock_key, __u8, weft_tunnel_syns_v1, WEFT_ORIGDST_MAX);
+
 /* Flow telemetry by socket cookie: tuple, bytes, RTT, retransmits, start and end. */
 BPF_TABLE("lru_hash", __u64, struct weft_flow, weft_flows_v1, WEFT_FLOWS_MAX);
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cgroups import cgroup2_root, own_cgroup
 from agent.datapath import (
     Counter,
     Datapath,
@@ -77,6 +78,13 @@ for line in sys.stdin:
 
 
 # ---- the stand-in tunnel -----------------------------------------------------------------
+
+
+def stand_in_tunnel_cgroup() -> Path:
+    """The cgroup the in-process stand-in tunnel sends from: this test process's (the
+    hierarchy root when it runs there). The agent attaches weft_tunnel_egress to its own
+    cgroup the same way, so STRICT pods admit its connections."""
+    return own_cgroup() or cgroup2_root()
 
 
 class Forwarder:
@@ -446,11 +454,28 @@ def test_strict_pod_accepts_only_the_tunnel_and_exception_ports(lab_factory, dat
     assert set(drops) == {(near.cgroup_id, DropReason.NOT_FROM_TUNNEL)}
     assert dp.counters()[Counter.INBOUND_DROPS] == sum(drops.values())
 
-    def from_tunnel() -> str:
-        with socket.create_connection((near.ip, 8000), timeout=5) as s:
+    # Another process of the node's network namespace, from the node's address (the
+    # tunnel's), but not in the tunnel's cgroup: dropped as not a tunnel socket.
+    def from_node() -> str:
+        with socket.create_connection((near.ip, 8000), timeout=3) as s:
             return s.makefile().readline()
 
-    assert call_in(node.netns, from_tunnel).startswith(f"peer {node.ip}:")
+    with pytest.raises(OSError):
+        call_in(node.netns, from_node)
+    assert dp.drop_counters()[(near.cgroup_id, DropReason.NOT_TUNNEL_SOCKET)] >= 1
+    # The tunnel itself: a process in the tunnel's cgroup (where the agent attaches
+    # weft_tunnel_egress, as the agent does for its own), from the node's address.
+    dp.attach_tunnel(node.cgroup)
+    tunnel = spawn(
+        [sys.executable, "-c", CLIENT, near.ip, "8000"],
+        netns=node.netns,
+        cgroup=Path(node.cgroup),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = tunnel.communicate(timeout=20)
+    assert tunnel.returncode == 0, err.decode()[-800:]
+    assert out.decode().startswith(f"peer {node.ip}:")
     assert greeting_peer(talk(lab, "ai/far", near.ip, 8081)) == far.ip
     # Not STRICT any more: the same plaintext connection is accepted.
     dp.attach_pod(near.cgroup, near.ip)
@@ -475,6 +500,8 @@ def test_fastpath_splices_allowed_same_node_pairs_only(lab_factory, datapaths):
     dp.attach_pod(near.cgroup, near.ip, strict=True)
     assert dp.set_fastpath_pairs([(client.ip, near.ip, 8000)]) == 1
 
+    # The Forwarder threads are the tunnel: STRICT admits what it opens (as the agent's).
+    dp.attach_tunnel(stand_in_tunnel_cgroup())
     with Forwarder(node.netns, node.ip, dp.original_destination) as fwd:
         before = dp.counters()
         size, rounds = 1024, 20
