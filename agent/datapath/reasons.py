@@ -22,6 +22,9 @@ class DropReason(IntEnum):
     NOT_TUNNEL_SOCKET = 4
     """STRICT pod: TCP from the node's address, but not from a socket of the node tunnel
     (another process in the node's network namespace)."""
+    UDP_NOT_MESHED = 5
+    """STRICT pod: UDP to an unconnected socket from another source (UDP is not meshed);
+    DNS answers (source port 53) and inbound exception ports pass."""
 
     @property
     def label(self) -> str:

@@ -787,3 +787,55 @@ def test_bpf_cli_dumps_the_c_and_shows_and_removes_an_agent(lab_factory, datapat
     assert out.exit_code == 0, out.output
     assert f"detached 4 programs from {client.cgroup}" in out.output
     assert not Path(pin_root).exists() and weft_programs(client.cgroup) == {}
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+UDP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if len(sys.argv) > 3:
+    s.bind(("0.0.0.0", int(sys.argv[3])))
+if len(sys.argv) > 4:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+s.settimeout(1.5)
+try:
+    s.sendto(b"ping", (sys.argv[1], int(sys.argv[2])))
+    print(s.recvfrom(100)[0].decode())
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def test_strict_pod_drops_udp_that_weft_does_not_mesh(lab_factory, datapaths):
+    """Issue 14, STRICT for UDP: weft does not mesh UDP, so a STRICT pod's UDP server
+    drops (and counts) datagrams from other pods instead of letting them around the mesh.
+    Replies on UDP sockets the pod connected, and DNS answers (source port 53), still
+    arrive; without STRICT everything arrives."""
+    lab, state = lab_factory(SMALL_LAB)
+    near, far = state.pod("ai/near"), state.pod("ai/far")
+    lab.start_process(state, "udp-near", [sys.executable, "-c", UDP_ECHO, "5353"], pod="ai/near")
+    lab.start_process(state, "udp-far", [sys.executable, "-c", UDP_ECHO, "5354"], pod="ai/far")
+    dp = datapaths(state, "node-1")
+
+    def udp(pod: str, ip: str, port: int, *extra: str) -> str:
+        out = lab.run(pod, [sys.executable, "-c", UDP_CLIENT, ip, str(port), *extra], timeout=20)
+        return out.stdout.decode().strip()
+
+    for _ in range(20):  # the UDP servers starting
+        if udp("ai/far", near.ip, 5353) == "ping" and udp("ai/near", far.ip, 5354) == "ping":
+            break
+    assert udp("ai/far", near.ip, 5353) == "ping"  # not STRICT yet: UDP arrives
+
+    dp.attach_pod(near.cgroup, near.ip, strict=True)
+    assert udp("ai/far", near.ip, 5353) == "timeout"
+    assert dp.drop_counters()[(near.cgroup_id, DropReason.UDP_NOT_MESHED)] >= 1
+    # A DNS answer (from port 53) and a reply on a socket near connected still arrive.
+    assert udp("ai/far", near.ip, 5353, "53") == "ping"
+    assert udp("ai/near", far.ip, 5354, "0", "connect") == "ping"
