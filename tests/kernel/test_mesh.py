@@ -242,20 +242,22 @@ def test_a_deny_closes_an_open_cross_node_connection(meshed: Mesh, tmp_path) -> 
         meshed.remove("policy-revoke.yaml")
 
 
+def dial(ip: str) -> str:
+    """A plain TCP connect to ip:8000 (run with call_in in some namespace)."""
+    try:
+        socket.create_connection((ip, 8000), timeout=1.5).close()
+        return "connected"
+    except TimeoutError:
+        return "timeout"
+    except OSError as e:
+        return str(e)
+
+
 def test_strict_drops_plaintext_that_bypasses_the_tunnel(meshed: Mesh) -> None:
     """node-1 itself (not a tunnel of node-2) dials a pod on node-2 directly: dropped and
     counted; a pod outside the mesh on node-2 still accepts the same."""
     n1 = meshed.state.node("node-1")
     before = sum(d["count"] for d in meshed.admin("node-2", "/datapath")["drops"])
-
-    def dial(ip: str) -> str:
-        try:
-            socket.create_connection((ip, 8000), timeout=1.5).close()
-            return "connected"
-        except TimeoutError:
-            return "timeout"
-        except OSError as e:
-            return str(e)
 
     assert call_in(n1.netns, dial, meshed.ip("ai/far")) == "timeout"
     assert call_in(n1.netns, dial, meshed.ip("legacy/old2")) == "connected"
@@ -280,15 +282,6 @@ def test_strict_admits_the_tunnel_not_other_processes_of_the_node(meshed: Mesh) 
     node's address as the tunnel does, cannot reach the STRICT pod far (dropped as
     not_tunnel_socket); the tunnel itself still can (a meshed caller gets through)."""
     n2 = meshed.state.node("node-2")
-
-    def dial(ip: str) -> str:
-        try:
-            socket.create_connection((ip, 8000), timeout=1.5).close()
-            return "connected"
-        except TimeoutError:
-            return "timeout"
-        except OSError as e:
-            return str(e)
 
     assert call_in(n2.netns, dial, meshed.ip("ai/far")) == "timeout"
     reasons = {d["reason"] for d in meshed.admin("node-2", "/datapath")["drops"]}

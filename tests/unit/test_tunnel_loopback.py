@@ -365,6 +365,30 @@ def test_drain_lets_open_streams_finish_and_refuses_new_ones(tmp_path):
     uvloop.run(main())
 
 
+async def hbone_as(m: Mesh, ident: tuple[str, str], headers: list[tuple[str, str]]) -> int:
+    """A workload holding its own valid certificate opens HBONE to node-2 itself (skipping
+    its node tunnel) and asks for llm: the status node-2 answers."""
+    from agent.tunnel import h2 as hb
+    from agent.tunnel.pool import ConnectionPool, PoolSettings
+    from agent.tunnel.tunnel import sni_for
+
+    ids = Identities(m.ca, [ident])
+    cert = ids.get(*ident)
+    assert cert is not None
+    llm_id = "spiffe://cluster.local/ns/ai/sa/llm"
+    pool = ConnectionPool(PoolSettings(), hb.Settings(), mark=0)
+    try:
+        conn = await pool.get(
+            (cert.spiffe_id, llm_id, "127.0.0.1", m.ports["in2"]),
+            cert.context("client", ids.trust),
+            sni_for(llm_id),
+        )
+        _, response = conn.open(f"127.0.0.21:{m.ports['llm']}", headers)
+        return int((await asyncio.wait_for(response, 10)).status)
+    finally:
+        await pool.close()
+
+
 ALLOW_CLIENT_IP = """
 ---
 apiVersion: security.istio.io/v1
@@ -385,32 +409,14 @@ def test_a_forwarded_header_is_believed_only_from_who_can_vouch_for_it(tmp_path)
     stream is judged by the address it comes from and refused (401), counted as
     forwarded_not_trusted. The client's own traffic, vouched for by its node tunnel, is
     allowed by the same rule."""
-    from agent.tunnel import h2 as hb
-    from agent.tunnel.pool import ConnectionPool, PoolSettings
-    from agent.tunnel.tunnel import FORWARDED, sni_for
+    from agent.tunnel.tunnel import FORWARDED
 
     async def main() -> None:
         async with Mesh(tmp_path, ALLOW_CLIENT_IP) as m:
             llm = ("127.0.0.21", m.ports["llm"])
             assert await roundtrip(m, "127.0.0.11", llm, b"ok") == b"ok"
-            ids = Identities(m.ca, [("apps", "batch")])
-            batch = ids.get("apps", "batch")
-            assert batch is not None
-            llm_id = "spiffe://cluster.local/ns/ai/sa/llm"
-            pool = ConnectionPool(PoolSettings(), hb.Settings(), mark=0)
-            try:
-                conn = await pool.get(
-                    (batch.spiffe_id, llm_id, "127.0.0.1", m.ports["in2"]),
-                    batch.context("client", ids.trust),
-                    sni_for(llm_id),
-                )
-                _, response = conn.open(
-                    f"127.0.0.21:{m.ports['llm']}", [(FORWARDED, "for=127.0.0.11")]
-                )
-                resp = await asyncio.wait_for(response, 10)
-                assert resp.status == 401
-            finally:
-                await pool.close()
+            status = await hbone_as(m, ("apps", "batch"), [(FORWARDED, "for=127.0.0.11")])
+            assert status == 401
             refused = m.t2.metrics.registry.get_sample_value(
                 "weft_tunnel_refused_connections_total",
                 {"direction": "inbound", "reason": "forwarded_not_trusted"},
@@ -434,29 +440,12 @@ def test_hbone_that_skips_the_waypoint_is_refused_by_the_destination(tmp_path):
     that uses a waypoint, so node-2 accepts streams to it only from that waypoint. A
     workload with its own valid certificate opening HBONE to node-2 itself (skipping its
     own node tunnel, which would refuse) gets 401, counted as waypoint_required."""
-    from agent.tunnel import h2 as hb
-    from agent.tunnel.pool import ConnectionPool, PoolSettings
-    from agent.tunnel.tunnel import sni_for
 
     async def main() -> None:
         m = Mesh(tmp_path)
         m.snap = config(m.ports, LLM_USES_A_WAYPOINT.replace("PORT", str(m.ports["llm"])))
         async with m:
-            ids = Identities(m.ca, [("apps", "client")])
-            client = ids.get("apps", "client")
-            assert client is not None
-            llm_id = "spiffe://cluster.local/ns/ai/sa/llm"
-            pool = ConnectionPool(PoolSettings(), hb.Settings(), mark=0)
-            try:
-                conn = await pool.get(
-                    (client.spiffe_id, llm_id, "127.0.0.1", m.ports["in2"]),
-                    client.context("client", ids.trust),
-                    sni_for(llm_id),
-                )
-                _, response = conn.open(f"127.0.0.21:{m.ports['llm']}", [])
-                assert (await asyncio.wait_for(response, 10)).status == 401
-            finally:
-                await pool.close()
+            assert await hbone_as(m, ("apps", "client"), []) == 401
             assert (
                 m.t2.metrics.registry.get_sample_value(
                     "weft_tunnel_refused_connections_total",
