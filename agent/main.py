@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from agent import __version__
+from agent import __version__, cgroups
 from agent.accesslog import AccessLog
 from agent.aio import cache_running_loop
 from agent.cgroups import own_cgroup
@@ -34,6 +35,7 @@ from agent.flowmetrics import DatapathCollector, FlowExporter, FlowMetrics
 from agent.httpserver import HttpRequest, HttpServer, Response, json_response
 from agent.identity.manager import IdentityManager
 from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
+from agent.netns import call_in
 from agent.policy.authz import Request, evaluate, principal_of, workload_policies
 from agent.policy.peerauth import mtls_mode
 from agent.settings import AgentSettings
@@ -220,7 +222,45 @@ class Agent:
             )
         self._unresolved = unresolved
         self.datapath.reconcile(pods)
-        self.datapath.set_fastpath_pairs(self.fastpath_pairs(snap, local))
+        pairs = self.fastpath_pairs(snap, local)
+        self.datapath.set_fastpath_pairs(pairs)
+        self._revoke_spliced(pairs)
+
+    def _revoke_spliced(self, allowed: set[tuple[str, str, int]]) -> None:
+        """Close spliced (fast path) connections whose pair the new config no longer allows
+        (issue 14, revocation): the agent is not in their path, so it destroys the client
+        pod's socket (SOCK_DESTROY, as `ss -K` does, inside the pod's network namespace);
+        the kernel sends the server a RST, so both ends close."""
+        if self.datapath is None:
+            return
+        gone = [
+            f
+            for f in self.datapath.flows()
+            if f.fastpath
+            and not f.closed
+            and f.direction == "outbound"
+            and (f.local[0], f.remote[0], f.remote[1]) not in allowed
+        ]
+        if not gone:
+            return
+        by_cg = self.workloads_by_cgroup()
+        for f in gone:
+            w = by_cg.get(f.cgroup_id)
+            cg = self.resolver.cgroup_of(w) if w is not None else None
+            pids = cgroups.pids(cg) if cg is not None else []
+            if not pids:
+                continue
+            self.tunnel_metrics.revoked("fastpath", "denied")
+            log.info(
+                "revoked spliced connection %s:%d -> %s:%d: no longer allowed",
+                *f.local,
+                *f.remote,
+            )
+            args = (f"/proc/{pids[0]}/ns/net", f.local, f.remote)
+            try:
+                asyncio.get_running_loop().run_in_executor(None, _destroy_socket, *args)
+            except RuntimeError:  # no loop yet (the cached config at start)
+                _destroy_socket(*args)
 
     def fastpath_pairs(
         self, snap: ConfigSnapshot, local: list[Workload]
@@ -643,6 +683,15 @@ class Agent:
                 "openStreams": t.open_streams(),
             },
         )
+
+
+def _destroy_socket(netns: str, local: tuple[str, int], remote: tuple[str, int]) -> None:
+    """SOCK_DESTROY the TCP socket local -> remote inside `netns` (iproute2's `ss -K`)."""
+    cmd = ["ss", "-K", "-tn", "src", f"{local[0]}:{local[1]}", "dst", f"{remote[0]}:{remote[1]}"]
+    try:
+        call_in(netns, subprocess.run, cmd, capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not close %s:%d -> %s:%d: %s", *local, *remote, e)
 
 
 async def run(settings: AgentSettings) -> None:

@@ -411,6 +411,44 @@ def test_fast_path_carries_same_node_traffic_and_not_denied_pairs(meshed: Mesh) 
         meshed.remove("deny-near.yaml")
 
 
+def test_a_deny_closes_a_spliced_same_node_connection(meshed: Mesh, tmp_path) -> None:
+    """Issue 14, revocation on the fast path: client holds a connection to near that the
+    kernel splices (the agent is not in its path); a DENY for client on near makes the
+    agent destroy the client's socket (SOCK_DESTROY in the pod's namespace), the server
+    gets a RST, and client's connection ends, counted as a fastpath revocation."""
+    import threading
+
+    ready = tmp_path / "ready"
+    result: list[subprocess.CompletedProcess[bytes]] = []
+    t = threading.Thread(
+        target=lambda: result.append(
+            meshed.run("apps/client", HOLD_OPEN, meshed.ip("ai/near"), "8000", str(ready))
+        )
+    )
+    t.start()
+    try:
+        wait_until(ready.exists, "the connection to be up", 20)
+        spliced = [
+            f for f in meshed.admin("node-1", "/flows") if f.get("fastpath") and not f.get("closed")
+        ]
+        assert spliced, "the connection should be spliced by the fast path"
+        meshed.apply(
+            "deny-near-open.yaml",
+            POLICY.replace("far-callers", "near-open")
+            .replace("app: far", "app: near")
+            .replace("ACTION", "DENY")
+            .replace("PRINCIPAL", "cluster.local/ns/apps/sa/client"),
+        )
+        t.join(40)
+        (out,) = result
+        assert json.loads(out.stdout)["closed"] is True, out
+        text = labmesh.node_get(meshed.state, "node-1", "/metrics")
+        assert metric(text, "weft_tunnel_revoked_connections_total", kind="fastpath") >= 1
+    finally:
+        t.join(40)
+        meshed.remove("deny-near-open.yaml")
+
+
 PERSISTENT = """
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
