@@ -24,6 +24,7 @@ import yaml
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from controller.api import keepalive
 from controller.api.gen import (
     admin_pb2,
     admin_pb2_grpc,
@@ -199,9 +200,7 @@ class Controller:
         self._write_bundle()
         await asyncio.to_thread(self.source.scan)
         self._refresh_metrics()
-        main = grpc.aio.server(
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
-        )
+        main = grpc.aio.server(options=keepalive.SERVER_OPTIONS)
         identity_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self), main)
         config_pb2_grpc.add_ConfigDiscoveryServicer_to_server(ConfigService(self), main)
         self.ports: dict[str, int] = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from controller.api import keepalive
 from controller.api.gen import identity_pb2, identity_pb2_grpc
 from controller.ca.spiffe import key_pem, make_csr, new_key
 from controller.errors import EnvironmentProblem, RemoteRefused
@@ -213,8 +214,7 @@ class NodeCredential:
                 creds,
                 options=[
                     ("grpc.ssl_target_name_override", self.endpoint.server_name),
-                    ("grpc.keepalive_time_ms", 30_000),
-                    ("grpc.keepalive_timeout_ms", 10_000),
+                    *keepalive.CLIENT_OPTIONS,
                 ],
             )
             self._channel_key = want
