@@ -387,7 +387,9 @@ class AiRequest:
         usage = reader.usage_or_estimate(req.prompt_tokens)
         for lim, adm in self.admissions:
             if adm.allowed:
-                lim.charge(adm, usage.total_tokens, now)
+                # An answer that is not a success consumed no budget: its reservation is
+                # given back (charged 0), as for a target that failed before answering.
+                lim.charge(adm, usage.total_tokens if ok else 0, now)
         self.admissions = []
         if ok and self.collector is not None and self.cache_key is not None and ai.cache:
             body = self.collector.body()

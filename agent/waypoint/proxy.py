@@ -286,8 +286,11 @@ class Proxy:
             kind = _kind_of_answer(last) if isinstance(last, Respond) else _kind(last.outcome)
             if kind is None:
                 break  # an answer to stream
-            stage.failed(chosen, last.outcome if isinstance(last, TryResult) else -1)
-            if not (more and stage.falls_back(kind)):
+            falls = more and stage.falls_back(kind)
+            if falls or isinstance(last, Respond) or last.outcome < 0:
+                # Given up (a failed response that is answered is the stage's to finish).
+                stage.failed(chosen, last.outcome if isinstance(last, TryResult) else -1)
+            if not falls:
                 break
             x.annotations.setdefault("fallbacks", []).append(getattr(chosen, "model", None))
             if isinstance(last, TryResult):
