@@ -201,7 +201,6 @@ class Proxy:
         headers: Headers,
         *,
         stage: Stage | None = None,
-        on_attempt: Callable[[Endpoint, int], Any] | None = None,
         before_try: Callable[[Endpoint, Headers], Any] | None = None,
         after_try: Callable[[Any, int], None] | None = None,
     ) -> str:
@@ -210,8 +209,7 @@ class Proxy:
         This is the waypoint's one request path: every request, with or without AI policy,
         goes through it (the composition is documented in docs/waypoint-engine.md).
         `before_try(endpoint, headers)` runs before each try (it may set per-try headers
-        such as traceparent); its result goes to `after_try(result, outcome)`;
-        `on_attempt(endpoint, outcome)` sees every try's outcome."""
+        such as traceparent); its result goes to `after_try(result, outcome)`."""
         if fwd.delay:
             await asyncio.sleep(fwd.delay)
         fwd.rewrite_request(headers)
@@ -277,7 +275,6 @@ class Proxy:
                 send_body,
                 picker,
                 stage,
-                on_attempt,
                 before_try,
                 after_try,
             )
@@ -334,7 +331,6 @@ class Proxy:
         body: Body,
         picker: Picker | None,
         stage: Stage | None,
-        on_attempt: Callable[[Endpoint, int], Any] | None,
         before_try: Callable[[Endpoint, Headers], Any] | None,
         after_try: Callable[[Any, int], None] | None,
     ) -> tuple[TryResult | Respond, Attempt | None]:
@@ -359,8 +355,7 @@ class Proxy:
                 # Wait for a connection to be released or closed, then ask again: reuse it,
                 # or open one in the slot a closed one left (counted like any other).
                 if not await self._wait_for_connection(fwd, att):
-                    att.observed = True  # waiting says nothing about the endpoint
-                    att.release()
+                    att.abandon()  # waiting says nothing about the endpoint
                     return OVERFLOW_RESPONSE, None
                 att.dequeued()
                 admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
@@ -377,8 +372,6 @@ class Proxy:
             if x.reset:
                 att.observed = True  # the caller left: says nothing about the endpoint
             att.observe(last.outcome)
-            if on_attempt is not None:
-                on_attempt(ep, last.outcome)
             replay = body.replayable and not x.reset
             wait = fwd.retry_after(last.outcome, att) if replay else None
             if wait is None:

@@ -172,7 +172,6 @@ class Waypoint:
     def _on_config(self, snap: ConfigSnapshot) -> None:
         self.snapshot = snap
         self._authz = {}  # Service -> its L7 policies, for this snapshot
-        self._endpoints = {}  # (id(workload), port) -> Endpoint, for this snapshot
         self.engine.update(snap)
         self.ai.update(list(snap.resources.values()))
         # Backends that speak HTTP/2 (gRPC, h2c), from the Service port's appProtocol.
@@ -183,7 +182,7 @@ class Waypoint:
                     for w in snap.endpoints.get((ns, name), ()):
                         h2[(str(w.spec.addresses[0]), port.target())] = True
         self._h2_ports = h2
-        self._endpoints = {}  # the h2 flags changed with the config, too
+        self._endpoints = {}  # (id(workload), port) -> Endpoint (with its h2 flag), per snapshot
         log.info("waypoint %s: config revision %d", self.s.name, snap.revision)
 
     def client_context(self) -> ssl.SSLContext:
@@ -390,11 +389,21 @@ class Waypoint:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         proto = self._downstream(caller)
-        t = asyncio.get_running_loop().create_task(
-            asyncio.get_running_loop().connect_accepted_socket(lambda: proto, sock)
-        )
+        loop = asyncio.get_running_loop()
+        t = loop.create_task(loop.connect_accepted_socket(lambda: proto, sock))
         self._handoffs.add(proto)
-        t.add_done_callback(lambda _t: _t.cancelled() or _t.exception())
+
+        def started(t: asyncio.Task[Any]) -> None:
+            if not t.cancelled() and (e := t.exception()) is not None:
+                log.warning(
+                    "waypoint %s: handed connection to %s lost: %s",
+                    self.s.name,
+                    what.destination,
+                    e,
+                )
+                sock.close()
+
+        t.add_done_callback(started)
 
     # ---- one request -------------------------------------------------------------------
 

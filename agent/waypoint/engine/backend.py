@@ -10,7 +10,8 @@ fallback, or a 503); the returned `Attempt` is how the shell reports back:
                                         # outlier detection
     att.release()                       # when the try's stream is over: requests in flight
 
-`finish(outcome)` is observe + release for a try that is over at once.
+`finish(outcome)` is observe + release for a try that is over at once; `abandon()` releases a
+try that says nothing about its endpoint (an overflow, a queue given up) without judging it.
 """
 
 from __future__ import annotations
@@ -129,8 +130,7 @@ class Attempt:
         if verdict is Admission.QUEUE:
             self.pending = True
         elif verdict is Admission.OVERFLOW:
-            self.observed = True  # an overflow says nothing about the endpoint
-            self.release()
+            self.abandon()  # an overflow says nothing about the endpoint
         return verdict
 
     def dequeued(self) -> None:
@@ -164,6 +164,12 @@ class Attempt:
         b.active -= 1
         if self.retry:
             b.budget.active_retries -= 1
+
+    def abandon(self) -> None:
+        """The try ends without a word on its endpoint (an overflow, a queue given up):
+        released, never judged."""
+        self.observed = True
+        self.release()
 
     def finish(self, outcome: int) -> None:
         self.observe(outcome)
