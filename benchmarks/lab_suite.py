@@ -147,6 +147,15 @@ spec:
 AI_POLICY_FILE = "bench-ai.yaml"
 
 
+def _model_server(port: int, spec: Mapping[str, Any]) -> list[str]:
+    """The lab model server's command line for one of the server specs above."""
+    argv = [sys.executable, "-m", "agent.lab.workloads.model_server", "--port", str(port)]
+    for flag in ("model", "ttft", "tpot", "tokens"):
+        if flag in spec:
+            argv += [f"--{flag}", str(spec[flag])]
+    return [*argv, "--max-concurrency", "0"]
+
+
 def ai_chat_body(stream: bool = False) -> bytes:
     """An OpenAI chat completion request of about 1 KB (a system and a user message), as the
     AI workloads send it; `stream` asks for SSE."""
@@ -599,59 +608,21 @@ class Bench:
         assert self.state is not None
         tag = pod.replace("/", "-")
         py = sys.executable
-        sse = SSE_SERVER
         for name, argv in (
             (f"echo-{tag}", [py, "-m", "agent.lab.workloads.echo", "--port", str(PORTS["tcp"])]),
             (f"http-{tag}", [py, "-m", "benchmarks.httpecho", "--port", str(PORTS["http"])]),
             (f"iperf-{tag}", ["iperf3", "-s", "-p", str(PORTS["bulk"])]),
-            (
-                f"sse-{tag}",
-                [
-                    py,
-                    "-m",
-                    "agent.lab.workloads.model_server",
-                    "--port",
-                    str(PORTS["sse"]),
-                    "--ttft",
-                    str(sse["ttft"]),
-                    "--tpot",
-                    str(sse["tpot"]),
-                    "--tokens",
-                    str(sse["tokens"]),
-                    "--max-concurrency",
-                    "0",
-                ],
-            ),
+            (f"sse-{tag}", _model_server(PORTS["sse"], SSE_SERVER)),
         ):
             self.lab.start_process(self.state, name, argv, pod=pod)
         if pod not in FAR_PODS:
             return
-        ai = AI_SERVER
         for name, argv in (
             (
                 f"grpc-{tag}",
                 [py, "-m", "agent.lab.workloads.grpc_echo", "--port", str(PORTS["grpc"])],
             ),
-            (
-                f"ai-{tag}",
-                [
-                    py,
-                    "-m",
-                    "agent.lab.workloads.model_server",
-                    "--port",
-                    str(PORTS["ai"]),
-                    "--model",
-                    str(ai["model"]),
-                    "--ttft",
-                    str(ai["ttft"]),
-                    "--tpot",
-                    str(ai["tpot"]),
-                    "--tokens",
-                    str(ai["tokens"]),
-                    "--max-concurrency",
-                    "0",
-                ],
-            ),
+            (f"ai-{tag}", _model_server(PORTS["ai"], AI_SERVER)),
         ):
             self.lab.start_process(self.state, name, argv, pod=pod)
 
