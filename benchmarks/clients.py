@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from benchmarks.stats import summarize_us
@@ -338,6 +338,17 @@ def _tight_timer_slack() -> None:
         pass
 
 
+def emit(out: dict[str, object], lat: Iterable[int], samples: str | None) -> int:
+    """A client's result: the JSON line on stdout, every latency to `samples`; the exit
+    status says whether any request failed."""
+    if samples:
+        with open(samples, "w") as f:
+            f.writelines(f"{x}\n" for x in lat)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if not out["errors"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.clients",
@@ -379,12 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             connections=args.connections,
             duration=args.duration,
         )
-    if args.samples:
-        with open(args.samples, "w") as f:
-            f.writelines(f"{x}\n" for x in lat)
-    json.dump(out, sys.stdout)
-    sys.stdout.write("\n")
-    return 0 if not out["errors"] else 1
+    return emit(out, lat, args.samples)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import grpc
 
 from agent.lab.workloads.grpc_echo import MESSAGES_KEY, SERVER_STREAM, UNARY
-from benchmarks.clients import SIZE, Outcome, _result, _tight_timer_slack, run_workers
+from benchmarks.clients import SIZE, Outcome, _result, _tight_timer_slack, emit, run_workers
 from benchmarks.stats import summarize_us
 
 CHANNEL_OPTIONS = (
@@ -200,12 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                    "first_error": f"setup: {_describe(e)}"}, sys.stdout)  # fmt: skip
         sys.stdout.write("\n")
         return 1
-    if args.samples:
-        with open(args.samples, "w") as f:
-            f.writelines(f"{x}\n" for x in lat)
-    json.dump(out, sys.stdout)
-    sys.stdout.write("\n")
-    return 0 if not out["errors"] else 1
+    return emit(out, lat, args.samples)
 
 
 if __name__ == "__main__":
