@@ -44,17 +44,3 @@ def cache_running_loop(loop: asyncio.AbstractEventLoop) -> None:
     events.get_running_loop = get_running_loop
     asyncio.get_running_loop = get_running_loop
     asyncio._get_running_loop = _get_running_loop
-
-
-def uncache_running_loop() -> None:
-    """Undo `cache_running_loop` (tests)."""
-    import importlib
-
-    if getattr(events, "_weft_cached", None) is None:
-        return
-    c = importlib.import_module("_asyncio")
-    events._get_running_loop = c._get_running_loop
-    events.get_running_loop = c.get_running_loop
-    asyncio.get_running_loop = c.get_running_loop
-    asyncio._get_running_loop = c._get_running_loop
-    events._weft_cached = None  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ resource gets two conditions, computed from the whole config:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from controller.model.base import Resource, ResourceKey
@@ -92,10 +92,6 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
             conds.append(Condition("Accepted", True, "Accepted"))
         out[r.key] = conds
     return out
-
-
-def problems_of(conds: list[Condition]) -> Iterator[Condition]:
-    return (c for c in conds if not c.status)
 
 
 def _references(r: Resource) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
