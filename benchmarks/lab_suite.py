@@ -3,13 +3,14 @@
 The bench lab (built here, torn down in `finally`):
 
     node-1  plain/client  plain/near  mesh/client  mesh/near  mesh/near-nofp
-    node-2  plain/far                 mesh/far
+    node-2  plain/far                 mesh/far  mesh/far-l7
 
 `plain` pods are outside the mesh (the direct floor and the sidecar baselines, whose proxies
 run inside the plain pods); `mesh` pods are captured by weft. Every server pod runs the same
 four servers: TCP echo :8000, HTTP echo :8080, iperf3 :5201, model server :8001 (SSE); the
-two `far` pods also run a gRPC echo :50051 and a second model server :8002 that answers at
-once (the AI policy workloads).
+`far` pods also run a gRPC echo :50051 and a second model server :8002 that answers at
+once (the AI policy workloads). mesh/far-l7 backs the waypoint-bound Services (far-l7,
+far-ai): a port of a Service that uses a waypoint is reachable only through it.
 mesh/near-nofp carries the `weft.dev/fastpath: "false"` annotation, so same-node traffic to
 it goes through the agent while traffic to mesh/near is spliced in the kernel: fast path on
 and off run side by side with one agent configuration.
@@ -71,15 +72,16 @@ spec:
     - {name: near-nofp, namespace: mesh, node: node-1, serviceAccount: server,
        labels: {app: near-nofp}}
     - {name: far, namespace: mesh, node: node-2, serviceAccount: server, labels: {app: far}}
+    - {name: far-l7, namespace: mesh, node: node-2, serviceAccount: server, labels: {app: far-l7}}
     - {name: waypoint, namespace: mesh, node: node-1, serviceAccount: waypoint,
        labels: {weft.dev/waypoint: bench-waypoint, weft.dev/mesh: disabled}}
   services:
     - {name: near, namespace: mesh, selector: {app: near}, ports: __PORTS__}
     - {name: near-nofp, namespace: mesh, selector: {app: near-nofp}, ports: __PORTS__}
     - {name: far, namespace: mesh, selector: {app: far}, ports: __PORTS__}
-    - {name: far-l7, namespace: mesh, selector: {app: far},
+    - {name: far-l7, namespace: mesh, selector: {app: far-l7},
        labels: {weft.dev/use-waypoint: bench-waypoint}, ports: __HTTP_PORTS__}
-    - {name: far-ai, namespace: mesh, selector: {app: far},
+    - {name: far-ai, namespace: mesh, selector: {app: far-l7},
        labels: {weft.dev/use-waypoint: bench-waypoint}, ports: __AI_PORTS__}
 """
 
@@ -114,8 +116,12 @@ MANIFEST = (
     .replace("__HTTP_PORTS__", _ports(("http", "sse", "grpc", "ai"), app=True))
     .replace("__AI_PORTS__", _ports(("ai",), app=True))
 )
-SERVER_PODS = ("plain/near", "plain/far", "mesh/near", "mesh/near-nofp", "mesh/far")
-FAR_PODS = ("plain/far", "mesh/far")  # also run the gRPC echo and the AI model server
+# mesh/far-l7 backs the waypoint-bound Services only: a port of a Service that uses a
+# waypoint is reachable only through it (docs/security.md), so weft-l4 dials mesh/far,
+# which no waypoint fronts.
+SERVER_PODS = ("plain/near", "plain/far", "mesh/near", "mesh/near-nofp", "mesh/far", "mesh/far-l7")
+# FAR_PODS also run the gRPC echo and the AI model server.
+FAR_PODS = ("plain/far", "mesh/far", "mesh/far-l7")
 FAR_ONLY = ("grpc", "ai")  # protocols served only in FAR_PODS
 SSE_SERVER = {"ttft": 0.001, "tpot": 0.0005, "tokens": 4}
 # The AI policy workloads' model server: answers at once, so the tables show the path's
@@ -347,11 +353,11 @@ def _haproxy(b: Bench) -> Target:
     components=WAYPOINT,
     description="mesh/client -> Service mesh/far-l7 (weft.dev/use-waypoint) -> node-1 tunnel "
     "-> HBONE -> waypoint pod (HTTP parsed, routed, re-originated) -> HBONE -> node-2 "
-    "tunnel -> mesh/far: three HBONE hops and an L7 proxy, as in Istio ambient.",
+    "tunnel -> mesh/far-l7: three HBONE hops and an L7 proxy, as in Istio ambient.",
 )
 def _weft_waypoint(b: Bench) -> Target:
     b.require_mesh()
-    return Target("mesh/client", b.vip("far-l7"), dict(PORTS), "mesh/far")
+    return Target("mesh/client", b.vip("far-l7"), dict(PORTS), "mesh/far-l7")
 
 
 @scenario(
@@ -368,7 +374,7 @@ def _weft_waypoint(b: Bench) -> Target:
 def _weft_waypoint_ai(b: Bench) -> Target:
     b.require_mesh()
     b.apply_ai_policy()
-    return Target("mesh/client", b.vip("far-ai"), dict(PORTS), "mesh/far")
+    return Target("mesh/client", b.vip("far-ai"), dict(PORTS), "mesh/far-l7")
 
 
 @dataclass(frozen=True)

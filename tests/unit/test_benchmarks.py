@@ -185,7 +185,11 @@ def test_bench_lab_manifest_is_valid():
     assert l7["ai"]["appProtocol"] == "http"
     for name in ("far-l7", "far-ai"):
         assert services[name]["labels"] == {"weft.dev/use-waypoint": "bench-waypoint"}
-        assert services[name]["selector"] == services["far"]["selector"]
+        # Not mesh/far's pod: a port behind a waypoint is reachable only through it, and
+        # weft-l4 dials mesh/far directly. Same node, so the paths compare.
+        assert services[name]["selector"] == {"app": "far-l7"} != services["far"]["selector"]
+    assert pods["mesh/far-l7"].labels == {"app": "far-l7"}
+    assert pods["mesh/far-l7"].node == pods["mesh/far"].node
     assert [port["port"] for port in services["far-ai"]["ports"]] == [lab_suite.PORTS["ai"]]
 
 
