@@ -18,7 +18,7 @@ from typing import cast
 
 from agent.tunnel import h2 as hb
 from agent.tunnel.streams import Stream
-from controller.ca.spiffe import spiffe_id_of_der
+from controller.ca.spiffeid import peer_spiffe_id
 
 log = logging.getLogger("weft.tunnel.hbone")
 
@@ -65,9 +65,7 @@ class HboneConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sslobj = transport.get_extra_info("ssl_object")
-        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-        self.peer_id = spiffe_id_of_der(der) if der else None
+        self.peer_id = peer_spiffe_id(transport.get_extra_info("ssl_object"))
         self.h2.initiate()
         self.flush()
         if not self.ready.done():

@@ -41,7 +41,7 @@ from agent.tunnel.metrics import FlowLabels, TunnelMetrics, request_direction
 from agent.tunnel.pool import ConnectionPool, PeerIdentityMismatch, PoolSettings
 from agent.tunnel.resolve import Destination, Unreachable, resolve
 from agent.tunnel.streams import PodSide, splice
-from controller.ca.spiffe import WorkloadId, parse_workload_id
+from controller.ca.spiffeid import WorkloadId, parse_workload_id
 from controller.model.workloads import WAYPOINT_LABEL, Workload
 
 if TYPE_CHECKING:

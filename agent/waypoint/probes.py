@@ -23,23 +23,20 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote
-
-from google.protobuf.message import DecodeError
 
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.errors import ProtocolError
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine.health import Probe
 from agent.waypoint.upstream import UpstreamConnection, UpstreamError
-from controller.api.gen.grpc.health.v1 import health_pb2
 
 log = logging.getLogger("weft.waypoint.probes")
 
 HEALTH_CHECK_PATH: Final = "/grpc.health.v1.Health/Check"
 MAX_RESPONSE_BYTES: Final = 64 * 1024  # a HealthCheckResponse is 2 bytes; this is plenty
-_SERVING: Final = health_pb2.HealthCheckResponse.SERVING
+_SERVING: Final = 1  # grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING
 _GRPC_CODES: Final = {
     1: "CANCELLED",
     2: "UNKNOWN",
@@ -126,6 +123,7 @@ async def _http_get(conn: UpstreamConnection, probe: Probe, authority: str) -> N
 async def _grpc_check(conn: UpstreamConnection, probe: Probe, authority: str) -> None:
     if not conn.h2:
         raise ProbeFailed("a gRPC probe needs an HTTP/2 connection")
+    health_pb2 = _health_pb2()
     msg = health_pb2.HealthCheckRequest(service=probe.service).SerializeToString()
     headers = Headers.of(
         ("content-type", "application/grpc"),
@@ -168,6 +166,8 @@ async def _grpc_check(conn: UpstreamConnection, probe: Probe, authority: str) ->
     messages = decode_messages(bytes(body))
     if len(messages) != 1:
         raise ProbeFailed(f"{len(messages)} response messages instead of one")
+    from google.protobuf.message import DecodeError
+
     try:
         resp = health_pb2.HealthCheckResponse.FromString(messages[0])
     except DecodeError as e:
@@ -214,9 +214,17 @@ def _grpc_status_reason(status: bytes, message: bytes) -> str:
     return text
 
 
+def _health_pb2() -> Any:
+    """The generated grpc.health.v1 messages, imported on the first gRPC probe: protobuf
+    costs a waypoint about 3 MB that only gRPC health checking needs."""
+    from controller.api.gen.grpc.health.v1 import health_pb2
+
+    return health_pb2
+
+
 def _serving_status_name(status: int) -> str:
     try:
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+        return str(_health_pb2().HealthCheckResponse.ServingStatus.Name(status))
     except ValueError:
         return f"serving status {status}"
 

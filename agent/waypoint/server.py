@@ -66,7 +66,7 @@ from agent.waypoint.tracing import (
 )
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
-from controller.ca.spiffe import parse_workload_id
+from controller.ca.spiffeid import parse_workload_id
 from controller.model.workloads import Workload
 
 log = logging.getLogger("weft.waypoint")

@@ -1,42 +1,20 @@
-"""SPIFFE IDs and X.509 helpers shared by the controller and the agent."""
+"""X.509 helpers shared by the controller and the agent (keys, CSRs, SVID parsing). The
+SPIFFE ID grammar lives in controller/ca/spiffeid.py, which needs no X.509 library."""
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-_WORKLOAD = re.compile(r"^spiffe://([a-z0-9.\-_]+)/ns/([a-z0-9-]+)/sa/([a-z0-9.-]+)$")
-_NODE = re.compile(r"^spiffe://([a-z0-9.\-_]+)/weft/node/([a-z0-9.-]+)$")
+from controller.ca.spiffeid import (
+    WorkloadId,
+    parse_node_id,
+    parse_workload_id,
+    single_spiffe_id,
+)
 
-
-@dataclass(frozen=True)
-class WorkloadId:
-    trust_domain: str
-    namespace: str
-    service_account: str
-
-    def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
-
-    @property
-    def principal(self) -> str:
-        """Istio's principal form: the SPIFFE ID without the scheme."""
-        return str(self)[len("spiffe://") :]
-
-
-def parse_workload_id(uri: str) -> WorkloadId | None:
-    m = _WORKLOAD.match(uri)
-    return WorkloadId(*m.groups()) if m else None
-
-
-def parse_node_id(uri: str) -> tuple[str, str] | None:
-    """(trust domain, node name) of a node identity, else None."""
-    m = _NODE.match(uri)
-    return (m.group(1), m.group(2)) if m else None
+__all__ = ["WorkloadId", "parse_node_id", "parse_workload_id"]
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -74,9 +52,4 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
 
 def spiffe_id_of(cert: x509.Certificate) -> str | None:
     """The certificate's single SPIFFE ID; None if it has none or several (invalid SVID)."""
-    uris = [u for u in uri_sans(cert) if u.startswith("spiffe://")]
-    return uris[0] if len(uris) == 1 else None
-
-
-def spiffe_id_of_der(der: bytes) -> str | None:
-    return spiffe_id_of(x509.load_der_x509_certificate(der))
+    return single_spiffe_id(uri_sans(cert))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import ssl
 import stat
 
 import pytest
@@ -16,6 +17,7 @@ from controller.ca.authority import (
     FileCAStore,
 )
 from controller.ca.spiffe import (
+    key_pem,
     load_chain,
     make_csr,
     new_key,
@@ -139,3 +141,75 @@ def test_rotation_keeps_old_root_trusted_during_overlap_then_drops_it(tmp_path):
     assert len(again.bundle()) == 2  # the overlap survives a restart
     now[0] += 3601
     assert [r.serial_number for r in again.bundle()] == [ca.active.cert.serial_number]
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[ssl.SSLObject, ...]:
+    """A real TLS 1.3 handshake between two in-memory endpoints; the finished SSLObjects."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_side=False)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {c: False, s: False}
+    for _ in range(10):
+        for obj in (c, s):
+            if not done[obj]:
+                try:
+                    obj.do_handshake()
+                    done[obj] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            return c, s
+    raise AssertionError("handshake did not finish")
+
+
+def test_peer_spiffe_id_reads_the_verified_leaf_without_an_x509_library(ca):
+    """What the tunnel and the waypoint use on every HBONE connection: the peer's one SPIFFE
+    ID, from the certificate OpenSSL verified in the handshake."""
+    from agent.identity.tls import client_context, server_context
+    from controller.ca.spiffeid import peer_spiffe_id
+
+    def ctxs(ns: str, sa: str) -> tuple[bytes, bytes]:
+        key = new_key()
+        return ca.sign_workload(make_csr(key, None), ns, sa).chain_pem, key_pem(key)
+
+    bundle = ca.bundle_pem()
+    client = client_context(*ctxs("ai", "caller"), bundle)
+    server = server_context(*ctxs("ai", "llm"), bundle)
+    c, s = _handshake(client, server)
+    assert peer_spiffe_id(c) == "spiffe://cluster.local/ns/ai/sa/llm"
+    assert peer_spiffe_id(s) == "spiffe://cluster.local/ns/ai/sa/caller"
+    assert peer_spiffe_id(None) is None
+
+
+def test_peer_spiffe_id_is_none_for_an_unverified_peer(ca):
+    """A context that does not verify its peer yields no ID at all (getpeercert gives the
+    fields of verified certificates only), so an unchecked certificate never names anyone."""
+    from agent.identity.tls import client_context, server_context
+    from controller.ca.spiffeid import peer_spiffe_id
+
+    key = new_key()
+    chain = ca.sign_workload(make_csr(key, None), "ai", "llm").chain_pem
+    server = server_context(chain, key_pem(key), ca.bundle_pem())
+    server.verify_mode = ssl.CERT_NONE  # asks for no client certificate
+    client = client_context(chain, key_pem(key), ca.bundle_pem())
+    c, s = _handshake(client, server)
+    assert peer_spiffe_id(s) is None
+    assert peer_spiffe_id(c) == "spiffe://cluster.local/ns/ai/sa/llm"
+
+
+@pytest.mark.parametrize(
+    ("uris", "want"),
+    [
+        (["spiffe://td/ns/a/sa/b"], "spiffe://td/ns/a/sa/b"),
+        (["https://example.com/", "spiffe://td/ns/a/sa/b"], "spiffe://td/ns/a/sa/b"),
+        (["spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/c"], None),  # two IDs: not an SVID
+        ([], None),
+        (["https://example.com/"], None),
+    ],
+)
+def test_single_spiffe_id(uris, want):
+    from controller.ca.spiffeid import single_spiffe_id
+
+    assert single_spiffe_id(uris) == want
