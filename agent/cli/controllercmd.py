@@ -9,7 +9,6 @@ import typer
 
 from agent.cli.output import Format, OutputOption, emit
 from agent.cli.targets import ControllerSocketOption, LabOption, admin_stub, call
-from controller.api.gen import admin_pb2
 
 app = typer.Typer(
     help="The controller: connected agents, NACKs, rejected resources, CA.", no_args_is_help=True
@@ -26,6 +25,8 @@ def status(
 
     Example: weft controller status -o json
     """
+    from controller.api.gen import admin_pb2
+
     stub = admin_stub(lab, controller_socket)
     nodes = call(stub.ListNodes, admin_pb2.ListNodesRequest())
     rej = call(stub.ListRejections, admin_pb2.ListRejectionsRequest())
@@ -86,6 +87,8 @@ def token(
     controller_socket: ControllerSocketOption = None,
 ) -> None:
     """Create a bootstrap token for a node's agent (local store)."""
+    from controller.api.gen import admin_pb2
+
     resp = call(
         admin_stub(lab, controller_socket).CreateNodeToken,
         admin_pb2.CreateNodeTokenRequest(node=node, ttl_seconds=ttl),
@@ -100,6 +103,8 @@ def rotate_root(
     controller_socket: ControllerSocketOption = None,
 ) -> None:
     """Start signing with a new root CA; the old root stays in the bundle for the overlap."""
+    from controller.api.gen import admin_pb2
+
     resp = call(
         admin_stub(lab, controller_socket).RotateRoot,
         admin_pb2.RotateRootRequest(overlap_seconds=overlap),

@@ -19,7 +19,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import grpc
 import typer
 
 from agent.cli.output import table
@@ -28,7 +27,6 @@ from agent.lab import mesh
 from agent.lab.manifest import load_manifest
 from agent.lab.topology import Lab, LabState
 from agent.netns import call_in
-from controller.api.gen import admin_pb2, admin_pb2_grpc
 
 DEMO_LAB = "weft-demo"
 MODELS = {"ai/embedder": "embed-small", "ai/llm-v1": "llama-v1", "ai/llm-v2": "llama-v2"}
@@ -249,6 +247,10 @@ def demo(
 
 
 def _apply_policies(state: LabState) -> None:
+    import grpc
+
+    from controller.api.gen import admin_pb2, admin_pb2_grpc
+
     sock = mesh.paths(state)["admin"]
     text = _asset("demo-policies.yaml").read_text()
     with grpc.insecure_channel(f"unix:{sock}") as ch:

@@ -18,7 +18,6 @@ import yaml
 
 from agent.cli.output import Format, OutputOption, emit
 from agent.cli.targets import ControllerSocketOption, LabOption, admin_stub, call
-from controller.api.gen import admin_pb2
 from controller.model.base import kind_named
 from controller.model.loader import duplicates, parse_text
 from controller.model.problems import InvalidConfig, Problem
@@ -136,6 +135,8 @@ def apply(
 
     Example: weft policy apply -f canary.yaml
     """
+    from controller.api.gen import admin_pb2
+
     docs = [
         admin_pb2.ApplyRequest.Document(file=name, text=text) for name, text in _documents(file)
     ]
@@ -191,6 +192,8 @@ def get(
     """
     if kind and kind_named(kind) is None:
         raise InvalidConfig([Problem(f"unknown kind {kind!r}")])
+    from controller.api.gen import admin_pb2
+
     stub = admin_stub(lab, controller_socket)
     resp = call(
         stub.Get, admin_pb2.GetRequest(kind=kind or "", namespace=namespace or "", name=name or "")
@@ -268,6 +271,8 @@ def delete(
     cls = kind_named(kind)
     if cls is None:
         raise InvalidConfig([Problem(f"unknown kind {kind!r}")])
+    from controller.api.gen import admin_pb2
+
     stub = admin_stub(lab, controller_socket)
     resp = call(
         stub.Delete, admin_pb2.DeleteRequest(kind=cls.KIND, namespace=namespace or "", name=name)

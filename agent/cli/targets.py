@@ -14,12 +14,10 @@ import urllib.request
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
 
 from agent.lab import mesh
 from agent.lab.topology import Lab
-from controller.api.gen import admin_pb2_grpc
 from controller.errors import EnvironmentProblem, NotFound
 
 DEFAULT_CONTROLLER_SOCKET = Path("/run/weft/controller.sock")
@@ -51,7 +49,13 @@ def controller_socket(lab: str, override: Path | None) -> Path:
     return DEFAULT_CONTROLLER_SOCKET
 
 
-def admin_stub(lab: str, override: Path | None) -> admin_pb2_grpc.AdminStub:
+def admin_stub(lab: str, override: Path | None) -> Any:
+    """A stub of the controller's Admin service. grpc is imported here, not by the module:
+    every `weft` command imports this module, the agent and waypoint processes included."""
+    import grpc
+
+    from controller.api.gen import admin_pb2_grpc
+
     sock = controller_socket(lab, override)
     if not sock.exists():
         raise EnvironmentProblem(
@@ -68,6 +72,8 @@ def admin_stub(lab: str, override: Path | None) -> admin_pb2_grpc.AdminStub:
 
 def call(fn: Any, request: Any) -> Any:
     """One admin RPC, with gRPC errors turned into user-facing ones."""
+    import grpc
+
     try:
         return fn(request, timeout=30)
     except grpc.RpcError as e:

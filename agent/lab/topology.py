@@ -29,14 +29,15 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import IPRoute, netns
+from typing import TYPE_CHECKING, Any
 
 from agent import cgroups
 from agent.lab.manifest import LabPlan, PodPlan
 from agent.netns import NETNS_RUN_DIR, spawn, write_sysctl
 from controller.errors import EnvironmentProblem, NotFound
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 GATEWAY = "169.254.1.1"  # pods' link-local next hop; answered by a static neighbour entry
 GATEWAY_MAC = "ee:ee:ee:ee:ee:ee"  # the node-side veth of every pod carries this address
@@ -235,6 +236,8 @@ class Lab:
         tmp.replace(self.state_file)
 
     def _build_fabric(self, plan: LabPlan, state: LabState) -> None:
+        from pyroute2 import IPRoute, netns  # pyroute2: about 20 MB, lab set-up only
+
         ns = state.fabric_netns
         netns.create(ns)
         with IPRoute(netns=ns) as ip:
@@ -245,6 +248,8 @@ class Lab:
             ip.link("set", index=br, state="up")
 
     def _build_node(self, plan: LabPlan, name: str, state: LabState) -> None:
+        from pyroute2 import IPRoute, netns  # pyroute2: about 20 MB, lab set-up only
+
         node = plan.node(name)
         ns = f"{self.ns_prefix}node_{name}"
         netns.create(ns)
@@ -274,6 +279,8 @@ class Lab:
         )
 
     def _build_pod(self, plan: LabPlan, pod: PodPlan, state: LabState) -> None:
+        from pyroute2 import IPRoute, netns  # pyroute2: about 20 MB, lab set-up only
+
         node_ns = f"{self.ns_prefix}node_{pod.node}"
         ns = f"{self.ns_prefix}pod_{pod.namespace}_{pod.name}"
         netns.create(ns)
@@ -318,6 +325,8 @@ class Lab:
         )
 
     def _route_between_nodes(self, plan: LabPlan, state: LabState) -> None:
+        from pyroute2 import IPRoute  # pyroute2: about 20 MB, lab set-up only
+
         for node in plan.nodes:
             with IPRoute(netns=f"{self.ns_prefix}node_{node.name}") as ip:
                 for other in plan.nodes:
@@ -418,6 +427,8 @@ class Lab:
 
     def down(self) -> list[str]:
         """Remove every process, netns, link, cgroup and pin of this lab. Idempotent."""
+        from pyroute2 import netns  # pyroute2: about 20 MB, lab set-up only
+
         require_root()
         removed: list[str] = []
         with contextlib.suppress(EnvironmentProblem):
