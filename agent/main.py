@@ -212,7 +212,8 @@ class Agent:
                     strict=mode.strict,
                     capture=True,
                     fastpath=w.metadata.annotations.get(FASTPATH_ANNOTATION, "true") != "false",
-                    inbound_exception_ports=frozenset(mode.plaintext_ports),
+                    inbound_exception_ports=mode.plaintext_ports,
+                    probe_ports=mode.probe_ports,
                 )
             )
         if unresolved != self._unresolved and unresolved:
@@ -654,6 +655,7 @@ class Agent:
                         "fastpath": p.fastpath,
                         "capture": p.capture,
                         "inboundExceptionPorts": sorted(p.inbound_exception_ports),
+                        "probePorts": sorted(p.probe_ports),
                     }
                     for p in self.datapath.attached_pods()
                 ],

@@ -263,7 +263,8 @@ int weft_tunnel_egress(struct __sk_buff *skb)
 }
 
 /* STRICT: TCP reaching a listening socket of the pod must come from the node tunnel, the
- * pod itself, an inbound exception port, or an allowed fast-path peer. Packets of
+ * pod itself, an inbound exception port, the node itself on a probe port (the kubelet), or
+ * an allowed fast-path peer. Packets of
  * established connections pass: those exist only if their SYN passed here or the pod
  * opened them. Returns 0 to pass, -EPERM (counted) to drop. */
 /* UDP to a STRICT pod over IPv4: not meshed, so an unconnected socket (a UDP server)
@@ -291,6 +292,44 @@ static __always_inline int weft_inbound_udp(struct __sk_buff *skb, __u64 cgroup_
 	return weft_drop(cgroup_id, WEFT_DROP_UDP_NOT_MESHED);
 }
 
+/* Native IPv6 to a STRICT pod: weft meshes IPv4 only, so IPv6 is dropped wherever it could
+ * open something (a TCP listener, an unconnected UDP socket), except from the pod's own
+ * network namespace (it arrives over loopback), on an inbound exception port (probes), and
+ * DNS answers from port 53 to an unconnected UDP socket. Sockets the pod connected only
+ * receive from their peer, as for IPv4, and pass. */
+#define WEFT_LOOPBACK_IFINDEX 1 /* lo is the first device of every network namespace */
+static __always_inline int weft_inbound_ipv6(struct __sk_buff *skb, __u64 cgroup_id,
+					     struct bpf_sock *sk)
+{
+	struct ipv6hdr ip6;
+	__be16 sport;
+
+	if (sk->protocol == IPPROTO_TCP) {
+		if (sk->state != BPF_TCP_LISTEN)
+			return 0;
+	} else if (sk->protocol == IPPROTO_UDP) {
+		if (sk->dst_port)
+			return 0;
+	} else {
+		return 0;
+	}
+	if (skb->ingress_ifindex == WEFT_LOOPBACK_IFINDEX)
+		return 0;
+	if (weft_port_listed(cgroup_id, sk->src_port, WEFT_PORT_INBOUND_EXCEPTION))
+		return 0;
+	if (sk->protocol == IPPROTO_UDP) {
+		/* Only a UDP header right after the fixed header is read: a datagram behind
+		 * extension headers gets no DNS exception (dropped, never misread). */
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+			return weft_drop(cgroup_id, WEFT_DROP_MALFORMED);
+		if (ip6.nexthdr == IPPROTO_UDP &&
+		    bpf_skb_load_bytes(skb, sizeof(ip6), &sport, sizeof(sport)) == 0 &&
+		    sport == bpf_htons(53))
+			return 0;
+	}
+	return weft_drop(cgroup_id, WEFT_DROP_IPV6_NOT_MESHED);
+}
+
 static __always_inline int weft_inbound_check(struct __sk_buff *skb)
 {
 	struct weft_node_config *node;
@@ -299,8 +338,8 @@ static __always_inline int weft_inbound_check(struct __sk_buff *skb)
 	struct iphdr ip;
 	__u64 cgroup_id;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return 0; /* native IPv6 is not meshed, and not yet dropped (docs/security.md) */
+	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6))
+		return 0;
 	cgroup_id = bpf_skb_cgroup_id(skb);
 	pod = weft_pod_by_cgroup(cgroup_id);
 	if (!pod || !(pod->flags & WEFT_POD_STRICT))
@@ -311,6 +350,8 @@ static __always_inline int weft_inbound_check(struct __sk_buff *skb)
 	sk = bpf_sk_fullsock(sk);
 	if (!sk)
 		return 0;
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return weft_inbound_ipv6(skb, cgroup_id, sk);
 	if (sk->protocol == IPPROTO_UDP)
 		return weft_inbound_udp(skb, cgroup_id, pod, sk);
 	if (sk->protocol != IPPROTO_TCP || sk->state != BPF_TCP_LISTEN)
@@ -320,9 +361,15 @@ static __always_inline int weft_inbound_check(struct __sk_buff *skb)
 		return weft_drop(cgroup_id, WEFT_DROP_NODE_UNCONFIGURED);
 	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
 		return weft_drop(cgroup_id, WEFT_DROP_MALFORMED);
-	if (ip.saddr == node->tunnel_ip)
-		return weft_from_tunnel_socket(skb, &ip) ? 0 :
-			weft_drop(cgroup_id, WEFT_DROP_NOT_TUNNEL_SOCKET);
+	if (ip.saddr == node->tunnel_ip) {
+		if (weft_from_tunnel_socket(skb, &ip))
+			return 0;
+		/* The kubelet probes from the node's address: on a probe port, a process of
+		 * the node's own network namespace is admitted; anyone else is not. */
+		if (weft_port_listed(cgroup_id, sk->src_port, WEFT_PORT_PROBE))
+			return 0;
+		return weft_drop(cgroup_id, WEFT_DROP_NOT_TUNNEL_SOCKET);
+	}
 	if (ip.saddr == pod->ip || weft_is_loopback(ip.saddr))
 		return 0;
 	if (weft_port_listed(cgroup_id, sk->src_port, WEFT_PORT_INBOUND_EXCEPTION))

@@ -63,6 +63,7 @@ class PodFlag(IntFlag):
 class PortKind:
     INBOUND_EXCEPTION = 1  # WEFT_PORT_INBOUND_EXCEPTION
     OUTBOUND_EXCLUDED = 2  # WEFT_PORT_OUTBOUND_EXCLUDED
+    PROBE = 3  # WEFT_PORT_PROBE
 
 
 class AttachKind:

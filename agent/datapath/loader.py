@@ -125,7 +125,10 @@ class PodAttachment:
     fastpath: bool = True
     """May be spliced with same-node peers (when policy and the node switch allow)."""
     inbound_exception_ports: frozenset[int] = frozenset()
-    """Listening ports STRICT leaves open to anyone (for example health probes)."""
+    """Listening ports STRICT leaves open to anyone (portLevelMtls PERMISSIVE or DISABLE)."""
+    probe_ports: frozenset[int] = frozenset()
+    """Listening ports STRICT leaves open to the node itself only: the kubelet's probes
+    come from the node's address, not through the tunnel."""
     excluded_ports: frozenset[int] = frozenset()
     """Destination ports the pod reaches directly, never through the tunnel."""
     excluded_cidrs: frozenset[str] = frozenset()
@@ -325,6 +328,7 @@ class Datapath:
         capture: bool = True,
         fastpath: bool = True,
         inbound_exception_ports: Iterable[int] = (),
+        probe_ports: Iterable[int] = (),
         excluded_ports: Iterable[int] = (),
         excluded_cidrs: Iterable[str] = (),
     ) -> PodAttachment:
@@ -337,6 +341,7 @@ class Datapath:
             capture=capture,
             fastpath=fastpath,
             inbound_exception_ports=frozenset(_port(p) for p in inbound_exception_ports),
+            probe_ports=frozenset(_port(p) for p in probe_ports),
             excluded_ports=frozenset(_port(p) for p in excluded_ports),
             excluded_cidrs=frozenset(str(ipaddress.IPv4Network(c)) for c in excluded_cidrs),
         )
@@ -384,6 +389,7 @@ class Datapath:
                     capture=abi.PodFlag.CAPTURE in f,
                     fastpath=abi.PodFlag.FASTPATH in f,
                     inbound_exception_ports=frozenset(mine.get(abi.PortKind.INBOUND_EXCEPTION, ())),
+                    probe_ports=frozenset(mine.get(abi.PortKind.PROBE, ())),
                     excluded_ports=frozenset(mine.get(abi.PortKind.OUTBOUND_EXCLUDED, ())),
                     excluded_cidrs=frozenset(cidrs.get(cg, ())),
                     cgroup_id=cg,
@@ -715,6 +721,7 @@ class Datapath:
             self._map("weft_pod_ips_v1").delete(abi.POD_CONFIG.unpack(old)[0])
         # Configuration before programs: the first connect after attach must find it.
         self._sync_ports(cg, abi.PortKind.INBOUND_EXCEPTION, set(pod.inbound_exception_ports))
+        self._sync_ports(cg, abi.PortKind.PROBE, set(pod.probe_ports))
         self._sync_ports(cg, abi.PortKind.OUTBOUND_EXCLUDED, set(pod.excluded_ports))
         self._sync_cidrs(cg, {ipaddress.IPv4Network(c) for c in pod.excluded_cidrs})
         self._map("weft_pods_v1").put(
@@ -752,6 +759,7 @@ class Datapath:
                     pairs.delete(pair)
         self._map("weft_pods_v1").delete(key)
         self._sync_ports(cgroup_id, abi.PortKind.INBOUND_EXCEPTION, set())
+        self._sync_ports(cgroup_id, abi.PortKind.PROBE, set())
         self._sync_ports(cgroup_id, abi.PortKind.OUTBOUND_EXCLUDED, set())
         self._sync_cidrs(cgroup_id, set())
         drops = self._map("weft_drops_v1")

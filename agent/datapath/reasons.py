@@ -25,6 +25,9 @@ class DropReason(IntEnum):
     UDP_NOT_MESHED = 5
     """STRICT pod: UDP to an unconnected socket from another source (UDP is not meshed);
     DNS answers (source port 53) and inbound exception ports pass."""
+    IPV6_NOT_MESHED = 6
+    """STRICT pod: native IPv6 to a listening or unconnected socket from outside the pod's
+    network namespace (weft meshes IPv4 only); inbound exception ports and DNS answers pass."""
 
     @property
     def label(self) -> str:

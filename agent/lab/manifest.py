@@ -96,6 +96,26 @@ class Namespace(_Strict):
     _v = field_validator("labels")(_check_labels)
 
 
+class ProbePort(_Strict):
+    port: int = Field(ge=1, le=65535)
+    path: str | None = None  # httpGet only; the lab's kubelet does not send it
+
+
+class LabProbe(_Strict):
+    """A Kubernetes probe, reduced to what the mesh needs: which port the kubelet dials
+    from the node (STRICT admits the node itself there, docs/security.md)."""
+
+    http_get: ProbePort | None = Field(None, alias="httpGet")
+    tcp_socket: ProbePort | None = Field(None, alias="tcpSocket")
+    grpc: ProbePort | None = None
+    period_seconds: int | None = Field(None, alias="periodSeconds", ge=1)
+
+    @property
+    def port(self) -> int | None:
+        h = self.http_get or self.tcp_socket or self.grpc
+        return h.port if h else None
+
+
 class Pod(_Strict):
     name: Name
     namespace: Name = "default"
@@ -106,7 +126,15 @@ class Pod(_Strict):
     command: list[str] | None = Field(
         None, description="Started in the pod when the lab comes up, like a container entrypoint."
     )
+    readiness_probe: LabProbe | None = Field(None, alias="readinessProbe")
+    liveness_probe: LabProbe | None = Field(None, alias="livenessProbe")
+    startup_probe: LabProbe | None = Field(None, alias="startupProbe")
     _v = field_validator("labels")(_check_labels)
+
+    @property
+    def probe_ports(self) -> tuple[int, ...]:
+        probes = (self.readiness_probe, self.liveness_probe, self.startup_probe)
+        return tuple(sorted({p.port for p in probes if p is not None and p.port is not None}))
 
 
 class ServicePort(_Strict):
@@ -164,6 +192,7 @@ class PodPlan:
     ip: ipaddress.IPv4Address
     meshed: bool
     command: tuple[str, ...] | None
+    probe_ports: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
@@ -397,6 +426,7 @@ class _Planner:
                     ip,
                     meshed,
                     tuple(pod.command) if pod.command else None,
+                    pod.probe_ports,
                 )
             )
         return out

@@ -77,6 +77,7 @@ def lab_resources(state: LabState) -> list[dict[str, Any]]:
                     "addresses": [p.ip],
                     "mesh": p.meshed,
                     "cgroup": str(Path(p.cgroup).relative_to(cg_root)),
+                    "probePorts": p.probe_ports,
                 },
             }
         )

@@ -73,6 +73,7 @@ class PodState:
     cgroup: str
     cgroup_id: int
     node_iface: str
+    probe_ports: list[int] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -321,6 +322,7 @@ class Lab:
                 cgroup=str(cg),
                 cgroup_id=cgroups.cgroup_id(cg),
                 node_iface=outer,
+                probe_ports=list(pod.probe_ports),
             )
         )
 

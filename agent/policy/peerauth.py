@@ -19,8 +19,11 @@ from controller.model.workloads import Workload
 @dataclass(frozen=True)
 class MtlsMode:
     strict: bool
-    plaintext_ports: frozenset[int]  # accepted in plaintext even when strict
+    plaintext_ports: frozenset[int]  # accepted in plaintext from anyone even when strict
     policy: str | None  # the deciding policy, namespace/name
+    probe_ports: frozenset[int] = frozenset()
+    """Ports the kubelet probes: accepted in plaintext when strict, but only from the node
+    itself (where the kubelet runs), never from other pods or nodes."""
 
 
 def mtls_mode(
@@ -48,15 +51,16 @@ def mtls_mode(
         if p is not None and p.spec.mtls is not None and p.spec.mtls.mode != "UNSET":
             strict = p.spec.mtls.mode == "STRICT"
             deciding = f"{p.namespace}/{p.name}"
-    ports: set[int] = set(w.spec.probe_ports)
+    ports: set[int] = set()
+    probes: set[int] = set(w.spec.probe_ports)
     top = levels[0]
     if top is not None and top.spec.port_level_mtls:
         for port, pm in top.spec.port_level_mtls.items():
             if pm.mode in ("PERMISSIVE", "DISABLE"):
                 ports.add(port)
             elif pm.mode == "STRICT":
-                ports.discard(port)
-    return MtlsMode(strict, frozenset(ports), deciding)
+                probes.discard(port)
+    return MtlsMode(strict, frozenset(ports), deciding, frozenset(probes - ports))
 
 
 def _pick(ps: list[PeerAuthentication]) -> PeerAuthentication | None:

@@ -9,6 +9,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <linux/errno.h>
 #include <linux/socket.h>
@@ -26,6 +27,7 @@
 /* weft_pod_ports_v1 kinds */
 #define WEFT_PORT_INBOUND_EXCEPTION 1 /* STRICT does not apply to this listening port */
 #define WEFT_PORT_OUTBOUND_EXCLUDED 2 /* connects to this port are not captured */
+#define WEFT_PORT_PROBE 3 /* kubelet probes: STRICT admits plaintext from the node itself */
 
 /* weft_flows_v1 directions and flags */
 #define WEFT_FLOW_OUTBOUND 1 /* the pod connected (active open) */

@@ -34,7 +34,8 @@ spec:
     - {name: client, namespace: apps, node: node-1, serviceAccount: client, labels: {app: client}}
     - {name: batch, namespace: apps, node: node-1, serviceAccount: batch, labels: {app: batch}}
     - {name: near, namespace: ai, node: node-1, serviceAccount: model, labels: {app: near}}
-    - {name: far, namespace: ai, node: node-2, serviceAccount: model, labels: {app: far}}
+    - {name: far, namespace: ai, node: node-2, serviceAccount: model, labels: {app: far},
+       readinessProbe: {tcpSocket: {port: 8081}}}
     - {name: far2, namespace: ai, node: node-2, serviceAccount: other, labels: {app: far2}}
     - {name: old1, namespace: legacy, node: node-1, labels: {app: old1}}
     - {name: old2, namespace: legacy, node: node-2, labels: {app: old2}}

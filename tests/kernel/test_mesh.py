@@ -242,10 +242,10 @@ def test_a_deny_closes_an_open_cross_node_connection(meshed: Mesh, tmp_path) -> 
         meshed.remove("policy-revoke.yaml")
 
 
-def dial(ip: str) -> str:
-    """A plain TCP connect to ip:8000 (run with call_in in some namespace)."""
+def dial(ip: str, port: int = 8000) -> str:
+    """A plain TCP connect to ip:port (run with call_in in some namespace)."""
     try:
-        socket.create_connection((ip, 8000), timeout=1.5).close()
+        socket.create_connection((ip, port), timeout=1.5).close()
         return "connected"
     except TimeoutError:
         return "timeout"
@@ -287,6 +287,25 @@ def test_strict_admits_the_tunnel_not_other_processes_of_the_node(meshed: Mesh) 
     reasons = {d["reason"] for d in meshed.admin("node-2", "/datapath")["drops"]}
     assert "not_tunnel_socket" in reasons
     assert one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000).returncode == 0
+
+
+def test_strict_admits_the_kubelet_on_probe_ports_and_nobody_else(meshed: Mesh) -> None:
+    """Issue 14, probes: far declares a readinessProbe on port 8081 (the lab's manifest, as
+    a pod spec does). The kubelet dials it from the node without mTLS, so STRICT admits a
+    process of node-2's own namespace there, and only there: an unmeshed pod on the same
+    node, and node-1, are dropped on that port, and the node itself still cannot reach
+    far's other ports."""
+    meshed.start_server("ai/far", "--greet", port=8081)
+    n1, n2 = meshed.state.node("node-1"), meshed.state.node("node-2")
+    far = meshed.ip("ai/far")
+    pods = meshed.admin("node-2", "/datapath")["pods"]
+    assert next(p for p in pods if p["ip"] == far)["probePorts"] == [8081]
+
+    assert call_in(n2.netns, dial, far, 8081) == "connected"  # the kubelet's probe
+    assert call_in(n2.netns, dial, far, 8000) == "timeout"  # not a probe port
+    old2 = meshed.state.pod("legacy/old2")
+    assert call_in(old2.netns, dial, far, 8081) == "timeout"  # a pod on the same node
+    assert call_in(n1.netns, dial, far, 8081) == "timeout"  # another node
 
 
 def test_closed_flows_become_metrics_once_and_leave_the_flow_map(meshed: Mesh) -> None:

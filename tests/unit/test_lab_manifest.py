@@ -174,3 +174,26 @@ def test_service_vips_are_allocated_and_checked():
 def test_missing_file_is_a_clean_error(tmp_path):
     with pytest.raises(InvalidConfig, match="cannot read"):
         load_manifest(tmp_path / "nope.yaml")
+
+
+def test_probes_declare_the_ports_strict_opens_to_the_node():
+    p = lab(
+        BASE.replace(
+            "{name: a, namespace: apps, node: node-1}",
+            "{name: a, namespace: apps, node: node-1,"
+            " readinessProbe: {httpGet: {path: /healthz, port: 8000}},"
+            " livenessProbe: {tcpSocket: {port: 8081}}, startupProbe: {grpc: {port: 8000}}}",
+        )
+    )
+    assert p.find_pod("apps/a").probe_ports == (8000, 8081)
+    assert p.find_pod("apps/b").probe_ports == ()
+
+
+def test_a_probe_without_a_valid_port_is_refused_where_it_is():
+    msgs = problems(
+        BASE.replace(
+            "{name: a, namespace: apps, node: node-1}",
+            "{name: a, namespace: apps, node: node-1, readinessProbe: {tcpSocket: {port: 0}}}",
+        )
+    )
+    assert any("readinessProbe" in m and "port" in m for m in msgs), msgs
