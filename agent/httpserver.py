@@ -194,7 +194,11 @@ class HttpServer:
 
     async def listen_tcp(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        srv = await loop.create_server(lambda: _Conn(self.routes), host, port, reuse_address=True)
+        # reuse_port: a restarting agent's successor binds the same ports while this one
+        # drains (agent/restart.py).
+        srv = await loop.create_server(
+            lambda: _Conn(self.routes), host, port, reuse_address=True, reuse_port=True
+        )
         self.servers.append(srv)
         return int(srv.sockets[0].getsockname()[1])
 

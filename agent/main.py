@@ -7,9 +7,14 @@ Start-up order, and why:
   3. node credential and workload certificates;
   4. tunnel listeners; readiness turns green once config and certificates are in.
 
-Shutdown (SIGTERM): readiness goes red, the tunnel drains for up to drain_timeout, then
-everything closes. The data path is *not* detached: the kernel keeps capturing and
-enforcing (and spliced connections keep flowing) while the next agent starts.
+A restart (agent/restart.py): the new process listens on the tunnel ports beside the old
+one and asks it, over the handover socket, to let go; then it adopts the data path, the
+cached config and the identities the old one kept in the memory-backed store.
+
+Shutdown (SIGTERM, or a successor's request): readiness goes red, the data path is
+released (*not* detached: the kernel keeps capturing and enforcing, and spliced
+connections keep flowing), the listeners close (queued connects move to a successor's),
+and the connections this process holds drain for up to drain_timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -24,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from agent import __version__, cgroups
+from agent import __version__, cgroups, restart
 from agent.accesslog import AccessLog
 from agent.aio import cache_running_loop
 from agent.cgroups import own_cgroup
@@ -35,6 +41,7 @@ from agent.flowmetrics import DatapathCollector, FlowExporter, FlowMetrics
 from agent.httpserver import HttpRequest, HttpServer, Response, json_response
 from agent.identity.manager import IdentityManager
 from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
+from agent.identity.store import IdentityStore
 from agent.netns import call_in
 from agent.policy.authz import Request, evaluate, principal_of, workload_policies
 from agent.policy.peerauth import mtls_mode
@@ -52,20 +59,7 @@ log = logging.getLogger("weft.agent")
 FASTPATH_ANNOTATION = "weft.dev/fastpath"
 
 
-class _DatapathOrigins:
-    """Adapts the data path's original-destination lookup to the tunnel's interface."""
-
-    def __init__(self, dp: Any) -> None:
-        self.dp = dp
-
-    def original_destination(self, ip: str, port: int) -> tuple[str, int] | None:
-        o = self.dp.original_destination(ip, port)
-        return (o.ip, o.port) if o is not None else None
-
-
-class _NoCapture:
-    def original_destination(self, ip: str, port: int) -> tuple[str, int] | None:
-        return None
+HANDOVER_WAIT = 30.0  # seconds a new agent waits for its predecessor to release the data path
 
 
 class Agent:
@@ -114,6 +108,8 @@ class Agent:
         self.stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._unresolved: set[str] = set()
+        self.stop_requested = asyncio.Event()  # SIGTERM, or a successor asking (restart.py)
+        self.handover: restart.HandoverListener | None = None
         self._metrics()
 
     # ---- metrics -----------------------------------------------------------------------
@@ -306,7 +302,14 @@ class Agent:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    def _start_datapath(self) -> None:
+    def original_destination(self, ip: str, port: int) -> tuple[str, int] | None:
+        """Where a captured connection was going (the tunnel's OriginalDestinations)."""
+        if self.datapath is None:
+            return None
+        o = self.datapath.original_destination(ip, port)
+        return (o.ip, o.port) if o is not None else None
+
+    def _start_datapath(self, lock_wait: float = 0.0) -> None:
         if self.s.datapath == "none":
             log.warning(
                 "data path disabled (datapath=none): pods are neither captured nor "
@@ -326,7 +329,8 @@ class Agent:
                 fastpath=self.s.fastpath,
             )
         )
-        report = self.datapath.start()  # adopts a previous agent's attachments
+        # Adopts a previous agent's attachments (after it released them, on a handover).
+        report = self.datapath.start(lock_wait=lock_wait)
         # The tunnel's own cgroup: SO_ORIGINAL_DST for its sockets, and its SYNs to local
         # pods recorded, so STRICT pods admit the tunnel and not any process that sends
         # from the node's address (bpf/weft.c, weft_tunnel_egress).
@@ -356,11 +360,10 @@ class Agent:
         )
 
     async def start(self) -> None:
-        self._start_datapath()
-        if await self.config.load_cache():
-            self.apply(self.config.snapshot)
+        """Start up, taking the node over from a running agent process if there is one
+        (agent/restart.py): listen beside it, tell it to let go, adopt what it held."""
         s = self.s
-        origins = _DatapathOrigins(self.datapath) if self.datapath is not None else _NoCapture()
+        restart.enable_request_migration()
         self.tunnel = Tunnel(
             TunnelSettings(
                 node=s.node,
@@ -372,11 +375,24 @@ class Agent:
             ),
             config=lambda: self.snapshot,
             identities=self.identities,
-            original=origins,
+            original=self,
             metrics=self.tunnel_metrics,
             access=self.access,
             handoff=self.handoff,
         )
+        await self.tunnel.listen()  # connects from here on queue, never refused
+        handover = s.state_dir / restart.HANDOVER_SOCKET
+        took_over = restart.ask_predecessor(handover)
+        if took_over:
+            log.info("taking node %s over from the running agent process", s.node)
+        self._start_datapath(lock_wait=HANDOVER_WAIT if took_over else 0.0)
+        store = IdentityStore.open(s.identity_dir)
+        self.node.restore(store)
+        self.identities.restore(store)
+        if await self.config.load_cache():
+            self.apply(self.config.snapshot)
+        self.handover = restart.HandoverListener(handover, self.stop_requested.set)
+        self.handover.start()
         if self.handoff is not None:
             self.handoff.start()
         await self.tunnel.start()
@@ -404,7 +420,9 @@ class Agent:
             local = self.identity_holders(self.snapshot)
             certs = all(self.identities.get(w.namespace, w.spec.service_account) for w in local)
 
-            if self.snapshot.revision > 0 and self.config.connected and certs:
+            # Config (live or the cached copy) and certificates are what serving needs; the
+            # controller itself is not (it may be away while a restarted agent serves).
+            if self.snapshot.revision > 0 and certs:
                 self.ready = True
                 log.info(
                     "agent on node %s ready: config revision %d, %d local workload(s)",
@@ -414,23 +432,31 @@ class Agent:
                 )
 
     async def stop(self) -> None:
+        """Let go of the node, then drain. First what a successor takes over: the control
+        loops stop touching the data path, which is released (pins and attachments stay:
+        the kernel keeps capturing and enforcing), and the listeners close (connections
+        queued on them move to a successor's, agent/restart.py). Then the connections this
+        process holds are relayed until they end or the drain deadline passes."""
         self.stopping = True
         self.ready = False
-        if self.tunnel is not None:
-            await self.tunnel.drain(self.s.drain_timeout)
+        if self.handover is not None:
+            self.handover.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.datapath is not None:
+            self.datapath.stop()
+        if self.tunnel is not None:
+            self.tunnel.stop_accepting()
+            await self.tunnel.drain(self.s.drain_timeout)
         if self.handoff is not None:
             self.handoff.close()
         await self.identities.close()
         await self.node.close()
         self.http.close()
         self.access.close()
-        if self.datapath is not None:
-            self.datapath.stop()  # pins and attachments stay for the next agent
         log.info("agent stopped")
 
     # ---- endpoints ---------------------------------------------------------------------
@@ -477,6 +503,7 @@ class Agent:
                 "node": self.s.node,
                 "version": __version__,
                 "ready": self.ready,
+                "pid": os.getpid(),
                 "uptimeSeconds": int(time.time() - self.started),
             },
         )
@@ -704,12 +731,11 @@ async def run(settings: AgentSettings) -> None:
     except EnvironmentProblem:
         await agent.stop()
         raise
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("SIGTERM: draining the tunnel for up to %.0fs", settings.drain_timeout)
+        loop.add_signal_handler(sig, agent.stop_requested.set)
+    await agent.stop_requested.wait()
+    log.info("stopping: draining the tunnel for up to %.0fs", settings.drain_timeout)
     await agent.stop()
 
 

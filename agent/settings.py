@@ -100,7 +100,13 @@ class AgentSettings(BaseModel):
 
     state_dir: Path = Field(
         Path("/var/lib/weft/agent"),
-        description="Last good config (restarts during a controller outage).",
+        description="Last good config (restarts during a controller outage), and the pid "
+        "file a restarting agent finds its predecessor by.",
+    )
+    identity_dir: Path | None = Field(
+        Path("/run/weft/agent/identities"),
+        description="Memory-backed (tmpfs), root-only store of the node's certificates and "
+        "keys, for the next agent process; refused if not memory-backed. None: no store.",
     )
 
     # ---- timing -------------------------------------------------------------------------

@@ -56,6 +56,13 @@ def run(
         "/var/run/weft/workload.sock"
     ),
     state_dir: Annotated[Path, typer.Option()] = Path("/var/lib/weft/agent"),
+    identity_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Memory-backed (tmpfs) directory where the node's certificates and keys "
+            "wait for the next agent process; must not be on a disk."
+        ),
+    ] = Path("/run/weft/agent/identities"),
     drain_timeout: Annotated[float, typer.Option(help="Seconds.")] = 20.0,
     flow_export_interval: Annotated[
         float,
@@ -103,6 +110,7 @@ def run(
         admin_socket=admin_socket,
         workload_socket=workload_socket,
         state_dir=state_dir,
+        identity_dir=identity_dir,
         drain_timeout=drain_timeout,
         flow_export_interval=flow_export_interval,
         access_log=access_log,

@@ -252,19 +252,24 @@ class Datapath:
             )
         return dp
 
-    def start(self, pods: Iterable[PodAttachment] | None = None) -> StartReport:
+    def start(
+        self, pods: Iterable[PodAttachment] | None = None, *, lock_wait: float = 0.0
+    ) -> StartReport:
         """Bring the data path up for this agent.
 
         `pods`: the pods that should be attached now; others a previous process attached
         are detached. None keeps every pod the previous process attached (an agent that
         restarts before it knows its pods must not open a window without capture), and
         only brings their programs up to this build; call reconcile() later.
+
+        `lock_wait`: seconds to wait for a predecessor that is handing the data path over
+        (agent/restart.py) to release the pin root's lock.
         """
         s = self.settings
         need_compile = not compiler.cached(s, PROGRAM_NAMES)
         preflight.check(self.pin_root, need_compiler=need_compile)
         try:
-            self._take_lock()
+            self._take_lock(lock_wait)
             artifact = compiler.build(s, PROGRAM_NAMES)
             self._check_layouts(artifact)
             self._open_maps(artifact)
@@ -548,18 +553,26 @@ class Datapath:
 
     # ---- internals: start ------------------------------------------------------------
 
-    def _take_lock(self) -> None:
-        """One agent per pin root: an flock on the directory (released if we die)."""
+    def _take_lock(self, wait: float = 0.0) -> None:
+        """One agent per pin root: an flock on the directory (released if we die, and by
+        an agent handing over to its successor as it starts draining)."""
         self.pin_root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.pin_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise EnvironmentProblem(
-                f"another agent process holds {self.pin_root}",
-                hint="stop it first, or give this agent its own pin root",
-            ) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                os.close(fd)
+                raise EnvironmentProblem(
+                    f"another agent process holds {self.pin_root}"
+                    + (f" (waited {wait:.0f}s for it to hand over)" if wait else ""),
+                    hint="stop it first, or give this agent its own pin root",
+                ) from None
         self._lock_fd = fd
 
     @staticmethod

@@ -1,7 +1,9 @@
 """Workload certificates for the identities of this node's workloads.
 
 One certificate per (namespace, service account) that has a workload here. Keys are made
-in memory and never written anywhere. Each identity has its own renewal task:
+in memory and never written to a disk: besides the process, only to the memory-backed
+identity store (identity/store.py) that lets the next agent process serve at once. Each
+identity has its own renewal task:
 
 - renew at half-life (with 10% jitter so a node's certificates do not renew in lockstep);
 - on failure retry with exponential backoff and full jitter, and keep serving the current
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
+from agent.identity.store import IdentityStore, workload_entry
 from agent.identity.tls import client_context, server_context
 from controller.api.gen import identity_pb2, identity_pb2_grpc
 from controller.ca.spiffe import key_pem, load_chain, make_csr, new_key
@@ -67,6 +70,12 @@ class WorkloadCert:
         }
 
 
+def _renew_at(cert: WorkloadCert) -> float:
+    """At half-life, with jitter so that certificates issued together renew apart."""
+    half = (cert.not_after - cert.not_before) / 2
+    return cert.not_before + half * random.uniform(0.9, 1.0)
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -84,6 +93,55 @@ class IdentityManager:
         self._waiters: dict[tuple[str, str], asyncio.Event] = {}
         self._drops: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.failures = 0
+        self.store: IdentityStore | None = None
+
+    def restore(self, store: IdentityStore | None) -> int:
+        """Take the workload certificates a previous agent process kept (unexpired ones),
+        so this one serves them before the controller answers; saves every later one
+        there. How many were restored."""
+        self.store = store
+        if store is None:
+            return 0
+        n = 0
+        for name in store.names("workload_"):
+            r = store.load(name)
+            if r is None:
+                continue
+            try:
+                cert = WorkloadCert(
+                    spiffe_id=r["spiffeId"],
+                    namespace=r["namespace"],
+                    service_account=r["serviceAccount"],
+                    chain_pem=r["chain"].encode(),
+                    key_pem=r["key"].encode(),
+                    not_before=float(r["notBefore"]),
+                    not_after=float(r["notAfter"]),
+                    serial_hex=r["serial"],
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("identity store: %s unusable (%s); ignored", name, e)
+                continue
+            self._certs[(cert.namespace, cert.service_account)] = cert
+            n += 1
+        if n:
+            log.info("%d workload certificate(s) restored from the identity store", n)
+        return n
+
+    def _save(self, cert: WorkloadCert) -> None:
+        if self.store is not None:
+            self.store.save(
+                workload_entry(cert.namespace, cert.service_account),
+                {
+                    "spiffeId": cert.spiffe_id,
+                    "namespace": cert.namespace,
+                    "serviceAccount": cert.service_account,
+                    "chain": cert.chain_pem.decode(),
+                    "key": cert.key_pem.decode(),
+                    "notBefore": cert.not_before,
+                    "notAfter": cert.not_after,
+                    "serial": cert.serial_hex,
+                },
+            )
 
     # ---- what we need ------------------------------------------------------------------
 
@@ -108,6 +166,8 @@ class IdentityManager:
         if task:
             task.cancel()
         self._certs.pop(ident, None)
+        if self.store is not None:
+            self.store.remove(workload_entry(*ident))
         log.info("dropped certificate for ns/%s/sa/%s: no workload needs it", *ident)
 
     def get(self, namespace: str, service_account: str) -> WorkloadCert | None:
@@ -166,6 +226,13 @@ class IdentityManager:
 
     async def _keep(self, ident: tuple[str, str]) -> None:
         delay = backoff_delays()
+        held = self._certs.get(ident)
+        if held is not None and held.valid():
+            # Restored from the store: renew when it is due, not at once.
+            ev = self._waiters.pop(ident, None)
+            if ev:
+                ev.set()
+            await asyncio.sleep(max(0.0, _renew_at(held) - time.time()))
         while True:
             try:
                 cert = await self._fetch(ident)
@@ -191,6 +258,7 @@ class IdentityManager:
                 await asyncio.sleep(wait)
                 continue
             self._certs[ident] = cert
+            self._save(cert)
             delay = backoff_delays()
             ev = self._waiters.pop(ident, None)
             if ev:
@@ -201,9 +269,7 @@ class IdentityManager:
                 cert.serial_hex,
                 _iso(cert.not_after),
             )
-            half = (cert.not_after - cert.not_before) / 2
-            renew_at = cert.not_before + half * random.uniform(0.9, 1.0)
-            await asyncio.sleep(max(1.0, renew_at - time.time()))
+            await asyncio.sleep(max(1.0, _renew_at(cert) - time.time()))
 
     async def close(self) -> None:
         for h in self._drops.values():

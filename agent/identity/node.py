@@ -1,8 +1,9 @@
 """The node's own credential: bootstrap with a token, then mutual TLS to the controller.
 
-The node key is made here and never leaves the process. The certificate is renewed at
-half-life; if it ever expires (controller away for a day), the agent bootstraps again
-with its token.
+The node key is made here and never reaches a disk: besides the process, it is kept only
+in the memory-backed identity store (identity/store.py) for the next agent process. The
+certificate is renewed at half-life; if it ever expires (controller away for a day), the
+agent bootstraps again with its token.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.identity.store import NODE, IdentityStore
 from controller.api import keepalive
 from controller.api.gen import identity_pb2, identity_pb2_grpc
 from controller.ca.spiffe import key_pem, make_csr, new_key
@@ -89,6 +93,45 @@ class NodeCredential:
         self._channel: grpc.aio.Channel | None = None
         self._channel_key: tuple[bytes, bytes] | None = None
         self.ready = asyncio.Event()
+        self.store: IdentityStore | None = None
+
+    def restore(self, store: IdentityStore | None) -> bool:
+        """Take the node credential a previous agent process kept (identity/store.py), so
+        this one serves before the controller answers. Saves every later one there."""
+        self.store = store
+        record = store.load(NODE) if store is not None else None
+        if record is None:
+            return False
+        try:
+            key = serialization.load_pem_private_key(record["key"].encode(), None)
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("identity store: node credential unusable (%s); bootstrapping", e)
+            return False
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            return False
+        self._key = key
+        self.chain_pem = record["chain"].encode()
+        self.not_after = float(record["notAfter"])
+        self.spiffe_id = record["spiffeId"]
+        if record.get("trust"):
+            self.trust.update(record["trust"].encode())
+        self.ready.set()
+        log.info("node credential %s restored from the identity store", self.spiffe_id)
+        return True
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        self.store.save(
+            NODE,
+            {
+                "key": key_pem(self._key).decode(),
+                "chain": self.chain_pem.decode(),
+                "notAfter": self.not_after,
+                "spiffeId": self.spiffe_id,
+                "trust": self.trust.pem.decode(),
+            },
+        )
 
     def _initial_trust(self) -> bytes:
         if self.trust.pem:
@@ -184,6 +227,7 @@ class NodeCredential:
         self.not_after = float(resp.not_after_unix)
         self.spiffe_id = resp.spiffe_id
         self.trust.update(resp.trust_bundle_pem)
+        self._save()
         self.ready.set()
 
     async def _renew(self) -> None:

@@ -151,11 +151,18 @@ class Tunnel:
 
     # ---- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def listen(self) -> None:
+        """Bind and listen, without accepting yet: connections the kernel gives these
+        sockets wait in their backlog until serve(). A restarting agent listens first,
+        then tells its predecessor to let go (agent/restart.py)."""
+        if self._servers:
+            return
         loop = asyncio.get_running_loop()
         out = listener_socket(self.s.node_ip, self.s.outbound_port)
         self._servers.append(
-            await loop.create_server(lambda: _OutboundPod(self), sock=out, backlog=4096)
+            await loop.create_server(
+                lambda: _OutboundPod(self), sock=out, backlog=4096, start_serving=False
+            )
         )
         inb = listener_socket(self.s.inbound_host, self.s.inbound_port)
         self._servers.append(
@@ -165,8 +172,14 @@ class Tunnel:
                 ssl=self._server_context(),
                 backlog=4096,
                 ssl_handshake_timeout=self.s.handshake_timeout,
+                start_serving=False,
             )
         )
+
+    async def start(self) -> None:
+        await self.listen()
+        for srv in self._servers:
+            await srv.start_serving()
         self.pool.start()
         log.info(
             "tunnel on node %s: outbound %s:%d, inbound %s:%d",
@@ -183,11 +196,16 @@ class Tunnel:
             for name, srv in zip(("outbound", "inbound"), self._servers, strict=False)
         }
 
-    async def drain(self, deadline: float | None = None) -> None:
-        """Stop accepting; let streams finish up to the deadline; then close the rest."""
+    def stop_accepting(self) -> None:
+        """Close the listeners. Connections queued on them move to a successor's listener
+        on the same port, if one listens (tcp_migrate_req); otherwise they are reset."""
         self.draining = True
         for srv in self._servers:
             srv.close()
+
+    async def drain(self, deadline: float | None = None) -> None:
+        """Stop accepting; let streams finish up to the deadline; then close the rest."""
+        self.stop_accepting()
         for c in list(self._inbound):
             c.goaway()
         limit = self.s.drain_timeout if deadline is None else deadline
@@ -456,18 +474,27 @@ class Tunnel:
             assert dst.node is not None
             host, port = dst.node.tunnel_address
 
-        conn = await self.pool.get(
-            (src_id, dst.identity, host, port),
-            cert.context("client", self.identities.trust),
-            sni_for(dst.identity),
-        )
-        stream, response = conn.open(dst.authority, [(FORWARDED, f"for={client_ip}")])
-        try:
-            resp = await asyncio.wait_for(response, self.s.pod_connect_timeout * 2)
-        except TimeoutError:
-            conn.h2.reset(stream.sid, hb.Err.CANCEL)
-            conn.forget(stream)
-            raise
+        for attempt in (1, 2):
+            conn = await self.pool.get(
+                (src_id, dst.identity, host, port),
+                cert.context("client", self.identities.trust),
+                sni_for(dst.identity),
+            )
+            stream, response = conn.open(dst.authority, [(FORWARDED, f"for={client_ip}")])
+            try:
+                resp = await asyncio.wait_for(response, self.s.pod_connect_timeout * 2)
+                break
+            except TimeoutError:
+                conn.h2.reset(stream.sid, hb.Err.CANCEL)
+                conn.forget(stream)
+                raise
+            except ConnectionRefusedError:
+                # GOAWAY named a last stream before ours: the peer (a restarting agent or
+                # waypoint) never processed it, so it is safe to open it again on a new
+                # connection (RFC 9113 section 6.8), which reaches its successor.
+                conn.forget(stream)
+                if attempt == 2:
+                    raise
         if resp.status != 200:
             conn.forget(stream)
             self.metrics.refused("outbound", f"status_{resp.status}")
@@ -730,10 +757,20 @@ class Tunnel:
 
 
 def listener_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that a successor process can share (SO_REUSEPORT): during a
+    restart the new process listens beside the old one, and when the old one closes its
+    socket the kernel moves connections still queued on it to the new one
+    (net.ipv4.tcp_migrate_req, agent/restart.py). Only a process of the same user may join
+    a port's group."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind((host, port))
+    # Listen now: the event loop's server calls listen() only when it starts serving, and
+    # a bound socket that does not listen is not in the port's group (connects to it are
+    # refused).
+    s.listen(4096)
     s.setblocking(False)
     return s
 
