@@ -92,10 +92,15 @@ class HandoffServer:
     def __init__(self, path: Path, attest: Callable[[int], str | None]) -> None:
         self.path = path
         self.attest = attest
-        self.channels: dict[str, socket.socket] = {}  # waypoint instance address -> channel
+        # Waypoint instance address -> its open channels, newest last. The newest gets the
+        # connections: during a waypoint restart the new process registers beside the old
+        # one, which keeps its channel (and, draining, closes it) instead of being cut off
+        # and reconnecting against its successor.
+        self.channels: dict[str, list[socket.socket]] = {}
         self.handed = 0
         self.failed = 0
         self._listener: socket.socket | None = None
+        self._inode = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,6 +110,7 @@ class HandoffServer:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.setblocking(False)
         s.bind(str(self.path))
+        self._inode = self.path.stat().st_ino
         # Any local process may connect: the agent decides by attesting it, not by mode.
         os.chmod(self.path, 0o666)
         s.listen(64)
@@ -117,10 +123,13 @@ class HandoffServer:
             loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
+            # A successor may have bound the path since (agent/restart.py): leave its.
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        for ch in list(self.channels.values()):
-            self._drop(ch)
+                if self.path.stat().st_ino == self._inode:
+                    self.path.unlink()
+        for chs in list(self.channels.values()):
+            for ch in list(chs):
+                self._drop(ch)
 
     def has(self, address: str) -> bool:
         return address in self.channels
@@ -129,9 +138,10 @@ class HandoffServer:
         """Pass the connection `sock` (a socket or a transport's socket) to the waypoint
         instance at `address`. True: it owns the connection now, the caller closes its own
         descriptor without shutting the connection down. False: nothing happened."""
-        ch = self.channels.get(address)
-        if ch is None:
+        chs = self.channels.get(address)
+        if not chs:
             return False
+        ch = chs[-1]
         try:
             socket.send_fds(ch, [what.encode()], [sock.fileno()])
         except BlockingIOError:
@@ -160,10 +170,7 @@ class HandoffServer:
                 log.warning("handoff channel refused: the caller is not a waypoint of this node")
                 ch.close()
                 continue
-            old = self.channels.get(address)
-            if old is not None:
-                self._drop(old)
-            self.channels[address] = ch
+            self.channels.setdefault(address, []).append(ch)
             asyncio.get_running_loop().add_reader(ch.fileno(), self._readable, address, ch)
             log.info("waypoint %s connected its handoff channel", address)
 
@@ -180,8 +187,10 @@ class HandoffServer:
             self._drop(ch)
 
     def _drop(self, ch: socket.socket) -> None:
-        for addr, c in list(self.channels.items()):
-            if c is ch:
+        for addr, chs in list(self.channels.items()):
+            if ch in chs:
+                chs.remove(ch)
+            if not chs:
                 del self.channels[addr]
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(ch.fileno())

@@ -101,7 +101,13 @@ class Exchange:
             return
         self.responded = True
         self.status = status
-        self.conn.write(self.conn.codec.send_response_head(self.sid, status, headers, end))
+        codec = self.conn.codec
+        if self.conn.draining and isinstance(codec, Http1Connection):
+            # The process is draining: this response says "Connection: close", so the
+            # caller sends its next request on a new connection (to a successor), instead
+            # of on one that is closed under it.
+            codec.close()
+        self.conn.write(codec.send_response_head(self.sid, status, headers, end))
         if end:
             self._done()
 
@@ -187,6 +193,7 @@ class Downstream(asyncio.Protocol):
         self.idle_timeout = idle_timeout
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self.draining = False
         self._out: list[bytes] | None = None  # written this loop turn, not yet flushed
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
@@ -233,6 +240,17 @@ class Downstream(asyncio.Protocol):
         out, self._out = self._out, None
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def drain(self) -> None:
+        """The process is going away: HTTP/1.1 answers each request from now on with
+        Connection: close and then closes (an idle keep-alive connection stays open for its
+        next request rather than being closed as a request may be on its way); HTTP/2
+        sends GOAWAY and finishes its open streams."""
+        self.draining = True
+        if self.codec is not None and not isinstance(self.codec, Http1Connection):
+            self.write(self.codec.close())
+            if self.codec.should_close and not self.exchanges:
+                self.close()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:

@@ -33,11 +33,29 @@ class HandoffReceiver:
         self.received = 0
         self.malformed = 0
         self.connected = asyncio.Event()
+        self.stopped = False
+        self._closed: asyncio.Future[None] | None = None
+        self._ch: socket.socket | None = None
+
+    def stop(self) -> None:
+        """Close the channel and do not reconnect: the waypoint is draining, and the agent
+        hands new connections to a successor (or over HBONE)."""
+        self.stopped = True
+        ch, closed = self._ch, self._closed
+        if ch is None or closed is None or closed.done():
+            return
+        # Refuse further hand-overs first (the agent's send fails and it falls back), then
+        # take the ones already queued on the channel: none is dropped in between.
+        with contextlib.suppress(OSError):
+            ch.shutdown(socket.SHUT_RD)
+        self._readable(ch, closed)
+        if not closed.done():
+            closed.set_result(None)
 
     async def run(self) -> None:
-        """Keep the channel open for as long as the waypoint runs."""
+        """Keep the channel open for as long as the waypoint runs (until stop())."""
         delay = RETRY_MIN
-        while True:
+        while not self.stopped:
             try:
                 await self._serve()
                 delay = RETRY_MIN
@@ -51,13 +69,15 @@ class HandoffReceiver:
         ch = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ch.setblocking(False)
         closed: asyncio.Future[None] = loop.create_future()
+        self._closed, self._ch = closed, ch
         try:
             await loop.sock_connect(ch, str(self.path))
             loop.add_reader(ch.fileno(), self._readable, ch, closed)
             self.connected.set()
             log.info("handoff channel to the node agent is open (%s)", self.path)
             await closed
-            log.info("the node agent closed the handoff channel; reconnecting")
+            if not self.stopped:
+                log.info("the node agent closed the handoff channel; reconnecting")
         finally:
             self.connected.clear()
             with contextlib.suppress(ValueError, OSError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -251,14 +252,20 @@ class Waypoint:
         log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)
 
     async def drain(self) -> None:
+        """Stop taking connections (a successor's listener gets those queued on ours, and
+        the agent hands new ones to it), let those in flight finish, then close."""
         self.draining = True
+        if self.receiver is not None:
+            self.receiver.stop()
         for srv in self._servers:
             srv.close()
         for c in list(self.inbound):
             c.goaway()
+        for d in list(self._handoffs):
+            d.drain()
         end = time.monotonic() + self.s.drain_timeout
         while (  # noqa: ASYNC110
-            any(c.open_streams() for c in self.inbound) or any(d.exchanges for d in self._handoffs)
+            any(c.open_streams() for c in self.inbound) or any(not d.closed for d in self._handoffs)
         ) and time.monotonic() < end:
             await asyncio.sleep(0.05)
         await self.close()
@@ -293,7 +300,13 @@ class Waypoint:
         return (
             200,
             json.dumps(
-                {"waypoint": self.s.name, "epoch": snap.epoch, "revision": snap.revision}
+                {
+                    "waypoint": self.s.name,
+                    "epoch": snap.epoch,
+                    "revision": snap.revision,
+                    "pid": os.getpid(),
+                    "ready": self._ready(),
+                }
             ).encode(),
             "application/json",
         )
@@ -306,9 +319,11 @@ class Waypoint:
             "application/json",
         )
 
-    async def _h_ready(self, req: HttpRequest) -> Response:
+    def _ready(self) -> bool:
+        return self.svid is not None and self.snapshot.revision > 0 and not self.draining
 
-        ok = self.svid is not None and self.snapshot.revision > 0 and not self.draining
+    async def _h_ready(self, req: HttpRequest) -> Response:
+        ok = self._ready()
         return (200, "ready\n", "text/plain") if ok else (503, "not ready\n", "text/plain")
 
     # ---- HBONE in ----------------------------------------------------------------------
