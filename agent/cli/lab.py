@@ -96,6 +96,56 @@ def down(
             typer.echo(f"removed {what}")
 
 
+restart_app = typer.Typer(
+    help="Restart the mesh's processes the way Kubernetes rolls them, under traffic.",
+    no_args_is_help=True,
+)
+app.add_typer(restart_app, name="restart")
+
+KillOption = Annotated[
+    bool,
+    typer.Option("--kill", help="SIGKILL the running process first (a crash), then start."),
+]
+
+
+@restart_app.command("agent")
+def restart_agent(
+    node: Annotated[str, typer.Option("--node", help="The node whose agent restarts.")],
+    kill: KillOption = False,
+    lab: LabOption = DEFAULT_LAB,
+) -> None:
+    """Start a new agent on the node, which takes over from the running one (listeners,
+    data path, identities) while the old one drains; as a DaemonSet rolling update does.
+
+    Examples:\n
+      weft lab restart agent --node node-1\n
+      weft lab restart agent --node node-2 --kill
+    """
+    env = Lab(lab)
+    old, new = mesh.restart_agent(env, env.state(), node, kill=kill)
+    verb = "killed" if kill else "draining"
+    typer.echo(f"agent on {node}: process {new} serving; process {old} {verb}")
+
+
+@restart_app.command("waypoint")
+def restart_waypoint(
+    pod: Annotated[str, typer.Argument(help="The waypoint's pod, namespace/name.")],
+    kill: KillOption = False,
+    lab: LabOption = DEFAULT_LAB,
+) -> None:
+    """Start a new waypoint process in the pod, then drain the old one once the new one is
+    ready; as a Deployment rolling update does.
+
+    Example: weft lab restart waypoint mesh/waypoint
+    """
+    env = Lab(lab)
+    state = env.state()
+    key = state.pod(pod).key
+    old, new = mesh.restart_waypoint(env, state, key, kill=kill)
+    verb = "killed" if kill else "draining"
+    typer.echo(f"waypoint {key}: process {new} serving; process {old} {verb}")
+
+
 def _show(state: LabState, fmt: Format) -> None:
     if fmt is not Format.table:
         emit(state_dict(state), fmt)

@@ -12,8 +12,10 @@ token the lab creates for its node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from agent.lab.topology import Lab, LabState
+from agent.lab.topology import SHM_ROOT, Lab, LabState, ProcessState
 from agent.netns import call_in
 from controller.errors import WeftError
 from controller.model.workloads import WAYPOINT_LABEL
@@ -43,6 +45,11 @@ def paths(state: LabState) -> dict[str, Path]:
 
 def node_dir(state: LabState, node: str) -> Path:
     return Path(state.run_dir) / "nodes" / node
+
+
+def identity_dir(state: LabState, node: str) -> Path:
+    """The node agent's identity store: memory-backed (agent/identity/store.py)."""
+    return SHM_ROOT / state.name / node
 
 
 def admin_socket(state: LabState, node: str) -> Path:
@@ -278,8 +285,12 @@ def agent_argv(
         str(workload_socket(state, node)),
         "--state-dir",
         str(d / "state"),
+        "--identity-dir",
+        str(identity_dir(state, node)),
+        # A restarted agent's predecessor relays its connections until they end or this
+        # passes (weft lab restart agent); lab down kills whatever is left.
         "--drain-timeout",
-        "5",
+        "60",
         "--datapath",
         datapath,
         *([] if fastpath else ["--no-fastpath"]),
@@ -294,8 +305,8 @@ def start_agent(
     fastpath: bool = True,
     datapath: str = "ebpf",
     env: dict[str, str] | None = None,
-) -> None:
-    lab.start_process(
+) -> ProcessState:
+    return lab.start_process(
         state,
         f"agent-{node}",
         agent_argv(state, node, fastpath=fastpath, datapath=datapath),
@@ -304,14 +315,18 @@ def start_agent(
     )
 
 
-def wait_ready(lab: Lab, state: LabState, node: str, wait: float = 60.0) -> None:
+def wait_ready(
+    lab: Lab, state: LabState, node: str, wait: float = 60.0, pid: int | None = None
+) -> None:
+    """Until the node's agent (the process `pid`, if given) says it is ready."""
     sock = admin_socket(state, node)
 
     def ready() -> bool:
         try:
-            return bool(admin_get(sock, "/healthz").get("ready"))
+            health = admin_get(sock, "/healthz")
         except (OSError, ValueError):
             return False
+        return bool(health.get("ready")) and (pid is None or health.get("pid") == pid)
 
     _wait(ready, wait, f"the agent on {node} to be ready", lab, state, f"agent-{node}")
 
@@ -366,3 +381,82 @@ def _wait(pred: Any, limit: float, what: str, lab: Lab, state: LabState, proc: s
     log = next((p.log for p in lab.state().processes if p.name == proc), None)
     tail = Path(log).read_text(errors="replace")[-3000:] if log and Path(log).exists() else ""
     raise WeftError(f"timed out waiting for {what}", hint=f"its log ({log}) ends with:\n{tail}")
+
+
+def restart_agent(
+    lab: Lab, state: LabState, node: str, *, kill: bool = False, wait: float = 60.0
+) -> tuple[int | None, int]:
+    """What a DaemonSet's rolling update does to one node: start a new agent, which takes
+    the node over from the running one (agent/restart.py: listens beside it, tells it to
+    let go, adopts the data path); the old one drains its connections and exits. With
+    `kill`, the old agent is SIGKILLed first (a crash), then the new one starts.
+    (old pid, new pid)."""
+    name = f"agent-{node}"
+    old = next((p for p in state.processes if p.name == name), None)
+    if old is None:
+        raise WeftError(f"no agent runs on node {node!r}", hint="weft lab status")
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old.pid, signal.SIGKILL)
+        _reap(old.pid, 10.0)
+    new = lab.start_process(state, name, old.argv, node=node)
+    wait_ready(lab, state, node, wait, pid=new.pid)
+    return old.pid, new.pid
+
+
+def _reap(pid: int, limit: float) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not Path(f"/proc/{pid}").exists():
+                return
+        time.sleep(0.02)
+
+
+def restart_waypoint(
+    lab: Lab, state: LabState, pod: str, *, kill: bool = False, wait: float = 60.0
+) -> tuple[int | None, int]:
+    """What a Deployment's rolling update does to a waypoint, in the lab's one pod: start
+    the new process beside the old one (it listens on the same port, SO_REUSEPORT, and
+    registers its own handoff channel, which the agent prefers), wait until it is ready,
+    then SIGTERM the old one, which stops taking connections and drains. With `kill`, the
+    old one is SIGKILLed first. (old pid, new pid)."""
+    p = state.pod(pod)
+    name = f"waypoint-{p.namespace}-{p.name}"
+    old = next((x for x in state.processes if x.name == name), None)
+    if old is None:
+        raise WeftError(f"no waypoint runs in pod {pod!r}", hint="weft lab status")
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old.pid, signal.SIGKILL)
+        _reap(old.pid, 10.0)
+    new = lab.start_process(state, name, old.argv, pod=pod)
+    _wait(
+        lambda: _waypoint_ready(p, new.pid), wait, f"waypoint {pod} to be ready", lab, state, name
+    )
+    if not kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old.pid, signal.SIGTERM)
+    return old.pid, new.pid
+
+
+def _waypoint_ready(p: Any, pid: int) -> bool:
+    """Whether the waypoint process `pid` answers ready. Its old and new processes share the
+    port during a restart, so ask a few times: each connection goes to one of them."""
+    import urllib.request
+
+    def ask() -> bool:
+        for _ in range(8):
+            try:
+                with urllib.request.urlopen(f"http://{p.ip}:15020/config", timeout=2) as r:
+                    doc = json.loads(r.read())
+            except (OSError, ValueError):
+                continue
+            if doc.get("pid") == pid:
+                return bool(doc.get("ready"))
+        return False
+
+    return bool(call_in(p.netns, ask))

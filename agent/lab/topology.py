@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 GATEWAY = "169.254.1.1"  # pods' link-local next hop; answered by a static neighbour entry
 GATEWAY_MAC = "ee:ee:ee:ee:ee:ee"  # the node-side veth of every pod carries this address
 RUN_ROOT = Path(os.environ.get("WEFT_RUN_DIR", "/run/weft"))
+# Memory-backed on any Linux (the agents' identity stores must be, agent/identity/store.py;
+# /run is tmpfs on most distributions, not in every container).
+SHM_ROOT = Path(os.environ.get("WEFT_SHM_DIR", "/dev/shm/weft"))
 BPFFS_ROOT = Path("/sys/fs/bpf/weft")
 
 
@@ -167,6 +170,10 @@ class Lab:
     @property
     def bpffs(self) -> Path:
         return BPFFS_ROOT / self.name
+
+    @property
+    def shm_dir(self) -> Path:
+        return SHM_ROOT / self.name
 
     # ---- reading -------------------------------------------------------------------
 
@@ -451,6 +458,11 @@ class Lab:
         if self.run_dir.exists():
             shutil.rmtree(self.run_dir, ignore_errors=True)
             removed.append(f"state {self.run_dir}")
+        if self.shm_dir.exists():
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
+            removed.append(f"identity stores {self.shm_dir}")
+        with contextlib.suppress(OSError):
+            self.shm_dir.parent.rmdir()
         for empty in (self.bpffs.parent, self.run_dir.parent, self.run_dir.parent.parent):
             with contextlib.suppress(OSError):
                 empty.rmdir()

@@ -148,10 +148,10 @@ def test_agent_runs_on_every_node_on_the_host_network(default: list[dict[str, An
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert pod["priorityClassName"] == "system-node-critical"
-    assert pod["terminationGracePeriodSeconds"] == 30
+    assert pod["terminationGracePeriodSeconds"] == 75
     assert ds["spec"]["updateStrategy"] == {
         "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 1},
+        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
     }
     c = pod["containers"][0]
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
@@ -377,3 +377,25 @@ def test_dashboards_configmap_takes_any_number_of_json_files(tmp_path: Path) -> 
     for body in cm["data"].values():
         json.loads(body)
     assert not [d for d in render(chart=chart) if d["metadata"]["name"] == "weft-dashboards"]
+
+
+def test_agent_upgrade_hands_over_with_a_surge(
+    default: list[dict[str, Any]], custom: list[dict[str, Any]]
+) -> None:
+    """Default: the old agent stops first, ports declared. Surge (custom values): the new
+    agent starts beside the old one, so no port may be declared (host ports would keep it
+    from scheduling) and the PodMonitor scrapes by number. Both keep identities in the
+    runtime directory (a tmpfs) and drain for the configured time, within the grace."""
+    for docs, surge in ((default, 0), (custom, 1)):
+        ds = one(docs, "DaemonSet")
+        strategy = ds["spec"]["updateStrategy"]["rollingUpdate"]
+        assert strategy["maxSurge"] == surge
+        pod = ds["spec"]["template"]["spec"]
+        (agent,) = pod["containers"]
+        assert ("ports" in agent) == (surge == 0)
+        args = agent["args"]
+        drain = int(next(a for a in args if a.startswith("--drain-timeout=")).split("=")[1])
+        assert pod["terminationGracePeriodSeconds"] > drain
+        assert "--identity-dir=/var/run/weft/agent-identities" in args
+    (endpoint,) = one(custom, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert endpoint["targetPort"] == 15020

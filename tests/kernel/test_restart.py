@@ -1,0 +1,261 @@
+"""Issue 18: restarting a node agent the way a DaemonSet rolling update does, under load,
+fails no request and keeps long-lived connections.
+
+Load (one process in apps/client on node-1, to ai/far on node-2, through both tunnels):
+a new connection per request from several workers, plus long-lived connections that keep
+exchanging lines. The agents restart one after the other while it runs
+(`weft lab restart agent`: the new process listens beside the old one, the old one lets
+go and drains, agent/restart.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.lab import mesh as labmesh
+from tests.kernel.conftest import MESH_LAB, Mesh, build_mesh
+
+pytestmark = pytest.mark.kernel
+
+LOAD = r"""
+import json, socket, sys, threading, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end = time.monotonic() + seconds
+lock = threading.Lock()
+stats = {"ok": 0, "failed": 0, "errors": [], "long_ok": 0, "long_failed": 0}
+
+def fail(kind, e):
+    with lock:
+        stats[kind] += 1
+        if len(stats["errors"]) < 20:
+            at = time.monotonic() - end + seconds
+            stats["errors"].append(f"{at:.2f}s {type(e).__name__}: {e}")
+
+def one_shot():
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                f = s.makefile("rb")
+                f.readline()
+                s.sendall(b"ping\n")
+                if f.readline() != b"ping\n":
+                    raise ValueError("echo mismatch")
+            with lock:
+                stats["ok"] += 1
+        except Exception as e:
+            fail("failed", e)
+        time.sleep(0.005)
+
+def long_lived():
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        f = s.makefile("rb")
+        f.readline()
+        while time.monotonic() < end:
+            s.sendall(b"keep\n")
+            if f.readline() != b"keep\n":
+                raise ValueError("echo mismatch")
+            with lock:
+                stats["long_ok"] += 1
+            time.sleep(0.05)
+        s.close()
+    except Exception as e:
+        fail("long_failed", e)
+
+threads = [threading.Thread(target=one_shot) for _ in range(4)]
+threads += [threading.Thread(target=long_lived) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(stats))
+"""
+
+
+@pytest.fixture(scope="module")
+def meshed(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    for m in build_mesh(request, MESH_LAB):
+        m.start_server("ai/far", "--greet")
+        yield m
+
+
+def start_load(m: Mesh, seconds: float) -> subprocess.Popen[bytes]:
+    from agent.netns import spawn
+
+    client = m.state.pod("apps/client")
+    return spawn(
+        [sys.executable, "-c", LOAD, m.ip("ai/far"), "8000", str(seconds)],
+        netns=client.netns,
+        cgroup=Path(client.cgroup),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish(p: subprocess.Popen[bytes]) -> dict[str, object]:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()[-2000:]
+    return dict(json.loads(out))
+
+
+def test_rolling_restart_of_both_agents_fails_no_request(meshed: Mesh) -> None:
+    """Both agents restart, one after the other, while connections are opened and used:
+    no connect is refused, no request fails, and the long-lived connections (held by the
+    old processes, which drain) keep working throughout."""
+    load = start_load(meshed, 14)
+    time.sleep(2)
+    pids = {}
+    for node in ("node-1", "node-2"):
+        old, new = labmesh.restart_agent(meshed.lab, meshed.lab.state(), node)
+        assert old != new
+        pids[node] = new
+        time.sleep(1.5)
+    stats = finish(load)
+    assert stats["failed"] == 0, stats
+    assert stats["long_failed"] == 0, stats
+    assert int(stats["ok"]) > 100 and int(stats["long_ok"]) > 100, stats
+    for node, pid in pids.items():
+        health = meshed.admin(node, "/healthz")
+        assert health["pid"] == pid and health["ready"], health
+
+
+def test_restarted_agent_serves_with_the_controller_down(meshed: Mesh) -> None:
+    """An agent restarted while the controller is away serves its node with the cached
+    config and the identities its predecessor kept in the memory-backed store: no request
+    fails, and it says it is ready."""
+    state = meshed.lab.state()
+    controller = next(p for p in state.processes if p.name == labmesh.CONTROLLER)
+    meshed.lab.stop_process(state, labmesh.CONTROLLER)
+    try:
+        load = start_load(meshed, 8)
+        time.sleep(1.5)
+        _, new = labmesh.restart_agent(meshed.lab, meshed.lab.state(), "node-2", wait=30)
+        stats = finish(load)
+        assert stats["failed"] == 0 and stats["long_failed"] == 0, stats
+        assert meshed.admin("node-2", "/healthz")["pid"] == new
+    finally:
+        st = meshed.lab.state()
+        meshed.lab.start_process(st, labmesh.CONTROLLER, controller.argv)
+
+
+WAYPOINT_LAB = """
+apiVersion: weft.dev/v1alpha1
+kind: Lab
+metadata: {name: __LAB__}
+spec:
+  nodes: [{name: node-1}, {name: node-2}]
+  namespaces:
+    - {name: apps, labels: {weft.dev/mesh: enabled}}
+    - {name: ai, labels: {weft.dev/mesh: enabled}}
+  pods:
+    - {name: client, namespace: apps, node: node-1, serviceAccount: client, labels: {app: client}}
+    - {name: waypoint, namespace: ai, node: node-1, serviceAccount: waypoint,
+       labels: {weft.dev/waypoint: ai-waypoint, weft.dev/mesh: disabled}}
+    - {name: llm, namespace: ai, node: node-2, serviceAccount: llm, labels: {app: llm}}
+  services:
+    - {name: llm, namespace: ai, selector: {app: llm}, labels: {weft.dev/use-waypoint: ai-waypoint},
+       ports: [{name: http, port: 8000, appProtocol: http}]}
+"""
+
+HTTP_LOAD = r"""
+import http.client, json, sys, threading, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+end = time.monotonic() + seconds
+lock = threading.Lock()
+stats = {"ok": 0, "failed": 0, "errors": [], "long_ok": 0, "long_failed": 0}
+
+def get(conn):
+    conn.request("GET", "/v1/models")
+    r = conn.getresponse()
+    r.read()
+    if r.status != 200:
+        raise ValueError(f"HTTP {r.status}")
+
+def fail(kind, e):
+    with lock:
+        stats[kind] += 1
+        if len(stats["errors"]) < 20:
+            at = time.monotonic() - end + seconds
+            stats["errors"].append(f"{at:.2f}s {kind} {type(e).__name__}: {e}")
+
+def one_shot():
+    while time.monotonic() < end:
+        try:
+            c = http.client.HTTPConnection(host, 8000, timeout=5)
+            get(c)
+            c.close()
+            with lock:
+                stats["ok"] += 1
+        except Exception as e:
+            fail("failed", e)
+        time.sleep(0.005)
+
+def keep_alive():
+    try:
+        c = http.client.HTTPConnection(host, 8000, timeout=5)
+        while time.monotonic() < end:
+            get(c)
+            with lock:
+                stats["long_ok"] += 1
+            time.sleep(0.05)
+    except Exception as e:
+        fail("long_failed", e)
+
+threads = [threading.Thread(target=one_shot) for _ in range(3)]
+threads += [threading.Thread(target=keep_alive) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(stats))
+"""
+
+
+@pytest.fixture(scope="module")
+def wp(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    for m in build_mesh(request, WAYPOINT_LAB):
+        m.lab.start_process(
+            m.state,
+            "model-llm",
+            [sys.executable, "-m", "agent.lab.workloads.model_server", "--port", "8000"],
+            pod="ai/llm",
+        )
+        m.wait_listening("ai/llm")
+        yield m
+
+
+def test_rolling_restart_of_the_waypoint_and_its_nodes_agent_fails_no_request(wp: Mesh) -> None:
+    """Requests through a waypoint (handed over by node-1's agent to the waypoint on its
+    node): the waypoint restarts (new process, then the old one drains), then node-1's
+    agent does. No request fails; keep-alive connections held by the old waypoint finish
+    their requests."""
+    from agent.netns import spawn
+
+    client = wp.state.pod("apps/client")
+    load = spawn(
+        [sys.executable, "-c", HTTP_LOAD, wp.vip("llm"), "12"],
+        netns=client.netns,
+        cgroup=Path(client.cgroup),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    t0 = time.monotonic()
+    time.sleep(2)
+    old, new = labmesh.restart_waypoint(wp.lab, wp.lab.state(), "ai/waypoint")
+    assert old != new
+    t1 = time.monotonic() - t0
+    time.sleep(2)
+    labmesh.restart_agent(wp.lab, wp.lab.state(), "node-1")
+    t2 = time.monotonic() - t0
+    stats = finish(load)
+    stats["restarted"] = f"waypoint by {t1:.2f}s, agent by {t2:.2f}s"
+    assert stats["failed"] == 0, stats
+    assert stats["long_failed"] == 0, stats
+    assert int(stats["ok"]) > 50, stats
