@@ -131,7 +131,18 @@ static __always_inline void weft_established(struct bpf_sock_ops *skops, __u8 di
 
 int weft_sockops(struct bpf_sock_ops *skops)
 {
+	__u64 cookie;
+
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* A redirected connect that never establishes (refused while no agent listens,
+		 * timed out) would keep its original destination keyed by cookie for good: ask
+		 * for the state callback, which removes it when the socket closes. */
+		cookie = bpf_get_socket_cookie(skops);
+		if (weft_origdst_cookie_v1.lookup(&cookie))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		weft_established(skops, WEFT_FLOW_OUTBOUND);
 		break;
@@ -143,8 +154,13 @@ int weft_sockops(struct bpf_sock_ops *skops)
 		weft_flow_sample(skops, 0);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		if (skops->args[1] == BPF_TCP_CLOSE) {
 			weft_flow_close(skops);
+			/* Established connections were re-keyed (and this entry deleted) already;
+			 * one still here belongs to a connect that failed. */
+			cookie = bpf_get_socket_cookie(skops);
+			weft_origdst_cookie_v1.delete(&cookie);
+		}
 		break;
 	default:
 		break;

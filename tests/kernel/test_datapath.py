@@ -925,3 +925,24 @@ def test_strict_pod_drops_native_ipv6(lab_factory, datapaths):
     assert dial("node", "udp", 5355, "53") == "ping"
     # IPv4 to the same listener is judged as before (not from the tunnel: dropped).
     assert refused(talk(lab, "apps/client", near.ip, 8000, "1"))
+
+
+def test_a_redirected_connect_that_fails_leaves_no_original_destination_behind(
+    lab_factory, datapaths
+):
+    """Issue 18: connects redirected while no tunnel listens (an agent restarting) are
+    refused; their cookie-keyed original destinations are removed when the socket closes
+    instead of staying in weft_origdst_cookie_v1 until LRU eviction."""
+    lab, state = lab_factory(SMALL_LAB)
+    client, far = state.pod("apps/client"), state.pod("ai/far")
+    dp = datapaths(state, "node-1")
+    dp.attach_pod(client.cgroup, client.ip)
+    before = dp.counters()
+    for _ in range(5):
+        out = talk(lab, "apps/client", far.ip, 8000)
+        assert out.returncode != 0 and b"refused" in out.stderr.lower(), out.stderr[-300:]
+    assert delta(dp.counters(), before, Counter.REDIRECTED) == 5
+    wait_for(
+        lambda: not dp._map("weft_origdst_cookie_v1").all_keys(),
+        "the refused connects' original destinations to be removed",
+    )
