@@ -7,8 +7,10 @@ never another's. Waypoints (workloads labelled weft.dev/waypoint) may also read 
 config snapshot, which they need to route, with a long poll for changes.
 
     GET /v1/svid                     {spiffeId, chain, key, bundle, notAfter}
-    GET /v1/config?after=REVISION    {epoch, revision, trustDomain, resources: [...]}
+    GET /v1/config?after=REVISION&epoch=EPOCH
+                                     {epoch, revision, trustDomain, resources: [...]}
                                      waits up to 30 s for a revision newer than REVISION
+                                     or an epoch other than EPOCH
 """
 
 from __future__ import annotations
@@ -132,13 +134,18 @@ class WorkloadApi:
                 403, {"error": "only waypoints of this node may read the mesh config"}
             )
         after = int(req.query.get("after", "-1") or -1)
-        if self.agent.snapshot.revision <= after:
+        epoch = req.query.get("epoch") or None
+
+        def newer() -> bool:
+            # A new epoch (the controller restarted, and its revisions with it) is new
+            # config whatever its revision number.
+            snap = self.agent.snapshot
+            return snap.revision > after or (epoch is not None and snap.epoch != epoch)
+
+        if not newer():
             async with self.changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.changed.wait_for(lambda: self.agent.snapshot.revision > after),
-                        LONG_POLL,
-                    )
+                    await asyncio.wait_for(self.changed.wait_for(newer), LONG_POLL)
         snap = self.agent.snapshot
         return (
             200,

@@ -76,9 +76,18 @@ class Delta:
     removed: tuple[ResourceKey, ...]
 
 
+def new_epoch(now: float | None = None) -> str:
+    """A name for this store's history that sorts after every earlier one: the start time
+    in milliseconds (hex, fixed width) and a random suffix. Revisions restart with a new
+    controller process; (epoch, revision) pairs still order, and agents and waypoints
+    take any new epoch as a new history (a full snapshot)."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{uuid.uuid4().hex[:4]}"
+
+
 class ConfigStore:
     def __init__(self, epoch: str | None = None) -> None:
-        self.epoch = epoch or uuid.uuid4().hex[:16]
+        self.epoch = epoch or new_epoch()
         self.revision = 0
         self._entries: dict[ResourceKey, Entry] = {}
         self._owned: dict[str, set[ResourceKey]] = {}

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -37,6 +38,12 @@ class ConfigRejected(Exception):
     def __init__(self, problems: list[Problem]) -> None:
         super().__init__("; ".join(str(p) for p in problems))
         self.problems = problems
+
+
+def unavailable_delay() -> float:
+    """Seconds before asking an unavailable controller again: short, jittered so that the
+    agents of a cluster do not ask in lockstep, and not growing."""
+    return random.uniform(0.2, 0.6)
 
 
 class ConfigClient:
@@ -168,6 +175,13 @@ class ConfigClient:
                     e.details(),
                     self.snapshot.revision,
                 )
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    # The controller is away (refusing, restarting): the channel redials
+                    # it at most a second apart (keepalive.RECONNECT_MAX_MS); ask again as
+                    # soon as that can have succeeded, not after a growing backoff.
+                    self.connected = False
+                    await asyncio.sleep(unavailable_delay())
+                    continue
             except OSError as e:
                 log.warning("config stream failed: %s", e)
             finally:

@@ -279,6 +279,10 @@ class NodeCredential:
                 raise
             except (grpc.aio.AioRpcError, OSError) as e:
                 wait = delay()
+                if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+                    # The controller is away: without a node credential this node serves
+                    # nothing, so ask again soon (jittered) rather than after a growing wait.
+                    wait = random.uniform(0.5, 1.5)
                 log.warning(
                     "bootstrap of node %s failed (%s); retrying in %.1fs",
                     self.node,

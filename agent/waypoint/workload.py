@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from agent.identity.tls import client_context, server_context
 from agent.state import ConfigSnapshot
@@ -97,6 +98,7 @@ class AgentLink:
         self.on_svid = on_svid
         self.svid: Svid | None = None
         self.revision = -1
+        self.epoch = ""
 
     async def fetch_svid(self) -> Svid:
         status, doc = await _get(self.sock, "/v1/svid", 15)
@@ -116,7 +118,8 @@ class AgentLink:
         return svid
 
     async def fetch_config(self) -> ConfigSnapshot:
-        status, doc = await _get(self.sock, f"/v1/config?after={self.revision}", 40)
+        query = f"after={self.revision}&epoch={quote(self.epoch)}"
+        status, doc = await _get(self.sock, f"/v1/config?{query}", 40)
         if status != 200:
             raise ConnectionError(
                 f"the node agent refused the config ({status}): {doc.get('error') if doc else ''}"
@@ -126,10 +129,10 @@ class AgentLink:
             r = resource_from_json(item["kind"], json.dumps(item["body"]))
             resources[r.key] = r
         snap = ConfigSnapshot.build(doc["epoch"], doc["revision"], doc["trustDomain"], resources)
-        if snap.revision != self.revision:
+        if (snap.epoch, snap.revision) != (self.epoch, self.revision):
             self.on_config(snap)
             # Only once applied: a revision that failed to apply is fetched and tried again.
-            self.revision = snap.revision
+            self.epoch, self.revision = snap.epoch, snap.revision
         return snap
 
     async def run(self) -> None:

@@ -128,3 +128,12 @@ def test_kubernetes_list_documents_are_read(tmp_path):
              spec: {selector: {app: b}, ports: [{port: 80}]}}
         """)
     assert [r.name for r in parse_text(text, "l.yaml").resources] == ["a", "b"]
+
+
+def test_epochs_of_later_controller_starts_sort_after_earlier_ones():
+    """Revisions restart with the controller process; its epoch orders the histories."""
+    from controller.store import new_epoch
+
+    first, later = new_epoch(now=1_765_000_000.0), new_epoch(now=1_765_000_000.001)
+    assert first < later and len(first) == len(later) == 16
+    assert new_epoch(now=1_765_000_000.0) != first  # same millisecond: still distinct

@@ -49,7 +49,44 @@ def test_a_config_that_fails_to_apply_is_fetched_again_and_the_link_lives_on(
     asyncio.run(main())
     assert applied == [-1, 7]
     # The failed revision was asked for again from the start, not skipped.
-    assert asked[:2] == ["/v1/config?after=-1", "/v1/config?after=-1"]
+    assert asked[:2] == ["/v1/config?after=-1&epoch=", "/v1/config?after=-1&epoch="]
+    assert asked[2] == "/v1/config?after=7&epoch=e"
+
+
+def test_a_new_controller_epoch_is_new_config_even_with_a_lower_revision(tmp_path: Path) -> None:
+    """A restarted controller numbers its revisions from the start again: the waypoint asks
+    with its epoch, and takes the new epoch's revision 2 after the old epoch's 7."""
+    sock = tmp_path / "workload.sock"
+    answers = [("e1", 7), ("e2", 2)]
+    asked: list[str] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = (await r.readuntil(b"\r\n\r\n")).decode()
+        asked.append(head.split(" ")[1])
+        epoch, rev = answers[min(len(asked), len(answers)) - 1]
+        body = json.dumps({"epoch": epoch, "revision": rev, "trustDomain": "td", "resources": []})
+        w.write(f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+        await w.drain()
+        w.close()
+
+    applied: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(serve, path=str(sock))
+        link = AgentLink(sock, lambda s: applied.append((s.epoch, s.revision)), lambda s: None)
+        task = asyncio.create_task(link.run())
+        try:
+            for _ in range(100):
+                if ("e2", 2) in applied:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            server.close()
+
+    asyncio.run(main())
+    assert applied[:2] == [("e1", 7), ("e2", 2)]
+    assert asked[1] == "/v1/config?after=7&epoch=e1"
 
 
 def test_an_agent_that_drops_the_answer_is_a_connection_error_not_a_crash(tmp_path: Path) -> None:
