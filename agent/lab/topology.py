@@ -481,7 +481,10 @@ def all_lab_names(run_root: Path = RUN_ROOT) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         names.update(os.listdir(run_root / "lab"))
     with contextlib.suppress(EnvironmentProblem, FileNotFoundError):
-        names.update(os.listdir(cgroups.cgroup2_root() / cgroups.WEFT_PARENT))
+        parent = cgroups.cgroup2_root() / cgroups.WEFT_PARENT
+        # A cgroup directory also holds its interface files (cgroup.procs, ...): only
+        # child cgroups (directories) are labs.
+        names.update(e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False))
     with contextlib.suppress(FileNotFoundError):
         for n in os.listdir(NETNS_RUN_DIR):
             m = _LAB_NETNS.match(n)
