@@ -19,16 +19,19 @@ import base64
 import contextlib
 import ctypes
 import hashlib
+import importlib.util
 import json
 import os
+import pickle
 import platform
 import re
 import struct
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.datapath.settings import DatapathSettings
@@ -105,12 +108,19 @@ def _kernel_build_dir() -> str:
 
 
 def _bcc_version() -> str:
-    try:
-        from bcc.version import __version__
-
-        return str(__version__)
-    except ImportError:
+    """bcc's version, read from its version.py without importing the package: importing
+    bcc maps libbcc, LLVM and clang (about 60 MB) into the process for good, and the agent
+    computes this key on every start, with the artifact usually cached."""
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.submodule_search_locations:
         return "absent"
+    for location in spec.submodule_search_locations:
+        with contextlib.suppress(OSError):
+            text = (Path(location) / "version.py").read_text()
+            m = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
+            if m:
+                return m.group(1)
+    return "unknown"
 
 
 def artifact_key(settings: DatapathSettings, programs: Sequence[str]) -> str:
@@ -130,15 +140,53 @@ def artifact_key(settings: DatapathSettings, programs: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def build(settings: DatapathSettings, programs: Sequence[str]) -> Artifact:
-    """The artifact for these settings: from the cache, or compiled (and then cached)."""
+def build(
+    settings: DatapathSettings, programs: Sequence[str], *, in_child: bool = False
+) -> Artifact:
+    """The artifact for these settings: from the cache, or compiled (and then cached).
+
+    `in_child`: compile in a short-lived child process, so that bcc, LLVM and clang never
+    enter this one (the node agent: it would keep them mapped for its whole life, though it
+    compiles only when the C source, its flags, the kernel or bcc change)."""
     key = artifact_key(settings, programs)
     cached = _read_cache(settings.cache_dir, key)
     if cached is not None:
         return cached
+    if in_child:
+        started = time.monotonic()
+        _compile_in_child(settings, programs)
+        built = _read_cache(settings.cache_dir, key)
+        if built is None:
+            raise RuntimeError(
+                f"the compiler process wrote no artifact {key} under {settings.cache_dir}"
+            )
+        return replace(built, from_cache=False, compile_seconds=time.monotonic() - started)
     artifact = _compile(settings, programs, key)
     _write_cache(settings.cache_dir, artifact)
     return artifact
+
+
+def _compile_in_child(settings: DatapathSettings, programs: Sequence[str]) -> None:
+    """`python -m agent.datapath.compiler`, given the settings on stdin (pickled: from this
+    process to its own child), compiles and caches. Its stderr carries clang's messages,
+    which an error quotes."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.datapath.compiler"],
+        input=pickle.dumps((settings, tuple(programs))),
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip()[-4000:]
+        raise RuntimeError(
+            f"compiling {settings.source_dir / MAIN_FILE} failed (exit {proc.returncode}):\n{tail}"
+        )
+
+
+def _child_main() -> None:
+    settings, programs = pickle.load(sys.stdin.buffer)
+    build(settings, programs)
 
 
 def cached(settings: DatapathSettings, programs: Sequence[str]) -> bool:
@@ -340,3 +388,7 @@ def _stdout_to_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -270,7 +270,9 @@ class Datapath:
         preflight.check(self.pin_root, need_compiler=need_compile)
         try:
             self._take_lock(lock_wait)
-            artifact = compiler.build(s, PROGRAM_NAMES)
+            # A compile (only when nothing is cached for this source, flags and kernel)
+            # runs in a child process: bcc and LLVM never enter the agent.
+            artifact = compiler.build(s, PROGRAM_NAMES, in_child=True)
             self._check_layouts(artifact)
             self._open_maps(artifact)
             reused = self._load_programs(artifact)

@@ -6,6 +6,7 @@ it. The compiler checks (headers, bcc) only run when the bytecode is not cached.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import sysconfig
 from pathlib import Path
@@ -74,16 +75,16 @@ def bpffs(pin_root: Path) -> None:
 
 
 def bcc() -> None:
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    """bcc's Python module can be found. Not imported here: that would map libbcc and LLVM
+    into the agent for good; the compile runs in a child process (compiler.build)."""
+    if importlib.util.find_spec("bcc") is None:
         site = sysconfig.get_paths()["purelib"]
         raise EnvironmentProblem(
             "bcc's Python module is not importable (the data path compiles bpf/weft.c with it; "
             "the PyPI package named bcc is unrelated)",
             hint="apt-get install python3-bpfcc libbpfcc, then make Debian's module visible "
             f"to this Python: ln -s {DEBIAN_BCC} {site}/bcc  (or: make setup)",
-        ) from None
+        )
 
 
 def kernel_headers() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import builtins
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -49,14 +49,11 @@ def test_without_headers_the_fix_is_the_exact_links(monkeypatch, tmp_path):
 
 
 def test_without_bcc_the_fix_is_debians_package_and_the_link(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_bcc(name, *args, **kwargs):
-        if name == "bcc":
-            raise ImportError("no bcc")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bcc)
+    """The check finds bcc without importing it (that would map LLVM into the agent)."""
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bcc" else real_find(name, *a)
+    )
     with pytest.raises(EnvironmentProblem) as e:
         preflight.bcc()
     hint = e.value.hint or ""

@@ -23,3 +23,30 @@ def test_weft_waypoint_run_loads_no_x509_grpc_protobuf_or_netlink_library():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "", f"a waypoint imports {out.stdout.strip()}"
+
+
+def _run(code: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return out.stdout.strip()
+
+
+def test_the_agent_does_not_load_bcc_to_know_whether_its_artifact_is_cached():
+    """Importing bcc maps libbcc, LLVM and clang (about 60 MB) for the life of the process.
+    The agent keys its compile cache by bcc's version, read from bcc's version.py; the
+    compile itself, when needed, runs in a child process (agent/datapath/compiler.py)."""
+    code = (
+        "import sys, agent.cli, agent.main\n"
+        "from agent.datapath import compiler\n"
+        "v = compiler._bcc_version()\n"
+        "print(v, 'bcc' in sys.modules)"
+    )
+    version, loaded = _run(code).split()
+    assert loaded == "False"
+    try:
+        real = _run("from bcc.version import __version__; print(__version__)")
+    except subprocess.CalledProcessError:
+        assert version == "absent"
+    else:
+        assert version == real
