@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from agent import __version__
 from agent.cli import agentcmd, controllercmd, demo, inspect, lab, policy, top, waypointcmd
 from controller.errors import WeftError
 
@@ -27,6 +28,55 @@ app.command("top")(top.top)
 
 
 app.command("demo")(demo.demo)
+
+
+def _version_flag(value: bool) -> None:
+    if value:
+        typer.echo(f"weft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version_flag,
+        is_eager=True,
+        help="Print the client's version and exit.",
+    ),
+) -> None:
+    """weft: a sidecarless service mesh for AI microservices."""
+
+
+@app.command("version")
+def version(
+    lab: str = typer.Option(
+        os.environ.get("WEFT_LAB", "weft"),
+        "--lab",
+        envvar="WEFT_LAB",
+        help="Also ask this lab's agents for theirs, when it runs.",
+    ),
+) -> None:
+    """Print the client's version, and each running lab agent's.
+
+    Example: weft version
+    """
+    from agent.cli.targets import lab_nodes
+    from agent.lab import mesh
+    from agent.lab.topology import Lab
+
+    typer.echo(f"client  weft {__version__}")
+    env = Lab(lab)
+    if not env.exists():
+        return
+    state = env.state()
+    for node in lab_nodes(lab):
+        try:
+            health = mesh.admin_get(mesh.admin_socket(state, node), "/healthz", timeout=2)
+            typer.echo(f"agent   weft {health.get('version', '?')}  (node {node})")
+        except (OSError, ValueError):
+            typer.echo(f"agent   not reachable  (node {node})")
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from agent import cgroups
 from agent.lab.manifest import LabPlan, PodPlan
 from agent.netns import NETNS_RUN_DIR, spawn, write_sysctl
-from controller.errors import EnvironmentProblem, NotFound
+from controller.errors import EnvironmentProblem, NotFound, WeftError
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -152,6 +152,10 @@ def require_root() -> None:
             "the lab needs root (network namespaces, veth links and cgroups)",
             hint="run as root, e.g. sudo weft lab up",
         )
+
+
+class CommandNotRunnable(WeftError):
+    """`weft lab exec` was given a command that does not exist or cannot be executed."""
 
 
 class Lab:
@@ -401,7 +405,13 @@ class Lab:
         """Run argv in the pod's netns and cgroup with this terminal's stdio; its exit code."""
         require_root()
         p = self.state().pod(pod)
-        proc = spawn(argv, netns=p.netns, cgroup=Path(p.cgroup))
+        try:
+            proc = spawn(argv, netns=p.netns, cgroup=Path(p.cgroup))
+        except (FileNotFoundError, PermissionError) as e:
+            # As a shell says it: 127 not found, 126 not executable.
+            err = CommandNotRunnable(f"{argv[0]}: {e.strerror} (in pod {p.key})")
+            err.exit_code = 127 if isinstance(e, FileNotFoundError) else 126
+            raise err from None
         try:
             return proc.wait()
         except KeyboardInterrupt:

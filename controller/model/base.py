@@ -177,6 +177,48 @@ def describe(data: Any) -> str | None:
     return f"{kind} {ns}/{name}" if ns else f"{kind} {name}"
 
 
+# Kinds users bring from Istio, and what to write instead.
+INSTEAD_OF = {
+    "VirtualService": "weft does not read Istio's VirtualService yet; write an HTTPRoute "
+    "(gateway.networking.k8s.io/v1): weighted backendRefs for a split, timeouts, filters, "
+    "and retries in a BackendPolicy (docs/policy-reference.md)",
+    "DestinationRule": "weft does not read Istio's DestinationRule yet; write a "
+    "BackendPolicy (weft.dev/v1alpha1): loadBalancer, connectionPool and outlierDetection "
+    "for a Service, and a Service per subset (docs/policy-reference.md)",
+    "Gateway": "weft has no ingress gateway; a waypoint serves L7 inside the mesh",
+}
+
+# What the Kubernetes API server adds to an object: accepted on input and dropped, so that
+# `kubectl get -o yaml` output can be applied again.
+_SERVER_METADATA = (
+    "creationTimestamp",
+    "managedFields",
+    "selfLink",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+)
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _without_server_fields(data: dict[str, Any]) -> dict[str, Any]:
+    meta = data.get("metadata")
+    if "status" not in data and not (
+        isinstance(meta, dict)
+        and (
+            any(k in meta for k in _SERVER_METADATA)
+            or _LAST_APPLIED in (meta.get("annotations") or {})
+        )
+    ):
+        return data
+    out = {k: v for k, v in data.items() if k != "status"}
+    if isinstance(meta, dict):
+        m = {k: v for k, v in meta.items() if k not in _SERVER_METADATA}
+        if isinstance(m.get("annotations"), dict) and _LAST_APPLIED in m["annotations"]:
+            m["annotations"] = {k: v for k, v in m["annotations"].items() if k != _LAST_APPLIED}
+        out["metadata"] = m
+    return out
+
+
 def parse_resource(
     data: Any,
     *,
@@ -205,10 +247,13 @@ def parse_resource(
         cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         known = ", ".join(sorted(_KINDS))
+        instead = INSTEAD_OF.get(kind) if isinstance(kind, str) else None
         raise InvalidConfig(
             [
                 Problem(
-                    f"unknown kind {kind!r} (weft reads: {known})",
+                    f"unknown kind {kind!r}"
+                    + (f": {instead}" if instead else "")
+                    + f" (weft reads: {known})",
                     file=file,
                     line=(lines or {}).get(("kind",), line),
                     resource=what,
@@ -223,6 +268,7 @@ def parse_resource(
         and not data["metadata"].get("namespace")
     ):
         data = {**data, "metadata": {**data["metadata"], "namespace": default_namespace}}
+    data = _without_server_fields(data)
     try:
         res = cls.model_validate(data)
     except ValidationError as e:

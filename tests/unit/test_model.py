@@ -140,3 +140,52 @@ def test_empty_spec_is_the_allow_nothing_policy():
 def test_unknown_kind_lists_the_kinds_weft_reads():
     (msg,) = problems("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     assert "unknown kind 'ConfigMap'" in msg and "HTTPRoute" in msg and ":2:" in msg
+
+
+def test_istio_routing_kinds_say_what_to_write_instead():
+    (msg,) = problems(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\n"
+    )
+    assert "unknown kind 'VirtualService'" in msg and "write an HTTPRoute" in msg
+    (msg,) = problems(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: x}\n"
+    )
+    assert "BackendPolicy" in msg and "outlierDetection" in msg
+
+
+KUBECTL_ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: |
+      {"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute"}
+    team: ml
+  creationTimestamp: "2026-12-01T10:00:00Z"
+  generation: 3
+  managedFields:
+  - apiVersion: gateway.networking.k8s.io/v1
+    fieldsType: FieldsV1
+    manager: kubectl-client-side-apply
+    operation: Update
+  name: llm
+  namespace: ai
+  resourceVersion: "48211"
+  uid: 3f1f4c1e-9a55-4c1b-8d5e-2b0d6c1e7a10
+spec:
+  parentRefs: [{group: "", kind: Service, name: llm}]
+  rules:
+  - backendRefs: [{name: llm-v1, port: 8000}]
+status:
+  parents:
+  - conditions: [{type: Accepted, status: "True", reason: Accepted}]
+"""
+
+
+def test_what_kubectl_get_prints_can_be_applied_again():
+    """Issue 17: fields the API server adds, and status, are accepted and dropped; a user's
+    own annotations stay, kubectl's copy of the last applied object does not."""
+    (route,) = parse_text(KUBECTL_ROUTE, "route.yaml").resources
+    assert route.metadata.annotations == {"team": "ml"}
+    assert route.metadata.resource_version == "48211" and route.metadata.generation == 3
+    assert route.status is None
