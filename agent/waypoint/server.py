@@ -254,9 +254,11 @@ class Waypoint:
     async def drain(self) -> None:
         """Stop taking connections (a successor's listener gets those queued on ours, and
         the agent hands new ones to it), let those in flight finish, then close."""
-        self.draining = True
+        # The hand-overs still queued on the channel are taken (and served, each answered
+        # with Connection: close) before `draining` would make _handed turn them away.
         if self.receiver is not None:
             self.receiver.stop()
+        self.draining = True
         for srv in self._servers:
             srv.close()
         for c in list(self.inbound):

@@ -215,3 +215,71 @@ def test_decode_names_what_is_wrong(raw):
     with pytest.raises(ValueError, match="handoff message"):
         Handoff.decode(raw)
     assert Handoff.decode(WHAT.encode()) == WHAT
+
+
+def test_connections_queued_on_the_channel_are_served_when_the_waypoint_drains(tmp_path):
+    """A waypoint that starts draining (a restart) takes the hand-overs already queued on
+    its channel and serves them (answered with Connection: close) instead of closing them;
+    the agent's later sends fail and fall back. The real Waypoint.drain, around stubs."""
+    import types
+
+    from agent.tunnel.handoff import Handoff
+    from agent.waypoint.server import Waypoint
+
+    what = Handoff("spiffe://cluster.local/ns/apps/sa/client", "10.244.1.2", "10.96.0.10:80")
+    path = tmp_path / "handoff.sock"
+    served: list[object] = []
+    closed: list[int] = []
+
+    async def main() -> None:
+        server = HandoffServer(path, attest=lambda pid: "127.0.0.30")
+        server.start()
+        wp = Waypoint.__new__(Waypoint)
+        wp.draining = False
+        wp._servers, wp.inbound, wp._handoffs = [], set(), set()
+        wp.s = types.SimpleNamespace(drain_timeout=0.1, name="wp")
+        wp._caller = lambda *a: object()
+
+        class Served(asyncio.Protocol):
+            closed = True
+
+            def drain(self) -> None:
+                pass
+
+        wp._downstream = lambda caller: served.append(caller) or Served()
+
+        async def close() -> None:
+            pass
+
+        wp.close = close
+
+        def handed(h: Handoff, sock: socket.socket) -> None:
+            Waypoint._handed(wp, h, sock)
+            if sock.fileno() == -1:
+                closed.append(1)
+
+        wp.receiver = HandoffReceiver(path, handed)
+        task = asyncio.create_task(wp.receiver.run())
+        for _ in range(500):
+            if server.has("127.0.0.30"):
+                break
+            await asyncio.sleep(0.01)
+        lsock = socket.create_server(("127.0.0.1", 0))
+        pairs = []
+        for _ in range(2):  # pod connections, as the agent accepted them
+            c = socket.create_connection(lsock.getsockname())
+            pairs.append((lsock.accept()[0], c))
+        lsock.close()
+        for a, _b in pairs:
+            assert server.hand_off("127.0.0.30", a, what)
+        await wp.drain()  # before the loop has read the two queued hand-overs
+        assert not server.hand_off("127.0.0.30", pairs[0][0], what)  # refused from now on
+        task.cancel()
+        server.close()
+        assert wp.receiver.received == 2
+        assert not closed and len(served) == 2
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+    uvloop.run(main())
