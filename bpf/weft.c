@@ -283,10 +283,30 @@ int weft_tunnel_egress(struct __sk_buff *skb)
  * an allowed fast-path peer. Packets of
  * established connections pass: those exist only if their SYN passed here or the pod
  * opened them. Returns 0 to pass, -EPERM (counted) to drop. */
-/* UDP to a STRICT pod over IPv4: not meshed, so an unconnected socket (a UDP server)
- * admits only the pod itself, loopback, DNS answers (source port 53, for resolvers that
- * do not connect their socket) and inbound exception ports. Connected sockets only ever
- * receive from their peer: replies to flows the pod opened, which pass. */
+/* Where a resolver that does not connect its socket receives DNS answers: an ephemeral
+ * port (Linux's default ip_local_port_range starts here). A server's port is below it, so
+ * "from port 53" does not open servers to anyone who sends from port 53. */
+#define WEFT_EPHEMERAL_MIN 32768
+
+static __always_inline int weft_dns_answer(__be16 sport, struct bpf_sock *sk)
+{
+	return sport == bpf_htons(53) && sk->src_port >= WEFT_EPHEMERAL_MIN;
+}
+
+/* A protocol weft neither meshes nor reads ports of (SCTP, ...): on a STRICT pod, dropped
+ * unless from the pod itself or loopback. ICMP and raw sockets pass (replies to the pod's
+ * own pings; a raw socket needs CAP_NET_RAW in the pod). */
+static __always_inline int weft_other_protocol(__u8 protocol)
+{
+	return protocol != IPPROTO_TCP && protocol != IPPROTO_UDP &&
+	       protocol != IPPROTO_UDPLITE && protocol != IPPROTO_ICMP &&
+	       protocol != IPPROTO_ICMPV6 && protocol != IPPROTO_RAW;
+}
+
+/* UDP (and UDP-Lite) to a STRICT pod over IPv4: not meshed, so an unconnected socket (a
+ * UDP server) admits only the pod itself, loopback, DNS answers to an ephemeral port (for
+ * resolvers that do not connect their socket) and inbound exception ports. Connected
+ * sockets only ever receive from their peer: replies to flows the pod opened, which pass. */
 static __always_inline int weft_inbound_udp(struct __sk_buff *skb, __u64 cgroup_id,
 					    struct weft_pod_config *pod, struct bpf_sock *sk)
 {
@@ -301,7 +321,7 @@ static __always_inline int weft_inbound_udp(struct __sk_buff *skb, __u64 cgroup_
 		return 0;
 	if (ip.ihl < 5 || bpf_skb_load_bytes(skb, ip.ihl * 4, &sport, sizeof(sport)) < 0)
 		return weft_drop(cgroup_id, WEFT_DROP_MALFORMED);
-	if (sport == bpf_htons(53))
+	if (weft_dns_answer(sport, sk))
 		return 0;
 	if (weft_port_listed(cgroup_id, sk->src_port, WEFT_PORT_INBOUND_EXCEPTION))
 		return 0;
@@ -323,10 +343,10 @@ static __always_inline int weft_inbound_ipv6(struct __sk_buff *skb, __u64 cgroup
 	if (sk->protocol == IPPROTO_TCP) {
 		if (sk->state != BPF_TCP_LISTEN)
 			return 0;
-	} else if (sk->protocol == IPPROTO_UDP) {
+	} else if (sk->protocol == IPPROTO_UDP || sk->protocol == IPPROTO_UDPLITE) {
 		if (sk->dst_port)
 			return 0;
-	} else {
+	} else if (!weft_other_protocol(sk->protocol)) {
 		return 0;
 	}
 	if (skb->ingress_ifindex == WEFT_LOOPBACK_IFINDEX)
@@ -340,10 +360,24 @@ static __always_inline int weft_inbound_ipv6(struct __sk_buff *skb, __u64 cgroup
 			return weft_drop(cgroup_id, WEFT_DROP_MALFORMED);
 		if (ip6.nexthdr == IPPROTO_UDP &&
 		    bpf_skb_load_bytes(skb, sizeof(ip6), &sport, sizeof(sport)) == 0 &&
-		    sport == bpf_htons(53))
+		    weft_dns_answer(sport, sk))
 			return 0;
 	}
 	return weft_drop(cgroup_id, WEFT_DROP_IPV6_NOT_MESHED);
+}
+
+static __always_inline int weft_inbound_other(struct __sk_buff *skb, __u64 cgroup_id,
+					      struct weft_pod_config *pod, struct bpf_sock *sk)
+{
+	struct iphdr ip;
+
+	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+		return weft_drop(cgroup_id, WEFT_DROP_MALFORMED);
+	if (ip.saddr == pod->ip || weft_is_loopback(ip.saddr))
+		return 0;
+	if (weft_port_listed(cgroup_id, sk->src_port, WEFT_PORT_INBOUND_EXCEPTION))
+		return 0;
+	return weft_drop(cgroup_id, WEFT_DROP_PROTOCOL_NOT_MESHED);
 }
 
 static __always_inline int weft_inbound_check(struct __sk_buff *skb)
@@ -368,8 +402,10 @@ static __always_inline int weft_inbound_check(struct __sk_buff *skb)
 		return 0;
 	if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		return weft_inbound_ipv6(skb, cgroup_id, sk);
-	if (sk->protocol == IPPROTO_UDP)
+	if (sk->protocol == IPPROTO_UDP || sk->protocol == IPPROTO_UDPLITE)
 		return weft_inbound_udp(skb, cgroup_id, pod, sk);
+	if (weft_other_protocol(sk->protocol))
+		return weft_inbound_other(skb, cgroup_id, pod, sk);
 	if (sk->protocol != IPPROTO_TCP || sk->state != BPF_TCP_LISTEN)
 		return 0;
 	node = weft_node();

@@ -24,10 +24,13 @@ class DropReason(IntEnum):
     (another process in the node's network namespace)."""
     UDP_NOT_MESHED = 5
     """STRICT pod: UDP to an unconnected socket from another source (UDP is not meshed);
-    DNS answers (source port 53) and inbound exception ports pass."""
+    DNS answers (source port 53, to an ephemeral port) and inbound exception ports pass."""
     IPV6_NOT_MESHED = 6
     """STRICT pod: native IPv6 to a listening or unconnected socket from outside the pod's
     network namespace (weft meshes IPv4 only); inbound exception ports and DNS answers pass."""
+    PROTOCOL_NOT_MESHED = 7
+    """STRICT pod: a protocol weft neither meshes nor reads (SCTP, ...) from another source;
+    ICMP and raw sockets pass, inbound exception ports pass."""
 
     @property
     def label(self) -> str:

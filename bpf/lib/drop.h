@@ -14,6 +14,7 @@ enum weft_drop_reason {
 	WEFT_DROP_NOT_TUNNEL_SOCKET = 4, /* STRICT: from the node's address, but not a tunnel socket */
 	WEFT_DROP_UDP_NOT_MESHED = 5,    /* STRICT: UDP to an unconnected socket (UDP is not meshed) */
 	WEFT_DROP_IPV6_NOT_MESHED = 6,   /* STRICT: native IPv6 to a listener or unconnected socket */
+	WEFT_DROP_PROTOCOL_NOT_MESHED = 7, /* STRICT: SCTP or another protocol weft does not mesh */
 };
 
 static __always_inline void weft_count(__u32 counter, __u64 n)

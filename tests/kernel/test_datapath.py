@@ -791,7 +791,8 @@ def test_bpf_cli_dumps_the_c_and_shows_and_removes_an_agent(lab_factory, datapat
 
 UDP_ECHO = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+proto = socket.IPPROTO_UDPLITE if "udplite" in sys.argv else 0
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, proto)
 s.bind(("0.0.0.0", int(sys.argv[1])))
 while True:
     data, peer = s.recvfrom(2048)
@@ -799,10 +800,11 @@ while True:
 """
 UDP_CLIENT = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-if len(sys.argv) > 3:
+proto = socket.IPPROTO_UDPLITE if "udplite" in sys.argv else 0
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, proto)
+if len(sys.argv) > 3 and sys.argv[3].isdigit():
     s.bind(("0.0.0.0", int(sys.argv[3])))
-if len(sys.argv) > 4:
+if "connect" in sys.argv:
     s.connect((sys.argv[1], int(sys.argv[2])))
 s.settimeout(1.5)
 try:
@@ -815,13 +817,18 @@ except TimeoutError:
 
 def test_strict_pod_drops_udp_that_weft_does_not_mesh(lab_factory, datapaths):
     """Issue 14, STRICT for UDP: weft does not mesh UDP, so a STRICT pod's UDP server
-    drops (and counts) datagrams from other pods instead of letting them around the mesh.
-    Replies on UDP sockets the pod connected, and DNS answers (source port 53), still
-    arrive; without STRICT everything arrives."""
+    drops (and counts) datagrams from other pods instead of letting them around the mesh,
+    UDP-Lite too, and sending from port 53 does not get around it. Replies on UDP sockets
+    the pod connected, and DNS answers (source port 53) to a resolver's unconnected socket
+    on an ephemeral port, still arrive; without STRICT everything arrives."""
     lab, state = lab_factory(SMALL_LAB)
     near, far = state.pod("ai/near"), state.pod("ai/far")
     lab.start_process(state, "udp-near", [sys.executable, "-c", UDP_ECHO, "5353"], pod="ai/near")
+    lab.start_process(
+        state, "udplite-near", [sys.executable, "-c", UDP_ECHO, "5356", "udplite"], pod="ai/near"
+    )
     lab.start_process(state, "udp-far", [sys.executable, "-c", UDP_ECHO, "5354"], pod="ai/far")
+    lab.start_process(state, "dns-far", [sys.executable, "-c", UDP_ECHO, "53"], pod="ai/far")
     dp = datapaths(state, "node-1")
 
     def udp(pod: str, ip: str, port: int, *extra: str) -> str:
@@ -833,11 +840,17 @@ def test_strict_pod_drops_udp_that_weft_does_not_mesh(lab_factory, datapaths):
             break
     assert udp("ai/far", near.ip, 5353) == "ping"  # not STRICT yet: UDP arrives
 
+    assert udp("ai/far", near.ip, 5356, "0", "udplite") == "ping"
+
     dp.attach_pod(near.cgroup, near.ip, strict=True)
     assert udp("ai/far", near.ip, 5353) == "timeout"
     assert dp.drop_counters()[(near.cgroup_id, DropReason.UDP_NOT_MESHED)] >= 1
-    # A DNS answer (from port 53) and a reply on a socket near connected still arrive.
-    assert udp("ai/far", near.ip, 5353, "53") == "ping"
+    # Sending from port 53 to a server's port is no way around it, nor is UDP-Lite.
+    assert udp("apps/client", near.ip, 5353, "53") == "timeout"
+    assert udp("ai/far", near.ip, 5356, "0", "udplite") == "timeout"
+    # A DNS answer to near's unconnected resolver socket (an ephemeral port), and a reply
+    # on a socket near connected, still arrive.
+    assert udp("ai/near", far.ip, 53) == "ping"
     assert udp("ai/near", far.ip, 5354, "0", "connect") == "ping"
 
 
@@ -884,8 +897,8 @@ def test_strict_pod_drops_native_ipv6(lab_factory, datapaths):
     as ipv6_not_meshed) native IPv6 to its listeners and unconnected UDP sockets from
     outside its network namespace: here from the node's own namespace over the pod's link,
     the one IPv6 path the lab has (ULA addresses, no duplicate address detection). The pod
-    still reaches itself, a declared exception port (a probe) still answers, and a DNS
-    answer from port 53 still arrives; without STRICT everything does."""
+    still reaches itself, a declared exception port still answers, and a DNS answer from
+    port 53 to the pod's resolver socket still arrives; without STRICT everything does."""
     lab, state = lab_factory(SMALL_LAB)
     node = state.node("node-1")
     near = state.pod("ai/near")
@@ -900,8 +913,8 @@ def test_strict_pod_drops_native_ipv6(lab_factory, datapaths):
     )
     dp = datapaths(state, "node-1")
 
-    def dial(where: str, kind: str, port: int, *extra: str) -> str:
-        argv = [sys.executable, "-c", DIAL6, kind, pod6, str(port), *extra]
+    def dial(where: str, kind: str, port: int, *extra: str, to: str = pod6) -> str:
+        argv = [sys.executable, "-c", DIAL6, kind, to, str(port), *extra]
         if where == "pod":
             out = lab.run("ai/near", argv, timeout=20)
         else:
@@ -918,11 +931,23 @@ def test_strict_pod_drops_native_ipv6(lab_factory, datapaths):
     assert dial("node", "udp", 5355) == "TimeoutError"
     drops = dp.drop_counters()
     assert drops[(near.cgroup_id, DropReason.IPV6_NOT_MESHED)] >= 2
-    # What STRICT admits: the pod itself, a declared probe port, a DNS answer.
+    # Sending from port 53 to a server's port is no way around it.
+    assert dial("node", "udp", 5355, "53") == "TimeoutError"
+    # What STRICT admits: the pod itself, a declared exception port, and a DNS answer to
+    # the pod's own (unconnected, ephemeral-port) resolver socket.
     assert dial("pod", "tcp", 8000) == f"peer {pod6}"
     assert dial("pod", "udp", 5355) == "ping"
     assert dial("node", "tcp", 8081) == f"peer {node6}"
-    assert dial("node", "udp", 5355, "53") == "ping"
+    resolver = subprocess.Popen(
+        ["ip", "netns", "exec", node.netns, sys.executable, "-c", SERVE6, "53"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: dial("pod", "udp", 53, to=node6) == "ping", "a DNS answer over IPv6")
+    finally:
+        resolver.kill()
+        resolver.wait()
     # IPv4 to the same listener is judged as before (not from the tunnel: dropped).
     assert refused(talk(lab, "apps/client", near.ip, 8000, "1"))
 
