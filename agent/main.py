@@ -109,6 +109,8 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._unresolved: set[str] = set()
         self.stop_requested = asyncio.Event()  # SIGTERM, or a successor asking (restart.py)
+        self.superseded = False  # a successor asked: drain, then wait for SIGTERM
+        self.released = False  # the data path handed back (pins stay) while draining
         self.handover: restart.HandoverListener | None = None
         self._metrics()
 
@@ -304,18 +306,15 @@ class Agent:
 
     def original_destination(self, ip: str, port: int) -> tuple[str, int] | None:
         """Where a captured connection was going (the tunnel's OriginalDestinations)."""
-        if self.datapath is None:
-            return None
+        if self.datapath is None or self.released:
+            return None  # draining: the data path belongs to the successor now
         o = self.datapath.original_destination(ip, port)
         return (o.ip, o.port) if o is not None else None
 
-    def _start_datapath(self, lock_wait: float = 0.0) -> None:
+    def _prepare_datapath(self) -> None:
+        """Build the data path's bytecode (cached, or compiled in a child process) and
+        check the node; touches nothing a running agent owns."""
         if self.s.datapath == "none":
-            log.warning(
-                "data path disabled (datapath=none): pods are neither captured nor "
-                "STRICT-enforced on node %s; only the tunnel listeners run",
-                self.s.node,
-            )
             return
         from agent.datapath import Datapath, DatapathSettings
 
@@ -329,6 +328,18 @@ class Agent:
                 fastpath=self.s.fastpath,
             )
         )
+        self.datapath.prepare()
+
+    def _start_datapath(self, lock_wait: float = 0.0) -> None:
+        if self.s.datapath == "none":
+            log.warning(
+                "data path disabled (datapath=none): pods are neither captured nor "
+                "STRICT-enforced on node %s; only the tunnel listeners run",
+                self.s.node,
+            )
+            return
+        if self.datapath is None:
+            self._prepare_datapath()
         # Adopts a previous agent's attachments (after it released them, on a handover).
         report = self.datapath.start(lock_wait=lock_wait)
         # The tunnel's own cgroup: SO_ORIGINAL_DST for its sockets, and its SYNs to local
@@ -381,22 +392,25 @@ class Agent:
             handoff=self.handoff,
         )
         await self.tunnel.listen()  # connects from here on queue, never refused
+        # Everything that can fail comes before asking a running agent to let go: a new
+        # agent that cannot start must leave the node to the old one.
+        store = IdentityStore.open(s.identity_dir)
+        self.node.restore(store)
+        self.identities.restore(store)
+        self._prepare_datapath()
+        await self._endpoints()
         handover = s.state_dir / restart.HANDOVER_SOCKET
         took_over = restart.ask_predecessor(handover)
         if took_over:
             log.info("taking node %s over from the running agent process", s.node)
         self._start_datapath(lock_wait=HANDOVER_WAIT if took_over else 0.0)
-        store = IdentityStore.open(s.identity_dir)
-        self.node.restore(store)
-        self.identities.restore(store)
         if await self.config.load_cache():
             self.apply(self.config.snapshot)
-        self.handover = restart.HandoverListener(handover, self.stop_requested.set)
+        self.handover = restart.HandoverListener(handover, self._superseded)
         self.handover.start()
         if self.handoff is not None:
             self.handoff.start()
         await self.tunnel.start()
-        await self._endpoints()
         for name, coro in (
             ("node-credential", self.node.run()),
             ("config", self.config.run()),
@@ -431,6 +445,10 @@ class Agent:
                     len(local),
                 )
 
+    def _superseded(self) -> None:
+        self.superseded = True
+        self.stop_requested.set()
+
     async def stop(self) -> None:
         """Let go of the node, then drain. First what a successor takes over: the control
         loops stop touching the data path, which is released (pins and attachments stay:
@@ -441,21 +459,27 @@ class Agent:
         self.ready = False
         if self.handover is not None:
             self.handover.close()
+        # The successor's admin, metrics and readiness listeners answer from now on.
+        self.http.close()
+        if self.tunnel is not None:
+            self.tunnel.stop_accepting()
+            # Connections accepted before the listeners closed get their original
+            # destination (data path maps) before those are released.
+            await asyncio.sleep(0)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.datapath is not None:
+            self.released = True
             self.datapath.stop()
         if self.tunnel is not None:
-            self.tunnel.stop_accepting()
             await self.tunnel.drain(self.s.drain_timeout)
         if self.handoff is not None:
             self.handoff.close()
         await self.identities.close()
         await self.node.close()
-        self.http.close()
         self.access.close()
         log.info("agent stopped")
 
@@ -736,7 +760,18 @@ async def run(settings: AgentSettings) -> None:
         loop.add_signal_handler(sig, agent.stop_requested.set)
     await agent.stop_requested.wait()
     log.info("stopping: draining the tunnel for up to %.0fs", settings.drain_timeout)
+    signalled = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
+    if not agent.superseded:
+        signalled.set()
     await agent.stop()
+    if not signalled.is_set():
+        # Handed over: exiting now would have a DaemonSet's kubelet restart this (old)
+        # container, which would take the node back from its successor. Wait, not
+        # ready, until the pod is deleted.
+        log.info("handed over to a successor; waiting for SIGTERM")
+        await signalled.wait()
 
 
 def main(settings: AgentSettings) -> None:

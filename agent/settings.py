@@ -100,8 +100,8 @@ class AgentSettings(BaseModel):
 
     state_dir: Path = Field(
         Path("/var/lib/weft/agent"),
-        description="Last good config (restarts during a controller outage), and the pid "
-        "file a restarting agent finds its predecessor by.",
+        description="Last good config (restarts during a controller outage), and the "
+        "handover socket a restarting agent asks its predecessor on.",
     )
     identity_dir: Path | None = Field(
         Path("/run/weft/agent/identities"),

@@ -219,6 +219,7 @@ class Datapath:
         self._maps: dict[str, Map] = {}
         self._progs: dict[str, _Program] = {}
         self._lock_fd = -1
+        self._artifact: compiler.Artifact | None = None
         self.report: StartReport | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -265,18 +266,13 @@ class Datapath:
         `lock_wait`: seconds to wait for a predecessor that is handing the data path over
         (agent/restart.py) to release the pin root's lock.
         """
-        s = self.settings
-        need_compile = not compiler.cached(s, PROGRAM_NAMES)
-        preflight.check(self.pin_root, need_compiler=need_compile)
+        artifact = self.prepare()
         try:
             self._take_lock(lock_wait)
-            # A compile (only when nothing is cached for this source, flags and kernel)
-            # runs in a child process: bcc and LLVM never enter the agent.
-            artifact = compiler.build(s, PROGRAM_NAMES, in_child=True)
             self._check_layouts(artifact)
             self._open_maps(artifact)
             reused = self._load_programs(artifact)
-            self._write_node_config(fastpath=s.fastpath)
+            self._write_node_config(fastpath=self.settings.fastpath)
             sockhash = self._maps[SOCKHASH].fd
             msg = self._progs["weft_fastpath_msg"]
             bpfsys.prog_attach(msg.fd, sockhash, msg.hook.attach_type)
@@ -298,6 +294,17 @@ class Datapath:
         self.report = report
         log.info("data path up: %s", report)
         return report
+
+    def prepare(self) -> compiler.Artifact:
+        """What can fail before this agent touches the kernel's state: the preflight checks
+        and the build (from the cache, or compiled in a child process, so that bcc and
+        LLVM never enter the agent). A restarting agent does this before it asks its
+        predecessor to let go."""
+        if self._artifact is None:
+            s = self.settings
+            preflight.check(self.pin_root, need_compiler=not compiler.cached(s, PROGRAM_NAMES))
+            self._artifact = compiler.build(s, PROGRAM_NAMES, in_child=True)
+        return self._artifact
 
     def stop(self) -> None:
         """Close this process's handles. Pins and attachments stay: traffic keeps flowing

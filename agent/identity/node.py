@@ -104,17 +104,19 @@ class NodeCredential:
             return False
         try:
             key = serialization.load_pem_private_key(record["key"].encode(), None)
-        except (KeyError, ValueError, TypeError) as e:
+            chain = record["chain"].encode()
+            not_after = float(record["notAfter"])
+            spiffe_id = str(record["spiffeId"])
+            trust = str(record.get("trust") or "").encode()
+        except (AttributeError, KeyError, ValueError, TypeError) as e:
             log.warning("identity store: node credential unusable (%s); bootstrapping", e)
             return False
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             return False
         self._key = key
-        self.chain_pem = record["chain"].encode()
-        self.not_after = float(record["notAfter"])
-        self.spiffe_id = record["spiffeId"]
-        if record.get("trust"):
-            self.trust.update(record["trust"].encode())
+        self.chain_pem, self.not_after, self.spiffe_id = chain, not_after, spiffe_id
+        if trust:
+            self.trust.update(trust)
         self.ready.set()
         log.info("node credential %s restored from the identity store", self.spiffe_id)
         return True

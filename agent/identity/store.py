@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ class IdentityStore:
         if directory is None:
             return None
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        unsafe = unsafe_component(directory)
+        if unsafe is not None:
+            log.warning(
+                "identity store %s refused: %s; keys are not kept (a restarted agent waits "
+                "for the controller)",
+                directory,
+                unsafe,
+            )
+            return None
         os.chmod(directory, 0o700)
         fs = filesystem_of(directory)
         if fs not in MEMORY_FILESYSTEMS:
@@ -74,7 +84,11 @@ class IdentityStore:
     def save(self, name: str, record: dict[str, Any]) -> None:
         path = self.dir / name
         tmp = self.dir / f".{name}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        # O_EXCL | O_NOFOLLOW: never write a key into a file or a link someone else made.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
         tmp.replace(path)
@@ -93,13 +107,39 @@ class IdentityStore:
         except (OSError, ValueError) as e:
             log.warning("identity store: %s unreadable (%s); ignored", path, e)
             return None
-        if not isinstance(record, dict) or float(record.get("notAfter", 0)) <= time.time():
+        try:
+            expired = float(record.get("notAfter", 0)) <= time.time()
+        except (AttributeError, TypeError, ValueError):
+            expired = True  # not a record this code wrote: dropped, never trusted
+        if expired:
             self.remove(name)
             return None
-        return record
+        return dict(record)
 
     def names(self, prefix: str) -> list[str]:
         return sorted(p.name for p in self.dir.glob(f"{prefix}*.json"))
+
+
+def unsafe_component(directory: Path) -> str | None:
+    """Why `directory` cannot hold keys, or None: every directory from the root down must
+    be a real directory (not a link) owned by root or by us and not writable by group or
+    others, except sticky ones such as /tmp and /dev/shm, where nobody can replace
+    another's entry. Otherwise another user could swap the store for one they read."""
+    me = os.geteuid()
+    path = Path("/")
+    for part in directory.resolve().parts[1:]:
+        path = path / part
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            return f"{path} is not a directory"
+        if st.st_uid not in (0, me):
+            return f"{path} belongs to uid {st.st_uid}"
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and not st.st_mode & stat.S_ISVTX:
+            return f"{path} is writable by other users"
+        if writable and path == directory.resolve():
+            return f"{path} is writable by other users"
+    return None
 
 
 def workload_entry(namespace: str, service_account: str) -> str:

@@ -401,6 +401,11 @@ def restart_agent(
         _reap(old.pid, 10.0)
     new = lab.start_process(state, name, old.argv, node=node)
     wait_ready(lab, state, node, wait, pid=new.pid)
+    if not kill:
+        # The old pod is deleted once the new one is ready: its agent, which handed over
+        # and drains, exits after the drain instead of waiting for this.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old.pid, signal.SIGTERM)
     return old.pid, new.pid
 
 

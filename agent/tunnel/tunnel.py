@@ -309,9 +309,7 @@ class Tunnel:
     def _accepted(self, pod: _OutboundPod) -> None:
         assert pod.transport is not None
         peer = pod.transport.get_extra_info("peername")
-        if self.draining:
-            pod.abort()
-            return
+        # Accepted before the listeners closed (even if draining now): served.
         orig = self.original.original_destination(peer[0], peer[1])
         snap = self.config()
         if orig is None:

@@ -11,6 +11,7 @@ go and drains, agent/restart.py).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -143,6 +144,33 @@ def test_restarted_agent_serves_with_the_controller_down(meshed: Mesh) -> None:
     finally:
         st = meshed.lab.state()
         meshed.lab.start_process(st, labmesh.CONTROLLER, controller.argv)
+
+
+def test_a_new_agent_that_cannot_start_leaves_the_node_to_the_old_one(meshed: Mesh) -> None:
+    """Everything that can fail (preflight, the build, the identity store, the admin
+    listeners) happens before a new agent asks the running one to let go: one started
+    with a pin root off bpffs exits with its error, and the old agent keeps the node."""
+    state = meshed.lab.state()
+    old = next(p for p in state.processes if p.name == "agent-node-2")
+    argv = list(old.argv)
+    argv[argv.index("--pin-root") + 1] = "/tmp/weft-not-bpffs"
+    bad = meshed.lab.start_process(state, "agent-node-2-bad", argv, node="node-2")
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{bad.pid}").exists() and time.monotonic() < deadline:
+        try:
+            if os.waitpid(bad.pid, os.WNOHANG)[0] == bad.pid:
+                break
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    log = Path(bad.log).read_text()
+    assert "not on a bpf filesystem" in log, log[-2000:]
+    assert "taking node" not in log
+    health = meshed.admin("node-2", "/healthz")
+    assert health["pid"] == old.pid and health["ready"], health
+    out = start_load(meshed, 2)
+    stats = finish(out)
+    assert stats["failed"] == 0 and int(stats["ok"]) > 0, stats
 
 
 def test_agents_take_a_restarted_controllers_new_epoch(meshed: Mesh) -> None:

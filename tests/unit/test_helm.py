@@ -194,9 +194,19 @@ def test_agent_host_mounts(default: list[dict[str, Any]], custom: list[dict[str,
     assert m["host-proc"] == {"name": "host-proc", "mountPath": "/host/proc", "readOnly": True}
     # Nothing else from the host, and nothing else writable from the host.
     host = {n for n, vol in v.items() if "hostPath" in vol}
-    assert host == {"bpffs", "cgroup", "modules", "headers", "host-proc", "run", "state", "cache"}
+    assert host == {
+        "bpffs",
+        "cgroup",
+        "modules",
+        "headers",
+        "host-proc",
+        "run",
+        "state",
+        "cache",
+        "identities",
+    }
     writable = {n for n in host if not m[n].get("readOnly")}
-    assert writable == {"bpffs", "cgroup", "run", "state", "cache"}
+    assert writable == {"bpffs", "cgroup", "run", "state", "cache", "identities"}
     # A hybrid host's cgroup v2 root is configurable and mounted where the agent finds it.
     assert volumes(custom)["cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup/unified"
     assert mounts(agent_container(custom))["cgroup"]["mountPath"] == "/sys/fs/cgroup/unified"
@@ -396,6 +406,9 @@ def test_agent_upgrade_hands_over_with_a_surge(
         args = agent["args"]
         drain = int(next(a for a in args if a.startswith("--drain-timeout=")).split("=")[1])
         assert pod["terminationGracePeriodSeconds"] > drain
-        assert "--identity-dir=/var/run/weft/agent-identities" in args
+        assert "--identity-dir=/run/weft-agent/identities" in args
+        # Not in the runtime directory that waypoint pods mount (workload.sock).
+        (vol,) = [v for v in pod["volumes"] if v["name"] == "identities"]
+        assert vol["hostPath"]["path"] == "/run/weft-agent/identities"
     (endpoint,) = one(custom, "PodMonitor")["spec"]["podMetricsEndpoints"]
     assert endpoint["targetPort"] == 15020

@@ -96,3 +96,42 @@ def test_the_identity_store_keeps_records_root_only_and_drops_expired_ones():
 
 def test_identity_entries_cannot_collide():
     assert workload_entry("a-b", "c") != workload_entry("a", "b-c")
+
+
+@pytest.mark.skipif(filesystem_of(SHM) != "tmpfs", reason="/dev/shm is not a tmpfs here")
+def test_the_identity_store_refuses_a_directory_another_user_controls():
+    """Another user who made a directory on the path (in world-writable /dev/shm) could
+    swap the store for one they read: refused."""
+    from agent.identity.store import unsafe_component
+
+    d = SHM / f"weft-test-{os.getpid()}"
+    inner = d / "ids"
+    inner.mkdir(parents=True)
+    try:
+        os.chown(d, 65534, 65534)
+        assert "belongs to uid 65534" in (unsafe_component(inner) or "")
+        assert IdentityStore.open(inner) is None
+        os.chown(d, 0, 0)
+        os.chmod(d, 0o777)
+        assert "writable by other users" in (unsafe_component(inner) or "")
+        os.chmod(d, 0o755)
+        assert unsafe_component(inner) is None
+    finally:
+        inner.rmdir()
+        d.rmdir()
+
+
+@pytest.mark.skipif(filesystem_of(SHM) != "tmpfs", reason="/dev/shm is not a tmpfs here")
+def test_a_corrupt_store_entry_is_dropped_not_a_crash():
+    d = SHM / f"weft-test-{os.getpid()}"
+    try:
+        store = IdentityStore.open(d)
+        assert store is not None
+        for i, body in enumerate(['{"notAfter": "soon"}', "[1, 2]", "not json"]):
+            (d / f"workload_a_{i}.json").write_text(body)
+            assert store.load(f"workload_a_{i}.json") is None
+        assert store.names("workload_") == ["workload_a_2.json"]  # unreadable: left alone
+    finally:
+        for f in d.glob("*"):
+            f.unlink()
+        d.rmdir()
