@@ -118,7 +118,7 @@ class IdentityManager:
                     not_after=float(r["notAfter"]),
                     serial_hex=r["serial"],
                 )
-            except (KeyError, TypeError, ValueError) as e:
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
                 log.warning("identity store: %s unusable (%s); ignored", name, e)
                 continue
             self._certs[(cert.namespace, cert.service_account)] = cert
@@ -154,7 +154,8 @@ class IdentityManager:
                 self._tasks[ident] = asyncio.create_task(
                     self._keep(ident), name=f"cert-{ident[0]}-{ident[1]}"
                 )
-        for ident in list(self._tasks):
+        # Restored certificates (identity store) have no task until wanted: they leave too.
+        for ident in set(self._tasks) | set(self._certs):
             if ident not in identities and ident not in self._drops:
                 self._drops[ident] = asyncio.get_running_loop().call_later(
                     DROP_GRACE, self._drop, ident
