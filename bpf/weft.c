@@ -436,6 +436,31 @@ int weft_inbound(struct __sk_buff *skb)
 	return weft_inbound_check(skb) < 0 ? WEFT_SYS_REJECT : WEFT_SYS_PROCEED;
 }
 
+/* sk_lookup on the node's network namespace: a connection to the tunnel's outbound address
+ * (where capture sends pods' connects) goes to the agent's own listener, registered in
+ * weft_tunnel_listeners_v1, or nowhere: another process that binds that port while no agent
+ * listens (a crash, an upgrade) never receives a pod's plaintext, and the connect's SYN
+ * is dropped, so the client retries it until the next agent registers its listener (a
+ * reuseport group: a successor sharing the port is selected too). */
+int weft_tunnel_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct weft_node_config *node = weft_node();
+	struct bpf_sock *sk;
+	__u32 key = 0;
+	long err;
+
+	if (!node || !node->tunnel_ip || ctx->protocol != IPPROTO_TCP || ctx->family != AF_INET)
+		return SK_PASS;
+	if (ctx->local_ip4 != node->tunnel_ip || ctx->local_port != node->outbound_port)
+		return SK_PASS;
+	sk = (struct bpf_sock *)weft_tunnel_listeners_v1.lookup(&key);
+	if (!sk)
+		return SK_DROP;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
+}
+
 #define WEFT_SOL_IP 0
 #define WEFT_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv4.h */
 

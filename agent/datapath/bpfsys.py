@@ -38,6 +38,8 @@ PROG_GET_FD_BY_ID = 13
 MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
+LINK_CREATE = 28
+LINK_UPDATE = 29
 
 # Map types (enum bpf_map_type) that weft uses.
 MAP_HASH = 1
@@ -55,6 +57,7 @@ PROG_SOCK_OPS = 13
 PROG_SK_MSG = 16
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
+PROG_SK_LOOKUP = 30
 
 # Attach types (enum bpf_attach_type).
 ATTACH_CGROUP_INET_INGRESS = 0
@@ -64,6 +67,7 @@ ATTACH_SK_MSG_VERDICT = 7
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_GETSOCKOPT = 21
+ATTACH_SK_LOOKUP = 36
 
 # Flags.
 F_NO_PREALLOC = 1
@@ -274,6 +278,21 @@ def prog_attach(
     attr = _attr()
     struct.pack_into("=IIIII", attr, 0, target_fd, prog_fd, attach_type, flags, replace_fd)
     _sys_bpf(PROG_ATTACH, attr, f"attach program (type {attach_type})")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A bpf link attaching the program to `target_fd` (a network namespace for sk_lookup);
+    the attachment lives as long as the link (pin it to outlive the process)."""
+    attr = _attr()
+    struct.pack_into("=IIII", attr, 0, prog_fd, target_fd, attach_type, 0)
+    return _sys_bpf(LINK_CREATE, attr, f"create link (attach type {attach_type})")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program of an existing link (a new build), atomically."""
+    attr = _attr()
+    struct.pack_into("=III", attr, 0, link_fd, prog_fd, 0)
+    _sys_bpf(LINK_UPDATE, attr, "update link")
 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MAPS_DIR = "maps"
 PROGS_DIR = "progs"
+LINKS_DIR = "links"
+LISTENERS = "weft_tunnel_listeners_v1"
 PROG_PREFIX = "weft_"
 
 
@@ -57,6 +59,7 @@ class Hook:
     attach_type: int
     on_sockhash: bool = False  # attached to weft_fastpath_socks_v1 rather than a cgroup
     on_tunnel: bool = False  # attached to the tunnel's cgroup rather than pods'
+    on_netns: bool = False  # a pinned link on the agent's network namespace (sk_lookup)
 
 
 HOOKS: tuple[Hook, ...] = (
@@ -100,8 +103,15 @@ HOOKS: tuple[Hook, ...] = (
         bpfsys.ATTACH_CGROUP_GETSOCKOPT,
         on_tunnel=True,
     ),
+    Hook(
+        "weft_tunnel_lookup",
+        bpfsys.PROG_SK_LOOKUP,
+        bpfsys.ATTACH_SK_LOOKUP,
+        bpfsys.ATTACH_SK_LOOKUP,
+        on_netns=True,
+    ),
 )
-POD_HOOKS = tuple(h for h in HOOKS if not (h.on_sockhash or h.on_tunnel))
+POD_HOOKS = tuple(h for h in HOOKS if not (h.on_sockhash or h.on_tunnel or h.on_netns))
 TUNNEL_HOOKS = tuple(h for h in HOOKS if h.on_tunnel)
 CGROUP_HOOKS = POD_HOOKS + TUNNEL_HOOKS
 PROGRAM_NAMES = tuple(h.program for h in HOOKS)
@@ -276,6 +286,7 @@ class Datapath:
             sockhash = self._maps[SOCKHASH].fd
             msg = self._progs["weft_fastpath_msg"]
             bpfsys.prog_attach(msg.fd, sockhash, msg.hook.attach_type)
+            self._attach_netns_link()
             report = StartReport(
                 build=artifact.key,
                 compiled=not artifact.from_cache,
@@ -668,6 +679,34 @@ class Datapath:
             self._progs[h.program] = _Program(h, fd, bpfsys.prog_info(fd).id)
         return False
 
+    def _attach_netns_link(self) -> None:
+        """weft_tunnel_lookup on this process's network namespace, through a link pinned
+        under the pin root: it outlives the agent (a crashed agent's successor finds it;
+        uninstall removes it), and a new build swaps its program in place."""
+        prog = self._progs["weft_tunnel_lookup"]
+        pin = self.pin_root / LINKS_DIR / prog.hook.program
+        if pin.exists():
+            fd = bpfsys.obj_get(str(pin))
+            try:
+                bpfsys.link_update(fd, prog.fd)
+            finally:
+                os.close(fd)
+            return
+        pin.parent.mkdir(parents=True, exist_ok=True)
+        netns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = bpfsys.link_create(prog.fd, netns, prog.hook.attach_type)
+        finally:
+            os.close(netns)
+        try:
+            bpfsys.obj_pin(fd, str(pin))
+        finally:
+            os.close(fd)
+
+    def set_tunnel_listener(self, sock_fd: int) -> None:
+        """Register the tunnel's outbound listener: captured connects go to it only."""
+        self._map(LISTENERS).put(abi.U32.pack(0), abi.U32.pack(sock_fd))
+
     def _write_node_config(self, *, fastpath: bool) -> None:
         s = self.settings
         conf = abi.NodeConfig(
@@ -934,6 +973,22 @@ def registered_cgroups(pin_root: Path) -> list[str]:
         return [p for _, v in m.items() if (p := _attachment_path(v))]
     finally:
         os.close(fd)
+
+
+def register_tunnel_listener(pin_root: Path, sock_fd: int) -> bool:
+    """Register the tunnel's outbound listener in the pinned map a running (or crashed)
+    agent left, before this agent holds the data path: a restarting agent does this as
+    soon as it listens, so captured connects never find the map empty while its
+    predecessor lets go. False when there is no such map yet (a first start)."""
+    pin = Path(pin_root) / MAPS_DIR / LISTENERS
+    if not pin.exists():
+        return False
+    fd = bpfsys.obj_get(str(pin))
+    try:
+        bpfsys.map_update(fd, abi.U32.pack(0), abi.U32.pack(sock_fd))
+    finally:
+        os.close(fd)
+    return True
 
 
 def uninstall(pin_root: Path) -> list[str]:

@@ -176,6 +176,11 @@ class Tunnel:
             )
         )
 
+    def outbound_listener(self) -> int:
+        """The outbound listener's descriptor (the data path steers captured connects to
+        it and to nothing else, bpf/weft.c weft_tunnel_lookup)."""
+        return int(self._servers[0].sockets[0].fileno())  # type: ignore[attr-defined]
+
     async def start(self) -> None:
         await self.listen()
         for srv in self._servers:

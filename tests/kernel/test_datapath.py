@@ -191,7 +191,10 @@ def run_agent() -> None:
         event = {"accepted": list(peer), "od": asdict(od) if od else None, "sockopt": sockopt}
         print(json.dumps(event), flush=True)
 
-    with Forwarder(None, cfg["tunnel_ip"], dp.original_destination, on_accept=said):
+    with Forwarder(None, cfg["tunnel_ip"], dp.original_destination, on_accept=said) as fwd:
+        # As the agent does: captured connects go to this listener only (weft_tunnel_lookup).
+        assert fwd._server is not None
+        dp.set_tunnel_listener(fwd._server.fileno())
         print(json.dumps({"ready": asdict(report)}), flush=True)
         threading.Event().wait()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -202,6 +203,79 @@ def test_agents_take_a_restarted_controllers_new_epoch(meshed: Mesh) -> None:
         assert meshed.admin(n, "/config")["epoch"] > before[n]["epoch"]
     stats = finish(load)
     assert stats["failed"] == 0 and stats["long_failed"] == 0, stats
+
+
+SQUAT = r"""
+import os, socket, sys
+os.setgid(65534); os.setuid(65534)  # any local user, no privileges
+s = socket.socket()
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+s.settimeout(float(sys.argv[3]))
+print("listening", flush=True)
+try:
+    c, peer = s.accept()
+    c.settimeout(1)
+    print("GOT", peer, c.recv(100), flush=True)
+except OSError as e:
+    print("nothing", type(e).__name__, flush=True)
+"""
+
+SLOW_CONNECT = r"""
+import socket, sys, time
+t = time.monotonic()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b"secret\n")
+print("echo", f.readline().strip().decode(), f"{time.monotonic() - t:.1f}s", flush=True)
+"""
+
+
+def test_while_no_agent_listens_captured_connects_reach_nobody_else(meshed: Mesh) -> None:
+    """Issue 14: node-1's agent is SIGKILLed, and an unprivileged process of node-1's
+    network namespace binds the outbound port the capture sends pods to. A pod's connect
+    reaches nobody (the data path steers captured connects to the agent's registered
+    listener only, bpf/weft.c weft_tunnel_lookup): the squatter gets nothing and the
+    connect is refused. Once a new agent listens, connects go through the mesh again."""
+    from agent.netns import spawn
+
+    state = meshed.lab.state()
+    n1 = state.node("node-1")
+    old = next(p for p in state.processes if p.name == "agent-node-1")
+    os.kill(old.pid, signal.SIGKILL)
+    labmesh._reap(old.pid, 10)
+    squatter = spawn(
+        [sys.executable, "-c", SQUAT, n1.ip, "15001", "4"],
+        netns=n1.netns,
+        cgroup=Path(n1.cgroup),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    client = meshed.state.pod("apps/client")
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline().decode().strip() == "listening"
+        connect = spawn(
+            [sys.executable, "-c", SLOW_CONNECT, meshed.ip("ai/far"), "8000"],
+            netns=client.netns,
+            cgroup=Path(client.cgroup),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = connect.communicate(timeout=30)
+        assert connect.returncode != 0 and b"ConnectionRefusedError" in err, (out + err).decode()
+        out, err = squatter.communicate(timeout=20)
+        assert "GOT" not in out.decode(), out.decode()
+        assert out.decode().startswith("nothing"), (out + err).decode()
+        # The squatter has exited; a new agent takes the port, and pods' connects with it.
+        meshed.lab.start_process(meshed.lab.state(), "agent-node-1", old.argv, node="node-1")
+        labmesh.wait_ready(meshed.lab, meshed.lab.state(), "node-1", 60)
+        stats = finish(start_load(meshed, 2))
+        assert stats["failed"] == 0 and int(stats["ok"]) > 0, stats
+    finally:
+        if squatter.poll() is None:
+            squatter.kill()
 
 
 WAYPOINT_LAB = """
