@@ -186,10 +186,11 @@ class Agent:
                     {(w.namespace, w.spec.service_account) for w in self.identity_holders(snap)}
                 )
                 asyncio.get_running_loop().create_task(self.workload_api.notify())
-        if self.datapath is not None:
+        if self.datapath is not None and not self.released:
             self._reconcile_datapath(snap, local)
         if self.tunnel is not None:
-            # Open connections the new config no longer admits are closed now (issue 14).
+            # Open connections the new config no longer admits are closed now (issue 14),
+            # also those a draining agent still relays after handing the node over.
             self.tunnel.revalidate(snap)
 
     def _reconcile_datapath(self, snap: ConfigSnapshot, local: list[Workload]) -> None:
@@ -392,6 +393,12 @@ class Agent:
             handoff=self.handoff,
         )
         await self.tunnel.listen()  # connects from here on queue, never refused
+        if s.datapath != "none":
+            # Captured connects reach only this listener (and its predecessor's, in the same
+            # reuseport group) from now on, even after the predecessor closes its own.
+            from agent.datapath.loader import register_tunnel_listener
+
+            register_tunnel_listener(s.pin_root, self.tunnel.outbound_listener())
         # Everything that can fail comes before asking a running agent to let go: a new
         # agent that cannot start must leave the node to the old one.
         store = IdentityStore.open(s.identity_dir)
@@ -404,6 +411,8 @@ class Agent:
         if took_over:
             log.info("taking node %s over from the running agent process", s.node)
         self._start_datapath(lock_wait=HANDOVER_WAIT if took_over else 0.0)
+        if self.datapath is not None:
+            self.datapath.set_tunnel_listener(self.tunnel.outbound_listener())
         if await self.config.load_cache():
             self.apply(self.config.snapshot)
         self.handover = restart.HandoverListener(handover, self._superseded)
@@ -466,9 +475,13 @@ class Agent:
             # Connections accepted before the listeners closed get their original
             # destination (data path maps) before those are released.
             await asyncio.sleep(0)
-        for t in self._tasks:
+        # The config stream keeps running through the drain: a DENY that lands meanwhile
+        # still closes the connections this process relays (apply -> revalidate).
+        keep = [t for t in self._tasks if t.get_name() == "config"]
+        stopped = [t for t in self._tasks if t not in keep]
+        for t in stopped:
             t.cancel()
-        for t in self._tasks:
+        for t in stopped:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.datapath is not None:
@@ -476,6 +489,10 @@ class Agent:
             self.datapath.stop()
         if self.tunnel is not None:
             await self.tunnel.drain(self.s.drain_timeout)
+        for t in keep:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
         if self.handoff is not None:
             self.handoff.close()
         await self.identities.close()
