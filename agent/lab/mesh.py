@@ -391,19 +391,39 @@ def restart_agent(
     let go, adopts the data path); the old one drains its connections and exits. With
     `kill`, the old agent is SIGKILLed first (a crash), then the new one starts.
     (old pid, new pid)."""
-    name = f"agent-{node}"
+    return _roll(
+        lab,
+        state,
+        f"agent-{node}",
+        f"no agent runs on node {node!r}",
+        kill,
+        lambda argv: lab.start_process(state, f"agent-{node}", argv, node=node),
+        lambda new: wait_ready(lab, state, node, wait, pid=new.pid),
+    )
+
+
+def _roll(
+    lab: Lab,
+    state: LabState,
+    name: str,
+    missing: str,
+    kill: bool,
+    start: Any,
+    ready: Any,
+) -> tuple[int | None, int]:
+    """A rolling update of one lab process: start its successor (after a SIGKILL of the
+    running one with `kill`), wait until the successor is ready, then SIGTERM the old one,
+    as deleting the old pod does; it drains what it holds and exits."""
     old = next((p for p in state.processes if p.name == name), None)
     if old is None:
-        raise WeftError(f"no agent runs on node {node!r}", hint="weft lab status")
+        raise WeftError(missing, hint="weft lab status")
     if kill:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old.pid, signal.SIGKILL)
         _reap(old.pid, 10.0)
-    new = lab.start_process(state, name, old.argv, node=node)
-    wait_ready(lab, state, node, wait, pid=new.pid)
+    new = start(old.argv)
+    ready(new)
     if not kill:
-        # The old pod is deleted once the new one is ready: its agent, which handed over
-        # and drains, exits after the drain instead of waiting for this.
         with contextlib.suppress(ProcessLookupError):
             os.kill(old.pid, signal.SIGTERM)
     return old.pid, new.pid
@@ -431,21 +451,17 @@ def restart_waypoint(
     old one is SIGKILLed first. (old pid, new pid)."""
     p = state.pod(pod)
     name = f"waypoint-{p.namespace}-{p.name}"
-    old = next((x for x in state.processes if x.name == name), None)
-    if old is None:
-        raise WeftError(f"no waypoint runs in pod {pod!r}", hint="weft lab status")
-    if kill:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(old.pid, signal.SIGKILL)
-        _reap(old.pid, 10.0)
-    new = lab.start_process(state, name, old.argv, pod=pod)
-    _wait(
-        lambda: _waypoint_ready(p, new.pid), wait, f"waypoint {pod} to be ready", lab, state, name
+    return _roll(
+        lab,
+        state,
+        name,
+        f"no waypoint runs in pod {pod!r}",
+        kill,
+        lambda argv: lab.start_process(state, name, argv, pod=pod),
+        lambda new: _wait(
+            lambda: _waypoint_ready(p, new.pid), wait, f"{pod} to be ready", lab, state, name
+        ),
     )
-    if not kill:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(old.pid, signal.SIGTERM)
-    return old.pid, new.pid
 
 
 def _waypoint_ready(p: Any, pid: int) -> bool:

@@ -26,8 +26,10 @@ from tests.kernel.conftest import MESH_LAB, Mesh, build_mesh, wait_until
 
 pytestmark = pytest.mark.kernel
 
-LOAD = r"""
-import json, socket, sys, threading, time
+# Load scripts run in a pod: workers opening a connection per request (one_shot) and
+# workers holding one connection (long_lived), for argv[3] seconds; the counts on stdout.
+_LOAD_HEAD = r"""
+import http.client, json, socket, sys, threading, time
 host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 end = time.monotonic() + seconds
 lock = threading.Lock()
@@ -38,7 +40,22 @@ def fail(kind, e):
         stats[kind] += 1
         if len(stats["errors"]) < 20:
             at = time.monotonic() - end + seconds
-            stats["errors"].append(f"{at:.2f}s {type(e).__name__}: {e}")
+            stats["errors"].append(f"{at:.2f}s {kind} {type(e).__name__}: {e}")
+"""
+_LOAD_RUN = r"""
+one, held = int(sys.argv[4]), int(sys.argv[5])
+threads = [threading.Thread(target=one_shot) for _ in range(one)]
+threads += [threading.Thread(target=long_lived) for _ in range(held)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(stats))
+"""
+
+LOAD = (
+    _LOAD_HEAD
+    + r"""
 
 def one_shot():
     while time.monotonic() < end:
@@ -70,15 +87,9 @@ def long_lived():
         s.close()
     except Exception as e:
         fail("long_failed", e)
-
-threads = [threading.Thread(target=one_shot) for _ in range(4)]
-threads += [threading.Thread(target=long_lived) for _ in range(4)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-print(json.dumps(stats))
 """
+    + _LOAD_RUN
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +104,7 @@ def start_load(m: Mesh, seconds: float) -> subprocess.Popen[bytes]:
 
     client = m.state.pod("apps/client")
     return spawn(
-        [sys.executable, "-c", LOAD, m.ip("ai/far"), "8000", str(seconds)],
+        [sys.executable, "-c", LOAD, m.ip("ai/far"), "8000", str(seconds), "4", "4"],
         netns=client.netns,
         cgroup=Path(client.cgroup),
         stdout=subprocess.PIPE,
@@ -297,13 +308,9 @@ spec:
        ports: [{name: http, port: 8000, appProtocol: http}]}
 """
 
-HTTP_LOAD = r"""
-import http.client, json, sys, threading, time
-host, seconds = sys.argv[1], float(sys.argv[2])
-end = time.monotonic() + seconds
-lock = threading.Lock()
-stats = {"ok": 0, "failed": 0, "errors": [], "long_ok": 0, "long_failed": 0}
-
+HTTP_LOAD = (
+    _LOAD_HEAD
+    + r"""
 def get(conn):
     conn.request("GET", "/v1/models")
     r = conn.getresponse()
@@ -311,17 +318,10 @@ def get(conn):
     if r.status != 200:
         raise ValueError(f"HTTP {r.status}")
 
-def fail(kind, e):
-    with lock:
-        stats[kind] += 1
-        if len(stats["errors"]) < 20:
-            at = time.monotonic() - end + seconds
-            stats["errors"].append(f"{at:.2f}s {kind} {type(e).__name__}: {e}")
-
 def one_shot():
     while time.monotonic() < end:
         try:
-            c = http.client.HTTPConnection(host, 8000, timeout=5)
+            c = http.client.HTTPConnection(host, port, timeout=5)
             get(c)
             c.close()
             with lock:
@@ -330,9 +330,9 @@ def one_shot():
             fail("failed", e)
         time.sleep(0.005)
 
-def keep_alive():
+def long_lived():
     try:
-        c = http.client.HTTPConnection(host, 8000, timeout=5)
+        c = http.client.HTTPConnection(host, port, timeout=5)
         while time.monotonic() < end:
             get(c)
             with lock:
@@ -341,14 +341,9 @@ def keep_alive():
     except Exception as e:
         fail("long_failed", e)
 
-threads = [threading.Thread(target=one_shot) for _ in range(3)]
-threads += [threading.Thread(target=keep_alive) for _ in range(2)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-print(json.dumps(stats))
 """
+    + _LOAD_RUN
+)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +368,7 @@ def test_rolling_restart_of_the_waypoint_and_its_nodes_agent_fails_no_request(wp
 
     client = wp.state.pod("apps/client")
     load = spawn(
-        [sys.executable, "-c", HTTP_LOAD, wp.vip("llm"), "12"],
+        [sys.executable, "-c", HTTP_LOAD, wp.vip("llm"), "8000", "12", "3", "2"],
         netns=client.netns,
         cgroup=Path(client.cgroup),
         stdout=subprocess.PIPE,
