@@ -25,7 +25,7 @@ import yaml
 
 from agent.lab.topology import SHM_ROOT, Lab, LabState, ProcessState
 from agent.netns import call_in
-from controller.errors import WeftError
+from controller.errors import NotFound, WeftError
 from controller.model.workloads import WAYPOINT_LABEL
 from controller.tokens import TokenStore
 
@@ -391,6 +391,7 @@ def restart_agent(
     let go, adopts the data path); the old one drains its connections and exits. With
     `kill`, the old agent is SIGKILLed first (a crash), then the new one starts.
     (old pid, new pid)."""
+    state.node(node)  # NotFound, naming the lab's nodes
     return _roll(
         lab,
         state,
@@ -416,7 +417,7 @@ def _roll(
     as deleting the old pod does; it drains what it holds and exits."""
     old = next((p for p in state.processes if p.name == name), None)
     if old is None:
-        raise WeftError(missing, hint="weft lab status")
+        raise NotFound(missing, hint="weft lab status")
     if kill:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old.pid, signal.SIGKILL)

@@ -158,6 +158,34 @@ def test_restarted_agent_serves_with_the_controller_down(meshed: Mesh) -> None:
         meshed.lab.start_process(st, labmesh.CONTROLLER, controller.argv)
 
 
+def test_weft_lab_restart_agent_as_a_user_types_it(meshed: Mesh) -> None:
+    """The CLI: a rolling restart, then a crash restart (--kill), each reported in one
+    line naming both processes; the node serves after each."""
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+    from controller.errors import NotFound
+
+    runner = CliRunner()
+    for extra in ([], ["--kill"]):
+        before = meshed.admin("node-2", "/healthz")["pid"]
+        out = runner.invoke(
+            app, ["lab", "restart", "agent", "--node", "node-2", "--lab", meshed.state.name, *extra]
+        )
+        assert out.exit_code == 0, out.output
+        verb = "killed" if extra else "draining"
+        assert out.output.startswith("agent on node-2: process "), out.output
+        assert f"process {before} {verb}" in out.output, out.output
+        after = meshed.admin("node-2", "/healthz")
+        assert after["pid"] != before and after["ready"], after
+        stats = finish(start_load(meshed, 1.5))
+        assert stats["failed"] == 0 and int(stats["ok"]) > 0, stats
+    lab = meshed.state.name
+    out = runner.invoke(app, ["lab", "restart", "agent", "--node", "node-9", "--lab", lab])
+    # NotFound (exit code 4 through `weft`), naming the lab's nodes.
+    assert isinstance(out.exception, NotFound) and "node-9" in str(out.exception)
+
+
 def test_a_new_agent_that_cannot_start_leaves_the_node_to_the_old_one(meshed: Mesh) -> None:
     """Everything that can fail (preflight, the build, the identity store, the admin
     listeners) happens before a new agent asks the running one to let go: one started
