@@ -393,12 +393,6 @@ class Agent:
             handoff=self.handoff,
         )
         await self.tunnel.listen()  # connects from here on queue, never refused
-        if s.datapath != "none":
-            # Captured connects reach only this listener (and its predecessor's, in the same
-            # reuseport group) from now on, even after the predecessor closes its own.
-            from agent.datapath.loader import register_tunnel_listener
-
-            register_tunnel_listener(s.pin_root, self.tunnel.outbound_listener())
         # Everything that can fail comes before asking a running agent to let go: a new
         # agent that cannot start must leave the node to the old one.
         store = IdentityStore.open(s.identity_dir)
@@ -406,6 +400,12 @@ class Agent:
         self.identities.restore(store)
         self._prepare_datapath()
         await self._endpoints()
+        if s.datapath != "none":
+            # Captured connects reach only this listener (and its predecessor's, in the same
+            # reuseport group) from now on, even after the predecessor closes its own.
+            from agent.datapath.loader import register_tunnel_listener
+
+            register_tunnel_listener(s.pin_root, self.tunnel.outbound_listener())
         handover = s.state_dir / restart.HANDOVER_SOCKET
         took_over = restart.ask_predecessor(handover)
         if took_over:
@@ -433,6 +433,8 @@ class Agent:
     async def _reconcile_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.reconcile_interval)
+            if self.datapath is not None and self.tunnel is not None:
+                self._keep_listener_registered()
             if self.datapath is not None and self._unresolved:
                 self._reconcile_datapath(self.snapshot, self.local_workloads(self.snapshot))
             self._refresh_gauges()
@@ -453,6 +455,15 @@ class Agent:
                     self.snapshot.revision,
                     len(local),
                 )
+
+    def _keep_listener_registered(self) -> None:
+        """A successor that registered its listener and then failed (before asking this
+        agent to let go) leaves none registered, and every captured connect refused: put
+        this agent's own back."""
+        assert self.datapath is not None and self.tunnel is not None
+        if not self.datapath.tunnel_listener_registered():
+            log.warning("no tunnel listener registered (a failed successor?); registering ours")
+            self.datapath.set_tunnel_listener(self.tunnel.outbound_listener())
 
     def _superseded(self) -> None:
         self.superseded = True

@@ -47,7 +47,7 @@ LAYOUTS: dict[str, tuple[int, int]] = {
     "weft_counters_v1": (U32.size, U64.size),
     "weft_drops_v1": (DROP_KEY.size, U64.size),
     "weft_attachments_v1": (U64.size, ATTACHMENT.size),
-    "weft_tunnel_listeners_v1": (U32.size, U32.size),
+    "weft_tunnel_listeners_v1": (U32.size, U64.size),
 }
 
 

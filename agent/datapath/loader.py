@@ -705,7 +705,12 @@ class Datapath:
 
     def set_tunnel_listener(self, sock_fd: int) -> None:
         """Register the tunnel's outbound listener: captured connects go to it only."""
-        self._map(LISTENERS).put(abi.U32.pack(0), abi.U32.pack(sock_fd))
+        self._map(LISTENERS).put(abi.U32.pack(0), abi.U64.pack(sock_fd))
+
+    def tunnel_listener_registered(self) -> bool:
+        """Whether some listener is registered (the kernel drops the entry when its socket
+        closes: a successor that registered and then failed leaves none)."""
+        return self._map(LISTENERS).get(abi.U32.pack(0)) is not None
 
     def _write_node_config(self, *, fastpath: bool) -> None:
         s = self.settings
@@ -985,7 +990,7 @@ def register_tunnel_listener(pin_root: Path, sock_fd: int) -> bool:
         return False
     fd = bpfsys.obj_get(str(pin))
     try:
-        bpfsys.map_update(fd, abi.U32.pack(0), abi.U32.pack(sock_fd))
+        bpfsys.map_update(fd, abi.U32.pack(0), abi.U64.pack(sock_fd))
     finally:
         os.close(fd)
     return True

@@ -35,8 +35,9 @@ BPF_TABLE("lru_hash", struct weft_endpoint, struct weft_origdst, weft_origdst_v1
 BPF_TABLE("hash", struct weft_pair_key, __u8, weft_fastpath_pairs_v1, WEFT_PAIRS_MAX);
 
 /* The node tunnel's outbound listener (key 0): weft_tunnel_lookup steers captured connects
- * to it and to nothing else. The kernel removes the entry when the socket closes. */
-BPF_TABLE("sockmap", __u32, int, weft_tunnel_listeners_v1, 1);
+ * to it and to nothing else. The kernel removes the entry when the socket closes. 8-byte
+ * values: user space reads an entry back as the socket's cookie (is one registered?). */
+BPF_TABLE("sockmap", __u32, __u64, weft_tunnel_listeners_v1, 1);
 
 /* Spliced sockets by their own 4-tuple; sk_msg redirects each send to the peer's entry. */
 BPF_SOCKHASH(weft_fastpath_socks_v1, struct weft_sock_key, WEFT_FASTPATH_SOCKS_MAX);

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -188,13 +189,57 @@ def test_weft_lab_restart_agent_as_a_user_types_it(meshed: Mesh) -> None:
 
 def test_a_new_agent_that_cannot_start_leaves_the_node_to_the_old_one(meshed: Mesh) -> None:
     """Everything that can fail (preflight, the build, the identity store, the admin
-    listeners) happens before a new agent asks the running one to let go: one started
-    with a pin root off bpffs exits with its error, and the old agent keeps the node."""
+    listeners) happens before a new agent asks the running one to let go, and before it
+    registers its listener for captured connects: new agents that die on a pin root off
+    bpffs, or on an identity directory that cannot exist, leave node-1 (whose outbound
+    path the load takes) to the old agent, serving."""
+    for flag, value, said in (
+        ("--pin-root", "/tmp/weft-not-bpffs", "not on a bpf filesystem"),
+        ("--identity-dir", "/etc/hostname/identities", "NotADirectoryError"),
+    ):
+        _start_failing_agent(meshed, flag, value, said)
+
+
+def test_a_running_agent_registers_its_listener_again_when_none_is(meshed: Mesh) -> None:
+    """The backstop: whatever left no listener registered for captured connects (here, a
+    stranger's socket registered, then closed, which empties the entry), the running
+    agent puts its own back at its next reconcile and pods connect again."""
+    from agent.datapath import bpfsys
+    from agent.datapath.loader import register_tunnel_listener
+    from agent.netns import call_in
+
+    n1 = meshed.state.node("node-1")
+
+    def register_and_close() -> None:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        assert register_tunnel_listener(Path(n1.bpffs), s.fileno())
+        s.close()
+
+    call_in(n1.netns, register_and_close)
+    pin = str(Path(n1.bpffs) / "maps" / "weft_tunnel_listeners_v1")
+
+    def registered() -> bool:
+        fd = bpfsys.obj_get(pin)
+        try:
+            return bpfsys.map_lookup(fd, b"\0\0\0\0", 8) is not None
+        finally:
+            os.close(fd)
+
+    # (The agent reconciles every 2 s; the entry is gone right after the close.)
+    assert not registered(), "closing a registered socket empties the entry"
+    wait_until(registered, "node-1's agent to register its listener again", timeout=30)
+    stats = finish(start_load(meshed, 2))
+    assert stats["failed"] == 0 and int(stats["ok"]) > 0, stats
+
+
+def _start_failing_agent(meshed: Mesh, flag: str, value: str, said: str) -> None:
     state = meshed.lab.state()
-    old = next(p for p in state.processes if p.name == "agent-node-2")
+    old = next(p for p in state.processes if p.name == "agent-node-1")
     argv = list(old.argv)
-    argv[argv.index("--pin-root") + 1] = "/tmp/weft-not-bpffs"
-    bad = meshed.lab.start_process(state, "agent-node-2-bad", argv, node="node-2")
+    argv[argv.index(flag) + 1] = value
+    bad = meshed.lab.start_process(state, "agent-node-1-bad", argv, node="node-1")
     deadline = time.monotonic() + 60
     while Path(f"/proc/{bad.pid}").exists() and time.monotonic() < deadline:
         try:
@@ -204,12 +249,11 @@ def test_a_new_agent_that_cannot_start_leaves_the_node_to_the_old_one(meshed: Me
             pass
         time.sleep(0.1)
     log = Path(bad.log).read_text()
-    assert "not on a bpf filesystem" in log, log[-2000:]
+    assert said in log, log[-2000:]
     assert "taking node" not in log
-    health = meshed.admin("node-2", "/healthz")
+    health = meshed.admin("node-1", "/healthz")
     assert health["pid"] == old.pid and health["ready"], health
-    out = start_load(meshed, 2)
-    stats = finish(out)
+    stats = finish(start_load(meshed, 2))
     assert stats["failed"] == 0 and int(stats["ok"]) > 0, stats
 
 
