@@ -287,6 +287,7 @@ int weft_tunnel_egress(struct __sk_buff *skb)
  * port (Linux's default ip_local_port_range starts here). A server's port is below it, so
  * "from port 53" does not open servers to anyone who sends from port 53. */
 #define WEFT_EPHEMERAL_MIN 32768
+#define WEFT_SOCK_RAW 3 /* linux/net.h */
 
 static __always_inline int weft_dns_answer(__be16 sport, struct bpf_sock *sk)
 {
@@ -340,7 +341,10 @@ static __always_inline int weft_inbound_ipv6(struct __sk_buff *skb, __u64 cgroup
 	struct ipv6hdr ip6;
 	__be16 sport;
 
-	if (sk->protocol == IPPROTO_TCP) {
+	if (sk->type == WEFT_SOCK_RAW) {
+		if (sk->protocol == IPPROTO_ICMPV6)
+			return 0;
+	} else if (sk->protocol == IPPROTO_TCP) {
 		if (sk->state != BPF_TCP_LISTEN)
 			return 0;
 	} else if (sk->protocol == IPPROTO_UDP || sk->protocol == IPPROTO_UDPLITE) {
@@ -402,10 +406,14 @@ static __always_inline int weft_inbound_check(struct __sk_buff *skb)
 		return 0;
 	if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		return weft_inbound_ipv6(skb, cgroup_id, sk);
+	/* A raw socket bound to TCP or UDP sees every segment of that protocol, the ones
+	 * STRICT drops for the pod's real sockets included: the same rule as other protocols
+	 * (the pod itself, loopback, exception ports). */
+	if (weft_other_protocol(sk->protocol) ||
+	    (sk->type == WEFT_SOCK_RAW && sk->protocol != IPPROTO_ICMP))
+		return weft_inbound_other(skb, cgroup_id, pod, sk);
 	if (sk->protocol == IPPROTO_UDP || sk->protocol == IPPROTO_UDPLITE)
 		return weft_inbound_udp(skb, cgroup_id, pod, sk);
-	if (weft_other_protocol(sk->protocol))
-		return weft_inbound_other(skb, cgroup_id, pod, sk);
 	if (sk->protocol != IPPROTO_TCP || sk->state != BPF_TCP_LISTEN)
 		return 0;
 	node = weft_node();

@@ -59,6 +59,9 @@ class IdentityStore:
         if directory is None:
             return None
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The resolved path is checked and the resolved path is used: a link on the way,
+        # pointed elsewhere later, cannot move the store.
+        directory = directory.resolve()
         unsafe = unsafe_component(directory)
         if unsafe is not None:
             log.warning(
