@@ -4,32 +4,35 @@ refused connection (issue 18, Envoy's hot-restart model without a shared-memory 
 The new process (the successor):
   1. listens on the tunnel ports beside the old one (SO_REUSEPORT, tunnel.listener_socket)
      without accepting yet: connections the kernel gives it wait in its backlog;
-  2. asks the old process to let go, over the handover socket in the state directory
+  2. does everything that can fail (identity store, build, admin listeners), registers its
+     listener for captured connects (bpf/weft.c weft_tunnel_lookup), and asks the old
+     process to let go, over the handover socket in the state directory
      (HandoverListener: as SIGTERM does, but answered, and across PID namespaces);
   3. takes the data path lock as the old process releases it, adopts the pinned programs
      and maps, loads the cached config and the identities the old process kept in a
      memory-backed store (identity/store.py), and starts accepting.
 
-The old process, asked (or on SIGTERM), releases the data path at once, closes its listeners (the
-kernel moves connections still queued on them to the successor's listener: that is what
-net.ipv4.tcp_migrate_req=1, set here, does; without it they would be reset) and keeps
-relaying the connections it holds until they end or its drain deadline passes.
+The old process, asked (or on SIGTERM), closes its listeners (the kernel moves
+connections still queued on them to the successor's listener: that is what
+net.ipv4.tcp_migrate_req=1, set here, does; without it they would be reset), releases
+the data path, and keeps relaying the connections it holds until they end or its drain
+deadline passes; asked by a successor, it then waits for SIGTERM rather than exit.
 
 Without a successor, SIGTERM is a plain drain. A SIGKILLed agent loses the connections it
-held; connects made before a new process listens are refused (no process holds the
-listener then).
+held; connects made before a new process listens are refused (no listener is registered
+then, and weft_tunnel_lookup gives them to no other socket).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
+
+from agent.unixsock import UnixListener, peer_cred
 
 log = logging.getLogger("weft.restart")
 
@@ -63,51 +66,24 @@ class HandoverListener:
     def __init__(self, path: Path, on_request: Callable[[], None]) -> None:
         self.path = path
         self.on_request = on_request
-        self._sock: socket.socket | None = None
-        self._inode = 0
+        self._listener = UnixListener(path, socket.SOCK_STREAM, 0o600, self._accepted, 4)
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.bind(str(self.path))
-        os.chmod(self.path, 0o600)
-        self._inode = self.path.stat().st_ino
-        s.listen(4)
-        self._sock = s
-        asyncio.get_running_loop().add_reader(s.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            with conn:
-                raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                pid, uid, _gid = struct.unpack("3i", raw)
-                if uid != os.geteuid():
-                    log.warning("handover request from uid %d (pid %d) refused", uid, pid)
-                    continue
-                log.info("a new agent process (pid %d) takes this node over", pid)
-                with contextlib.suppress(OSError):
-                    conn.sendall(b"ok\n")
-                self.on_request()
+        self._listener.start()
 
     def close(self) -> None:
-        if self._sock is None:
-            return
-        with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        self._sock.close()
-        self._sock = None
-        # The successor binds the same path: remove it only if it is still ours.
-        with contextlib.suppress(FileNotFoundError):
-            if self.path.stat().st_ino == self._inode:
-                self.path.unlink()
+        self._listener.close()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        with conn:
+            pid, uid, _gid = peer_cred(conn)
+            if uid != os.geteuid():
+                log.warning("handover request from uid %d (pid %d) refused", uid, pid)
+                return
+            log.info("a new agent process (pid %d) takes this node over", pid)
+            with contextlib.suppress(OSError):
+                conn.sendall(b"ok\n")
+            self.on_request()
 
 
 def ask_predecessor(path: Path, timeout: float = 5.0) -> bool:

@@ -20,11 +20,11 @@ import contextlib
 import json
 import logging
 import socket
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.httpserver import HttpRequest, Response, json_response
+from agent.unixsock import peer_cred
 from controller.model.workloads import WAYPOINT_LABEL, Workload
 
 if TYPE_CHECKING:
@@ -40,9 +40,7 @@ def peer_pid(transport: Any) -> int | None:
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
         return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", raw)
-    return pid
+    return peer_cred(sock)[0]
 
 
 def cgroup_of_pid(pid: int) -> str | None:

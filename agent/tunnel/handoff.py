@@ -27,13 +27,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agent.unixsock import UnixListener, peer_cred
 
 log = logging.getLogger("weft.tunnel.handoff")
 
@@ -77,12 +77,6 @@ class Handoff:
         return cls(fields["source"], fields["clientIp"], fields["destination"])
 
 
-def peer_pid(sock: socket.socket) -> int:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", raw)
-    return int(pid)
-
-
 class HandoffServer:
     """The agent's end: accepts waypoints' channels and hands connections to them.
 
@@ -99,34 +93,14 @@ class HandoffServer:
         self.channels: dict[str, list[socket.socket]] = {}
         self.handed = 0
         self.failed = 0
-        self._listener: socket.socket | None = None
-        self._inode = 0
+        # Any local process may connect: the agent decides by attesting it, not by mode.
+        self._listener = UnixListener(path, socket.SOCK_SEQPACKET, 0o666, self._accepted)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.setblocking(False)
-        s.bind(str(self.path))
-        self._inode = self.path.stat().st_ino
-        # Any local process may connect: the agent decides by attesting it, not by mode.
-        os.chmod(self.path, 0o666)
-        s.listen(64)
-        self._listener = s
-        loop.add_reader(s.fileno(), self._accept)
+        self._listener.start()
 
     def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._listener is not None:
-            loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-            # A successor may have bound the path since (agent/restart.py): leave its.
-            with contextlib.suppress(FileNotFoundError):
-                if self.path.stat().st_ino == self._inode:
-                    self.path.unlink()
+        self._listener.close()
         for chs in list(self.channels.values()):
             for ch in list(chs):
                 self._drop(ch)
@@ -155,24 +129,18 @@ class HandoffServer:
         self.handed += 1
         return True
 
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while True:
-            try:
-                ch, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            ch.setblocking(False)
-            address = None
-            with contextlib.suppress(OSError):
-                address = self.attest(peer_pid(ch))
-            if address is None:
-                log.warning("handoff channel refused: the caller is not a waypoint of this node")
-                ch.close()
-                continue
-            self.channels.setdefault(address, []).append(ch)
-            asyncio.get_running_loop().add_reader(ch.fileno(), self._readable, address, ch)
-            log.info("waypoint %s connected its handoff channel", address)
+    def _accepted(self, ch: socket.socket) -> None:
+        ch.setblocking(False)
+        address = None
+        with contextlib.suppress(OSError):
+            address = self.attest(peer_cred(ch)[0])
+        if address is None:
+            log.warning("handoff channel refused: the caller is not a waypoint of this node")
+            ch.close()
+            return
+        self.channels.setdefault(address, []).append(ch)
+        asyncio.get_running_loop().add_reader(ch.fileno(), self._readable, address, ch)
+        log.info("waypoint %s connected its handoff channel", address)
 
     def _readable(self, address: str, ch: socket.socket) -> None:
         # A waypoint sends nothing: readable means it closed (or broke) its end.
