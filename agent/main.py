@@ -1,15 +1,16 @@
 """The node agent process: identity, config, data path, tunnel, and its endpoints.
 
-Start-up order, and why:
-  1. data path first: it adopts whatever a previous agent left attached, so a restart
-     never opens a window in which pods are uncaptured or unenforced;
-  2. config: the cached copy (if any), then the controller's stream;
-  3. node credential and workload certificates;
-  4. tunnel listeners; readiness turns green once config and certificates are in.
-
-A restart (agent/restart.py): the new process listens on the tunnel ports beside the old
-one and asks it, over the handover socket, to let go; then it adopts the data path, the
-cached config and the identities the old one kept in the memory-backed store.
+Start-up order, and why (Agent.start; a restart is the same with a predecessor running,
+agent/restart.py):
+  1. tunnel listeners, not yet accepting: connects queue from here on, never refused;
+  2. everything that can fail: the identity store (the certificates a previous process
+     kept), the data path's build and preflight, the admin listeners;
+  3. the listener registered for captured connects, then the running agent (if any)
+     asked to let go;
+  4. data path: it adopts whatever the previous agent left attached (pins and
+     attachments never go away, so pods are never uncaptured or unenforced);
+  5. config: the cached copy (if any), then the controller's stream; accepting starts,
+     and readiness turns green once config and certificates are in.
 
 Shutdown (SIGTERM, or a successor's request): readiness goes red, the data path is
 released (*not* detached: the kernel keeps capturing and enforcing, and spliced

@@ -982,9 +982,10 @@ def registered_cgroups(pin_root: Path) -> list[str]:
 
 def register_tunnel_listener(pin_root: Path, sock_fd: int) -> bool:
     """Register the tunnel's outbound listener in the pinned map a running (or crashed)
-    agent left, before this agent holds the data path: a restarting agent does this as
-    soon as it listens, so captured connects never find the map empty while its
-    predecessor lets go. False when there is no such map yet (a first start)."""
+    agent left, before this agent holds the data path: a restarting agent does this just
+    before it asks its predecessor to let go (after everything that can fail), so captured
+    connects never find the map empty while the predecessor closes its listener. False
+    when there is no such map yet (a first start)."""
     pin = Path(pin_root) / MAPS_DIR / LISTENERS
     if not pin.exists():
         return False

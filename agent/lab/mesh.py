@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from agent.lab.topology import SHM_ROOT, Lab, LabState, ProcessState
+from agent.lab.topology import SHM_ROOT, Lab, LabState, ProcessState, wait_exit
 from agent.netns import call_in
 from controller.errors import NotFound, WeftError
 from controller.model.workloads import WAYPOINT_LABEL
@@ -421,25 +421,13 @@ def _roll(
     if kill:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old.pid, signal.SIGKILL)
-        _reap(old.pid, 10.0)
+        wait_exit(old.pid, 10.0)
     new = start(old.argv)
     ready(new)
     if not kill:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old.pid, signal.SIGTERM)
     return old.pid, new.pid
-
-
-def _reap(pid: int, limit: float) -> None:
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if not Path(f"/proc/{pid}").exists():
-                return
-        time.sleep(0.02)
 
 
 def restart_waypoint(

@@ -510,23 +510,30 @@ def _up(ip: IPRoute, ifname: str) -> None:
     ip.link("set", index=ip.link_lookup(ifname=ifname)[0], state="up")
 
 
-def _terminate(pid: int, timeout: float) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Whether process `pid` exited within `timeout` seconds (reaped if it is our child)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             waited, _ = os.waitpid(pid, os.WNOHANG)
             if waited == pid:
-                return
+                return True
         except ChildProcessError:
             # Not our child (started by another weft command): poll for its exit instead.
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    if not wait_exit(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

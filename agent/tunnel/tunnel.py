@@ -153,7 +153,7 @@ class Tunnel:
 
     async def listen(self) -> None:
         """Bind and listen, without accepting yet: connections the kernel gives these
-        sockets wait in their backlog until serve(). A restarting agent listens first,
+        sockets wait in their backlog until start(). A restarting agent listens first,
         then tells its predecessor to let go (agent/restart.py)."""
         if self._servers:
             return

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.lab import mesh as labmesh
+from agent.lab.topology import wait_exit
 from tests.kernel.conftest import MESH_LAB, Mesh, build_mesh, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -240,14 +241,7 @@ def _start_failing_agent(meshed: Mesh, flag: str, value: str, said: str) -> None
     argv = list(old.argv)
     argv[argv.index(flag) + 1] = value
     bad = meshed.lab.start_process(state, "agent-node-1-bad", argv, node="node-1")
-    deadline = time.monotonic() + 60
-    while Path(f"/proc/{bad.pid}").exists() and time.monotonic() < deadline:
-        try:
-            if os.waitpid(bad.pid, os.WNOHANG)[0] == bad.pid:
-                break
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
+    assert wait_exit(bad.pid, 60), "the agent that cannot start exits"
     log = Path(bad.log).read_text()
     assert said in log, log[-2000:]
     assert "taking node" not in log
@@ -327,7 +321,7 @@ def test_while_no_agent_listens_captured_connects_reach_nobody_else(meshed: Mesh
     n1 = state.node("node-1")
     old = next(p for p in state.processes if p.name == "agent-node-1")
     os.kill(old.pid, signal.SIGKILL)
-    labmesh._reap(old.pid, 10)
+    wait_exit(old.pid, 10)
     squatter = spawn(
         [sys.executable, "-c", SQUAT, n1.ip, "15001", "4"],
         netns=n1.netns,
