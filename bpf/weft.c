@@ -295,8 +295,9 @@ static __always_inline int weft_dns_answer(__be16 sport, struct bpf_sock *sk)
 }
 
 /* A protocol weft neither meshes nor reads ports of (SCTP, ...): on a STRICT pod, dropped
- * unless from the pod itself or loopback. ICMP and raw sockets pass (replies to the pod's
- * own pings; a raw socket needs CAP_NET_RAW in the pod). */
+ * unless from the pod itself, loopback or to an exception port (weft_inbound_other). ICMP
+ * passes (replies to the pod's own pings); IPPROTO_RAW sockets only send. Raw sockets
+ * bound to TCP or UDP are judged by weft_inbound_other too (weft_inbound_check). */
 static __always_inline int weft_other_protocol(__u8 protocol)
 {
 	return protocol != IPPROTO_TCP && protocol != IPPROTO_UDP &&
@@ -330,10 +331,10 @@ static __always_inline int weft_inbound_udp(struct __sk_buff *skb, __u64 cgroup_
 }
 
 /* Native IPv6 to a STRICT pod: weft meshes IPv4 only, so IPv6 is dropped wherever it could
- * open something (a TCP listener, an unconnected UDP socket), except from the pod's own
- * network namespace (it arrives over loopback), on an inbound exception port (probes), and
- * DNS answers from port 53 to an unconnected UDP socket. Sockets the pod connected only
- * receive from their peer, as for IPv4, and pass. */
+ * open something (a TCP listener, an unconnected UDP socket, a raw socket, another
+ * protocol), except from the pod's own network namespace (it arrives over loopback), on an
+ * inbound exception port (probe ports are an IPv4 exemption), and DNS answers as for IPv4.
+ * Sockets the pod connected only receive from their peer, as for IPv4, and pass. */
 #define WEFT_LOOPBACK_IFINDEX 1 /* lo is the first device of every network namespace */
 static __always_inline int weft_inbound_ipv6(struct __sk_buff *skb, __u64 cgroup_id,
 					     struct bpf_sock *sk)
