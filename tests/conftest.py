@@ -17,6 +17,9 @@ import pytest
 
 REQUIRE_KERNEL = os.environ.get("WEFT_REQUIRE_KERNEL") == "1"
 
+# The `redis_server` fixture: a real redis-server on loopback (tests/redis_server.py).
+pytest_plugins = ["tests.redis_server"]
+
 
 def kernel_unavailable() -> str | None:
     """Why kernel tests cannot run here, or None when they can."""

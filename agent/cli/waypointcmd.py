@@ -33,14 +33,16 @@ def run(
             "http://collector:4318 (unset: propagate trace context only).",
         ),
     ] = None,
-    quota_db: Annotated[
-        Path | None,
+    quota_store: Annotated[
+        str,
         typer.Option(
-            envvar="WEFT_QUOTA_DB",
-            help="SQLite file for token quotas, shared by the waypoint replicas of a node "
-            "(unset: in memory, per replica).",
+            envvar="WEFT_QUOTA_STORE",
+            help="Where token quotas are counted: memory (this replica only), a path to an "
+            "SQLite file (shared by the replicas of a node), or redis://HOST:PORT "
+            "(rediss:// for TLS; shared by every replica: use it when a waypoint has "
+            "replicas on several nodes).",
         ),
-    ] = None,
+    ] = "memory",
     head_timeout: Annotated[
         float,
         typer.Option(
@@ -88,6 +90,13 @@ def run(
             f"{escaped_slashes!r}: use reject, decode or keep", param_hint="--escaped-slashes"
         )
 
+    from agent.waypoint.ai.quotastore import store_kind
+
+    try:
+        store_kind(quota_store)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--quota-store") from None
+
     main(
         WaypointSettings(
             name=name,
@@ -96,7 +105,7 @@ def run(
             metrics_listen=metrics_listen,
             otlp_endpoint=otlp_endpoint,
             head_timeout=head_timeout,
-            quota_path=quota_db,
+            quota_store=quota_store,
             access_log=access_log,
             handoff=handoff,
             escaped_slashes=escaped_slashes,  # type: ignore[arg-type]

@@ -162,6 +162,11 @@ class LabSpec(_Strict):
     namespaces: list[Namespace] = Field(default_factory=list)
     pods: list[Pod] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
+    # Where the waypoints count token quotas (weft waypoint run --quota-store): unset, a
+    # SQLite file per node (replicas on one node share it); `redis://SERVICE.NAMESPACE:PORT`
+    # for one budget across nodes: the lab has no DNS and resolves a Service name to its
+    # first pod's address (as a headless Service would); run redis-server in that pod.
+    quota_store: str | None = Field(None, alias="quotaStore", min_length=1)
 
 
 class LabManifest(_Strict):
@@ -224,6 +229,7 @@ class LabPlan:
     services: tuple[ServicePlan, ...]
     namespaces: dict[str, dict[str, str]]
     source: str
+    quota_store: str | None = None
 
     def node(self, name: str) -> NodePlan:
         return next(n for n in self.nodes if n.name == name)
@@ -301,6 +307,7 @@ class _Planner:
         namespaces = self._namespaces(spec)
         pods = self._plan_pods(spec, nodes, namespaces)
         services = self._plan_services(spec, net)
+        quota_store = self._quota_store(spec)
         if self.problems:
             raise InvalidConfig(self.problems)
         return LabPlan(
@@ -313,7 +320,19 @@ class _Planner:
             services=tuple(services),
             namespaces=namespaces,
             source=self.doc.file,
+            quota_store=quota_store,
         )
+
+    def _quota_store(self, spec: LabSpec) -> str | None:
+        from agent.waypoint.ai.quotastore import store_kind
+
+        if spec.quota_store is None:
+            return None
+        try:
+            store_kind(spec.quota_store)
+        except ValueError as e:
+            self.fail(("spec", "quotaStore"), str(e))
+        return spec.quota_store
 
     def _check_networks(self, net: Network) -> None:
         named = [

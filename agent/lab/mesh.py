@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +214,48 @@ def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | No
             str(workload_socket(state, p.node)),
             "--metrics-listen",
             f"{p.ip}:15020",
-            "--quota-db",
-            str(node_dir(state, p.node) / "waypoint-quota.db"),
+            "--quota-store",
+            quota_store(state, p.node),
         ],
         pod=pod,
         env=env,
     )
+
+
+def quota_store(state: LabState, node: str) -> str:
+    """The waypoints' --quota-store: the manifest's spec.quotaStore with a Service name
+    (`redis.ai`, `redis.ai.svc.cluster.local`) resolved to its first pod's address and
+    target port (the lab has no DNS), or a SQLite file per node."""
+    spec = state.quota_store
+    if spec is None:
+        return str(node_dir(state, node) / "waypoint-quota.db")
+    u = urllib.parse.urlsplit(spec)
+    host = u.hostname or ""
+    parts = host.split(".")
+    if len(parts) < 2 or not u.port:
+        return spec
+    svc = next(
+        (s for s in state.services if s["name"] == parts[0] and s["namespace"] == parts[1]),
+        None,
+    )
+    if svc is None:
+        return spec
+    pods = [
+        p
+        for p in state.pods
+        if p.namespace == svc["namespace"]
+        and all(p.labels.get(k) == v for k, v in svc["selector"].items())
+    ]
+    if not pods:
+        raise WeftError(
+            f"spec.quotaStore {spec}: Service {parts[1]}/{parts[0]} selects no pod",
+            hint="add a pod running redis-server with the Service's selector labels",
+        )
+    port = next((p for p in svc["ports"] if p["port"] == u.port), None)
+    target = port.get("targetPort", u.port) if port else u.port
+    auth = u.netloc.rpartition("@")[0]
+    netloc = (auth + "@" if auth else "") + f"{pods[0].ip}:{target}"
+    return urllib.parse.urlunsplit(u._replace(netloc=netloc))
 
 
 def wait_waypoint(lab: Lab, state: LabState, pod: str, wait: float = 60.0) -> None:

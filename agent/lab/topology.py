@@ -106,6 +106,7 @@ class LabState:
     services: list[dict[str, Any]] = field(default_factory=list)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     processes: list[ProcessState] = field(default_factory=list)
+    quota_store: str | None = None  # the manifest's spec.quotaStore
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -212,6 +213,7 @@ class Lab:
             run_dir=str(self.run_dir),
             cgroup=str(root),
             namespaces=plan.namespaces,
+            quota_store=plan.quota_store,
             services=[
                 {
                     "name": s.name,

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -34,7 +34,8 @@ from agent.waypoint.ai.metrics import AiPolicyCollector, GenAIMetrics
 from agent.waypoint.ai.openai import BadModelRequest, ModelRequest
 from agent.waypoint.ai.policy import MAX_REQUEST_BODY, AiPolicies, ServiceAi
 from agent.waypoint.ai.priority import LoadBoard, backend_level, parse_vllm_metrics
-from agent.waypoint.ai.quota import QuotaStore
+from agent.waypoint.ai.quota import CHARGE_STEP, TokenLimiter
+from agent.waypoint.ai.quotastore import QuotaStore, open_store
 from agent.waypoint.ai.router import RoutePlan, Target
 from agent.waypoint.ai.usage import ResponseReader
 from agent.waypoint.codec import events as ev
@@ -53,39 +54,70 @@ SCRAPE_EVERY = 2.0  # seconds between scrapes of model servers' /metrics (queue,
 
 
 class AiFlow:
-    def __init__(self, wp: Waypoint, quota_path: Path | None, registry: CollectorRegistry) -> None:
+    def __init__(self, wp: Waypoint, quota_store: str, registry: CollectorRegistry) -> None:
         self.wp = wp
         self.rng = random.Random()
         self.board = LoadBoard()
-        self.quota_path = quota_path
+        self.quota_store = quota_store
         self._store: QuotaStore | None = None
         self.policies = AiPolicies()
         self.genai = GenAIMetrics(registry)
-        registry.register(AiPolicyCollector(lambda: self.policies))
+        registry.register(AiPolicyCollector(lambda: self.policies, lambda: self._store))
         self._waiters: dict[int, asyncio.Future[None]] = {}
+        # Charges (store writes) run beside the request path; kept here until done, and
+        # awaited by `close`.
+        self._charges: set[asyncio.Task[Any]] = set()
 
     # ---- config, timers, scrapes -------------------------------------------------------
 
     def store(self) -> QuotaStore:
         if self._store is None:
-            path = self.quota_path or Path(":memory:")
-            if str(path) != ":memory:":
-                path.parent.mkdir(parents=True, exist_ok=True)
-            self._store = QuotaStore(path)
+            self._store = open_store(self.quota_store)
         return self._store
 
-    def update(self, resources: Any) -> None:
-        needs_store = any(r.KIND == "TokenRateLimit" for r in resources)
+    def update(self, resources: Any, replica_nodes: int = 1) -> None:
+        """A new config. `replica_nodes`: on how many nodes this waypoint has replicas;
+        a TokenRateLimit served from several with a per-node store is said to hold per
+        node, not silently."""
+        limits = [r for r in resources if r.KIND == "TokenRateLimit"]
+        store = self.store() if limits else None
         self.policies = AiPolicies.build(
             resources,
-            store=self.store() if needs_store else None,
+            store=store,
             board=self.board,
             rng=self.rng,
             now=time.time(),
             previous=self.policies,
         )
+        if store is not None and not store.shared and replica_nodes > 1:
+            for r in limits:
+                self.policies.conflicts.append(
+                    f"{r.key}: waypoint {self.wp.s.name} has replicas on {replica_nodes} "
+                    f"nodes and a per-node quota store ({store.kind}): each node counts its "
+                    "own budget; give every replica one shared store "
+                    "(weft waypoint run --quota-store redis://HOST:6379)"
+                )
         for c in self.policies.conflicts:
             log.warning("AI policy conflict: %s", c)
+
+    def spawn_charge(self, lim: TokenLimiter, adm: Any, tokens: int, final: bool = True) -> Any:
+        """Charge (or refund) beside the request path; returns the task."""
+        task = asyncio.get_running_loop().create_task(
+            lim.charge(adm, tokens, time.time(), final=final)
+        )
+        self._charges.add(task)
+        task.add_done_callback(self._charges.discard)
+        return task
+
+    async def close(self) -> None:
+        """Let the charges in flight reach the store, then close it."""
+        if self._charges:
+            await asyncio.wait(set(self._charges), timeout=2.0)
+        for t in list(self._charges):
+            t.cancel()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
 
     async def run_timers(self) -> None:
         """Rollout checks, queue expiry, and scraping model servers for their load."""
@@ -208,6 +240,9 @@ class AiRequest:
         self.status = 0
         self.upstream_headers: Headers | None = None
         self.strip = False
+        self.charged_events = 0  # content events charged so far (a stream in progress)
+        self.over: str | None = None  # the limit a progress charge took past its value
+        self.cut_sent = False
 
     # ---- before the tries --------------------------------------------------------------
 
@@ -262,7 +297,7 @@ class AiRequest:
         facts.model = target.model
         self.target = target
         for lim in ai.limiters:
-            adm = lim.admit(facts, req.prompt_tokens, time.time())
+            adm = await lim.admit(facts, req.prompt_tokens, time.time())
             self.admissions.append((lim, adm))
             if not adm.allowed:
                 self._refund()
@@ -367,8 +402,48 @@ class AiRequest:
     def feed(self, data: bytes) -> bytes:
         if self.collector is not None:
             self.collector.feed(data)
-        assert self.reader is not None
-        return self.reader.feed(data, time.monotonic())
+        reader = self.reader
+        assert reader is not None
+        out = reader.feed(data, time.monotonic())
+        if reader.content_events >= self.charged_events + CHARGE_STEP and self.admissions:
+            self._charge_progress()
+        return out
+
+    def _charge_progress(self) -> None:
+        """A stream in progress: charge what it has used so far (its prompt estimate and a
+        token per content event), so other admissions see it now; with onExceed: truncate,
+        a charge that takes a limit past its value cuts the stream (`cut`)."""
+        assert self.reader is not None and self.req is not None
+        self.charged_events = self.reader.content_events
+        total = self.req.prompt_tokens + self.charged_events
+        for lim, adm in self.admissions:
+            if not adm.allowed:
+                continue
+            task = self.flow.spawn_charge(lim, adm, total, final=False)
+            if lim.truncate:
+                task.add_done_callback(lambda t, lim=lim: self._over(t, lim))
+
+    def _over(self, task: asyncio.Task[bool], lim: TokenLimiter) -> None:
+        if not task.cancelled() and task.exception() is None and task.result():
+            self.over = self.over or lim.name
+
+    def cut(self) -> bytes | None:
+        """The event that ends a stream cut for its token limit (onExceed: truncate), once;
+        None: carry on."""
+        if not self.over or self.cut_sent or self.reader is None or not self.reader.sse:
+            return None
+        self.cut_sent = True
+        self.x.annotations["quota"] = "truncated"
+        err = {
+            "error": {
+                "message": f"token limit {self.over} reached while streaming; "
+                "the answer was truncated",
+                "type": "tokens",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        }
+        return b"data: " + json.dumps(err).encode() + b"\n\n"
 
     def end(self) -> bytes:
         assert self.reader is not None
@@ -382,15 +457,20 @@ class AiRequest:
             self.flow._release(ai.shedder)
         if req is None or reader is None or target is None:
             return
-        ok = ok and 200 <= self.status < 300
-        now = time.time()
+        success = 200 <= self.status < 300
+        # What a 2xx answer streamed is charged even when it was cut (the caller went
+        # away, the backend reset, onExceed: truncate): disconnecting before the end is not
+        # a way to use tokens for free.
+        billable = success and (ok or reader.content_events > 0 or reader.usage is not None)
+        ok = ok and success
         usage = reader.usage_or_estimate(req.prompt_tokens)
         for lim, adm in self.admissions:
             if adm.allowed:
                 # An answer that is not a success consumed no budget: its reservation is
                 # given back (charged 0), as for a target that failed before answering.
-                lim.charge(adm, usage.total_tokens if ok else 0, now)
+                self.flow.spawn_charge(lim, adm, usage.total_tokens if billable else 0)
         self.admissions = []
+        now = time.time()
         if ok and self.collector is not None and self.cache_key is not None and ai.cache:
             body = self.collector.body()
             if body is not None and self.upstream_headers is not None:
@@ -423,7 +503,7 @@ class AiRequest:
     def _refund(self) -> None:
         for lim, adm in self.admissions:
             if adm.allowed:
-                lim.charge(adm, 0, time.time())
+                self.flow.spawn_charge(lim, adm, 0)
         self.admissions = []
 
     def _done_with_endpoint(self) -> None:

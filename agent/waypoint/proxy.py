@@ -156,7 +156,7 @@ class Stage(Protocol):
     `picker`, then the engine's tries (`try_started` before each); a target whose last try
     failed in a way `falls_back` accepts is given up with `failed` and the next target is
     tried; the answer's head goes through `response_head`, its body through `feed` and
-    `end`, and `finish(ok)` closes the request."""
+    `end` (or ends early with what `cut` returns), and `finish(ok)` closes the request."""
 
     max_body: int
     targets: list[Any]
@@ -171,6 +171,7 @@ class Stage(Protocol):
     def failed(self, target: Any, outcome: int) -> None: ...
     def response_head(self, target: Any, status: int, upstream: Headers, out: Headers) -> None: ...
     def feed(self, data: bytes) -> bytes: ...
+    def cut(self) -> bytes | None: ...
     def end(self) -> bytes: ...
     def finish(self, ok: bool) -> None: ...
 
@@ -541,6 +542,14 @@ class Proxy:
                             data = stage.feed(data)
                             if e.end_stream:
                                 data += stage.end()
+                            elif (tail := stage.cut()) is not None:
+                                # The stage ends the answer here (a token limit reached
+                                # while streaming, onExceed: truncate).
+                                await x.writable()
+                                x.respond_data(data + tail, True)
+                                r.up.cancel(r.sid)
+                                ok = False
+                                break
                         await x.writable()
                         x.respond_data(data, e.end_stream)
                         if e.end_stream:

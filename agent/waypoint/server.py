@@ -68,7 +68,7 @@ from agent.waypoint.tracing import (
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
 from controller.ca.spiffeid import parse_workload_id
-from controller.model.workloads import Workload
+from controller.model.workloads import WAYPOINT_LABEL, Workload
 
 log = logging.getLogger("weft.waypoint")
 # Labelled metric children are cached per label tuple; a waypoint sees few distinct tuples
@@ -91,9 +91,10 @@ class WaypointSettings:
     idle_timeout: float = 60.0
     drain_timeout: float = 10.0
     otlp_endpoint: str | None = None  # e.g. http://collector:4318; None: propagate only
-    # Token quotas, shared by the waypoint replicas of a node (SQLite, WAL); None: in memory
-    # (limits then hold per replica only).
-    quota_path: Path | None = None
+    # Where token quotas are counted (agent/waypoint/ai/quotastore.py): "memory" (this
+    # replica only), an SQLite file shared by the replicas of a node, or redis://HOST:PORT
+    # shared by every replica in the cluster.
+    quota_store: str = "memory"
     access_log: str = "stdout"  # stdout | stderr | off | a file path
     # Take pod connections from the node agent directly when this instance runs on the
     # caller's node (agent/tunnel/handoff.py); off: every connection arrives over HBONE.
@@ -150,7 +151,7 @@ class Waypoint:
         self._tasks: list[asyncio.Task[Any]] = []
         self.prober = Prober(s.name)
         self.proxy = Proxy(self.upstream, self.endpoint, self.engine.backend)
-        self.ai = AiFlow(self, s.quota_path, self.metrics.registry)
+        self.ai = AiFlow(self, s.quota_store, self.metrics.registry)
         self.draining = False
         # Pod connections its node agent handed over (no HBONE hop): see _handed.
         self._handoffs: weakref.WeakSet[Downstream] = weakref.WeakSet()
@@ -174,7 +175,7 @@ class Waypoint:
         self.snapshot = snap
         self._authz = {}  # Service -> its L7 policies, for this snapshot
         self.engine.update(snap)
-        self.ai.update(list(snap.resources.values()))
+        self.ai.update(list(snap.resources.values()), self._replica_nodes(snap))
         # Backends that speak HTTP/2 (gRPC, h2c), from the Service port's appProtocol.
         h2: dict[tuple[str, int], bool] = {}
         for (ns, name), svc in snap.services.items():
@@ -185,6 +186,15 @@ class Waypoint:
         self._h2_ports = h2
         self._endpoints = {}  # (id(workload), port) -> Endpoint (with its h2 flag), per snapshot
         log.info("waypoint %s: config revision %d", self.s.name, snap.revision)
+
+    def _replica_nodes(self, snap: ConfigSnapshot) -> int:
+        """On how many nodes this waypoint (pods labelled weft.dev/waypoint: NAME) runs."""
+        nodes = {
+            w.spec.node
+            for w in snap.workloads_by_ip.values()
+            if w.labels.get(WAYPOINT_LABEL) == self.s.name
+        }
+        return max(1, len(nodes))
 
     def client_context(self) -> ssl.SSLContext:
         assert self._client_ctx is not None
@@ -292,6 +302,7 @@ class Waypoint:
             d.close()
         self.upstream.close()
         await self.tunnel_pool.close()
+        await self.ai.close()
         self.access.close()
 
     async def _h_metrics(self, req: HttpRequest) -> Response:

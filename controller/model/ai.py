@@ -201,6 +201,10 @@ class TokenRateLimitSpec(Model):
     # When the counter store cannot be read or written (disk full, locked for too long):
     # admit, as a rate limiter should not turn a storage fault into an outage.
     fail_open: bool = Field(True, alias="failOpen")
+    # A stream that takes a tokens or budget limit past its value while it streams:
+    # `finish` lets it finish (charged in full; the next requests wait), `truncate` ends it
+    # with an OpenAI-style error event at the next charge (every CHARGE_STEP tokens).
+    on_exceed: Literal["finish", "truncate"] = Field("finish", alias="onExceed")
 
 
 @register

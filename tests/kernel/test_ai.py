@@ -4,7 +4,9 @@ clients and model servers behind two waypoint replicas. Needs root.
 
 Topology: callers apps/client (node-1) and apps/batch (node-2) call Service ai/llm (no
 pods of its own: a ModelRoute sends each model to its backend Services), served by two
-replicas of the ai-waypoint on node-1 that share one quota store."""
+replicas of the ai-waypoint, one per node (each caller's agent hands its connections to
+the replica on its node), that count token quotas in one real redis-server (pod
+infra/redis, the lab's spec.quotaStore)."""
 
 from __future__ import annotations
 
@@ -28,21 +30,27 @@ kind: Lab
 metadata: {name: __LAB__}
 spec:
   nodes: [{name: node-1}, {name: node-2}]
+  quotaStore: redis://redis.infra:6379/0
   namespaces:
     - {name: apps, labels: {weft.dev/mesh: enabled}}
     - {name: ai, labels: {weft.dev/mesh: enabled}}
+    - {name: infra}
   pods:
     - {name: client, namespace: apps, node: node-1, serviceAccount: client, labels: {app: client}}
     - {name: batch, namespace: apps, node: node-2, serviceAccount: batch, labels: {app: batch}}
+    - {name: redis, namespace: infra, node: node-1, labels: {app: redis},
+       command: [redis-server, --bind, 0.0.0.0, --port, "6379", --save, "", --appendonly, "no",
+                 --protected-mode, "no"]}
     - {name: wp-a, namespace: ai, node: node-1, serviceAccount: waypoint,
        labels: {weft.dev/waypoint: ai-waypoint, weft.dev/mesh: disabled}}
-    - {name: wp-b, namespace: ai, node: node-1, serviceAccount: waypoint,
+    - {name: wp-b, namespace: ai, node: node-2, serviceAccount: waypoint,
        labels: {weft.dev/waypoint: ai-waypoint, weft.dev/mesh: disabled}}
     - {name: small-a, namespace: ai, node: node-2, serviceAccount: model, labels: {app: small}}
     - {name: big-a, namespace: ai, node: node-2, serviceAccount: model, labels: {app: big}}
     - {name: big-c, namespace: ai, node: node-1, serviceAccount: model, labels: {app: big-canary}}
     - {name: embed-a, namespace: ai, node: node-2, serviceAccount: model, labels: {app: embed}}
   services:
+    - {name: redis, namespace: infra, selector: {app: redis}, ports: [{port: 6379}]}
     - {name: llm, namespace: ai, selector: {app: llm-front},
        labels: {weft.dev/use-waypoint: ai-waypoint}, ports: [{port: 8000, appProtocol: http}]}
     - {name: small, namespace: ai, selector: {app: small}, ports: [{port: 8000}]}
@@ -222,22 +230,67 @@ def test_a_caller_over_its_token_budget_gets_429_while_another_succeeds(clean: M
     assert [r["status"] for r in other] == [200, 200, 200]
 
 
-def test_budgets_hold_across_two_waypoint_replicas(clean: Mesh) -> None:
-    # Counters are per limit name and survive policy edits (the store persists): a fresh
-    # name gives this test fresh counters.
+def test_one_budget_holds_across_replicas_on_two_nodes(clean: Mesh) -> None:
+    """Issue 15's measurement: callers on two nodes, served by the replica on each node,
+    one limit for their namespace. Counted on one Redis, they get the limit between them,
+    not the limit each."""
+    # Counters are per limit name and outlive policy edits: a fresh name, fresh counters.
     clean.apply(
         "limit.yaml",
-        LIMIT.replace("tokensPerMinute: 200", "requestsPerMinute: 12").replace(
-            "name: tpm", "name: rpm-replicas"
-        ),
+        LIMIT.replace(
+            "by: principal, tokensPerMinute: 200", "by: namespace, requestsPerMinute: 12"
+        ).replace("name: tpm", "name: rpm-replicas"),
     )
-    rs = client(clean, "apps/client", "--model", "small-model", "--no-keepalive", n=40)
-    ok = sum(r["status"] == 200 for r in rs)
-    assert ok == 12, [r["status"] for r in rs]
-    per_replica = [
-        metric(t, "istio_requests_total", response_code="200") for t in replica_metrics(clean)
-    ]
-    assert all(n > 0 for n in per_replica), per_replica  # both replicas took requests
+    served = "istio_requests_total"
+    before = [metric(t, served, response_code="200") for t in replica_metrics(clean)]
+    rs = client(clean, "apps/client", "--model", "small-model", n=6)
+    rs += client(clean, "apps/batch", "--model", "small-model", n=12)
+    rs += client(clean, "apps/client", "--model", "small-model", n=6)
+    codes = [r["status"] for r in rs]
+    # Per-node counters would admit 12 on each node; one store admits 12 in all.
+    assert codes == [200] * 6 + [200] * 6 + [429] * 6 + [429] * 6, codes
+    after = [metric(t, served, response_code="200") for t in replica_metrics(clean)]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    # Both replicas counted on the shared store.
+    for t in replica_metrics(clean):
+        ops = metric(t, "weft_ai_quota_store_duration_seconds_count", store="redis", op="admit")
+        assert ops > 0
+
+
+def test_a_quota_store_outage_degrades_to_per_replica_limits(clean: Mesh) -> None:
+    """redis-server killed: failOpen admits on each replica's own counters, so the limit
+    still holds per replica (not not at all); restarted, the replicas count on it again."""
+    clean.apply(
+        "limit.yaml",
+        LIMIT.replace(
+            "by: principal, tokensPerMinute: 200", "by: namespace, requestsPerMinute: 4"
+        ).replace("name: tpm", "name: rpm-outage"),
+    )
+    redis = next(p for p in clean.state.processes if p.name == "pod-infra-redis")
+    clean.lab.stop_process(clean.state, "pod-infra-redis")
+    try:
+        rs = client(clean, "apps/client", "--model", "small-model", n=8)
+        assert [r["status"] for r in rs] == [200] * 4 + [429] * 4, [r["status"] for r in rs]
+        t = replica_metrics(clean)[0]
+        assert metric(t, "weft_ai_ratelimit_decisions_total", decision="local_admit") >= 8
+    finally:
+        clean.lab.start_process(clean.state, "pod-infra-redis", redis.argv, pod="infra/redis")
+        clean.wait_listening("infra/redis", 6379)
+
+    def counted_on_redis_again() -> bool:
+        def now() -> tuple[float, float]:
+            t = replica_metrics(clean)[1]
+            return (
+                metric(t, "weft_ai_quota_store_duration_seconds_count", store="redis", op="admit"),
+                metric(t, "weft_ai_quota_store_errors_total", store="redis", op="admit"),
+            )
+
+        ops, errors = now()
+        client(clean, "apps/batch", "--model", "small-model")
+        ops2, errors2 = now()
+        return ops2 > ops and errors2 == errors
+
+    wait_until(counted_on_redis_again, "the replicas to use the restarted store", 15)
 
 
 def test_a_stream_over_budget_finishes_and_is_charged(clean: Mesh) -> None:
@@ -351,8 +404,10 @@ def _rollout(m: Mesh) -> list[dict[str, Any]]:
 
 def _drive_until(m: Mesh, phase: str) -> list[dict[str, Any]]:
     def reached() -> bool:
+        # Each replica analyses the traffic it carries and decides on its own; each caller
+        # is served by the replica on its node.
         client(m, "apps/client", "--model", "big-model", n=10)
-        # Each replica analyses the traffic it carries and decides on its own.
+        client(m, "apps/batch", "--model", "big-model", n=10)
         return all(r["phase"] == phase for r in _rollout(m))
 
     wait_until(reached, f"rollout {phase}", 60)

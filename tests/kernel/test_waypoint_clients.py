@@ -59,6 +59,8 @@ spec:
        labels: {weft.dev/use-waypoint: ai-waypoint}, ports: [{port: 8000, appProtocol: http}]}
     - {name: llm-tight, namespace: ai, selector: {app: llm-front},
        labels: {weft.dev/use-waypoint: ai-waypoint}, ports: [{port: 8000, appProtocol: http}]}
+    - {name: llm-capped, namespace: ai, selector: {app: llm-front},
+       labels: {weft.dev/use-waypoint: ai-waypoint}, ports: [{port: 8000, appProtocol: http}]}
 """
 
 GRPC_PODS = ("ai/grpc-a", "ai/grpc-b")
@@ -71,7 +73,7 @@ apiVersion: weft.dev/v1alpha1
 kind: ModelRoute
 metadata: {name: models, namespace: ai}
 spec:
-  targetRefs: [{name: llm}, {name: llm-tight}]
+  targetRefs: [{name: llm}, {name: llm-tight}, {name: llm-capped}]
   rules:
     - {name: llama, models: [llama], backendRefs: [{name: pool, port: 8000}]}
 ---
@@ -89,6 +91,14 @@ metadata: {name: tight, namespace: ai}
 spec:
   targetRefs: [{name: llm-tight}]
   limits: [{name: two-per-minute, by: principal, requestsPerMinute: 2}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TokenRateLimit
+metadata: {name: capped, namespace: ai}
+spec:
+  targetRefs: [{name: llm-capped}]
+  onExceed: truncate
+  limits: [{name: sixty-tokens, by: principal, tokensPerMinute: 60}]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -469,6 +479,46 @@ def test_the_openai_sdk_sees_a_token_limit_as_rate_limit_error(wp: Mesh) -> None
     assert limited["error"] == "RateLimitError" and limited["status"] == 429, limited
     assert limited["code"] == "rate_limited" and limited["type"] == "rate_limit_error", limited
     assert int(limited["retry_after"]) >= 1, limited
+
+
+STREAM = """
+import json, sys
+import openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="lab", max_retries=0, timeout=30.0)
+tokens, error = 0, None
+try:
+    stream = client.chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "a long answer"}], stream=True
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            tokens += 1
+except openai.APIError as e:
+    error = {"class": type(e).__name__, "message": e.message, "code": e.code, "type": e.type}
+print(json.dumps({"tokens": tokens, "error": error}))
+"""
+
+
+def test_a_stream_past_its_token_limit_is_truncated_with_an_error_the_sdk_raises(
+    wp: Mesh,
+) -> None:
+    """TokenRateLimit onExceed: truncate, 60 tokens a minute, answers of 200 tokens: the
+    stream is charged as it goes and ended soon after the limit with an OpenAI-style error
+    event, which the official SDK raises as APIError (code rate_limit_exceeded)."""
+    try:
+        for pod in MODEL_PODS:
+            control(wp, pod, {"tokens": 200})
+        out = wp.run("apps/client", STREAM, f"http://{wp.vip('llm-capped')}:8000/v1", timeout=60)
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        got = json.loads(out.stdout)
+    finally:
+        for pod in MODEL_PODS:
+            control(wp, pod, {"reset": True})
+    assert got["error"] is not None, got
+    assert got["error"]["code"] == "rate_limit_exceeded", got
+    assert "truncated" in got["error"]["message"], got
+    # Cut within a few charge steps (16 tokens each) of the limit, not at the stream's end.
+    assert 48 <= got["tokens"] < 200, got
 
 
 REQUEST_TIMEOUT = """\

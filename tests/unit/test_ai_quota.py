@@ -1,9 +1,14 @@
 """Token rate limits and budgets (TokenRateLimit): per caller, shared by workers, charged at
-the end of a stream, shadow mode, OpenAI's headers. The clock is injected: `now` values."""
+the end of a stream, shadow mode, OpenAI's headers. The clock is injected: `now` values.
+
+The semantic tests run on each store (memory, SQLite, a real redis-server): one decision,
+three places to keep the numbers."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +16,31 @@ import pytest
 
 from agent.waypoint.ai.facts import RequestFacts
 from agent.waypoint.ai.quota import (
-    QuotaStore,
     TokenLimiter,
     budget_window,
     duration_text,
     wait_for_room,
 )
+from agent.waypoint.ai.quotastore import MemoryStore, Op, QuotaStore, SqliteStore, open_store
 from agent.waypoint.codec.headers import Headers
 from controller.model.ai import TokenRateLimit
+from tests.redis_server import RedisServer
 
 T0 = 1_700_000_040.0  # a minute boundary
 
 
-def policy(*limits: dict[str, Any], shadow: bool = False) -> TokenRateLimit:
+def policy(*limits: dict[str, Any], shadow: bool = False, **spec: Any) -> TokenRateLimit:
     return TokenRateLimit.model_validate(
         {
             "apiVersion": "weft.dev/v1alpha1",
             "kind": "TokenRateLimit",
             "metadata": {"name": "tokens", "namespace": "ai"},
-            "spec": {"targetRefs": [{"name": "llm"}], "limits": list(limits), "shadow": shadow},
+            "spec": {
+                "targetRefs": [{"name": "llm"}],
+                "limits": list(limits),
+                "shadow": shadow,
+                **spec,
+            },
         }
     )
 
@@ -44,7 +55,49 @@ def caller(name: str, model: str = "llama", **headers: str) -> RequestFacts:
     )
 
 
-def run(lim: TokenLimiter, who: RequestFacts, tokens: int, now: float, used: int) -> bool:
+class Loop:
+    """The event loop the store ops of a test run on (a Redis client's connections belong
+    to one loop)."""
+
+    current: asyncio.AbstractEventLoop | None = None
+
+
+@pytest.fixture(autouse=True)
+def _loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = Loop.current = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.close()
+        Loop.current = None
+
+
+def sync(coro: Any) -> Any:
+    assert Loop.current is not None
+    return Loop.current.run_until_complete(coro)
+
+
+class Limiter:
+    """A TokenLimiter driven from a synchronous test."""
+
+    def __init__(self, p: TokenRateLimit, store: QuotaStore) -> None:
+        self.lim = TokenLimiter(p, store)
+        self.counters = self.lim.counters
+
+    def admit(self, *a: Any) -> Any:
+        return sync(self.lim.admit(*a))
+
+    def charge(self, *a: Any, **k: Any) -> bool:
+        return bool(sync(self.lim.charge(*a, **k)))
+
+
+def value(store: QuotaStore, key: str, start: int) -> int:
+    """A counter as the store holds it (an op that reads one cell and writes nothing)."""
+    values, _ = sync(store.run(Op([(key, start)], conditional=False, now=start)))
+    return int(values[0])
+
+
+def run(lim: Limiter, who: RequestFacts, tokens: int, now: float, used: int) -> bool:
     """One request: admit with its estimate, charge what it used; whether it was admitted."""
     adm = lim.admit(who, tokens, now)
     if adm.allowed:
@@ -59,13 +112,23 @@ def hdr(adm: Any) -> dict[bytes, bytes]:
 PER_CALLER = {"name": "per-caller", "by": "principal", "tokensPerMinute": 1000}
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> QuotaStore:
-    return QuotaStore(tmp_path / "quota.db")
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QuotaStore]:
+    if request.param == "redis":
+        srv: RedisServer = request.getfixturevalue("redis_server")
+        st = open_store(srv.url)
+    elif request.param == "sqlite":
+        st = open_store(str(tmp_path / "quota.db"))
+    else:
+        st = open_store("memory")
+    try:
+        yield st
+    finally:
+        sync(st.close())
 
 
 def test_a_caller_over_its_tokens_per_minute_gets_429_while_another_succeeds(store):
-    lim = TokenLimiter(policy(PER_CALLER), store)
+    lim = Limiter(policy(PER_CALLER), store)
     alice, bob = caller("alice"), caller("bob")
     for i in range(4):
         assert run(lim, alice, 10, T0 + i, used=300)  # 1200 charged: over by one request
@@ -82,7 +145,7 @@ def test_a_caller_over_its_tokens_per_minute_gets_429_while_another_succeeds(sto
 
 
 def test_the_sliding_window_frees_room_as_the_last_minute_moves_on(store):
-    lim = TokenLimiter(policy(PER_CALLER), store)
+    lim = Limiter(policy(PER_CALLER), store)
     alice = caller("alice")
     assert run(lim, alice, 10, T0 + 1, used=1000)
     assert not lim.admit(alice, 10, T0 + 30).allowed  # the whole 1000 is in this minute
@@ -102,7 +165,7 @@ def test_retry_after_is_when_the_window_has_room_again():
 
 
 def test_requests_per_minute_count_requests_not_tokens(store):
-    lim = TokenLimiter(policy({"name": "rpm", "by": "namespace", "requestsPerMinute": 3}), store)
+    lim = Limiter(policy({"name": "rpm", "by": "namespace", "requestsPerMinute": 3}), store)
     a, b = caller("a"), caller("b")
     assert [run(lim, a, 0, T0 + i, used=10_000) for i in range(4)] == [True, True, True, False]
     adm = lim.admit(b, 0, T0 + 4)
@@ -111,15 +174,16 @@ def test_requests_per_minute_count_requests_not_tokens(store):
 
 def test_two_workers_on_one_store_file_share_one_limit(tmp_path):
     p = policy({"name": "all", "by": "none", "requestsPerMinute": 10})
-    w1 = TokenLimiter(p, QuotaStore(tmp_path / "q.db"))
-    w2 = TokenLimiter(p, QuotaStore(tmp_path / "q.db"))
+    w1 = Limiter(p, SqliteStore(tmp_path / "q.db"))
+    w2 = Limiter(p, SqliteStore(tmp_path / "q.db"))
     admitted = [(w1 if i % 2 else w2).admit(caller("x"), 0, T0 + 1).allowed for i in range(16)]
     assert admitted.count(True) == 10
 
 
 def _worker(path: str, n: int, start: Any, out: Any) -> None:
+    Loop.current = asyncio.new_event_loop()  # the child's own, not a copy of the parent's
     p = policy({"name": "all", "by": "none", "tokensPerMinute": 500})
-    lim = TokenLimiter(p, QuotaStore(path))
+    lim = Limiter(p, SqliteStore(path))
     start.wait(10)
     got = 0
     for _ in range(n):
@@ -135,7 +199,9 @@ def test_two_worker_processes_never_admit_more_than_the_limit_together(tmp_path)
     ctx = multiprocessing.get_context("fork")
     q, start = ctx.Queue(), ctx.Barrier(2)
     path = str(tmp_path / "q.db")
-    QuotaStore(path).close()  # create the schema before they race
+    st = SqliteStore(path)
+    st.open()  # create the schema before they race
+    st.close_now()
     procs = [ctx.Process(target=_worker, args=(path, 150, start, q)) for _ in range(2)]
     for pr in procs:
         pr.start()
@@ -148,7 +214,7 @@ def test_two_worker_processes_never_admit_more_than_the_limit_together(tmp_path)
 def _opener(path: str, start: Any, out: Any) -> None:
     start.wait()
     try:
-        QuotaStore(path).close()
+        SqliteStore(path).close()
         out.put("ok")
     except Exception as e:  # reported to the test, which names it
         out.put(repr(e))
@@ -174,19 +240,19 @@ def test_replicas_creating_the_store_file_at_once_all_open_it(tmp_path):
 def test_a_stream_over_budget_finishes_and_is_charged_in_full(store):
     """Admission reserves the prompt estimate; the end charges the actual usage, even past
     the limit (the stream was never cut), and the overshoot blocks the next request."""
-    lim = TokenLimiter(policy(PER_CALLER), store)
+    lim = Limiter(policy(PER_CALLER), store)
     alice = caller("alice")
     adm = lim.admit(alice, 50, T0 + 1)
     assert adm.allowed
-    assert store.value("ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 50
+    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 50
     lim.charge(adm, 1800, T0 + 20)  # a long stream: 1800 tokens, 800 over the limit
-    assert store.value("ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 1800
+    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 1800
     assert not lim.admit(alice, 1, T0 + 21).allowed
     assert lim.counters.tokens_charged == 1800
 
 
 def test_a_refund_takes_back_the_reservation_but_not_the_request(store):
-    lim = TokenLimiter(
+    lim = Limiter(
         policy({"name": "l", "by": "principal", "tokensPerMinute": 100, "requestsPerMinute": 5}),
         store,
     )
@@ -198,7 +264,7 @@ def test_a_refund_takes_back_the_reservation_but_not_the_request(store):
 
 
 def test_shadow_mode_counts_and_reports_but_never_blocks(store):
-    lim = TokenLimiter(policy(PER_CALLER, shadow=True), store)
+    lim = Limiter(policy(PER_CALLER, shadow=True), store)
     alice = caller("alice")
     results = [lim.admit(alice, 400, T0 + i) for i in range(4)]
     assert all(a.allowed for a in results)
@@ -209,7 +275,7 @@ def test_shadow_mode_counts_and_reports_but_never_blocks(store):
 
 def test_an_enforced_limit_still_applies_next_to_a_shadow_one(store):
     trial = {**PER_CALLER, "name": "trial", "tokensPerMinute": 10, "shadow": True}
-    lim = TokenLimiter(policy(PER_CALLER, trial), store)
+    lim = Limiter(policy(PER_CALLER, trial), store)
     adm = lim.admit(caller("alice"), 100, T0)
     assert adm.allowed and adm.shadow_denied
     assert not lim.admit(caller("alice"), 950, T0).allowed  # per-caller is enforced
@@ -217,9 +283,9 @@ def test_an_enforced_limit_still_applies_next_to_a_shadow_one(store):
 
 def test_a_daily_budget_survives_a_restart_and_resets_at_midnight_utc(tmp_path):
     p = policy({"name": "daily", "by": "namespace", "budget": {"tokens": 1000, "window": "day"}})
-    lim = TokenLimiter(p, QuotaStore(tmp_path / "q.db"))
+    lim = Limiter(p, SqliteStore(tmp_path / "q.db"))
     assert run(lim, caller("a"), 10, T0, used=990)
-    restarted = TokenLimiter(p, QuotaStore(tmp_path / "q.db"))
+    restarted = Limiter(p, SqliteStore(tmp_path / "q.db"))
     adm = restarted.admit(caller("a"), 20, T0 + 3600)
     assert not adm.allowed
     _, end = budget_window("day", T0)
@@ -234,7 +300,7 @@ def test_calendar_windows_of_budgets():
 
 
 def test_overrides_give_some_key_values_their_own_numbers(store):
-    lim = TokenLimiter(
+    lim = Limiter(
         policy(
             {
                 "name": "per-tenant",
@@ -252,7 +318,7 @@ def test_overrides_give_some_key_values_their_own_numbers(store):
 
 
 def test_a_limit_by_model_with_a_match_only_counts_matching_requests(store):
-    lim = TokenLimiter(
+    lim = Limiter(
         policy(
             {"name": "gpt", "by": "model", "requestsPerMinute": 1, "match": {"models": ["gpt-*"]}}
         ),
@@ -265,14 +331,128 @@ def test_a_limit_by_model_with_a_match_only_counts_matching_requests(store):
     assert adm.allowed and adm.headers == []  # no limit applies
 
 
-def test_a_store_failure_admits_when_fail_open(store):
-    lim = TokenLimiter(policy(PER_CALLER), store)
-    store.close()
+def test_a_store_failure_degrades_to_this_replicas_own_limits_never_to_none(tmp_path):
+    """failOpen: a request is admitted while the store is failing, but against counters this
+    replica keeps itself, so the limit still holds here (per replica)."""
+    st = SqliteStore(tmp_path / "q.db")
+    lim = Limiter(policy({"name": "r", "by": "none", "requestsPerMinute": 3}), st)
+    st.close_now()
+    got = [lim.admit(caller("a"), 1, T0 + i) for i in range(5)]
+    assert [a.allowed for a in got] == [True, True, True, False, False]
+    assert got[0].store_error and "closed" in got[0].store_error
+    assert lim.counters.store_errors == 5 and lim.counters.local_admits == 5
+    assert got[3].status == 429  # the replica's own limit, with its retry-after
+
+
+def test_a_store_failure_answers_503_when_fail_closed(tmp_path):
+    st = SqliteStore(tmp_path / "q.db")
+    lim = Limiter(policy(PER_CALLER, failOpen=False), st)
+    st.close_now()
     adm = lim.admit(caller("a"), 1, T0)
-    assert adm.allowed and adm.store_error and lim.counters.store_errors == 1
+    assert not adm.allowed and adm.status == 503 and adm.store_error
 
 
-def test_old_counters_are_swept(store):
-    lim = TokenLimiter(policy(PER_CALLER), store)
+def test_old_counters_are_swept(tmp_path):
+    st = SqliteStore(tmp_path / "q.db")
+    lim = Limiter(policy(PER_CALLER), st)
     run(lim, caller("a"), 10, T0, used=10)
-    assert store.sweep(T0 + 60) == 0 and store.sweep(T0 + 121) == 1
+    assert st.sweep(T0 + 60) == 0 and st.sweep(T0 + 121) == 1
+    st.close_now()
+
+
+def test_a_stream_charged_as_it_goes_says_when_it_takes_a_limit_past_its_value(store):
+    """Progress charges (final=False) move the reservation along; the one that takes the
+    tokens past the limit returns True, which onExceed: truncate acts on."""
+    lim = Limiter(policy({**PER_CALLER, "tokensPerMinute": 100}), store)
+    alice = caller("alice")
+    adm = lim.admit(alice, 20, T0 + 1)
+    assert not lim.charge(adm, 60, T0 + 2, final=False)
+    assert not lim.charge(adm, 100, T0 + 3, final=False)  # at the limit, not past it
+    assert lim.charge(adm, 116, T0 + 4, final=False)
+    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 116
+    # The end charges the actual usage, replacing what was charged so far.
+    lim.charge(adm, 110, T0 + 5)
+    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 110
+    assert lim.counters.tokens_charged == 110
+
+
+def test_concurrent_streams_are_seen_by_the_next_admission_while_they_stream(store):
+    """Four streams admitted with small estimates charge as they go; an admission after
+    their progress charges sees their use, not only their estimates."""
+    lim = Limiter(policy({**PER_CALLER, "tokensPerMinute": 1000}), store)
+    alice = caller("alice")
+    streams = [lim.admit(alice, 10, T0 + 1) for _ in range(4)]
+    assert all(a.allowed for a in streams)
+    for a in streams:
+        lim.charge(a, 240, T0 + 2, final=False)  # 960 used so far, all four still going
+    assert not lim.admit(alice, 50, T0 + 3).allowed
+
+
+# ---- Redis: one budget for every replica ------------------------------------------------
+
+
+def test_replicas_on_one_redis_share_one_budget_under_concurrency(redis_server):
+    """Two replicas (two clients, two connection pools), 60 concurrent admissions of 10
+    tokens against 200 per minute: exactly 20 admitted, never more."""
+
+    async def main() -> list[bool]:
+        a, b = open_store(redis_server.url), open_store(redis_server.url)
+        p = policy({"name": "all", "by": "none", "tokensPerMinute": 200})
+        la, lb = TokenLimiter(p, a), TokenLimiter(p, b)
+        got = await asyncio.gather(
+            *((la if i % 2 else lb).admit(caller("x"), 10, T0 + 1) for i in range(60))
+        )
+        await a.close()
+        await b.close()
+        return [g.allowed for g in got]
+
+    assert sync(main()).count(True) == 20
+
+
+def test_a_restarted_redis_is_used_again_and_meanwhile_the_replica_limits_itself(
+    redis_server,
+):
+    """The server restarts (its counters and scripts gone): ops fail for a moment and the
+    replica admits on its own counters; then the store is used again (the script is loaded
+    anew) and counts from zero, as a server without persistence does."""
+    st = open_store(redis_server.url)
+    st.retry_after = 0.2  # type: ignore[attr-defined]
+    lim = Limiter(policy({"name": "r", "by": "none", "requestsPerMinute": 5}), st)
+    assert all(lim.admit(caller("a"), 0, T0 + 1).allowed for _ in range(3))
+    redis_server.stop()
+    down = [lim.admit(caller("a"), 0, T0 + 2) for _ in range(7)]
+    assert [a.allowed for a in down] == [True] * 5 + [False] * 2  # the local limit of 5
+    assert all(a.store_error for a in down) and lim.counters.local_admits == 7
+    redis_server.start()
+    sync(asyncio.sleep(0.25))
+    back = lim.admit(caller("a"), 0, T0 + 3)
+    assert back.allowed and back.store_error is None and back.store is st
+    assert value(st, "ai/tokens/r/*/r", int(T0)) == 1
+    stats = st.stats.ops[("redis", "admit")]
+    assert stats[-1] >= 1  # errors were counted
+    sync(st.close())
+
+
+def test_redis_and_python_evaluate_the_same_checks_identically(redis_server):
+    """The Lua script and `quotastore.passes` read the same ops the same way: random ops
+    (weights, limits, refunds past zero) on Redis and in memory give the same results."""
+    import random
+
+    from agent.waypoint.ai.quotastore import Check, Write
+
+    rng = random.Random(7)
+    red, mem = open_store(redis_server.url), MemoryStore()
+    cells = [(f"ns/p/l/k{i}/t", 60 * (i % 2)) for i in range(4)]
+    for _ in range(300):
+        picked = rng.sample(range(4), rng.randint(1, 4))
+        op = Op([cells[i] for i in picked], conditional=rng.random() < 0.8)
+        for _ in range(rng.randint(0, 3)):
+            idx = tuple(rng.sample(range(len(picked)), rng.randint(1, len(picked))))
+            w = tuple(rng.choice([1.0, 0.5, rng.random()]) for _ in idx)
+            op.checks.append(
+                Check(idx, w, rng.randint(0, 400), rng.randint(0, 60), rng.random() < 0.2)
+            )
+        for _ in range(rng.randint(0, 3)):
+            op.writes.append(Write(rng.randrange(len(picked)), rng.randint(-80, 80), 2_000_000_000))
+        assert sync(red.run(op)) == mem.run_now(op)
+    sync(red.close())

@@ -11,7 +11,7 @@ from typing import Any
 from agent.waypoint.ai.openai import ModelRequest, parse_request
 from agent.waypoint.ai.policy import AiPolicies
 from agent.waypoint.ai.priority import LoadBoard
-from agent.waypoint.ai.quota import QuotaStore
+from agent.waypoint.ai.quotastore import SqliteStore
 from agent.waypoint.ai.router import ModelRouter, failure_kind
 from agent.waypoint.codec.headers import Headers
 from controller.model.ai import ModelRoute, ResponseCache, TokenRateLimit
@@ -165,7 +165,7 @@ def test_the_policy_index_finds_a_services_policies_and_nothing_for_others(tmp_p
         ),
         resource(ResponseCache, "c", {"targetRefs": [{"name": "embed"}]}),
     ]
-    store, board, rng = QuotaStore(tmp_path / "q.db"), LoadBoard(), random.Random(1)
+    store, board, rng = SqliteStore(tmp_path / "q.db"), LoadBoard(), random.Random(1)
     pol = AiPolicies.build(res, store=store, board=board, rng=rng, now=0)
     llm = pol.for_service("ai", "llm")
     assert llm is not None and llm.route is not None and len(llm.limiters) == 1

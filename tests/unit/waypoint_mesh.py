@@ -229,7 +229,7 @@ class WaypointMesh:
     extra:      resources a test adds, as {name: yaml} (like the lab's apply) or one yaml text.
     waypoint:   the waypoint's name (Services use it through weft.dev/use-waypoint).
     seed:       seeds the waypoint engine's random.Random in place (splits, balancing).
-    settings:   extra WaypointSettings fields (head_timeout, idle_timeout, quota_path...).
+    settings:   extra WaypointSettings fields (head_timeout, idle_timeout, quota_store...).
 
     Pods: apps/client (node-1) and apps/batch (node-2) call; ai/waypoint runs on node-1.
     Services are in namespace `ai`; `service` arguments take "name" or "ns/name".

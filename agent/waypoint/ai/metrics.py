@@ -28,9 +28,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from agent.waypoint.ai.quotastore import BUCKETS, QuotaStore, StoreStats
 from agent.waypoint.ai.usage import Usage
 
 if TYPE_CHECKING:
@@ -155,13 +157,18 @@ class GenAIMetrics:
 class AiPolicyCollector(Collector):
     """weft_ai_* counters read from the live policies when Prometheus scrapes."""
 
-    def __init__(self, policies: Callable[[], AiPolicies]) -> None:
+    def __init__(
+        self,
+        policies: Callable[[], AiPolicies],
+        store: Callable[[], QuotaStore | None] = lambda: None,
+    ) -> None:
         self.policies = policies
+        self.store = store
 
     def describe(self) -> Iterable[object]:
         return []  # unchecked collector: families depend on the config
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         p = self.policies()
         cache = CounterMetricFamily(
             "weft_ai_cache_lookups",
@@ -186,6 +193,7 @@ class AiPolicyCollector(Collector):
                 ("denied", k2.denied),
                 ("shadow_denied", k2.shadow_denied),
                 ("store_error", k2.store_errors),
+                ("local_admit", k2.local_admits),
             ):
                 limits.add_metric((lim.name, what), n)
         shed = CounterMetricFamily(
@@ -211,3 +219,29 @@ class AiPolicyCollector(Collector):
         for r in p.rollouts():
             weight.add_metric((r.name, r.phase), r.canary_weight)
         yield from (cache, cache_bytes, limits, shed, weight)
+        store = self.store()
+        if store is not None:
+            yield from _store_families(store.stats)
+
+
+def _store_families(stats: StoreStats) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
+    latency = HistogramMetricFamily(
+        "weft_ai_quota_store_duration_seconds",
+        "Token quota store ops (admit, charge) by store (sqlite, redis, memory: this "
+        "replica's fallback counters), seconds.",
+        labels=("store", "op"),
+    )
+    errors = CounterMetricFamily(
+        "weft_ai_quota_store_errors",
+        "Token quota store ops that failed (timeouts, a server down, a locked file).",
+        labels=("store", "op"),
+    )
+    for (kind, op), row in sorted(stats.ops.items()):
+        buckets, acc = [], 0.0
+        for bound, n in zip((*BUCKETS, float("inf")), row, strict=False):
+            acc += n
+            buckets.append((floatToGoString(bound), acc))
+        latency.add_metric((kind, op), buckets, row[-2])
+        errors.add_metric((kind, op), row[-1])
+    yield latency
+    yield errors

@@ -29,7 +29,8 @@ from agent.waypoint.ai.openai import (
     parse_request,
 )
 from agent.waypoint.ai.priority import LoadBoard, LoadShedder
-from agent.waypoint.ai.quota import QuotaStore, TokenLimiter
+from agent.waypoint.ai.quota import TokenLimiter
+from agent.waypoint.ai.quotastore import QuotaStore
 from agent.waypoint.ai.router import ModelRouter
 from agent.waypoint.codec.headers import Headers
 from controller.model.ai import (

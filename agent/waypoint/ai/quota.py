@@ -23,138 +23,40 @@ Semantics (docs/ai-traffic.md says the same for users):
 - **Shadow.** A shadow limit counts and charges exactly as an enforced one, but a request it
   would deny is admitted; the admission says which limits would have denied it.
 
-The store is one SQLite file per node (`QuotaStore`), opened by every worker: WAL mode so
-readers never wait for the writer, each admit or charge one short `BEGIN IMMEDIATE`
-transaction (the check and the increment happen under one write lock, so two workers can
-never both take the last token). `synchronous=NORMAL` in WAL survives a process crash (a
-power loss can lose the last transactions); budgets survive restarts. A store error admits
-(`failOpen`, the default) or denies with 503, as the policy says.
+- **Charged as the stream goes.** A streamed answer is charged every `CHARGE_STEP` tokens
+  (one per content event) while it streams, so concurrent long streams are seen by the next
+  admissions at once instead of at their end; with `onExceed: truncate` a stream whose
+  charge takes a limit past its value is ended with an OpenAI-style error event.
+
+Where the counters live is the store's business (agent/waypoint/ai/quotastore.py: one
+SQLite file per node by default, Redis or Valkey when several replicas serve a policy):
+every decision here is one atomic store op. When the store fails, `failOpen` (the default)
+admits against this replica's own counters (`TokenLimiter.local`), so an outage degrades to
+per-replica limits, never to unlimited; `failOpen: false` answers 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import math
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from agent.waypoint.ai.facts import Predicate, RequestFacts, compile_match
+from agent.waypoint.ai.quotastore import (
+    Check,
+    MemoryStore,
+    Op,
+    QuotaStore,
+    StoreError,
+    StoreStats,
+    Write,
+)
 from controller.model.ai import Budget, TokenLimit, TokenRateLimit
 
 WINDOW = 60  # seconds; the per-minute limits
-GC_EVERY = 1024  # transactions between sweeps of expired counters
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS counter (
-    key     TEXT    NOT NULL,  -- policy / limit / kind / key value
-    start   INTEGER NOT NULL,  -- window start, epoch seconds (UTC)
-    value   INTEGER NOT NULL,
-    expires INTEGER NOT NULL,  -- epoch seconds after which nothing reads it
-    PRIMARY KEY (key, start)
-) WITHOUT ROWID;
-"""
-
-
-class QuotaStore:
-    """Counters in one SQLite file shared by the waypoint workers of a node.
-
-    `path` may be ":memory:" for a single process (tests)."""
-
-    def __init__(
-        self, path: str | Path, *, busy_timeout: float = 0.25, open_timeout: float = 5.0
-    ) -> None:
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves. busy_timeout: a worker
-        # waits this long for another's write lock (transactions take tens of µs).
-        self.db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None)
-        # Replicas on one node start (and see a new token policy) together, so several may
-        # create the file at once; switching to WAL needs an exclusive lock and does not
-        # wait on the busy timeout. Setup happens once: retry it for up to open_timeout.
-        deadline = time.monotonic() + open_timeout
-        delay = 0.01
-        while True:
-            try:
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.executescript(_SCHEMA)
-                break
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() + delay > deadline:
-                    self.db.close()
-                    raise sqlite3.OperationalError(
-                        f"quota store {path}: {e} (another waypoint replica held it for "
-                        f"{open_timeout:g}s)"
-                    ) from e
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
-        self._ops = 0
-
-    def close(self) -> None:
-        self.db.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[_Tx]:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield _Tx(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-    def tick(self, now: float) -> None:
-        """Count one operation; every GC_EVERY, sweep expired counters."""
-        self._ops += 1
-        if self._ops % GC_EVERY == 0:
-            self.sweep(now)
-
-    def sweep(self, now: float) -> int:
-        """Delete counters no window reads any more; returns how many."""
-        cur = self.db.execute("DELETE FROM counter WHERE expires < ?", (int(now),))
-        return cur.rowcount
-
-    def value(self, key: str, start: int) -> int:
-        row = self.db.execute(
-            "SELECT value FROM counter WHERE key = ? AND start = ?", (key, start)
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-
-class _Tx:
-    __slots__ = ("db",)
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def get(self, cells: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        if not cells:
-            return {}
-        marks = ",".join("(?,?)" for _ in cells)
-        args = [x for c in cells for x in c]
-        rows = self.db.execute(
-            f"SELECT key, start, value FROM counter WHERE (key, start) IN (VALUES {marks})", args
-        ).fetchall()
-        return {(k, s): v for k, s, v in rows}
-
-    def add(self, cells: list[tuple[str, int, int, int]]) -> None:
-        """(key, start, delta, expires) each; a counter never goes below 0, and a negative
-        delta (a refund) on a window with no counter is nothing to take back."""
-        up = [c for c in cells if c[2] >= 0]
-        down = [(c[2], c[0], c[1]) for c in cells if c[2] < 0]
-        if up:
-            self.db.executemany(
-                "INSERT INTO counter (key, start, value, expires) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key, start) DO UPDATE SET value = value + excluded.value",
-                up,
-            )
-        if down:
-            self.db.executemany(
-                "UPDATE counter SET value = max(0, value + ?) WHERE key = ? AND start = ?", down
-            )
+CHARGE_STEP = 16  # tokens streamed between two charges of a stream in progress
 
 
 # ---- windows -------------------------------------------------------------------------
@@ -270,6 +172,7 @@ class Charge:
     key: str  # policy/limit/ and the key value
     numbers: _Numbers
     reserved: int
+    shadow: bool
 
 
 @dataclass(slots=True)
@@ -288,6 +191,7 @@ class Admission:
     denials: list[Denial] = field(default_factory=list)  # enforced and shadow
     charges: list[Charge] = field(default_factory=list)
     store_error: str | None = None
+    store: QuotaStore | None = None  # where it was counted (the shared store or `local`)
 
     @property
     def shadow_denied(self) -> bool:
@@ -311,21 +215,28 @@ class LimitCounters:
     denied: int = 0
     shadow_denied: int = 0
     store_errors: int = 0
+    local_admits: int = 0  # admitted on this replica's own counters, the store being down
     tokens_charged: int = 0
 
 
 class TokenLimiter:
-    """The compiled limits of one TokenRateLimit, over a shared store."""
+    """The compiled limits of one TokenRateLimit, over a store."""
 
     def __init__(self, policy: TokenRateLimit, store: QuotaStore) -> None:
         spec = policy.spec
         self.name = f"{policy.namespace}/{policy.name}"
         self.store = store
         self.fail_open = spec.fail_open
+        self.truncate = spec.on_exceed == "truncate"
         self.limits = [_Limit(self.name, lim, spec.shadow) for lim in spec.limits]
         self.counters = LimitCounters()
+        # This replica's own counters, used while the store is failing and failOpen holds.
+        self.local = MemoryStore()
+        # Charges on their way to the store: an admission waits for them, so it sees every
+        # charge this replica made before it (a caller's next request sees its last one).
+        self._inflight: set[asyncio.Future[None]] = set()
 
-    def admit(self, r: RequestFacts, tokens: int, now: float) -> Admission:
+    async def admit(self, r: RequestFacts, tokens: int, now: float) -> Admission:
         """Admit one request that is about to reserve `tokens` (the prompt estimate)."""
         plan: list[tuple[_Limit, str, _Numbers]] = []
         for lim in self.limits:
@@ -334,111 +245,189 @@ class TokenLimiter:
                 plan.append((lim, lim.prefix + v, lim.overrides.get(v, lim.numbers)))
         if not plan:
             return Admission(True)
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
+        op, meta, frac = _admit_op(plan, tokens, now)
+        store: QuotaStore = self.store
+        error = None
         try:
-            return self._admit(plan, tokens, now)
-        except sqlite3.Error as e:
+            values, ok = await self._run(store, op, "admit")
+        except StoreError as e:
             self.counters.store_errors += 1
-            if self.fail_open:
-                return Admission(True, store_error=str(e))
-            return Admission(False, 503, store_error=str(e))
+            if not self.fail_open:
+                return Admission(False, 503, store_error=str(e))
+            error = str(e)
+            store = self.local
+            values, ok = self.local.run_now(op, now)
+            self.counters.local_admits += 1
+        adm = self._conclude(plan, op, meta, values, ok, tokens, frac, now)
+        adm.store = store
+        adm.store_error = error
+        return adm
 
-    def _admit(
-        self, plan: list[tuple[_Limit, str, _Numbers]], tokens: int, now: float
+    async def _run(self, store: QuotaStore, op: Op, what: str) -> tuple[list[int], bool]:
+        t0 = time.perf_counter()
+        failed = True
+        try:
+            got = await store.run(op)
+            failed = False
+            return got
+        finally:
+            self.stats.observe(store.kind, what, time.perf_counter() - t0, failed)
+
+    @property
+    def stats(self) -> StoreStats:
+        return self.store.stats
+
+    def _conclude(
+        self,
+        plan: list[tuple[_Limit, str, _Numbers]],
+        op: Op,
+        meta: list[tuple[_Limit, str, float]],
+        values: list[int],
+        ok: bool,
+        tokens: int,
+        frac: float,
+        now: float,
     ) -> Admission:
-        cur_start = int(now) - int(now) % WINDOW
-        prev_start = cur_start - WINDOW
-        frac = (now - cur_start) / WINDOW
-        cells: list[tuple[str, int]] = []
-        for _, key, n in plan:
-            if n.rpm is not None:
-                cells += [(key + "/r", cur_start), (key + "/r", prev_start)]
-            if n.tpm is not None:
-                cells += [(key + "/t", cur_start), (key + "/t", prev_start)]
-            if n.budget is not None:
-                cells.append((key + "/b", budget_window(n.budget.window, now)[0]))
-        adm = Admission(True)
-        with self.store.transaction() as tx:
-            got = tx.get(cells)
-            # (what, limit value, used before this request, this request's need, reset)
-            seen: list[tuple[str, int, float, int, float]] = []
-            for lim, key, n in plan:
-                for what, lim_value, need, kind in (
-                    ("requests", n.rpm, 1, "/r"),
-                    ("tokens", n.tpm, tokens, "/t"),
-                ):
-                    if lim_value is None:
-                        continue
-                    prev = got.get((key + kind, prev_start), 0)
-                    cur = got.get((key + kind, cur_start), 0)
-                    used = sliding(prev, cur, frac)
-                    if used + need > lim_value:
-                        wait = wait_for_room(prev, cur, frac, lim_value, need)
-                        adm.denials.append(Denial(lim.prefix[:-1], what, wait, lim.shadow))
-                    seen.append((what, lim_value, used, need, reset_in(prev, cur, frac)))
-                if n.budget is not None:
-                    start, end = budget_window(n.budget.window, now)
-                    used_b = got.get((key + "/b", start), 0)
-                    if used_b + tokens > n.budget.tokens:
-                        wait_b = end - now if tokens <= n.budget.tokens else None
-                        adm.denials.append(Denial(lim.prefix[:-1], "budget", wait_b, lim.shadow))
-                    seen.append(("budget", n.budget.tokens, used_b, tokens, end - now))
-            enforced = [d for d in adm.denials if not d.shadow]
-            if enforced:
-                adm.allowed, adm.status = False, 429
-                waits = [d.retry_after for d in enforced]
-                wait = max(w for w in waits if w is not None) if None not in waits else None
-                adm.headers.append((b"retry-after", str(max(1, math.ceil(wait or 0))).encode()))
-                adm.headers.append((b"x-weft-ratelimit-limit", enforced[0].limit.encode()))
-                self.counters.denied += 1
+        """The admission from what the op read (before its writes) and whether it wrote."""
+        adm = Admission(ok)
+        # (what, limit value, used before this request, this request's need, reset)
+        seen: list[tuple[str, int, float, int, float]] = []
+        for check, (lim, what, reset) in zip(op.checks, meta, strict=True):
+            used = check.used(values)
+            if what == "budget":
+                reset_after = reset - now
+                if used + check.need > check.limit:
+                    wait = reset_after if check.need <= check.limit else None
+                    adm.denials.append(Denial(lim.prefix[:-1], what, wait, lim.shadow))
             else:
-                writes: list[tuple[str, int, int, int]] = []
-                for _, key, n in plan:
-                    if n.rpm is not None:
-                        writes.append((key + "/r", cur_start, 1, cur_start + 2 * WINDOW))
-                    if n.tpm is not None and tokens:
-                        writes.append((key + "/t", cur_start, tokens, cur_start + 2 * WINDOW))
-                    if n.budget is not None and tokens:
-                        start, end = budget_window(n.budget.window, now)
-                        writes.append((key + "/b", start, tokens, end))
-                    adm.charges.append(Charge(key, n, tokens))
-                tx.add(writes)
-                self.counters.allowed += 1
-                if adm.denials:
-                    self.counters.shadow_denied += 1
-        self.store.tick(now)
+                prev, cur = (values[i] for i in check.cells)
+                reset_after = reset_in(prev, cur, frac)
+                if used + check.need > check.limit:
+                    wait = wait_for_room(prev, cur, frac, check.limit, check.need)
+                    adm.denials.append(Denial(lim.prefix[:-1], what, wait, lim.shadow))
+            seen.append((what, check.limit, used, check.need, reset_after))
+        if not ok:
+            enforced = [d for d in adm.denials if not d.shadow]
+            adm.status = 429
+            waits = [d.retry_after for d in enforced]
+            wait_all = max(w for w in waits if w is not None) if None not in waits else None
+            adm.headers.append((b"retry-after", str(max(1, math.ceil(wait_all or 0))).encode()))
+            if enforced:
+                adm.headers.append((b"x-weft-ratelimit-limit", enforced[0].limit.encode()))
+            self.counters.denied += 1
+        else:
+            adm.charges = [Charge(key, n, tokens, lim.shadow) for lim, key, n in plan]
+            self.counters.allowed += 1
+            if adm.denials:
+                self.counters.shadow_denied += 1
         adm.headers += _remaining_headers(seen, adm.allowed)
         if adm.shadow_denied:
             names = ",".join(sorted({d.limit for d in adm.denials if d.shadow}))
             adm.headers.append((b"x-weft-ratelimit-shadow-denied", names.encode()))
         return adm
 
-    def charge(self, adm: Admission, total_tokens: int, now: float) -> None:
-        """Replace the reservation by the actual tokens (0 refunds it: the request failed
-        before any answer and another backend will be tried)."""
+    async def charge(
+        self, adm: Admission, total_tokens: int, now: float, *, final: bool = True
+    ) -> bool:
+        """Replace the reservation by `total_tokens` (the actual usage at the end; the
+        tokens so far while a stream goes; 0 refunds it: the request failed before any
+        answer and another backend will be tried). Returns whether an enforced tokens or
+        budget limit is now past its value (what `onExceed: truncate` acts on)."""
         if not adm.charges:
-            return
+            return False
         cur_start = int(now) - int(now) % WINDOW
-        writes: list[tuple[str, int, int, int]] = []
+        frac = (now - cur_start) / WINDOW
+        op = Op([], conditional=False, now=now)
+        index: dict[tuple[str, int], int] = {}
+
+        def cell(c: tuple[str, int]) -> int:
+            i = index.get(c)
+            if i is None:
+                i = index[c] = len(op.cells)
+                op.cells.append(c)
+            return i
+
         for c in adm.charges:
             delta = total_tokens - c.reserved
-            if delta == 0:
-                continue
+            c.reserved = total_tokens  # now, so a charge issued meanwhile counts from here
             n = c.numbers
             if n.tpm is not None:
-                writes.append((c.key + "/t", cur_start, delta, cur_start + 2 * WINDOW))
+                cur = cell((c.key + "/t", cur_start))
+                prev = cell((c.key + "/t", cur_start - WINDOW))
+                op.checks.append(Check((prev, cur), (1.0 - frac, 1.0), n.tpm, delta, c.shadow))
+                if delta:
+                    op.writes.append(Write(cur, delta, cur_start + 2 * WINDOW))
             if n.budget is not None:
                 start, end = budget_window(n.budget.window, now)
-                writes.append((c.key + "/b", start, delta, end))
-            c.reserved = total_tokens
-        self.counters.tokens_charged += total_tokens
-        if not writes:
-            return
+                b = cell((c.key + "/b", start))
+                op.checks.append(Check((b,), (1.0,), n.budget.tokens, delta, c.shadow))
+                if delta:
+                    op.writes.append(Write(b, delta, end))
+        if final:
+            self.counters.tokens_charged += total_tokens
+        if not op.writes:
+            return False
+        store = adm.store or self.store
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight.add(done)
         try:
-            with self.store.transaction() as tx:
-                tx.add(writes)
-            self.store.tick(now)
-        except sqlite3.Error:
+            values, _ = await self._run(store, op, "charge")
+        except StoreError:
             self.counters.store_errors += 1
+            return False
+        finally:
+            self._inflight.discard(done)
+            done.set_result(None)
+        # Over when what was there plus this charge is past the limit (`passes` reads
+        # `used + need > limit` as failing; need here is the charge itself).
+        return any(
+            not ch.shadow and ch.need > 0 and ch.used(values) + ch.need > ch.limit
+            for ch in op.checks
+        )
+
+
+def _admit_op(
+    plan: list[tuple[_Limit, str, _Numbers]], tokens: int, now: float
+) -> tuple[Op, list[tuple[_Limit, str, float]], float]:
+    """The store op of one admission: a check per limit and kind, the increments if they all
+    pass; and for each check (limit, what, the budget window's end)."""
+    cur_start = int(now) - int(now) % WINDOW
+    prev_start = cur_start - WINDOW
+    frac = (now - cur_start) / WINDOW
+    op = Op([], now=now)
+    meta: list[tuple[_Limit, str, float]] = []
+    index: dict[tuple[str, int], int] = {}
+
+    def cell(c: tuple[str, int]) -> int:
+        i = index.get(c)
+        if i is None:
+            i = index[c] = len(op.cells)
+            op.cells.append(c)
+        return i
+
+    expires = cur_start + 2 * WINDOW
+    for lim, key, n in plan:
+        for what, value, need, kind in (
+            ("requests", n.rpm, 1, "/r"),
+            ("tokens", n.tpm, tokens, "/t"),
+        ):
+            if value is None:
+                continue
+            cur, prev = cell((key + kind, cur_start)), cell((key + kind, prev_start))
+            op.checks.append(Check((prev, cur), (1.0 - frac, 1.0), value, need, lim.shadow))
+            meta.append((lim, what, 0.0))
+            if need:
+                op.writes.append(Write(cur, need, expires))
+        if n.budget is not None:
+            start, end = budget_window(n.budget.window, now)
+            b = cell((key + "/b", start))
+            op.checks.append(Check((b,), (1.0,), n.budget.tokens, tokens, lim.shadow))
+            meta.append((lim, "budget", float(end)))
+            if tokens:
+                op.writes.append(Write(b, tokens, end))
+    return op, meta, frac
 
 
 def _remaining_headers(
