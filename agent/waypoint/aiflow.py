@@ -208,6 +208,12 @@ class AiFlow:
             fut.set_result(None)
 
 
+def _lists_models(method: Any, target: Any) -> bool:
+    m = method.decode("latin-1") if isinstance(method, bytes) else str(method)
+    t = target.decode("latin-1") if isinstance(target, bytes) else str(target)
+    return m in ("GET", "HEAD") and t.split("?", 1)[0].rstrip("/") in ("/v1/models", "/models")
+
+
 class AiRequest:
     """One request's AI stage; see agent/waypoint/proxy.py `Stage` for when each is called."""
 
@@ -251,8 +257,15 @@ class AiRequest:
         `targets` empty for a request that is not an OpenAI operation."""
         x, ai = self.x, self.ai
         head = x.head
+        path = fwd.target or head.target
+        if ai.route is not None and _lists_models(head.method, path):
+            # The models this Service routes, not one backend's list (which would name only
+            # that backend's models, under its own names).
+            body_out = json.dumps(ai.route.model_list()).encode()
+            return Respond(
+                200, "ModelList", headers=((b"content-type", b"application/json"),), body=body_out
+            )
         try:
-            path = fwd.target or head.target
             req = ai.read_request(head.method, path, head.headers, bytes(body.held))
         except BadModelRequest as e:
             return Respond(400, "BadRequest", str(e), param=e.param or "")

@@ -35,7 +35,7 @@ class Style(Enum):
 
 
 # Answers sent as configured, never re-rendered.
-_VERBATIM = frozenset({"Redirect", "Fallback", "CacheHit"})
+_VERBATIM = frozenset({"Redirect", "Fallback", "CacheHit", "ModelList"})
 
 # gRPC status codes (grpc/doc/statuscodes.md).
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 0, 1, 2, 3, 4, 5

@@ -318,6 +318,12 @@ def test_model_route_streams_sse_and_a_request_limit_answers_429(tmp_path):
             assert r.headers["x-weft-served-by"] == "ai/big-a"
             assert r.headers["content-type"].startswith("text/event-stream")
             assert r.body.endswith(b"data: [DONE]\n\n")
+            # The Service's model list is its ModelRoute's, not one backend's.
+            r = await m.http("GET", "/v1/models")
+            assert r.status == 200 and r.headers["content-type"] == "application/json", r
+            listed = {d["id"]: d["backends"] for d in r.json()["data"]}
+            assert set(listed) == {"small-model", "big-model"}, listed
+            assert listed["big-model"][0]["service"] == "ai/big:8000"
             await m.apply("limit.yaml", TOKEN_LIMIT)
             async with await m.connect() as c:
                 codes = [

@@ -168,6 +168,35 @@ class ModelRouter:
                 targets.append(self._target(f.model, _weighted(fr.backend_refs, rng), i))
         return RoutePlan(r.model, targets, cost_rule, self.fallback_on)
 
+    def model_list(self) -> dict[str, object]:
+        """OpenAI's `GET /v1/models` answer for the Service: every model a rule names
+        exactly (patterns cannot be listed), each with the backends that serve it, in
+        routing order (the first rule that serves a model wins, as in `plan`)."""
+        data: list[dict[str, object]] = []
+        seen: set[str] = set()
+        for rule in self.rules:
+            for m in rule.models:
+                if "*" in m or m in seen or self._rule(m) is not rule:
+                    continue
+                seen.add(m)
+                data.append(
+                    {
+                        "id": m,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": f"{self.ns}/{self.route.name}",
+                        "backends": [
+                            {
+                                "service": f"{b.namespace or self.ns}/{b.name}:{b.port}",
+                                "model": b.model_name or m,
+                                "weight": b.weight,
+                            }
+                            for b in rule.backend_refs
+                        ],
+                    }
+                )
+        return {"object": "list", "data": data}
+
     def answered(self, target: Target) -> list[tuple[bytes, bytes]]:
         """Response headers saying which model answered, and after how many failures."""
         model = target.model or ""
