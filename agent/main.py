@@ -526,7 +526,7 @@ class Agent:
             "/tunnel": self._h_tunnel,
         }
         metrics = {"/metrics": self._h_metrics}
-        ready = {"/healthz/ready": self._h_ready}
+        ready = {"/healthz/ready": self._h_ready, "/healthz/live": self._h_live}
         s = self.s
         for listen, routes in (
             (s.admin_listen, admin),
@@ -560,6 +560,11 @@ class Agent:
                 "uptimeSeconds": int(time.time() - self.started),
             },
         )
+
+    async def _h_live(self, req: HttpRequest) -> Response:
+        """Liveness: answered by the event loop, so a loop that stopped turning fails it;
+        a draining or superseded agent (not ready) is still live."""
+        return 200, "live\n", "text/plain"
 
     async def _h_ready(self, req: HttpRequest) -> Response:
         return (200, "ready\n", "text/plain") if self.ready else (503, "not ready\n", "text/plain")

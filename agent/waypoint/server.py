@@ -246,6 +246,7 @@ class Waypoint:
                 {
                     "/metrics": self._h_metrics,
                     "/healthz/ready": self._h_ready,
+                    "/healthz/live": self._h_live,
                     "/rollouts": self._h_rollouts,
                     "/config": self._h_config,
                 }
@@ -334,6 +335,9 @@ class Waypoint:
 
     def _ready(self) -> bool:
         return self.svid is not None and self.snapshot.revision > 0 and not self.draining
+
+    async def _h_live(self, req: HttpRequest) -> Response:
+        return 200, "live\n", "text/plain"
 
     async def _h_ready(self, req: HttpRequest) -> Response:
         ok = self._ready()

@@ -124,7 +124,7 @@ def test_custom_values_render_every_optional_object(custom: list[dict[str, Any]]
     cm = one(custom, "ConfigMap", "weft-dashboards")
     assert cm["metadata"]["namespace"] == "monitoring"
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    deploy = one(custom, "Deployment")
+    deploy = one(custom, "Deployment", "weft-controller")
     assert deploy["spec"]["replicas"] == 2
     assert "--leader-elect" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     image = agent_container(custom)["image"]
@@ -250,7 +250,7 @@ def test_rendered_arguments_are_accepted_by_the_real_clis(
     """A renamed flag fails here, not in a CrashLoopBackOff."""
     import typer.main
 
-    from agent.cli import agentcmd
+    from agent.cli import agentcmd, waypointcmd
     from controller import __main__ as controller_cli
 
     monkeypatch.setenv("NODE_NAME", "node-1")
@@ -261,12 +261,21 @@ def test_rendered_arguments_are_accepted_by_the_real_clis(
         params = _parse(agent_run, agent_container(docs)["args"])
         assert params["controller"] == f"weft-controller.{ns}.svc:15012"
         assert params["cgroup_mode"] == "kubelet"
-        c = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        c = one(docs, "Deployment", "weft-controller")["spec"]["template"]["spec"]["containers"][0]
         params = _parse(controller_run, c["args"])
         assert params["config_source"] == "kubernetes" and params["ca_store"] == "kubernetes"
         assert params["ca_secret"] == f"{ns}/weft-ca"
         assert params["agent_service_account"] == f"{ns}/weft-agent"
         assert f"weft-controller.{ns}.svc" in params["server_name"]
+    waypoint_run = typer.main.get_command(waypointcmd.app)  # its one command: run
+    for d in custom:
+        if d["kind"] == "Deployment" and d["metadata"]["labels"].get("weft.dev/waypoint"):
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            monkeypatch.setenv("WEFT_QUOTA_STORE", env["WEFT_QUOTA_STORE"])
+            params = _parse(waypoint_run, [a.replace("$(POD_IP)", "10.1.2.3") for a in c["args"]])
+            assert params["workload_socket"] == Path("/var/run/weft/workload.sock")
+            assert params["quota_store"] == "redis://weft-quota-redis.mesh-system.svc:6379/0"
 
 
 # ---- RBAC -----------------------------------------------------------------------------
@@ -412,3 +421,89 @@ def test_agent_upgrade_hands_over_with_a_surge(
         assert vol["hostPath"]["path"] == "/run/weft-agent/identities"
     (endpoint,) = one(custom, "PodMonitor")["spec"]["podMetricsEndpoints"]
     assert endpoint["targetPort"] == 15020
+
+
+# ---- waypoints and their quota store ----------------------------------------------------
+
+
+def test_no_waypoint_unless_asked(default: list[dict[str, Any]]) -> None:
+    assert not [d for d in default if d["metadata"].get("labels", {}).get("weft.dev/waypoint")]
+    assert not [d for d in default if d["metadata"]["name"] == "weft-quota-redis"]
+
+
+def test_waypoints_render_a_deployment_service_pdb_and_autoscaler(
+    custom: list[dict[str, Any]],
+) -> None:
+    """Each entry: a Deployment in its namespace whose pods carry weft.dev/waypoint (how
+    agents find instances) and are not captured themselves, a Service, a PDB (unless
+    disabled) and an HPA (with autoscaling, and then no fixed replicas); replicas spread
+    over nodes; the Workload API socket from the agent's runtime directory; probes."""
+    ai = one(custom, "Deployment", "ai-waypoint")
+    batch = one(custom, "Deployment", "batch-waypoint")
+    assert ai["metadata"]["namespace"] == "inference" and ai["spec"]["replicas"] == 3
+    assert "replicas" not in batch["spec"]
+    pod = ai["spec"]["template"]
+    assert pod["metadata"]["labels"]["weft.dev/waypoint"] == "ai-waypoint"
+    assert pod["metadata"]["labels"]["weft.dev/mesh"] == "disabled"
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == "ai-waypoint"
+    assert batch["spec"]["template"]["spec"]["serviceAccountName"] == "batch-proxy"
+    assert spec["terminationGracePeriodSeconds"] == 25  # drainSeconds 20 + 5
+    assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (c,) = spec["containers"]
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c)
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
+    assert c["resources"]["requests"]["cpu"] == "500m"  # from waypointDefaults
+    (vol,) = spec["volumes"]
+    assert vol["hostPath"]["path"] == "/var/run/weft"
+    svc = one(custom, "Service", "ai-waypoint")
+    assert svc["metadata"]["namespace"] == "inference"
+    assert {p["port"] for p in svc["spec"]["ports"]} == {15008, 15020}
+    assert svc["spec"]["selector"]["weft.dev/waypoint"] == "ai-waypoint"
+    pdbs = {d["metadata"]["name"] for d in custom if d["kind"] == "PodDisruptionBudget"}
+    assert "ai-waypoint" in pdbs and "batch-waypoint" not in pdbs
+    hpa = one(custom, "HorizontalPodAutoscaler", "batch-waypoint")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "batch-waypoint"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert one(custom, "ServiceAccount", "batch-proxy")["metadata"]["namespace"] == "batch"
+
+
+def test_the_chart_deploys_a_redis_and_every_waypoint_counts_on_it(
+    custom: list[dict[str, Any]],
+) -> None:
+    redis = one(custom, "Deployment", "weft-quota-redis")
+    (c,) = redis["spec"]["template"]["spec"]["containers"]
+    assert c["args"][c["args"].index("--maxmemory") + 1] == "128mb"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert one(custom, "Service", "weft-quota-redis")["spec"]["ports"][0]["port"] == 6379
+    for name in ("ai-waypoint", "batch-waypoint"):
+        env = one(custom, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["env"]
+        (store,) = [e for e in env if e["name"] == "WEFT_QUOTA_STORE"]
+        assert store["value"] == "redis://weft-quota-redis.mesh-system.svc:6379/0"
+
+
+def test_an_external_quota_store_from_a_secret() -> None:
+    docs = render(
+        "--set",
+        "waypoints[0].name=wp",
+        "--set",
+        "waypoints[0].namespace=ai",
+        "--set",
+        "quotaStore.existingSecret.name=quota-redis",
+    )
+    env = one(docs, "Deployment", "wp")["spec"]["template"]["spec"]["containers"][0]["env"]
+    (store,) = [e for e in env if e["name"] == "WEFT_QUOTA_STORE"]
+    assert store["valueFrom"]["secretKeyRef"] == {"name": "quota-redis", "key": "url"}
+    bad = helm("template", "--set", "quotaStore.url=http://redis:6379")
+    assert bad.returncode != 0 and "quotaStore" in bad.stderr
+
+
+def test_agent_and_controller_have_startup_liveness_and_readiness_probes(
+    default: list[dict[str, Any]],
+) -> None:
+    agent = agent_container(default)
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
+    assert agent["startupProbe"]["httpGet"]["path"] == "/healthz/ready"
+    c = one(default, "Deployment", "weft-controller")["spec"]["template"]["spec"]["containers"][0]
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c)

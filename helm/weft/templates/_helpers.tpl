@@ -32,3 +32,24 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - {{ $crd.spec.names.plural }}
 {{- end }}
 {{- end -}}
+
+{{- define "weft.quotaRedisName" -}}weft-quota-redis{{- end -}}
+
+{{/* The waypoints' WEFT_QUOTA_STORE: an existing Secret's URL, a given URL, the Redis this
+chart deploys, or memory (each replica on its own). */}}
+{{- define "weft.quotaStoreEnv" -}}
+{{- $q := .Values.quotaStore -}}
+- name: WEFT_QUOTA_STORE
+{{- if $q.existingSecret.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $q.existingSecret.name }}
+      key: {{ $q.existingSecret.key }}
+{{- else if $q.url }}
+  value: {{ $q.url | quote }}
+{{- else if $q.redis.enabled }}
+  value: {{ printf "redis://%s.%s.svc:6379/0" (include "weft.quotaRedisName" .) .Release.Namespace | quote }}
+{{- else }}
+  value: memory
+{{- end }}
+{{- end -}}
