@@ -110,9 +110,11 @@ def demo(
     lab = Lab(DEMO_LAB)
     report: dict[str, Any] = {}
     try:
-        with steps.step("building the lab: 2 nodes, 6 pods, network namespaces and cgroups"):
+        with steps.step("building the lab: 2 nodes, 8 pods, network namespaces and cgroups"):
             state = lab.up(plan)
-        with steps.step("installing weft: controller, an agent per node (eBPF), a waypoint"):
+        with steps.step(
+            "installing weft: controller, an agent per node (eBPF), a waypoint on each node"
+        ):
             mesh.install(lab, state, wait=90)
             state = lab.state()
         with steps.step("starting the AI pipeline: an embedding service, chat model v1 and v2"):
@@ -308,14 +310,23 @@ def _observe(lab: Lab, state: LabState) -> dict[str, Any]:
             out["flows"].append(f)
     drops = mesh.admin_get(mesh.admin_socket(state, "node-2"), "/datapath")["drops"]
     out["drops"] = sum(d["count"] for d in drops)
-    wp = state.pod("ai/waypoint")
-    wtext = _metrics(state, wp.netns, wp.ip)
-    out["requests"] = _sum(wtext, "istio_requests_total", destination_service_name="llm")
+    texts = {}
+    for ref in ("ai/waypoint", "ai/waypoint-2"):
+        wp = state.pod(ref)
+        texts[wp.node] = _metrics(state, wp.netns, wp.ip)
+
+    def total(name: str, **labels: str) -> float:
+        return sum(_sum(t, name, **labels) for t in texts.values())
+
+    out["requests"] = total("istio_requests_total", destination_service_name="llm")
     out["tokens"] = {
-        t: _sum(wtext, "gen_ai_client_token_usage_sum", gen_ai_token_type=t)
-        for t in ("input", "output")
+        t: total("gen_ai_client_token_usage_sum", gen_ai_token_type=t) for t in ("input", "output")
     }
-    out["ttft_count"] = _sum(wtext, "gen_ai_server_time_to_first_token_count")
+    out["ttft_count"] = total("gen_ai_server_time_to_first_token_count")
+    out["quota_ops"] = {
+        node: _sum(t, "weft_ai_quota_store_duration_seconds_count", store="redis")
+        for node, t in texts.items()
+    }
     return out
 
 
@@ -375,6 +386,11 @@ def _print(r: dict[str, Any], keep: bool) -> None:
     echo(
         f"\nToken budget: apps/batch's calls answered {' '.join(map(str, codes))}; the first "
         f"429 said retry-after {first['headers'].get('retry-after')} s"
+    )
+    ops = ", ".join(f"{node} {n:.0f}" for node, n in sorted(r["quota_ops"].items()))
+    echo(
+        f"  counted in Redis (pod infra/redis), the store both waypoint replicas share, so "
+        f"the budget holds across nodes; store ops per replica: {ops}"
     )
     echo(
         f"\nSTRICT mTLS: a plaintext connection from node-1 straight to ai/embedder was "
