@@ -31,8 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.datapath.loader import Flow
 from agent.state import ConfigSnapshot
-from agent.tunnel.metrics import workload_name
-from controller.model.workloads import Workload
+from controller.model.workloads import Workload, workload_name
 
 log = logging.getLogger("weft.flows")
 

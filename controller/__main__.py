@@ -71,6 +71,13 @@ def run(
     leader_elect: Annotated[
         bool, typer.Option(help="Reserved: leader election between replicas (not implemented).")
     ] = False,
+    prometheus_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Prometheus scraping the waypoints: Rollouts with analysis.provider "
+            "prometheus are judged from it, once for every replica."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the weft controller: CA, config store, and the gRPC services agents use."""
@@ -100,6 +107,7 @@ def run(
         sa_audience=sa_audience,
         agent_service_account=agent_service_account,
         leader_elect=leader_elect,
+        prometheus_url=prometheus_url,
         **kw,
     )
     if leader_elect:

@@ -162,7 +162,8 @@ def weft_kinds() -> list[type[Resource]]:
     out = [
         cls
         for cls in kinds().values()
-        if any(v.split("/", 1)[0] == GROUP for v in cls.API_VERSIONS if "/" in v)
+        if not cls.INTERNAL
+        and any(v.split("/", 1)[0] == GROUP for v in cls.API_VERSIONS if "/" in v)
     ]
     return sorted(out, key=lambda c: c.KIND)
 

@@ -227,6 +227,11 @@ class Controller:
         if port and port != "0":
             start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
         self._tasks.append(asyncio.create_task(self.source.run(), name="file-source"))
+        from controller.rollouts import Prometheus, RolloutController
+
+        url = self.settings.prometheus_url
+        self.rollouts = RolloutController(self.store, Prometheus(url) if url else None)
+        self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         log.info(
             "controller up: agents on %s, bootstrap on %s, admin on %s, revision %d",
             self.settings.listen,

@@ -21,6 +21,11 @@ class ControllerSettings(BaseModel):
         description="Where resources come from: a directory (one machine, the lab) "
         "or the Kubernetes API (a cluster).",
     )
+    prometheus_url: str | None = Field(
+        None,
+        description="Prometheus that scrapes the waypoints, for Rollouts judged by the "
+        "controller (analysis.provider: prometheus), e.g. http://prometheus.monitoring:9090.",
+    )
     config_dir: Path = Field(
         Path("/etc/weft/config"),
         description="Manifest directory for the files source; "

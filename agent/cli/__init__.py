@@ -9,7 +9,17 @@ import sys
 import typer
 
 from agent import __version__
-from agent.cli import agentcmd, controllercmd, demo, inspect, lab, policy, top, waypointcmd
+from agent.cli import (
+    agentcmd,
+    controllercmd,
+    demo,
+    inspect,
+    lab,
+    policy,
+    rollout,
+    top,
+    waypointcmd,
+)
 from controller.errors import WeftError
 
 app = typer.Typer(
@@ -22,6 +32,7 @@ app.add_typer(lab.app, name="lab")
 app.add_typer(agentcmd.app, name="agent")
 app.add_typer(waypointcmd.app, name="waypoint")
 app.add_typer(policy.app, name="policy")
+app.add_typer(rollout.app, name="rollout")
 app.add_typer(inspect.app, name="inspect")
 app.add_typer(controllercmd.app, name="controller")
 app.command("top")(top.top)

@@ -167,6 +167,10 @@ class LabSpec(_Strict):
     # for one budget across nodes: the lab has no DNS and resolves a Service name to its
     # first pod's address (as a headless Service would); run redis-server in that pod.
     quota_store: str | None = Field(None, alias="quotaStore", min_length=1)
+    # Start a Prometheus (Debian's) that scrapes the controller, every agent and every
+    # waypoint each second, and give its URL to the controller (--prometheus-url), which
+    # judges Rollouts with analysis.provider: prometheus from it.
+    prometheus: bool = False
 
 
 class LabManifest(_Strict):
@@ -230,6 +234,7 @@ class LabPlan:
     namespaces: dict[str, dict[str, str]]
     source: str
     quota_store: str | None = None
+    prometheus: bool = False
 
     def node(self, name: str) -> NodePlan:
         return next(n for n in self.nodes if n.name == name)
@@ -321,6 +326,7 @@ class _Planner:
             namespaces=namespaces,
             source=self.doc.file,
             quota_store=quota_store,
+            prometheus=spec.prometheus,
         )
 
     def _quota_store(self, spec: LabSpec) -> str | None:

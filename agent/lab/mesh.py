@@ -139,6 +139,9 @@ def install(
         **(extra_env or {}),
     }
     fabric = state.fabric_ip
+    extra: list[str] = []
+    if state.prometheus:
+        extra = ["--prometheus-url", start_prometheus(lab, state, wait)]
     lab.start_process(
         state,
         CONTROLLER,
@@ -166,6 +169,7 @@ def install(
             fabric,
             "--poll-interval",
             "0.2",
+            *extra,
         ],
         env=env,
     )
@@ -192,6 +196,64 @@ def install(
         start_waypoint(lab, state, key, env=env)
     for key in waypoint_pods:
         wait_waypoint(lab, state, key, wait)
+
+
+PROMETHEUS = "prometheus"
+
+
+def start_prometheus(lab: Lab, state: LabState, wait: float = 60.0) -> str:
+    """Debian's Prometheus in the fabric, scraping the controller, every agent and every
+    waypoint each second; returns its URL."""
+    import shutil
+    import urllib.request
+
+    if shutil.which("prometheus") is None:
+        raise WeftError(
+            "the lab manifest asks for a Prometheus (spec.prometheus) and none is installed",
+            hint="make setup installs Debian's prometheus",
+        )
+    d = paths(state)["state"].parent / "prometheus"
+    d.mkdir(parents=True, exist_ok=True)
+    jobs = {
+        "weft-controller": [f"{state.fabric_ip}:15014"],
+        "weft-agents": [f"{n.ip}:15020" for n in state.nodes],
+        "weft-waypoints": [f"{p.ip}:15020" for p in state.pods if WAYPOINT_LABEL in p.labels],
+    }
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": targets}]}
+            for job, targets in jobs.items()
+            if targets
+        ],
+    }
+    (d / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    addr = f"{state.fabric_ip}:9090"
+    lab.start_process(
+        state,
+        PROMETHEUS,
+        [
+            "prometheus",
+            f"--config.file={d / 'prometheus.yml'}",
+            f"--storage.tsdb.path={d / 'data'}",
+            f"--web.listen-address={addr}",
+            "--storage.tsdb.retention.time=2h",
+        ],
+    )
+    url = f"http://{addr}"
+
+    def ready() -> bool:
+        def get() -> bool:
+            try:
+                with urllib.request.urlopen(url + "/-/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        return call_in(state.fabric_netns, get)
+
+    _wait(ready, wait, "Prometheus to be ready", lab, state, PROMETHEUS)
+    return url
 
 
 def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | None = None) -> None:

@@ -107,6 +107,7 @@ class LabState:
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     processes: list[ProcessState] = field(default_factory=list)
     quota_store: str | None = None  # the manifest's spec.quotaStore
+    prometheus: bool = False  # the manifest's spec.prometheus
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -214,6 +215,7 @@ class Lab:
             cgroup=str(root),
             namespaces=plan.namespaces,
             quota_store=plan.quota_store,
+            prometheus=plan.prometheus,
             services=[
                 {
                     "name": s.name,

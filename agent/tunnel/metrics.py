@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.state import ConfigSnapshot
-from controller.model.workloads import Service, Workload
+from controller.model.workloads import Service, Workload, workload_name
 
 TCP_LABELS = (
     "reporter",
@@ -29,15 +29,6 @@ TCP_LABELS = (
     "destination_service_namespace",
     "connection_security_policy",
 )
-
-
-def workload_name(w: Workload | None) -> str:
-    """The `*_workload` label. Istio reports the owning workload (Deployment), not the pod;
-    weft's Workload carries an `app` label where a Deployment name would be; else the pod
-    name. This keeps cardinality per workload, not per pod."""
-    if w is None:
-        return "unknown"
-    return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
 
 
 @dataclass(frozen=True, slots=True)

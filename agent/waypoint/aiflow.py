@@ -44,6 +44,7 @@ from agent.waypoint.downstream import Exchange
 from agent.waypoint.engine.respond import Respond
 from agent.waypoint.proxy import Body
 from agent.waypoint.upstream import Endpoint, UpstreamError
+from controller.model.workloads import workload_name
 
 if TYPE_CHECKING:
     from agent.waypoint.server import Waypoint
@@ -465,6 +466,7 @@ class AiRequest:
     def finish(self, ok: bool) -> None:
         """The answer is over (or cut): charge, cache, canary, GenAI metrics."""
         ai, req, reader, target = self.ai, self.req, self.reader, self.target
+        answered_by = self.endpoint
         self._done_with_endpoint()
         if ai.shedder is not None:
             self.flow._release(ai.shedder)
@@ -499,6 +501,7 @@ class AiRequest:
             usage=usage,
             ttft=reader.ttft,
             tpot=reader.tpot,
+            destination=self._workload_of(answered_by),
             error_type="" if ok else str(self.status),
         )
         ctype = (self.upstream_headers or Headers()).get(b"content-type") or b""
@@ -518,6 +521,12 @@ class AiRequest:
             if adm.allowed:
                 self.flow.spawn_charge(lim, adm, 0)
         self.admissions = []
+
+    def _workload_of(self, endpoint: str | None) -> tuple[str, str]:
+        w = None
+        if endpoint is not None:
+            w = self.flow.wp.snapshot.workloads_by_ip.get(endpoint.rsplit(":", 1)[0].strip("[]"))
+        return (workload_name(w), w.namespace) if w is not None else ("unknown", "unknown")
 
     def _done_with_endpoint(self) -> None:
         if self.endpoint is not None:

@@ -39,7 +39,6 @@ from agent.tunnel import h2 as hb
 from agent.tunnel.handoff import Handoff, socket_beside
 from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.localstream import StreamTransport
-from agent.tunnel.metrics import workload_name
 from agent.tunnel.pool import ConnectionPool, PoolSettings
 from agent.tunnel.tunnel import caller_address, forwarded_for, listener_socket, parse_authority
 from agent.waypoint.aiflow import AiFlow
@@ -68,7 +67,7 @@ from agent.waypoint.tracing import (
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
 from controller.ca.spiffeid import parse_workload_id
-from controller.model.workloads import WAYPOINT_LABEL, Workload
+from controller.model.workloads import WAYPOINT_LABEL, Workload, workload_name
 
 log = logging.getLogger("weft.waypoint")
 # Labelled metric children are cached per label tuple; a waypoint sees few distinct tuples

@@ -541,6 +541,54 @@ class RolloutThresholds(Model):
     max_p99_time_to_first_token: Duration | None = Field(None, alias="maxP99TimeToFirstToken", gt=0)
 
 
+class ThresholdRange(Model):
+    """Flagger's thresholdRange: the check passes when min <= value <= max."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> ThresholdRange:
+        if self.min is None and self.max is None:
+            raise ValueError("set min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self
+
+
+class RolloutMetric(Model):
+    """A custom check (Flagger's metric with an inline query): a PromQL query that returns
+    one number, judged against thresholdRange at every step. In the query, {{ namespace }},
+    {{ canary }}, {{ stable }} and {{ target }} are the Services' names and {{ interval }}
+    the step's interval as a PromQL duration (60s)."""
+
+    name: DnsLabel
+    query: str = Field(min_length=1, max_length=4096)
+    threshold_range: ThresholdRange = Field(alias="thresholdRange")
+
+
+WebhookType = Literal["confirm-promotion", "rollback"]
+
+
+class RolloutWebhook(Model):
+    """Flagger's webhooks. confirm-promotion: asked before promoting; anything but a 2xx
+    keeps the canary at its last step until it says yes. rollback: asked at every check;
+    a 2xx rolls back at once (a human's or a pipeline's emergency stop)."""
+
+    name: DnsLabel
+    type: WebhookType
+    url: str = Field(pattern=r"^https?://", max_length=2048)
+    timeout: Duration = Field(5.0, gt=0, le=60)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class RolloutAnalysis(Model):
+    # waypoint: each waypoint replica judges the traffic it carries (no dependency; replicas
+    # can step apart). prometheus: the controller judges once, from the waypoints' metrics
+    # in Prometheus (controller --prometheus-url), and every replica applies its decision.
+    provider: Literal["waypoint", "prometheus"] = "waypoint"
+
+
 class RolloutSpec(Model):
     target_ref: ServiceRef = Field(alias="targetRef")
     stable: BackendService
@@ -552,6 +600,9 @@ class RolloutSpec(Model):
     thresholds: RolloutThresholds = Field(default_factory=RolloutThresholds)
     # Failed checks (in a row) that roll the canary back; 1 rolls back at the first one.
     failure_limit: int = Field(1, alias="failureLimit", ge=1, le=100)
+    analysis: RolloutAnalysis = Field(default_factory=RolloutAnalysis)
+    metrics: list[RolloutMetric] = Field(default_factory=list, max_length=16)
+    webhooks: list[RolloutWebhook] = Field(default_factory=list, max_length=8)
 
 
 @register
@@ -578,7 +629,50 @@ class Rollout(Resource):
         st, ca = self.spec.stable, self.spec.canary
         if (st.namespace, st.name, st.port) == (ca.namespace, ca.name, ca.port):
             out.append((("spec", "canary"), "the canary is the stable backend itself"))
+        if self.spec.analysis.provider == "waypoint":
+            for field_, items in (("metrics", self.spec.metrics), ("webhooks", self.spec.webhooks)):
+                if items:
+                    out.append(
+                        (
+                            ("spec", field_),
+                            f"{field_} need analysis.provider: prometheus (the controller runs "
+                            "them); a waypoint cannot",
+                        )
+                    )
         return out
+
+
+class RolloutStateSpec(Model):
+    generation: str  # the Rollout spec this state belongs to (a digest of it)
+    phase: Literal["Progressing", "Promoted", "RolledBack"]
+    step: int = Field(ge=0)
+    canary_weight: int = Field(alias="canaryWeight", ge=0, le=100)
+    failures: int = Field(0, ge=0)
+    window_start: float = Field(alias="windowStart")
+    waiting_for: str | None = Field(None, alias="waitingFor")  # e.g. a confirm-promotion hook
+    last_analysis: dict[str, Any] | None = Field(None, alias="lastAnalysis")
+    events: list[str] = Field(default_factory=list, max_length=64)
+
+
+def rollout_generation(r: Rollout) -> str:
+    """A digest of a Rollout's spec: a RolloutState applies only to the spec it was
+    decided for (an edited Rollout starts over)."""
+    import hashlib
+
+    return hashlib.sha256(r.spec.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
+
+
+@register
+class RolloutState(Resource):
+    """Where a Rollout judged by the controller (analysis.provider: prometheus) stands:
+    written by the controller only, sent to every waypoint like any config, so every
+    replica applies the same weights. `weft rollout status` shows it."""
+
+    KIND: ClassVar[str] = "RolloutState"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = (WEFT_API,)
+    INTERNAL: ClassVar[bool] = True
+
+    spec: RolloutStateSpec
 
 
 AI_KINDS = ("TokenRateLimit", "ModelRoute", "LoadShedding", "ResponseCache", "Rollout")

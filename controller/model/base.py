@@ -95,6 +95,8 @@ class Resource(Model):
     API_VERSIONS: ClassVar[tuple[str, ...]]
     NAMESPACED: ClassVar[bool] = True
     DEFAULT_NAMESPACE: ClassVar[str] = "default"
+    # Written by the controller itself (RolloutState): no source may provide one.
+    INTERNAL: ClassVar[bool] = False
 
     api_version: str = Field(alias="apiVersion")
     kind: str

@@ -44,9 +44,21 @@ def parse_text(text: str | bytes, file: str, *, default_namespace: str | None = 
             items = [(data, doc)]
         for i, (item, d) in enumerate(items):
             try:
-                offer.resources.append(
-                    parse_resource(item, file=file, doc=d, default_namespace=default_namespace)
-                )
+                res = parse_resource(item, file=file, doc=d, default_namespace=default_namespace)
+                if res.INTERNAL:
+                    raise InvalidConfig(
+                        [
+                            Problem(
+                                f"{res.KIND} is written by the controller, not applied "
+                                "(it reports what the controller decided)",
+                                file=file,
+                                line=doc.line,
+                                resource=str(res.key),
+                                field="kind",
+                            )
+                        ]
+                    )
+                offer.resources.append(res)
                 where = f"{file}:{doc.line}" if doc.line else file
                 offer.origins.append(where if d is not None else f"{where} (List item {i + 1})")
             except InvalidConfig as e:

@@ -112,6 +112,15 @@ class ServiceSpec(Model):
         return [ip for ip in ips if ip and ip != "None"]
 
 
+def workload_name(w: Workload | None) -> str:
+    """The `*_workload` metric label. Istio reports the owning workload (Deployment), not the
+    pod; weft's Workload carries an `app` label where a Deployment name would be; else the
+    pod name. This keeps cardinality per workload, not per pod."""
+    if w is None:
+        return "unknown"
+    return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
+
+
 @register
 class Service(Resource):
     KIND: ClassVar[str] = "Service"

@@ -6,11 +6,13 @@ Topology: callers apps/client (node-1) and apps/batch (node-2) call Service ai/l
 pods of its own: a ModelRoute sends each model to its backend Services), served by two
 replicas of the ai-waypoint, one per node (each caller's agent hands its connections to
 the replica on its node), that count token quotas in one real redis-server (pod
-infra/redis, the lab's spec.quotaStore)."""
+infra/redis, the lab's spec.quotaStore); a Prometheus scrapes them and the controller judges
+Rollouts with analysis.provider: prometheus from it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.lab import mesh
 from agent.netns import call_in
 from agent.waypoint.aiflow import SCRAPE_EVERY
 from tests.kernel.conftest import Mesh, build_mesh, metric, wait_until
@@ -31,6 +34,7 @@ metadata: {name: __LAB__}
 spec:
   nodes: [{name: node-1}, {name: node-2}]
   quotaStore: redis://redis.infra:6379/0
+  prometheus: true
   namespaces:
     - {name: apps, labels: {weft.dev/mesh: enabled}}
     - {name: ai, labels: {weft.dev/mesh: enabled}}
@@ -277,20 +281,25 @@ def test_a_quota_store_outage_degrades_to_per_replica_limits(clean: Mesh) -> Non
         clean.lab.start_process(clean.state, "pod-infra-redis", redis.argv, pod="infra/redis")
         clean.wait_listening("infra/redis", 6379)
 
-    def counted_on_redis_again() -> bool:
+    def counted_on_redis_again(pod: str, replica: int) -> bool:
         def now() -> tuple[float, float]:
-            t = replica_metrics(clean)[1]
+            t = replica_metrics(clean)[replica]
             return (
                 metric(t, "weft_ai_quota_store_duration_seconds_count", store="redis", op="admit"),
                 metric(t, "weft_ai_quota_store_errors_total", store="redis", op="admit"),
             )
 
         ops, errors = now()
-        client(clean, "apps/batch", "--model", "small-model")
+        client(clean, pod, "--model", "small-model")
         ops2, errors2 = now()
         return ops2 > ops and errors2 == errors
 
-    wait_until(counted_on_redis_again, "the replicas to use the restarted store", 15)
+    for pod, replica in (("apps/client", 0), ("apps/batch", 1)):
+        wait_until(
+            lambda pod=pod, replica=replica: counted_on_redis_again(pod, replica),
+            f"the replica serving {pod} to use the restarted store",
+            15,
+        )
 
 
 def test_a_stream_over_budget_finishes_and_is_charged(clean: Mesh) -> None:
@@ -433,6 +442,68 @@ def test_a_bad_canary_is_rolled_back_and_a_good_one_promoted(clean: Mesh) -> Non
     assert good["canaryWeight"] == 100 and any("promoted" in e for e in good["events"])
     after = client(clean, "apps/client", "--model", "big-model", n=6)
     assert {r["served_by"] for r in after} == {"ai/big-c"}  # all traffic on the canary now
+
+
+JUDGED = (
+    ROLLOUT.replace("name: big-canary, namespace", "name: big-canary-judged, namespace").replace(
+        "interval: 1s", "interval: 3s"
+    )
+    + "  analysis: {provider: prometheus}\n"
+)
+
+
+def test_the_controller_judges_a_canary_from_prometheus_and_both_replicas_apply_it(
+    clean: Mesh,
+) -> None:
+    """analysis.provider: prometheus: the controller measures the canary from the
+    waypoints' metrics in a real Prometheus (both replicas' traffic together), decides, and
+    both replicas apply the same decision: a failing canary is rolled back everywhere, a
+    good one promoted everywhere."""
+    clean.apply("route.yaml", ROUTE.replace("      fallback: [{model: small-model}]\n", ""))
+    control(clean, "ai/big-c", {"error_rate": 1.0, "error_status": 500})
+    clean.apply("rollout.yaml", JUDGED)
+
+    def judged(phase: str) -> bool:
+        client(clean, "apps/client", "--model", "big-model", n=10)
+        client(clean, "apps/batch", "--model", "big-model", n=10)
+        states = _rollout(clean)
+        return len(states) == 2 and all(r["phase"] == phase for r in states)
+
+    wait_until(lambda: judged("RolledBack"), "the controller to roll the canary back", 60)
+    a, b = _rollout(clean)
+    assert a["judgedBy"] == b["judgedBy"] == "controller", (a, b)
+    assert a["canaryWeight"] == b["canaryWeight"] == 0
+    assert any("success rate" in e for e in a["events"]), a["events"]
+    # The operator's view: `weft rollout status` reads what the controller published.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "rollout",
+            "status",
+            "big-canary-judged",
+            "-n",
+            "ai",
+            "-o",
+            "json",
+            "--controller-socket",
+            str(mesh.paths(clean.state)["admin"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    st = json.loads(out.stdout)
+    assert st["phase"] == "RolledBack" and st["judgedBy"] == "controller", st
+    assert st["lastAnalysis"]["canary"]["errors"] > 0, st
+    control(clean, "ai/big-c", {"reset": True})
+    clean.apply("rollout.yaml", JUDGED.replace("steps: [{weight: 50}", "steps: [{weight: 40}"))
+    wait_until(lambda: judged("Promoted"), "the controller to promote the canary", 60)
+    after = client(clean, "apps/client", "--model", "big-model", n=6)
+    after += client(clean, "apps/batch", "--model", "big-model", n=6)
+    assert {r["served_by"] for r in after} == {"ai/big-c"}  # every replica moved
 
 
 def test_genai_metrics_have_the_right_values(clean: Mesh) -> None:

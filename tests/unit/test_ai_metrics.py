@@ -34,6 +34,7 @@ def test_a_chat_request_records_tokens_by_type_ttft_tpot_and_duration():
         usage=Usage(7, 6, 13),
         ttft=0.05,
         tpot=0.01,
+        destination=("llm-8b", "ai"),
     )
     s = samples(reg)
     base = (
@@ -56,7 +57,9 @@ def test_a_chat_request_records_tokens_by_type_ttft_tpot_and_duration():
         s[key("gen_ai_client_token_usage_bucket", ("gen_ai_token_type", "input"), ("le", "16.0"))]
         == 1
     )
-    assert s[key("gen_ai_server_time_to_first_token_sum")] == 0.05
+    # With the backend's workload, so a canary's TTFT is judged apart from the stable's.
+    backend = (("destination_workload", "llm-8b"), ("destination_workload_namespace", "ai"))
+    assert s[key("gen_ai_server_time_to_first_token_sum", *backend)] == 0.05
     assert s[key("gen_ai_server_time_per_output_token_sum")] == 0.01
     assert s[key("gen_ai_server_request_duration_sum", ("error_type", ""))] == 0.8
 

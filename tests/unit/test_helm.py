@@ -267,6 +267,9 @@ def test_rendered_arguments_are_accepted_by_the_real_clis(
         assert params["ca_secret"] == f"{ns}/weft-ca"
         assert params["agent_service_account"] == f"{ns}/weft-agent"
         assert f"weft-controller.{ns}.svc" in params["server_name"]
+        assert params["prometheus_url"] == (
+            None if docs is default else "http://prometheus.monitoring:9090"
+        )
     waypoint_run = typer.main.get_command(waypointcmd.app)  # its one command: run
     for d in custom:
         if d["kind"] == "Deployment" and d["metadata"]["labels"].get("weft.dev/waypoint"):

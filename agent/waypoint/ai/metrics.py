@@ -105,10 +105,12 @@ class GenAIMetrics:
             buckets=TOKEN_BUCKETS,
             registry=registry,
         )
+        # With the backend workload (an extra attribute, which the conventions allow), so a
+        # canary's time to first token can be judged apart from the stable version's.
         self.ttft = Histogram(
             "gen_ai_server_time_to_first_token",
             "Time to generate the first token, seconds (gen_ai.server.time_to_first_token).",
-            (OP, REQ, RESP),
+            (OP, REQ, RESP, "destination_workload", "destination_workload_namespace"),
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
@@ -136,6 +138,7 @@ class GenAIMetrics:
         duration: float,
         usage: Usage | None = None,
         ttft: float | None = None,
+        destination: tuple[str, str] = ("unknown", "unknown"),
         tpot: float | None = None,
         error_type: str = "",
     ) -> None:
@@ -148,7 +151,7 @@ class GenAIMetrics:
             if operation != "embeddings":
                 self.token_usage.labels(op, req, resp, "output").observe(usage.completion_tokens)
         if ttft is not None:
-            self.ttft.labels(op, req, resp).observe(ttft)
+            self.ttft.labels(op, req, resp, *destination).observe(ttft)
         if tpot is not None:
             self.tpot.labels(op, req, resp).observe(tpot)
         self.duration.labels(op, req, resp, error_type).observe(duration)

@@ -38,8 +38,10 @@ from controller.model.ai import (
     ModelRoute,
     ResponseCache,
     Rollout,
+    RolloutState,
     ServiceRef,
     TokenRateLimit,
+    rollout_generation,
 )
 from controller.model.base import Resource
 
@@ -143,6 +145,7 @@ class AiPolicies:
             return s
 
         ordered = sorted(resources, key=lambda r: (r.KIND, r.namespace, r.name))
+        states = {(r.namespace, r.name): r for r in ordered if isinstance(r, RolloutState)}
         for res in ordered:
             if isinstance(res, TokenRateLimit):
                 if store is None:
@@ -181,6 +184,13 @@ class AiPolicies:
                     s.cache = cache
             elif isinstance(res, Rollout):
                 ca = reuse(res, lambda r=res: CanaryAnalysis(r, now, random.Random(rng.random())))
+                if res.spec.analysis.provider == "prometheus":
+                    # The controller judges; this replica applies its latest decision
+                    # (none yet: the first step, as the controller starts it).
+                    ca.following = True
+                    st = states.get((res.namespace, res.name))
+                    if st is not None and st.spec.generation == rollout_generation(res):
+                        ca.follow(st.spec)
                 (k,) = _targets(res, [res.spec.target_ref])
                 s = svc(k)
                 if s.rollout is not None:

@@ -132,6 +132,10 @@ class RedisStore:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
+            # A pooled connection idle for a second is PINGed before use: after a server
+            # restart the first op finds a fresh connection instead of failing on a dead
+            # one (and sending every request of the next second to the fallback counters).
+            health_check_interval=1,
             client_name="weft-waypoint",
         )
         self.script = self.client.register_script(LUA)

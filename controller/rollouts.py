@@ -1,0 +1,352 @@
+"""Canary analysis in the controller, Flagger's model (Rollout analysis.provider: prometheus).
+
+Judged in one place instead of in every waypoint replica on the traffic it happens to carry:
+the controller measures each step from the waypoints' metrics in Prometheus, judges it with
+the same state machine the waypoints use (agent/waypoint/ai/canary.py, `judge`), asks the
+Rollout's webhooks, and publishes where the rollout stands as a RolloutState resource. That
+resource travels like any config (store -> agents -> waypoints), and every waypoint replica
+`follow`s it: they all apply the same weights.
+
+Per step, over the step's interval (PromQL, summed over every waypoint replica):
+
+    requests   sum(increase(istio_requests_total{reporter="waypoint", <canary>}[I]))
+    errors     the same with response_code 5xx or 0 (no response: a reset or timeout)
+    p99        histogram_quantile(0.99, sum by (le) (rate(
+                   istio_request_duration_milliseconds_bucket{...}[I]))) / 1000
+    p99 TTFT   histogram_quantile(0.99, sum by (le) (rate(
+                   gen_ai_server_time_to_first_token_bucket{<canary>}[I])))
+
+where <canary> selects destination_workload (the canary Service's pods' workload names, as
+the waypoints label them) in the canary's namespace; the same for the stable version (shown,
+not judged). Custom checks are the Rollout's own queries against their thresholdRange.
+
+Only the state machine's inputs come from outside; a failed query makes the step wait (an
+event says why), never pass. A controller without --prometheus-url publishes that such
+rollouts wait for one. Restarted, the controller carries on from the published state of
+the same Rollout spec (the state's `generation`); an edited spec starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.waypoint.ai.canary import CanaryAnalysis, CheckResult, Window
+from controller.model.ai import (
+    Rollout,
+    RolloutMetric,
+    RolloutState,
+    RolloutWebhook,
+    rollout_generation,
+)
+from controller.model.workloads import Service, Workload, workload_name
+from controller.store import ConfigStore, Offer
+
+log = logging.getLogger("weft.rollouts")
+
+SOURCE = "controller/rollouts"  # the store source that owns every RolloutState
+TICK = 1.0  # seconds between looks at the rollouts
+NO_PROMETHEUS = "a Prometheus to judge by (controller --prometheus-url)"
+
+
+class QueryError(Exception):
+    pass
+
+
+class Prometheus:
+    """Instant queries against Prometheus' HTTP API (GET /api/v1/query)."""
+
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _get(self, promql: str) -> Any:
+        q = urllib.parse.urlencode({"query": promql})
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=self.timeout) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            # Prometheus says why in the body ({"status": "error", "error": ...}).
+            try:
+                why = json.loads(e.read()).get("error") or str(e)
+            except (OSError, ValueError):
+                why = str(e)
+            raise QueryError(f"Prometheus {self.url}: {why} (query {promql})") from e
+        except (OSError, ValueError) as e:
+            raise QueryError(f"Prometheus {self.url}: {e}") from e
+        if body.get("status") != "success":
+            raise QueryError(f"Prometheus {self.url}: {body.get('error') or body}")
+        return body["data"]
+
+    async def value(self, promql: str) -> float | None:
+        """The query's single number: a scalar, or the sum of an instant vector's samples;
+        None when it has no sample (nothing measured), or NaN (a quantile of nothing)."""
+        data = await asyncio.to_thread(self._get, promql)
+        kind, result = data.get("resultType"), data.get("result")
+        if kind == "scalar":
+            v = float(result[1])
+        elif kind == "vector":
+            if not result:
+                return None
+            v = sum(float(s["value"][1]) for s in result)
+        else:
+            raise QueryError(f"{promql!r} returned a {kind}, not one number")
+        return None if math.isnan(v) else v
+
+
+def duration(seconds: float) -> str:
+    """A PromQL range: whole seconds, at least 1s."""
+    return f"{max(1, math.ceil(seconds))}s"
+
+
+def _promql_string(s: str) -> str:
+    """A PromQL double-quoted string literal's content (Go escapes)."""
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def selector(workloads: list[str], namespace: str) -> str:
+    """Label matchers for the workloads (regex-escaped, then escaped for the string)."""
+    names = "|".join(re.escape(w) for w in sorted(set(workloads))) or "^$"
+    return (
+        f'destination_workload=~"{_promql_string(names)}",'
+        f'destination_workload_namespace="{_promql_string(namespace)}"'
+    )
+
+
+def window_queries(sel: str, rng: str) -> dict[str, str]:
+    req = f'istio_requests_total{{reporter="waypoint",{sel}}}'
+    err = f'istio_requests_total{{reporter="waypoint",{sel},response_code=~"5..|0"}}'
+    dur = f'istio_request_duration_milliseconds_bucket{{reporter="waypoint",{sel}}}'
+    ttft = f"gen_ai_server_time_to_first_token_bucket{{{sel}}}"
+    return {
+        "requests": f"sum(increase({req}[{rng}]))",
+        "errors": f"sum(increase({err}[{rng}]))",
+        "p99": f"histogram_quantile(0.99, sum by (le) (rate({dur}[{rng}]))) / 1000",
+        "ttft": f"histogram_quantile(0.99, sum by (le) (rate({ttft}[{rng}])))",
+    }
+
+
+def render_query(m: RolloutMetric, r: Rollout, rng: str) -> str:
+    ns = r.namespace
+    values = {
+        "namespace": ns,
+        "canary": r.spec.canary.name,
+        "stable": r.spec.stable.name,
+        "target": r.spec.target_ref.name,
+        "interval": rng,
+    }
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda mo: values.get(mo.group(1), mo.group(0)), m.query)
+
+
+def judge_metric(m: RolloutMetric, value: float | None) -> CheckResult:
+    tr = m.threshold_range
+    if value is None:
+        return CheckResult(m.name, False, "no data")
+    if tr.min is not None and value < tr.min:
+        return CheckResult(m.name, False, f"{value:g} < min {tr.min:g}")
+    if tr.max is not None and value > tr.max:
+        return CheckResult(m.name, False, f"{value:g} > max {tr.max:g}")
+    return CheckResult(m.name, True, f"{value:g}")
+
+
+@dataclass
+class Tracked:
+    generation: str
+    analysis: CanaryAnalysis
+
+
+Poster = Callable[[RolloutWebhook, dict[str, Any]], int]
+
+
+def post_webhook(hook: RolloutWebhook, payload: dict[str, Any]) -> int:
+    """POST the payload as JSON; the HTTP status, or 0 when nothing answered."""
+    req = urllib.request.Request(
+        hook.url,
+        data=json.dumps(payload).encode(),
+        headers={"content-type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=hook.timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return 0
+
+
+class RolloutController:
+    def __init__(
+        self,
+        store: ConfigStore,
+        prometheus: Prometheus | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        post: Poster = post_webhook,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.prometheus = prometheus
+        self.clock = clock
+        self.post = post
+        self.rng = rng or random.Random()
+        self.tracked: dict[tuple[str, str], Tracked] = {}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # one bad tick must not end the rollouts; it is logged
+                log.exception("rollout analysis failed; trying again")
+            await asyncio.sleep(TICK)
+
+    async def tick(self) -> None:
+        """Look at every Rollout judged here: judge the ones due, publish their states."""
+        now = self.clock()
+        rollouts = [
+            r
+            for r in self.store.resources("Rollout")
+            if isinstance(r, Rollout) and r.spec.analysis.provider == "prometheus"
+        ]
+        published = {
+            (r.namespace, r.name): r
+            for r in self.store.resources("RolloutState")
+            if isinstance(r, RolloutState)
+        }
+        states: list[RolloutState] = []
+        live: set[tuple[str, str]] = set()
+        for r in rollouts:
+            key = (r.namespace, r.name)
+            live.add(key)
+            t = self._track(r, published.get(key), now)
+            a = t.analysis
+            due = a.next_check()
+            if due is not None and now >= due:
+                await self._judge(r, a, now)
+            states.append(self._state(r, t))
+        for key in [k for k in self.tracked if k not in live]:
+            del self.tracked[key]
+        self.store.offer(SOURCE, Offer(resources=list(states)))
+
+    def _track(self, r: Rollout, st: RolloutState | None, now: float) -> Tracked:
+        key = (r.namespace, r.name)
+        gen = rollout_generation(r)
+        t = self.tracked.get(key)
+        if t is not None and t.generation == gen:
+            return t
+        a = CanaryAnalysis(r, now, random.Random(self.rng.random()))
+        if st is not None and st.spec.generation == gen:
+            a.restore(st.spec)
+            log.info("rollout %s/%s: carrying on at step %d", *key, a.step)
+        if self.prometheus is None:
+            a.waiting_for = NO_PROMETHEUS
+            log.warning("rollout %s/%s needs %s; it waits at step %d", *key, NO_PROMETHEUS, a.step)
+        t = self.tracked[key] = Tracked(gen, a)
+        return t
+
+    def _state(self, r: Rollout, t: Tracked) -> RolloutState:
+        return RolloutState.model_validate(
+            {
+                "apiVersion": "weft.dev/v1alpha1",
+                "kind": "RolloutState",
+                "metadata": {"name": r.name, "namespace": r.namespace},
+                "spec": t.analysis.state(t.generation),
+            }
+        )
+
+    # ---- one judgement ---------------------------------------------------------------
+
+    async def _judge(self, r: Rollout, a: CanaryAnalysis, now: float) -> None:
+        if self.prometheus is None:
+            a.window_start = now  # nothing to judge by: look again after an interval
+            return
+        rng = duration(a.interval())
+        try:
+            canary = await self._window(self._workloads(r, "canary"), r, rng)
+            stable = await self._window(self._workloads(r, "stable"), r, rng)
+            checks = [
+                judge_metric(m, await self.prometheus.value(render_query(m, r, rng)))
+                for m in r.spec.metrics
+            ]
+        except QueryError as e:
+            a.waiting_for = f"Prometheus ({e})"
+            a.window_start = now
+            log.warning("rollout %s/%s: %s; the step waits", r.namespace, r.name, e)
+            return
+        if a.waiting_for and a.waiting_for.startswith("Prometheus"):
+            a.waiting_for = None
+        payload = {
+            "name": r.name,
+            "namespace": r.namespace,
+            "phase": a.phase,
+            "step": a.step,
+            "canaryWeight": a.canary_weight,
+            "checksum": rollout_generation(r),
+        }
+        rollback_by = None
+        for hook in r.spec.webhooks:
+            if hook.type == "rollback":
+                code = await asyncio.to_thread(
+                    self.post, hook, {**payload, "type": hook.type, "metadata": hook.metadata}
+                )
+                if 200 <= code < 300:
+                    rollback_by = hook.name
+                    break
+        denied = None
+        if a.step == len(r.spec.steps) - 1:
+            for hook in r.spec.webhooks:
+                if hook.type == "confirm-promotion":
+                    code = await asyncio.to_thread(
+                        self.post, hook, {**payload, "type": hook.type, "metadata": hook.metadata}
+                    )
+                    if not 200 <= code < 300:
+                        denied = hook.name
+                        break
+        for event in a.judge(
+            now, canary, stable, checks, promotion_denied=denied, rollback_by=rollback_by
+        ):
+            log.info("rollout %s", event)
+
+    def _workloads(self, r: Rollout, version: str) -> tuple[list[str], str]:
+        """The workload names (as the waypoints label them) behind the version's Service."""
+        ref = r.spec.canary if version == "canary" else r.spec.stable
+        ns = ref.namespace or r.namespace
+        svc = next(
+            (
+                s
+                for s in self.store.resources("Service")
+                if isinstance(s, Service) and s.namespace == ns and s.name == ref.name
+            ),
+            None,
+        )
+        if svc is None:
+            return [], ns
+        names = [
+            workload_name(w)
+            for w in self.store.resources("Workload")
+            if isinstance(w, Workload) and svc.selects(w)
+        ]
+        return names, ns
+
+    async def _window(self, who: tuple[list[str], str], r: Rollout, rng: str) -> Window:
+        assert self.prometheus is not None
+        q = window_queries(selector(*who), rng)
+        requests = await self.prometheus.value(q["requests"]) or 0.0
+        errors = await self.prometheus.value(q["errors"]) or 0.0
+        p99 = await self.prometheus.value(q["p99"]) if requests else None
+        ttft = None
+        if r.spec.thresholds.max_p99_time_to_first_token is not None and requests:
+            ttft = await self.prometheus.value(q["ttft"])
+        # increase() extrapolates to the window's edges: a count, so round it.
+        return Window(round(requests), round(errors), p99, ttft)
