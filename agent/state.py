@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from controller.model.base import Resource, ResourceKey
+from controller.model.istio_networking import derive
 from controller.model.routing import HTTPRoute
 from controller.model.security import AuthorizationPolicy, PeerAuthentication
 from controller.model.workloads import Node, Service, Workload
@@ -45,6 +46,11 @@ class ConfigSnapshot:
     def build(
         cls, epoch: str, revision: int, trust_domain: str, resources: Mapping[ResourceKey, Resource]
     ) -> ConfigSnapshot:
+        # Istio's VirtualService and DestinationRule take effect as the resources they
+        # derive into (controller/model/istio_networking.py); the originals stay as written.
+        derived, _problems = derive(resources.values())
+        if derived:
+            resources = {**resources, **{r.key: r for r in derived}}
         by_kind: dict[str, list[Resource]] = {}
         for r in resources.values():
             by_kind.setdefault(r.KIND, []).append(r)

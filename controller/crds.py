@@ -147,7 +147,8 @@ def _structural(
     if typ in ("string", "integer", "number", "boolean"):
         out["type"] = typ
         return out
-    if typ is None and not node:
+    if typ is None and not set(node) - {"default", "title", "description"}:
+        # Any: free-form (Istio fields weft refuses when set are typed so).
         return {"x-kubernetes-preserve-unknown-fields": True}
     raise SchemaError(f"schema node {node!r} has no structural form")
 

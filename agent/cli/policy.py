@@ -11,13 +11,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
 
 from agent.cli.output import Format, OutputOption, emit
 from agent.cli.targets import ControllerSocketOption, LabOption, admin_stub, call
+from controller.errors import WeftError
 from controller.model.base import kind_named
 from controller.model.loader import duplicates, parse_text
 from controller.model.problems import InvalidConfig, Problem
@@ -119,6 +120,66 @@ def validate(file: FileOption, output: Format = OutputOption) -> None:
             typer.echo(f"ok      {r['kind']} {r['namespace']}/{r['name']}")
     if problems:
         raise InvalidConfig(problems)
+
+
+@app.command()
+def convert(
+    file: FileOption,
+    lab: LabOption = "weft",
+    controller_socket: ControllerSocketOption = None,
+) -> None:
+    """Print the Gateway API and weft.dev resources that Istio VirtualServices and
+    DestinationRules become (what weft enforces for them), as YAML.
+
+    The Services they name come from the files given, else from the controller when one is
+    running (the lab's, or --controller-socket).
+
+    Example: weft policy convert -f reviews-virtualservice.yaml -f reviews-destinationrule.yaml
+    """
+    from controller.model.istio_networking import documents
+
+    problems: list[Problem] = []
+    resources = []
+    for name, text in _documents(file):
+        offer = parse_text(text, name)
+        problems += offer.problems
+        resources += offer.resources
+    if problems:
+        raise InvalidConfig(problems)
+    have = {(r.namespace, r.name) for r in resources if r.KIND == "Service"}
+    services = _controller_services(lab, controller_socket, have)
+    docs, derive_problems = documents([*resources, *services])
+    if derive_problems:
+        raise InvalidConfig(
+            derive_problems,
+            hint="pass the Services they name with -f, or run against the controller that "
+            "holds them (--lab, --controller-socket)",
+        )
+    for d in docs:
+        d.pop("status", None)
+    sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def _controller_services(
+    lab: str, controller_socket: Path | None, have: set[tuple[str, str]]
+) -> list[Any]:
+    """The controller's Services (for hosts the files do not define); none when no
+    controller is reachable."""
+    from controller.model.base import parse_resource
+
+    try:
+        from controller.api.gen import admin_pb2
+
+        stub = admin_stub(lab, controller_socket)
+        resp = call(stub.Get, admin_pb2.GetRequest(kind="Service", namespace="", name=""))
+    except WeftError:
+        return []
+    out = []
+    for r in resp.resources:
+        svc = parse_resource(json.loads(r.body))
+        if (svc.namespace, svc.name) not in have:
+            out.append(svc)
+    return out
 
 
 @app.command()

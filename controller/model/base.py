@@ -162,7 +162,14 @@ def kind_named(name: str) -> type[Resource] | None:
 def _load_all() -> None:
     # The kind modules register themselves on import; import them once, lazily, so that
     # base.py stays importable from them without a cycle.
-    from controller.model import ai, routing, security, traffic, workloads  # noqa: F401
+    from controller.model import (  # noqa: F401
+        ai,
+        istio_networking,
+        routing,
+        security,
+        traffic,
+        workloads,
+    )
 
 
 def describe(data: Any) -> str | None:
@@ -181,12 +188,6 @@ def describe(data: Any) -> str | None:
 
 # Kinds users bring from Istio, and what to write instead.
 INSTEAD_OF = {
-    "VirtualService": "weft does not read Istio's VirtualService yet; write an HTTPRoute "
-    "(gateway.networking.k8s.io/v1): weighted backendRefs for a split, timeouts, filters, "
-    "and retries in a BackendPolicy (docs/policy-reference.md)",
-    "DestinationRule": "weft does not read Istio's DestinationRule yet; write a "
-    "BackendPolicy (weft.dev/v1alpha1): loadBalancer, connectionPool and outlierDetection "
-    "for a Service, and a Service per subset (docs/policy-reference.md)",
     "Gateway": "weft has no ingress gateway; a waypoint serves L7 inside the mesh",
 }
 

@@ -53,10 +53,20 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
             return None
         return svc.metadata.labels.get("weft.dev/use-waypoint") or None
 
+    # VirtualService and DestinationRule: what they cannot be derived into (a subset no
+    # DestinationRule defines, a host that is no Service) is said on them.
+    from controller.model.istio_networking import derive
+
+    _derived, derive_problems = derive(res)
+    not_derived: dict[str, list[str]] = {}
+    for p in derive_problems:
+        not_derived.setdefault(p.resource or "", []).append(
+            f"{p.field}: {p.reason}" if p.field else p.reason
+        )
     out: dict[ResourceKey, list[Condition]] = {}
     for r in res:
         l7_targets, backends = _references(r)
-        if not l7_targets and not backends:
+        if not l7_targets and not backends and str(r.key) not in not_derived:
             continue
         gone_targets = [f"{ns}/{n}" for ns, n in l7_targets if (ns, n) not in services]
         gone_backends = [f"{ns}/{n}" for ns, n in backends if (ns, n) not in services]
@@ -88,6 +98,10 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
             )
         elif gone_targets:
             conds.append(Condition("Accepted", False, "ServiceNotFound", "its Service is missing"))
+        elif str(r.key) in not_derived:
+            conds.append(
+                Condition("Accepted", False, "Invalid", "; ".join(not_derived[str(r.key)]))
+            )
         else:
             conds.append(Condition("Accepted", True, "Accepted"))
         out[r.key] = conds
@@ -117,4 +131,18 @@ def _references(r: Resource) -> tuple[list[tuple[str, str]], list[tuple[str, str
         return [(t.namespace or r.namespace, t.name) for t in spec.target_refs], []
     if r.KIND == "BackendPolicy":
         return [], [(ns, n) for ns, n, _ in r.targets()]  # type: ignore[attr-defined]
+    if r.KIND in ("VirtualService", "DestinationRule"):
+        from controller.model.istio_networking import host_service
+
+        if r.KIND == "DestinationRule":
+            h = host_service(spec.host, r.namespace)
+            return [], [h] if h else []
+        hosts = [h for h in (host_service(x, r.namespace) for x in spec.hosts) if h]
+        dests = [
+            h
+            for route in spec.http
+            for d in route.route
+            if (h := host_service(d.destination.host, r.namespace))
+        ]
+        return hosts, dests
     return [], []

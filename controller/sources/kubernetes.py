@@ -210,6 +210,12 @@ AUTHORIZATION_POLICIES = WatchedKind(
 PEER_AUTHENTICATIONS = WatchedKind(
     "PeerAuthentication", "security.istio.io", "v1", "peerauthentications", required=False
 )
+VIRTUAL_SERVICES = WatchedKind(
+    "VirtualService", "networking.istio.io", "v1", "virtualservices", required=False
+)
+DESTINATION_RULES = WatchedKind(
+    "DestinationRule", "networking.istio.io", "v1", "destinationrules", required=False
+)
 
 
 def weft_kinds() -> list[WatchedKind]:
@@ -244,6 +250,8 @@ def watched_kinds() -> list[WatchedKind]:
         HTTPROUTES,
         AUTHORIZATION_POLICIES,
         PEER_AUTHENTICATIONS,
+        VIRTUAL_SERVICES,
+        DESTINATION_RULES,
         *weft_kinds(),
     ]
 

@@ -357,6 +357,8 @@ def test_controller_reads_what_it_converts_and_nothing_more(default: list[dict[s
         ("gateway.networking.k8s.io", "httproutes"): read,
         ("security.istio.io", "authorizationpolicies"): read,
         ("security.istio.io", "peerauthentications"): read,
+        ("networking.istio.io", "virtualservices"): read,
+        ("networking.istio.io", "destinationrules"): read,
         **{("weft.dev", p): read for p in crd_plurals},
         ("authentication.k8s.io", "tokenreviews"): ("create",),
     }
