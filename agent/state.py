@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from controller.model.base import Resource, ResourceKey
-from controller.model.istio_networking import derive
+from controller.model.derived import derive
 from controller.model.routing import HTTPRoute
 from controller.model.security import AuthorizationPolicy, PeerAuthentication
 from controller.model.workloads import Node, Service, Workload

@@ -136,7 +136,7 @@ def convert(
 
     Example: weft policy convert -f reviews-virtualservice.yaml -f reviews-destinationrule.yaml
     """
-    from controller.model.istio_networking import documents
+    from controller.model.derived import documents
 
     problems: list[Problem] = []
     resources = []

@@ -164,6 +164,7 @@ def _load_all() -> None:
     # base.py stays importable from them without a cycle.
     from controller.model import (  # noqa: F401
         ai,
+        grpcroute,
         istio_networking,
         routing,
         security,

@@ -17,12 +17,11 @@ namespace), `name.namespace`, or `name.namespace.svc[.cluster.local]`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from controller.model.base import Model, Resource, ResourceKey, parse_resource, register
+from controller.model.base import Model, Resource, register
 from controller.model.problems import InvalidConfig, Problem
 from controller.model.traffic import Duration
 
@@ -980,60 +979,28 @@ def _merge(base: TrafficPolicy | None, over: TrafficPolicy | None) -> TrafficPol
     return TrafficPolicy.model_validate(data)
 
 
-def derive(resources: Iterable[Resource]) -> tuple[list[Resource], list[Problem]]:
-    """The resources weft enforces for every VirtualService and DestinationRule among
-    `resources`, and the problems of those it cannot derive (a missing host or subset)."""
-    res = list(resources)
-    istio = [r for r in res if isinstance(r, (VirtualService, DestinationRule))]
+def istio_documents(
+    resources: list[Resource],
+) -> tuple[list[tuple[Resource, dict[str, Any]]], list[Problem]]:
+    """(source, document) for everything the VirtualServices and DestinationRules among
+    `resources` derive into, and the problems of those that cannot be derived."""
+    istio = [r for r in resources if isinstance(r, (VirtualService, DestinationRule))]
     if not istio:
         return [], []
-    d = _Deriver(res)
+    d = _Deriver(resources)
     for r in sorted(istio, key=lambda r: (r.KIND != "DestinationRule", r.key)):
         if isinstance(r, DestinationRule):
             d.destination_rule(r)
         else:
             d.virtual_service(r)
-    taken = {r.key for r in res}
-    out: list[Resource] = []
-    for src, doc in d.docs:
-        try:
-            derived = parse_resource(doc, file=f"{src.KIND} {src.namespace}/{src.name}")
-        except InvalidConfig as e:
-            for p in e.problems:
-                d.problems.append(
-                    Problem(
-                        f"derived {doc['kind']}: {p.reason}", resource=str(src.key), field=p.field
-                    )
-                )
-            continue
-        if derived.key in taken:
-            d.problems.append(
-                Problem(
-                    f"derives {derived.key}, which exists already; rename one of them",
-                    resource=str(src.key),
-                )
-            )
-            continue
-        taken.add(derived.key)
-        out.append(derived)
-    return out, d.problems
-
-
-def documents(resources: Iterable[Resource]) -> tuple[list[dict[str, Any]], list[Problem]]:
-    """`derive` as YAML-ready documents (for `weft policy convert`)."""
-    derived, problems = derive(resources)
-    return [
-        r.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True) for r in derived
-    ], problems
+    return d.docs, d.problems
 
 
 __all__ = [
     "DERIVED_FROM",
     "DestinationRule",
-    "ResourceKey",
     "VirtualService",
-    "derive",
-    "documents",
     "host_service",
+    "istio_documents",
     "subset_service_name",
 ]

@@ -55,7 +55,7 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
 
     # VirtualService and DestinationRule: what they cannot be derived into (a subset no
     # DestinationRule defines, a host that is no Service) is said on them.
-    from controller.model.istio_networking import derive
+    from controller.model.derived import derive
 
     _derived, derive_problems = derive(res)
     not_derived: dict[str, list[str]] = {}
@@ -116,7 +116,7 @@ def _references(r: Resource) -> tuple[list[tuple[str, str]], list[tuple[str, str
     if r.KIND == "AuthorizationPolicy":
         refs = [(t.namespace or r.namespace, t.name) for t in spec.targets() if t.kind == "Service"]
         return refs, []
-    if r.KIND == "HTTPRoute":
+    if r.KIND in ("HTTPRoute", "GRPCRoute"):
         parents = [(ns, n) for ns, n, _ in r.parent_services()]  # type: ignore[attr-defined]
         backends = [
             (b.namespace or r.namespace, b.name)

@@ -204,6 +204,9 @@ SERVICES = WatchedKind("Service", "", "v1", "services")
 HTTPROUTES = WatchedKind(
     "HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes", required=False
 )
+GRPCROUTES = WatchedKind(
+    "GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes", required=False
+)
 AUTHORIZATION_POLICIES = WatchedKind(
     "AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", required=False
 )
@@ -248,6 +251,7 @@ def watched_kinds() -> list[WatchedKind]:
         PODS,
         SERVICES,
         HTTPROUTES,
+        GRPCROUTES,
         AUTHORIZATION_POLICIES,
         PEER_AUTHENTICATIONS,
         VIRTUAL_SERVICES,

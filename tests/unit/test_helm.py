@@ -355,6 +355,7 @@ def test_controller_reads_what_it_converts_and_nothing_more(default: list[dict[s
         **{("", r): read for r in ("pods", "namespaces", "services", "nodes")},
         ("discovery.k8s.io", "endpointslices"): read,
         ("gateway.networking.k8s.io", "httproutes"): read,
+        ("gateway.networking.k8s.io", "grpcroutes"): read,
         ("security.istio.io", "authorizationpolicies"): read,
         ("security.istio.io", "peerauthentications"): read,
         ("networking.istio.io", "virtualservices"): read,

@@ -12,7 +12,8 @@ import pytest
 import uvloop
 
 from agent.state import ConfigSnapshot
-from controller.model.istio_networking import DERIVED_FROM, derive
+from controller.model.derived import derive
+from controller.model.istio_networking import DERIVED_FROM
 from controller.model.loader import parse_text
 from controller.model.status import conditions
 from tests.unit.waypoint_mesh import Backend, WaypointMesh
