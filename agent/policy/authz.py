@@ -31,7 +31,10 @@ from controller.model.security import (
 )
 from controller.model.workloads import Workload
 
-ROOT_NAMESPACE = "weft-system"  # policies here apply mesh-wide (istio-system's role)
+# Policies in a root namespace apply mesh-wide: weft's own, and Istio's (istio-system), so
+# that a mesh-wide policy written for Istio keeps its meaning here.
+ROOT_NAMESPACE = "weft-system"
+ROOT_NAMESPACES = (ROOT_NAMESPACE, "istio-system")
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,14 +207,16 @@ def policy_matches(p: AuthorizationPolicy, r: Request) -> bool:
 
 
 def workload_policies(
-    policies: Sequence[AuthorizationPolicy], w: Workload, root_namespace: str = ROOT_NAMESPACE
+    policies: Sequence[AuthorizationPolicy],
+    w: Workload,
+    root_namespaces: Sequence[str] = ROOT_NAMESPACES,
 ) -> list[AuthorizationPolicy]:
     """Policies the node tunnel enforces for traffic into workload `w`."""
     out = []
     for p in policies:
         if p.spec.targets():
             continue
-        if p.namespace not in (w.namespace, root_namespace):
+        if p.namespace != w.namespace and p.namespace not in root_namespaces:
             continue
         sel = p.spec.selector
         if sel is None or sel.matches(w.labels):

@@ -1,7 +1,9 @@
 """PeerAuthentication: is plaintext allowed into a workload, and on which ports?
 
 Precedence as in Istio: a policy selecting the workload beats its namespace's policy
-(no selector), which beats the root namespace's. UNSET inherits from the next level.
+(no selector), which beats the mesh-wide one (no selector, in a root namespace: weft-system,
+or Istio's istio-system). Should both root namespaces hold one, the stricter applies.
+UNSET inherits from the next level.
 The mesh default, when nothing says otherwise, is STRICT in weft (Istio's is PERMISSIVE):
 a mesh that promises no plaintext should not need a policy to keep that promise.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.policy.authz import ROOT_NAMESPACE
+from agent.policy.authz import ROOT_NAMESPACES
 from controller.model.security import PeerAuthentication
 from controller.model.workloads import Workload
 
@@ -31,7 +33,7 @@ def mtls_mode(
     w: Workload,
     *,
     default_strict: bool = True,
-    root_namespace: str = ROOT_NAMESPACE,
+    root_namespaces: Sequence[str] = ROOT_NAMESPACES,
 ) -> MtlsMode:
     levels: list[PeerAuthentication | None] = [
         _pick(
@@ -44,7 +46,7 @@ def mtls_mode(
             ]
         ),
         _pick([p for p in policies if p.namespace == w.namespace and not p.spec.selector]),
-        _pick([p for p in policies if p.namespace == root_namespace and not p.spec.selector]),
+        _mesh_wide([p for p in policies if p.namespace in root_namespaces and not p.spec.selector]),
     ]
     strict, deciding = default_strict, None
     for p in reversed(levels):  # root first, so narrower levels override
@@ -61,6 +63,13 @@ def mtls_mode(
             elif pm.mode == "STRICT":
                 probes.discard(port)
     return MtlsMode(strict, frozenset(ports), deciding, frozenset(probes - ports))
+
+
+def _mesh_wide(ps: list[PeerAuthentication]) -> PeerAuthentication | None:
+    """The mesh-wide policy: one per root namespace at most; with one in each, the
+    stricter (a STRICT one over anything else), so two root namespaces never weaken mTLS."""
+    strict = [p for p in ps if p.spec.mtls is not None and p.spec.mtls.mode == "STRICT"]
+    return _pick(strict or ps)
 
 
 def _pick(ps: list[PeerAuthentication]) -> PeerAuthentication | None:

@@ -96,6 +96,8 @@ spec: {selector: {matchLabels: {app: embedder}}}
     assert decide(elsewhere, req()).allowed
     root = HEAD + "metadata: {name: p, namespace: weft-system}\nspec: {}\n"
     assert not decide(root, req()).allowed  # the root namespace applies mesh-wide
+    istio_root = HEAD + "metadata: {name: p, namespace: istio-system}\nspec: {}\n"
+    assert not decide(istio_root, req()).allowed  # and so does Istio's, as written for Istio
 
 
 def test_ports_and_namespaces():

@@ -53,3 +53,30 @@ spec:
     assert m.strict and m.policy == "ai/llm"
     assert m.plaintext_ports == {9090}
     assert m.probe_ports == {8000}  # 8081 STRICT at port level: not even the kubelet
+
+
+def _pa(ns: str, mode: str, name: str = "default") -> str:
+    return f"""
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: {name}, namespace: {ns}}}
+spec: {{mtls: {{mode: {mode}}}}}
+"""
+
+
+def test_istios_mesh_wide_policy_in_istio_system_applies_to_the_whole_mesh():
+    """Written for Istio, the mesh-wide PERMISSIVE in istio-system keeps its meaning: it
+    applies to a workload in another namespace, and that namespace's own policy still
+    overrides it."""
+    m = _mode(_pa("istio-system", "PERMISSIVE"))
+    assert not m.strict and m.policy == "istio-system/default"
+    m = _mode(_pa("istio-system", "PERMISSIVE") + _pa("ai", "STRICT"))
+    assert m.strict and m.policy == "ai/default"
+
+
+def test_with_a_mesh_wide_policy_in_both_root_namespaces_the_stricter_applies():
+    m = _mode(_pa("istio-system", "STRICT") + _pa("weft-system", "PERMISSIVE"))
+    assert m.strict and m.policy == "istio-system/default"
+    m = _mode(_pa("istio-system", "PERMISSIVE") + _pa("weft-system", "STRICT"))
+    assert m.strict and m.policy == "weft-system/default"
