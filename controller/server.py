@@ -646,7 +646,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         resources = []
         offers = []
         for doc in request.documents:
-            offer = parse_text(doc.text, doc.file or "<stdin>")
+            offer = parse_text(
+                doc.text, doc.file or "<stdin>", default_namespace=request.namespace or None
+            )
             offers.append(offer)
             problems += offer.problems
             resources += offer.resources

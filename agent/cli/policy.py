@@ -27,6 +27,15 @@ app = typer.Typer(
     help="Mesh policy: AuthorizationPolicy, HTTPRoute, weft.dev kinds.", no_args_is_help=True
 )
 
+NamespaceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        "-n",
+        help="Namespace of documents that name none (as kubectl's -n); default: default.",
+    ),
+]
+
 FileOption = Annotated[
     list[Path],
     typer.Option(
@@ -96,7 +105,9 @@ def _problem_rows(problems: list[Problem]) -> list[dict[str, object]]:
 
 
 @app.command()
-def validate(file: FileOption, output: Format = OutputOption) -> None:
+def validate(
+    file: FileOption, namespace: NamespaceOption = None, output: Format = OutputOption
+) -> None:
     """Check resources offline, exactly as the controller would. Exit 2 if any is invalid.
 
     Example: weft policy validate -f policies/
@@ -105,7 +116,7 @@ def validate(file: FileOption, output: Format = OutputOption) -> None:
     resources = []
     offers = []
     for name, text in _documents(file):
-        offer = parse_text(text, name)
+        offer = parse_text(text, name, default_namespace=namespace)
         offers.append(offer)
         problems += offer.problems
         resources += offer.resources
@@ -125,6 +136,7 @@ def validate(file: FileOption, output: Format = OutputOption) -> None:
 @app.command()
 def convert(
     file: FileOption,
+    namespace: NamespaceOption = None,
     lab: LabOption = "weft",
     controller_socket: ControllerSocketOption = None,
 ) -> None:
@@ -141,7 +153,7 @@ def convert(
     problems: list[Problem] = []
     resources = []
     for name, text in _documents(file):
-        offer = parse_text(text, name)
+        offer = parse_text(text, name, default_namespace=namespace)
         problems += offer.problems
         resources += offer.resources
     if problems:
@@ -188,6 +200,7 @@ def apply(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate on the controller, change nothing.")
     ] = False,
+    namespace: NamespaceOption = None,
     lab: LabOption = "weft",
     controller_socket: ControllerSocketOption = None,
     output: Format = OutputOption,
@@ -202,7 +215,10 @@ def apply(
         admin_pb2.ApplyRequest.Document(file=name, text=text) for name, text in _documents(file)
     ]
     stub = admin_stub(lab, controller_socket)
-    resp = call(stub.Apply, admin_pb2.ApplyRequest(documents=docs, dry_run=dry_run))
+    resp = call(
+        stub.Apply,
+        admin_pb2.ApplyRequest(documents=docs, dry_run=dry_run, namespace=namespace or ""),
+    )
     if resp.problems:
         raise InvalidConfig(
             [

@@ -400,3 +400,26 @@ spec:
             assert conds["ResolvedRefs"] == (False, "ServiceNotFound")
 
     run(tmp_path, body)
+
+
+def test_apply_with_a_namespace_puts_documents_without_one_there(tmp_path):
+    """kubectl's -n: a document naming no namespace goes to the one given, and stays there
+    after the controller re-reads what it stored."""
+    no_ns = POLICY.replace("{name: allow-apps, namespace: ai}", "{name: allow-apps}")
+
+    async def body(c: Controller) -> None:
+        async with grpc.aio.insecure_channel(f"unix:{c.settings.admin_socket}") as ch:
+            admin = admin_pb2_grpc.AdminStub(ch)
+            ok = await admin.Apply(
+                admin_pb2.ApplyRequest(
+                    documents=[admin_pb2.ApplyRequest.Document(file="p.yaml", text=no_ns)],
+                    namespace="team-a",
+                )
+            )
+            assert not ok.problems, ok.problems
+            assert [(a.namespace, a.name) for a in ok.applied] == [("team-a", "allow-apps")]
+            c.source.scan()
+            (p,) = c.store.resources("AuthorizationPolicy")
+            assert p.namespace == "team-a"
+
+    run(tmp_path, body)
