@@ -13,8 +13,9 @@ gives:
     -> charge, cache, canary, GenAI metrics
 
 Nothing here opens a connection to a model for a request: every try is the engine's. A
-started stream is never cut for quota: it finishes and is charged at the end (the
-overshoot bound is in docs/ai-traffic.md).
+stream is charged as it goes and cut for quota only with onExceed: truncate (`cut`);
+otherwise it finishes and is charged at the end (the overshoot bound is in
+docs/ai-traffic.md).
 """
 
 from __future__ import annotations
@@ -309,6 +310,7 @@ class AiRequest:
         assert req is not None
         self._refund()
         facts.model = target.model
+        facts.served = target.upstream_model
         self.target = target
         for lim in ai.limiters:
             adm = await lim.admit(facts, req.prompt_tokens, time.time())
@@ -317,7 +319,10 @@ class AiRequest:
                 self._refund()
                 self.x.annotations["quota"] = "denied"
                 code = "RateLimited" if adm.status == 429 else "QuotaStoreUnavailable"
-                message = adm.message() or f"token quota store unavailable: {adm.store_error}"
+                if adm.status != 429:
+                    # The store's address and error are for the operator, not the caller.
+                    log.warning("%s: failOpen is false: %s", lim.name, adm.store_error)
+                message = adm.message() or "token quota store unavailable; try again later"
                 return Respond(adm.status, code, message, headers=tuple(adm.headers))
         shedder = ai.shedder
         if shedder is None:
@@ -473,17 +478,18 @@ class AiRequest:
         if req is None or reader is None or target is None:
             return
         success = 200 <= self.status < 300
-        # What a 2xx answer streamed is charged even when it was cut (the caller went
-        # away, the backend reset, onExceed: truncate): disconnecting before the end is not
-        # a way to use tokens for free.
-        billable = success and (ok or reader.content_events > 0 or reader.usage is not None)
+        # A 2xx answer is charged even when it was cut (the caller went away, the backend
+        # reset, onExceed: truncate): what it used, or at least its reservation, never 0, so
+        # hanging up before the end is not a way to use tokens for free.
+        billable = success
         ok = ok and success
         usage = reader.usage_or_estimate(req.prompt_tokens)
         for lim, adm in self.admissions:
             if adm.allowed:
                 # An answer that is not a success consumed no budget: its reservation is
                 # given back (charged 0), as for a target that failed before answering.
-                self.flow.spawn_charge(lim, adm, usage.total_tokens if billable else 0)
+                used = usage.total_tokens if ok else max(usage.total_tokens, req.prompt_tokens)
+                self.flow.spawn_charge(lim, adm, used if billable else 0)
         self.admissions = []
         now = time.time()
         if ok and self.collector is not None and self.cache_key is not None and ai.cache:

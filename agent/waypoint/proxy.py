@@ -530,11 +530,11 @@ class Proxy:
                     now = loop.time()
                     if now + idle - (deadline.when() or now) > slack:
                         deadline.reschedule(now + idle)
-                    if e is None:
-                        break
-                    if x.reset:
+                    if x.reset:  # the caller left: not a finished answer, whatever came
                         r.up.cancel(r.sid)
                         ok = False
+                        break
+                    if e is None:
                         break
                     if isinstance(e, ev.Data):
                         data = bytes(e.data)

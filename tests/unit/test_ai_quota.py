@@ -19,6 +19,7 @@ from agent.waypoint.ai.quota import (
     TokenLimiter,
     budget_window,
     duration_text,
+    safe_key,
     wait_for_room,
 )
 from agent.waypoint.ai.quotastore import MemoryStore, Op, QuotaStore, SqliteStore, open_store
@@ -244,9 +245,10 @@ def test_a_stream_over_budget_finishes_and_is_charged_in_full(store):
     alice = caller("alice")
     adm = lim.admit(alice, 50, T0 + 1)
     assert adm.allowed
-    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 50
+    key = "ai/tokens/per-caller/" + safe_key(alice.principal) + "/t"
+    assert value(store, key, int(T0)) == 50
     lim.charge(adm, 1800, T0 + 20)  # a long stream: 1800 tokens, 800 over the limit
-    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 1800
+    assert value(store, key, int(T0)) == 1800
     assert not lim.admit(alice, 1, T0 + 21).allowed
     assert lim.counters.tokens_charged == 1800
 
@@ -369,10 +371,11 @@ def test_a_stream_charged_as_it_goes_says_when_it_takes_a_limit_past_its_value(s
     assert not lim.charge(adm, 60, T0 + 2, final=False)
     assert not lim.charge(adm, 100, T0 + 3, final=False)  # at the limit, not past it
     assert lim.charge(adm, 116, T0 + 4, final=False)
-    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 116
+    key = "ai/tokens/per-caller/" + safe_key(alice.principal) + "/t"
+    assert value(store, key, int(T0)) == 116
     # The end charges the actual usage, replacing what was charged so far.
     lim.charge(adm, 110, T0 + 5)
-    assert value(store, "ai/tokens/per-caller/" + alice.principal + "/t", int(T0)) == 110
+    assert value(store, key, int(T0)) == 110
     assert lim.counters.tokens_charged == 110
 
 
@@ -456,3 +459,48 @@ def test_redis_and_python_evaluate_the_same_checks_identically(redis_server):
             op.writes.append(Write(rng.randrange(len(picked)), rng.randint(-80, 80), 2_000_000_000))
         assert sync(red.run(op)) == mem.run_now(op)
     sync(red.close())
+
+
+def test_a_refund_comes_out_of_the_window_the_reservation_went_into(store):
+    """A reservation made at 23:59:59 and refunded after midnight gives back yesterday's
+    budget, not another member's use of today's (the same namespace, one counter)."""
+    p = policy({"name": "daily", "by": "namespace", "budget": {"tokens": 10_000, "window": "day"}})
+    lim = Limiter(p, store)
+    _, midnight = budget_window("day", T0)
+    late = lim.admit(caller("a"), 6000, midnight - 1)
+    assert late.allowed
+    assert lim.admit(caller("a"), 4000, midnight + 5).allowed
+    lim.charge(late, 0, midnight + 10)  # the backend failed: refunded
+    key = "ai/tokens/daily/" + safe_key("team-a") + "/b"
+    assert value(store, key, midnight) == 4000  # today's use is untouched
+    assert value(store, key, midnight - 86400) == 0  # yesterday's reservation given back
+
+
+@pytest.mark.parametrize(
+    "value_",
+    ["x" * 70_000, "\ud800", "a/b", "spiffe://td/ns/a/sa/b", "tenant\nnewline"],
+)
+def test_caller_chosen_key_values_are_bounded_and_always_storable(store, value_):
+    """A header value (or a model name from the body) becomes a key: long, odd or
+    unencodable values are stored as a fixed-length digest, never as themselves."""
+    lim = Limiter(
+        policy({"name": "t", "by": "header", "header": "x-tenant", "requestsPerMinute": 1}), store
+    )
+    who = RequestFacts("p", "ns", "m", "/", Headers.of(("x-tenant", "ok")))
+    who.headers.set(b"x-tenant", value_.encode("utf-8", "surrogatepass"))
+    assert lim.admit(who, 0, T0).allowed
+    assert not lim.admit(who, 0, T0).allowed  # the same value shares its counter
+    assert lim.counters.store_errors == 0
+    k = safe_key(value_.encode("utf-8", "surrogatepass").decode("latin-1"))
+    assert len(k) <= 64
+
+
+def test_a_by_model_limit_counts_the_model_served_not_the_name_asked_for(store):
+    """Names a pattern rule maps to one backend model share that model's counters."""
+    lim = Limiter(policy({"name": "m", "by": "model", "requestsPerMinute": 2}), store)
+    got = []
+    for asked in ("llama-a", "llama-b", "llama-c"):
+        r = caller("x", model=asked)
+        r.served = "meta-llama/Llama-3"
+        got.append(lim.admit(r, 0, T0).allowed)
+    assert got == [True, True, False]

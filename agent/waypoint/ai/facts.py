@@ -23,6 +23,10 @@ class RequestFacts:
     model: str | None  # the model asked for (body, else the model header)
     path: str  # without the query
     headers: Headers
+    # The model name the chosen backend is asked for (a ModelRoute's modelName), once a
+    # target is chosen: what a by-model limit counts, so that names a pattern rule maps to
+    # one model share its counters.
+    served: str | None = None
 
     def header(self, name: bytes) -> str | None:
         v = self.headers.get(name)

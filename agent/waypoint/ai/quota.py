@@ -8,9 +8,10 @@ Semantics (docs/ai-traffic.md says the same for users):
   token estimate. `charge` runs when the response is over and replaces the reservation by
   the backend's actual `usage.total_tokens`. A denied request is answered 429 with
   `retry-after` and OpenAI's `x-ratelimit-*` headers and is not counted.
-- **A started stream is never cut.** It finishes and is charged, which can take a counter
-  past its limit. The overshoot of one window is bounded by what the requests admitted
-  while there was room go on to use beyond their reservation: at most the sum, over the
+- **A started stream is not cut** unless the policy says `onExceed: truncate`. It finishes
+  and is charged, which can take a counter past its limit. The overshoot of one window is
+  bounded by what the requests admitted while there was room go on to use beyond their
+  reservation: at most the sum, over the
   requests in flight at the moment the limit was reached, of (completion tokens + prompt
   estimate error); each term is at most the request's max_tokens when it sets one. The next
   requests then wait until the window has room again, so the overshoot is paid back.
@@ -39,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -120,6 +123,18 @@ def duration_text(seconds: float) -> str:
 
 # ---- compiled policy -----------------------------------------------------------------
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9._:@=+*-]{1,64}$")
+
+
+def safe_key(v: str) -> str:
+    """A key value as stored: short printable values as they are (readable in Redis), any
+    other (long, odd characters, a lone surrogate from a JSON body) as a fixed-length
+    digest, so a caller choosing values cannot make keys of unbounded size or that fail to
+    encode. Principals (spiffe://...) contain '/' and are digested too."""
+    if _PLAIN_KEY.match(v):
+        return v
+    return "h:" + hashlib.sha256(v.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
 
 @dataclass(frozen=True, slots=True)
 class _Numbers:
@@ -158,7 +173,7 @@ class _Limit:
         if by == "namespace":
             return r.namespace or "-"
         if by == "model":
-            return r.model or "-"
+            return r.served or r.model or "-"
         if by == "header":
             v = r.headers.get(self.header)
             return v.decode("latin-1") if v else "-"
@@ -173,6 +188,10 @@ class Charge:
     numbers: _Numbers
     reserved: int
     shadow: bool
+    # The windows the reservation went into: a refund (a negative correction) comes out of
+    # them, not out of whatever window is current when the answer ends.
+    minute: int = 0  # start of the minute window at admission
+    budget: tuple[int, int] | None = None  # (start, end) of the budget window at admission
 
 
 @dataclass(slots=True)
@@ -242,7 +261,7 @@ class TokenLimiter:
         for lim in self.limits:
             if lim.matches(r):
                 v = lim.key_value(r)
-                plan.append((lim, lim.prefix + v, lim.overrides.get(v, lim.numbers)))
+                plan.append((lim, lim.prefix + safe_key(v), lim.overrides.get(v, lim.numbers)))
         if not plan:
             return Admission(True)
         if self._inflight:
@@ -318,7 +337,18 @@ class TokenLimiter:
                 adm.headers.append((b"x-weft-ratelimit-limit", enforced[0].limit.encode()))
             self.counters.denied += 1
         else:
-            adm.charges = [Charge(key, n, tokens, lim.shadow) for lim, key, n in plan]
+            minute = int(now) - int(now) % WINDOW
+            adm.charges = [
+                Charge(
+                    key,
+                    n,
+                    tokens,
+                    lim.shadow,
+                    minute,
+                    budget_window(n.budget.window, now) if n.budget is not None else None,
+                )
+                for lim, key, n in plan
+            ]
             self.counters.allowed += 1
             if adm.denials:
                 self.counters.shadow_denied += 1
@@ -357,14 +387,20 @@ class TokenLimiter:
                 cur = cell((c.key + "/t", cur_start))
                 prev = cell((c.key + "/t", cur_start - WINDOW))
                 op.checks.append(Check((prev, cur), (1.0 - frac, 1.0), n.tpm, delta, c.shadow))
-                if delta:
+                if delta > 0:
                     op.writes.append(Write(cur, delta, cur_start + 2 * WINDOW))
+                elif delta < 0:  # back out of the window the reservation went into
+                    was = cell((c.key + "/t", c.minute))
+                    op.writes.append(Write(was, delta, c.minute + 2 * WINDOW))
             if n.budget is not None:
                 start, end = budget_window(n.budget.window, now)
                 b = cell((c.key + "/b", start))
                 op.checks.append(Check((b,), (1.0,), n.budget.tokens, delta, c.shadow))
-                if delta:
+                if delta > 0:
                     op.writes.append(Write(b, delta, end))
+                elif delta < 0 and c.budget is not None:
+                    was = cell((c.key + "/b", c.budget[0]))
+                    op.writes.append(Write(was, delta, c.budget[1]))
         if final:
             self.counters.tokens_charged += total_tokens
         if not op.writes:

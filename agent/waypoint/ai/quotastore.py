@@ -273,8 +273,8 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, self.run_now, op)
-        except sqlite3.Error as e:
-            raise StoreError(str(e)) from e
+        except Exception as e:  # any failure is the store's: failOpen decides, never a 500
+            raise StoreError(f"quota store {self.path}: {e}") from e
 
     def close_now(self) -> None:
         def shut() -> None:

@@ -147,7 +147,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(self.timeout):
                 got = await self.script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as e:
+        except Exception as e:  # any failure is the store's: failOpen decides, never a 500
             self.down_until = time.monotonic() + self.retry_after
             self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             raise StoreError(f"{self.where}: {self.last_error}") from e

@@ -87,6 +87,7 @@ class ResponseReader:
         "_head",
         "_overflow",
         "_sep",
+        "body_bytes",
         "chunks",
         "content_events",
         "done",
@@ -128,6 +129,7 @@ class ResponseReader:
         self.chunks = 0  # SSE events seen
         self.done = False  # data: [DONE] seen
         self.stripped = 0  # bytes removed for the client
+        self.body_bytes = 0  # bytes of the body read so far
 
     # ---- results -------------------------------------------------------------------
 
@@ -144,16 +146,18 @@ class ResponseReader:
         return (last - first) / (n - 1)
 
     def usage_or_estimate(self, prompt_tokens: int) -> Usage:
-        """The backend's usage, or (a cut stream, a server that sends none) an estimate:
-        the request's prompt estimate and one token per content event, as vLLM streams."""
+        """The backend's usage, or (a cut answer, a server that sends none) an estimate:
+        the request's prompt estimate, and one token per content event of a stream (as vLLM
+        streams) or, for a JSON body that did not arrive whole, one per four bytes of it."""
         if self.usage is not None:
             return self.usage
-        c = self.content_events
+        c = self.content_events if self.sse else max(self.content_events, self.body_bytes // 4)
         return Usage(prompt_tokens, c, prompt_tokens + c, estimated=True)
 
     # ---- feeding -------------------------------------------------------------------
 
     def feed(self, data: bytes, now: float) -> bytes:
+        self.body_bytes += len(data)
         if not self.sse:
             self._feed_json(data)
             return data
