@@ -38,8 +38,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.waypoint.ai.canary import CanaryAnalysis, CheckResult, Window
@@ -50,13 +51,14 @@ from controller.model.ai import (
     RolloutWebhook,
     rollout_generation,
 )
-from controller.model.workloads import Service, Workload, workload_name
+from controller.model.workloads import Service, Workload, workload_name, workload_version
 from controller.store import ConfigStore, Offer
 
 log = logging.getLogger("weft.rollouts")
 
 SOURCE = "controller/rollouts"  # the store source that owns every RolloutState
 TICK = 1.0  # seconds between looks at the rollouts
+JUDGE_BUDGET = 90.0  # seconds one rollout's judgement (queries, webhooks) may take
 NO_PROMETHEUS = "a Prometheus to judge by (controller --prometheus-url)"
 
 
@@ -115,12 +117,45 @@ def _promql_string(s: str) -> str:
     return s.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def selector(workloads: list[str], namespace: str) -> str:
-    """Label matchers for the workloads (regex-escaped, then escaped for the string)."""
-    names = "|".join(re.escape(w) for w in sorted(set(workloads))) or "^$"
-    return (
-        f'destination_workload=~"{_promql_string(names)}",'
+def _alternatives(values: Iterable[str]) -> str:
+    return _promql_string("|".join(re.escape(v) for v in sorted(set(values))) or "^$")
+
+
+def selector(workloads: list[str], namespace: str, versions: list[str] | None = None) -> str:
+    """Label matchers for the workloads (regex-escaped, then escaped for the string), and
+    their versions when the workload names alone do not tell canary from stable."""
+    out = (
+        f'destination_workload=~"{_alternatives(workloads)}",'
         f'destination_workload_namespace="{_promql_string(namespace)}"'
+    )
+    if versions is not None:
+        out += f',destination_version=~"{_alternatives(versions)}"'
+    return out
+
+
+class Indistinct(QueryError):
+    """The canary's pods and the stable's look the same in the waypoints' metrics."""
+
+
+def selectors(
+    canary: list[tuple[str, str]], stable: list[tuple[str, str]], namespace: str
+) -> tuple[str, str]:
+    """(canary, stable) label matchers from each version's pods as (workload, version)
+    labels: by workload when those differ (Flagger's own Deployments), else by workload
+    and version (Istio's app + version labels). Raises Indistinct when neither tells them
+    apart: judging would measure the stable version's traffic as the canary's."""
+    cn, sn = {n for n, _ in canary}, {n for n, _ in stable}
+    if not cn & sn:
+        return selector(sorted(cn), namespace), selector(sorted(sn), namespace)
+    cv, sv = {v for _, v in canary}, {v for _, v in stable}
+    if cv & sv or "unknown" in cv | sv:
+        raise Indistinct(
+            "the canary's and the stable's pods carry the same app and version labels, so "
+            "their metrics cannot be told apart; give them different app (or version) labels"
+        )
+    return (
+        selector(sorted(cn), namespace, sorted(cv)),
+        selector(sorted(sn), namespace, sorted(sv)),
     )
 
 
@@ -182,7 +217,7 @@ def post_webhook(hook: RolloutWebhook, payload: dict[str, Any]) -> int:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
-    except OSError:
+    except Exception:  # unreachable, a bad URL, a broken answer: not a yes
         return 0
 
 
@@ -195,6 +230,7 @@ class RolloutController:
         clock: Callable[[], float] = time.time,
         post: Poster = post_webhook,
         rng: random.Random | None = None,
+        state_file: Path | None = None,
     ) -> None:
         self.store = store
         self.prometheus = prometheus
@@ -202,6 +238,41 @@ class RolloutController:
         self.post = post
         self.rng = rng or random.Random()
         self.tracked: dict[tuple[str, str], Tracked] = {}
+        self.state_file = state_file
+        self._saved = b""
+        self._recover()
+
+    # ---- state that outlives the process -----------------------------------------
+
+    def _recover(self) -> None:
+        """Publish the states a previous process saved, before anything is judged, so a
+        restart carries every rollout on where it stood (not back to its first step)."""
+        if self.state_file is None or not self.state_file.exists():
+            return
+        try:
+            raw = self.state_file.read_bytes()
+            docs = json.loads(raw)
+            states = [RolloutState.model_validate(d) for d in docs]
+        except (OSError, ValueError) as e:
+            log.error(
+                "rollout states in %s are unreadable (%s); rollouts start over", self.state_file, e
+            )
+            return
+        self._saved = raw
+        self.store.offer(SOURCE, Offer(resources=list(states)))
+        log.info("recovered %d rollout state(s) from %s", len(states), self.state_file)
+
+    def _save(self, states: list[RolloutState]) -> None:
+        if self.state_file is None:
+            return
+        raw = json.dumps([s.to_dict() for s in states], sort_keys=True).encode()
+        if raw == self._saved:
+            return
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_bytes(raw)
+        tmp.chmod(0o600)
+        tmp.replace(self.state_file)
+        self._saved = raw
 
     async def run(self) -> None:
         while True:
@@ -224,20 +295,34 @@ class RolloutController:
             for r in self.store.resources("RolloutState")
             if isinstance(r, RolloutState)
         }
-        states: list[RolloutState] = []
-        live: set[tuple[str, str]] = set()
+        live: dict[tuple[str, str], tuple[Rollout, Tracked]] = {}
         for r in rollouts:
             key = (r.namespace, r.name)
-            live.add(key)
-            t = self._track(r, published.get(key), now)
-            a = t.analysis
-            due = a.next_check()
-            if due is not None and now >= due:
-                await self._judge(r, a, now)
-            states.append(self._state(r, t))
+            live[key] = (r, self._track(r, published.get(key), now))
+        due = [
+            (r, t.analysis)
+            for r, t in live.values()
+            if (d := t.analysis.next_check()) is not None and now >= d
+        ]
+        # Concurrently, each within a time budget: a slow webhook or query holds up its own
+        # rollout, never the others'.
+        await asyncio.gather(*(self._judge_within(r, a, now) for r, a in due))
         for key in [k for k in self.tracked if k not in live]:
             del self.tracked[key]
+        states = [self._state(r, t) for r, t in live.values()]
         self.store.offer(SOURCE, Offer(resources=list(states)))
+        self._save(states)
+
+    async def _judge_within(self, r: Rollout, a: CanaryAnalysis, now: float) -> None:
+        try:
+            async with asyncio.timeout(JUDGE_BUDGET):
+                await self._judge(r, a, now)
+        except Exception as e:  # this rollout's failure is its own: it waits, says why
+            a.waiting_for = f"its analysis ({type(e).__name__}: {e})"
+            a.window_start = now
+            log.warning(
+                "rollout %s/%s: analysis failed: %r; the step waits", r.namespace, r.name, e
+            )
 
     def _track(self, r: Rollout, st: RolloutState | None, now: float) -> Tracked:
         key = (r.namespace, r.name)
@@ -273,19 +358,20 @@ class RolloutController:
             return
         rng = duration(a.interval())
         try:
-            canary = await self._window(self._workloads(r, "canary"), r, rng)
-            stable = await self._window(self._workloads(r, "stable"), r, rng)
+            (c_pods, ns), (s_pods, _) = self._pods(r, "canary"), self._pods(r, "stable")
+            c_sel, s_sel = selectors(c_pods, s_pods, ns)
+            canary = await self._window(c_sel, r, rng)
+            stable = await self._window(s_sel, r, rng)
             checks = [
                 judge_metric(m, await self.prometheus.value(render_query(m, r, rng)))
                 for m in r.spec.metrics
             ]
         except QueryError as e:
-            a.waiting_for = f"Prometheus ({e})"
+            a.waiting_for = str(e) if isinstance(e, Indistinct) else f"Prometheus ({e})"
             a.window_start = now
             log.warning("rollout %s/%s: %s; the step waits", r.namespace, r.name, e)
             return
-        if a.waiting_for and a.waiting_for.startswith("Prometheus"):
-            a.waiting_for = None
+        a.waiting_for = None
         payload = {
             "name": r.name,
             "namespace": r.namespace,
@@ -318,8 +404,9 @@ class RolloutController:
         ):
             log.info("rollout %s", event)
 
-    def _workloads(self, r: Rollout, version: str) -> tuple[list[str], str]:
-        """The workload names (as the waypoints label them) behind the version's Service."""
+    def _pods(self, r: Rollout, version: str) -> tuple[list[tuple[str, str]], str]:
+        """(workload, version) labels, as the waypoints label the metrics, of the pods
+        behind the version's Service; and its namespace."""
         ref = r.spec.canary if version == "canary" else r.spec.stable
         ns = ref.namespace or r.namespace
         svc = next(
@@ -332,16 +419,16 @@ class RolloutController:
         )
         if svc is None:
             return [], ns
-        names = [
-            workload_name(w)
+        pods = [
+            (workload_name(w), workload_version(w))
             for w in self.store.resources("Workload")
             if isinstance(w, Workload) and svc.selects(w)
         ]
-        return names, ns
+        return pods, ns
 
-    async def _window(self, who: tuple[list[str], str], r: Rollout, rng: str) -> Window:
+    async def _window(self, sel: str, r: Rollout, rng: str) -> Window:
         assert self.prometheus is not None
-        q = window_queries(selector(*who), rng)
+        q = window_queries(sel, rng)
         requests = await self.prometheus.value(q["requests"]) or 0.0
         errors = await self.prometheus.value(q["errors"]) or 0.0
         p99 = await self.prometheus.value(q["p99"]) if requests else None

@@ -230,7 +230,11 @@ class Controller:
         from controller.rollouts import Prometheus, RolloutController
 
         url = self.settings.prometheus_url
-        self.rollouts = RolloutController(self.store, Prometheus(url) if url else None)
+        self.rollouts = RolloutController(
+            self.store,
+            Prometheus(url) if url else None,
+            state_file=self.settings.state_dir / "rollouts.json",
+        )
         self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         log.info(
             "controller up: agents on %s, bootstrap on %s, admin on %s, revision %d",

@@ -43,6 +43,13 @@ def run(
             "replicas on several nodes).",
         ),
     ] = "memory",
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="WEFT_DRAIN_TIMEOUT",
+            help="Seconds a stopping waypoint lets its requests finish before it closes.",
+        ),
+    ] = 10.0,
     head_timeout: Annotated[
         float,
         typer.Option(
@@ -105,6 +112,7 @@ def run(
             metrics_listen=metrics_listen,
             otlp_endpoint=otlp_endpoint,
             head_timeout=head_timeout,
+            drain_timeout=drain_timeout,
             quota_store=quota_store,
             access_log=access_log,
             handoff=handoff,

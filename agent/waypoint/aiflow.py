@@ -45,7 +45,7 @@ from agent.waypoint.downstream import Exchange
 from agent.waypoint.engine.respond import Respond
 from agent.waypoint.proxy import Body
 from agent.waypoint.upstream import Endpoint, UpstreamError
-from controller.model.workloads import workload_name
+from controller.model.workloads import workload_name, workload_version
 
 if TYPE_CHECKING:
     from agent.waypoint.server import Waypoint
@@ -77,10 +77,10 @@ class AiFlow:
             self._store = open_store(self.quota_store)
         return self._store
 
-    def update(self, resources: Any, replica_nodes: int = 1) -> None:
-        """A new config. `replica_nodes`: on how many nodes this waypoint has replicas;
-        a TokenRateLimit served from several with a per-node store is said to hold per
-        node, not silently."""
+    def update(self, resources: Any, replicas: int = 1, nodes: int = 1) -> None:
+        """A new config. `replicas`, `nodes`: how many replicas this waypoint has and on how
+        many nodes: a TokenRateLimit served by several with a store they do not share is
+        said to hold per replica (memory) or per node (SQLite), not silently."""
         limits = [r for r in resources if r.KIND == "TokenRateLimit"]
         store = self.store() if limits else None
         self.policies = AiPolicies.build(
@@ -91,12 +91,16 @@ class AiFlow:
             now=time.time(),
             previous=self.policies,
         )
-        if store is not None and not store.shared and replica_nodes > 1:
+        split = None
+        if store is not None and store.kind == "memory" and replicas > 1:
+            split = f"{replicas} replicas and a per-replica quota store (memory)"
+        elif store is not None and not store.shared and nodes > 1:
+            split = f"replicas on {nodes} nodes and a per-node quota store ({store.kind})"
+        if split is not None:
             for r in limits:
                 self.policies.conflicts.append(
-                    f"{r.key}: waypoint {self.wp.s.name} has replicas on {replica_nodes} "
-                    f"nodes and a per-node quota store ({store.kind}): each node counts its "
-                    "own budget; give every replica one shared store "
+                    f"{r.key}: waypoint {self.wp.s.name} has {split}: each counts its own "
+                    "budget; give every replica one shared store "
                     "(weft waypoint run --quota-store redis://HOST:6379)"
                 )
         for c in self.policies.conflicts:
@@ -528,11 +532,13 @@ class AiRequest:
                 self.flow.spawn_charge(lim, adm, 0)
         self.admissions = []
 
-    def _workload_of(self, endpoint: str | None) -> tuple[str, str]:
+    def _workload_of(self, endpoint: str | None) -> tuple[str, str, str]:
         w = None
         if endpoint is not None:
             w = self.flow.wp.snapshot.workloads_by_ip.get(endpoint.rsplit(":", 1)[0].strip("[]"))
-        return (workload_name(w), w.namespace) if w is not None else ("unknown", "unknown")
+        if w is None:
+            return ("unknown", "unknown", "unknown")
+        return (workload_name(w), w.namespace, workload_version(w))
 
     def _done_with_endpoint(self) -> None:
         if self.endpoint is not None:

@@ -25,6 +25,7 @@ REQUEST_LABELS = (
     "source_principal",
     "destination_workload",
     "destination_workload_namespace",
+    "destination_version",
     "destination_principal",
     "destination_service",
     "destination_service_name",

@@ -67,7 +67,7 @@ from agent.waypoint.tracing import (
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
 from controller.ca.spiffeid import parse_workload_id
-from controller.model.workloads import WAYPOINT_LABEL, Workload, workload_name
+from controller.model.workloads import WAYPOINT_LABEL, Workload, workload_name, workload_version
 
 log = logging.getLogger("weft.waypoint")
 # Labelled metric children are cached per label tuple; a waypoint sees few distinct tuples
@@ -174,7 +174,7 @@ class Waypoint:
         self.snapshot = snap
         self._authz = {}  # Service -> its L7 policies, for this snapshot
         self.engine.update(snap)
-        self.ai.update(list(snap.resources.values()), self._replica_nodes(snap))
+        self.ai.update(list(snap.resources.values()), *self._replicas(snap))
         # Backends that speak HTTP/2 (gRPC, h2c), from the Service port's appProtocol.
         h2: dict[tuple[str, int], bool] = {}
         for (ns, name), svc in snap.services.items():
@@ -186,14 +186,14 @@ class Waypoint:
         self._endpoints = {}  # (id(workload), port) -> Endpoint (with its h2 flag), per snapshot
         log.info("waypoint %s: config revision %d", self.s.name, snap.revision)
 
-    def _replica_nodes(self, snap: ConfigSnapshot) -> int:
-        """On how many nodes this waypoint (pods labelled weft.dev/waypoint: NAME) runs."""
-        nodes = {
-            w.spec.node
+    def _replicas(self, snap: ConfigSnapshot) -> tuple[int, int]:
+        """(replicas, nodes) of this waypoint: its pods (weft.dev/waypoint: NAME)."""
+        mine = {
+            w.key: w.spec.node
             for w in snap.workloads_by_ip.values()
             if w.labels.get(WAYPOINT_LABEL) == self.s.name
         }
-        return max(1, len(nodes))
+        return max(1, len(mine)), max(1, len(set(mine.values())))
 
     def client_context(self) -> ssl.SSLContext:
         assert self._client_ctx is not None
@@ -664,6 +664,7 @@ class Waypoint:
                 c.principal or "unknown",
                 workload_name(dst),
                 dst.namespace if dst else "unknown",
+                workload_version(dst),
                 snap.workload_identity(dst) if dst else "unknown",
                 svc_fqdn,
                 c.service,

@@ -577,9 +577,23 @@ class RolloutWebhook(Model):
 
     name: DnsLabel
     type: WebhookType
-    url: str = Field(pattern=r"^https?://", max_length=2048)
+    url: str = Field(pattern=r"^https?://\S+$", max_length=2048)
     timeout: Duration = Field(5.0, gt=0, le=60)
     metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        import urllib.parse
+
+        try:
+            u = urllib.parse.urlsplit(v)
+            _ = u.port  # raises for a port that is not a number in range
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a URL: {e}") from e
+        if not u.hostname:
+            raise ValueError(f"{v!r} names no host")
+        return v
 
 
 class RolloutAnalysis(Model):

@@ -121,6 +121,14 @@ def workload_name(w: Workload | None) -> str:
     return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
 
 
+def workload_version(w: Workload | None) -> str:
+    """The `*_version` metric label, as Istio sets it: the pod's `version` label (or
+    app.kubernetes.io/version); "unknown" without one."""
+    if w is None:
+        return "unknown"
+    return w.labels.get("version") or w.labels.get("app.kubernetes.io/version") or "unknown"
+
+
 @register
 class Service(Resource):
     KIND: ClassVar[str] = "Service"

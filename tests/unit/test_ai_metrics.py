@@ -34,7 +34,7 @@ def test_a_chat_request_records_tokens_by_type_ttft_tpot_and_duration():
         usage=Usage(7, 6, 13),
         ttft=0.05,
         tpot=0.01,
-        destination=("llm-8b", "ai"),
+        destination=("llm-8b", "ai", "v2"),
     )
     s = samples(reg)
     base = (
@@ -58,7 +58,11 @@ def test_a_chat_request_records_tokens_by_type_ttft_tpot_and_duration():
         == 1
     )
     # With the backend's workload, so a canary's TTFT is judged apart from the stable's.
-    backend = (("destination_workload", "llm-8b"), ("destination_workload_namespace", "ai"))
+    backend = (
+        ("destination_workload", "llm-8b"),
+        ("destination_workload_namespace", "ai"),
+        ("destination_version", "v2"),
+    )
     assert s[key("gen_ai_server_time_to_first_token_sum", *backend)] == 0.05
     assert s[key("gen_ai_server_time_per_output_token_sum")] == 0.01
     assert s[key("gen_ai_server_request_duration_sum", ("error_type", ""))] == 0.8

@@ -115,3 +115,32 @@ def test_a_caller_hanging_up_before_the_usage_is_still_charged(tmp_path, slow_ta
             assert got[-1][0] == 429, got
 
     uvloop.run(main())
+
+
+@pytest.mark.parametrize(
+    ("store", "replicas", "nodes", "warned"),
+    [
+        ("memory", 2, 1, "per-replica"),
+        ("memory", 1, 1, None),
+        ("{tmp}/q.db", 2, 1, None),
+        ("{tmp}/q.db", 2, 2, "per-node"),
+    ],
+)
+def test_a_budget_split_across_replicas_is_said(tmp_path, store, replicas, nodes, warned):
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from agent.waypoint.aiflow import AiFlow
+    from controller.model.loader import parse_text
+
+    wp = SimpleNamespace(s=SimpleNamespace(name="ai-waypoint"))
+    flow = AiFlow(wp, store.format(tmp=tmp_path), CollectorRegistry())  # type: ignore[arg-type]
+    resources = parse_text(LIMIT, "l.yaml").resources
+    flow.update(resources, replicas, nodes)
+    said = [c for c in flow.policies.conflicts if "each counts its own budget" in c]
+    assert bool(said) == (warned is not None), said
+    if warned:
+        assert warned in said[0]
+    if flow._store is not None and hasattr(flow._store, "close_now"):
+        flow._store.close_now()

@@ -274,11 +274,21 @@ def test_rendered_arguments_are_accepted_by_the_real_clis(
     for d in custom:
         if d["kind"] == "Deployment" and d["metadata"]["labels"].get("weft.dev/waypoint"):
             c = d["spec"]["template"]["spec"]["containers"][0]
-            env = {e["name"]: e.get("value") for e in c["env"]}
-            monkeypatch.setenv("WEFT_QUOTA_STORE", env["WEFT_QUOTA_STORE"])
+            env = {e["name"]: e for e in c["env"]}
+            ref = env["WEFT_QUOTA_STORE"]["valueFrom"]["secretKeyRef"]
+            secret = next(
+                x
+                for x in custom
+                if x["kind"] == "Secret"
+                and x["metadata"]["name"] == ref["name"]
+                and x["metadata"]["namespace"] == d["metadata"]["namespace"]
+            )
+            monkeypatch.setenv("WEFT_QUOTA_STORE", secret["stringData"][ref["key"]])
             params = _parse(waypoint_run, [a.replace("$(POD_IP)", "10.1.2.3") for a in c["args"]])
             assert params["workload_socket"] == Path("/var/run/weft/workload.sock")
-            assert params["quota_store"] == "redis://weft-quota-redis.mesh-system.svc:6379/0"
+            assert params["quota_store"].startswith("redis://:")
+            assert params["quota_store"].endswith("@weft-quota-redis.mesh-system.svc:6379/0")
+            assert params["drain_timeout"] == 20
 
 
 # ---- RBAC -----------------------------------------------------------------------------
@@ -454,7 +464,7 @@ def test_waypoints_render_a_deployment_service_pdb_and_autoscaler(
     spec = pod["spec"]
     assert spec["serviceAccountName"] == "ai-waypoint"
     assert batch["spec"]["template"]["spec"]["serviceAccountName"] == "batch-proxy"
-    assert spec["terminationGracePeriodSeconds"] == 25  # drainSeconds 20 + 5
+    assert spec["terminationGracePeriodSeconds"] == 30  # drainSeconds 20, charges, margin
     assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     assert spec["securityContext"]["runAsNonRoot"] is True
     (c,) = spec["containers"]
@@ -465,7 +475,7 @@ def test_waypoints_render_a_deployment_service_pdb_and_autoscaler(
     assert vol["hostPath"]["path"] == "/var/run/weft"
     svc = one(custom, "Service", "ai-waypoint")
     assert svc["metadata"]["namespace"] == "inference"
-    assert {p["port"] for p in svc["spec"]["ports"]} == {15008, 15020}
+    assert {p["port"] for p in svc["spec"]["ports"]} == {15008}  # not /config, /rollouts
     assert svc["spec"]["selector"]["weft.dev/waypoint"] == "ai-waypoint"
     pdbs = {d["metadata"]["name"] for d in custom if d["kind"] == "PodDisruptionBudget"}
     assert "ai-waypoint" in pdbs and "batch-waypoint" not in pdbs
@@ -478,15 +488,36 @@ def test_waypoints_render_a_deployment_service_pdb_and_autoscaler(
 def test_the_chart_deploys_a_redis_and_every_waypoint_counts_on_it(
     custom: list[dict[str, Any]],
 ) -> None:
+    """A password generated once (the same in every namespace's copy of the URL), no
+    eviction (a full store fails writes instead of forgetting counters), and a
+    NetworkPolicy that admits only waypoint pods."""
     redis = one(custom, "Deployment", "weft-quota-redis")
     (c,) = redis["spec"]["template"]["spec"]["containers"]
-    assert c["args"][c["args"].index("--maxmemory") + 1] == "128mb"
+    line = c["args"][0]
+    assert "--maxmemory 128mb" in line and "--maxmemory-policy noeviction" in line
+    assert '--requirepass "$REDIS_PASSWORD"' in line
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert one(custom, "Service", "weft-quota-redis")["spec"]["ports"][0]["port"] == 6379
-    for name in ("ai-waypoint", "batch-waypoint"):
+    password = one(custom, "Secret", "weft-quota-redis")["stringData"]["password"]
+    assert len(password) == 32
+    for name, ns in (("ai-waypoint", "inference"), ("batch-waypoint", "batch")):
         env = one(custom, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["env"]
         (store,) = [e for e in env if e["name"] == "WEFT_QUOTA_STORE"]
-        assert store["value"] == "redis://weft-quota-redis.mesh-system.svc:6379/0"
+        ref = store["valueFrom"]["secretKeyRef"]
+        (secret,) = [
+            d
+            for d in custom
+            if d["kind"] == "Secret"
+            and d["metadata"]["name"] == ref["name"]
+            and d["metadata"]["namespace"] == ns
+        ]
+        assert secret["stringData"]["url"] == (
+            f"redis://:{password}@weft-quota-redis.mesh-system.svc:6379/0"
+        )
+    np_ = one(custom, "NetworkPolicy", "weft-quota-redis")
+    (rule,) = np_["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchExpressions"][0]["key"] == "weft.dev/waypoint"
 
 
 def test_an_external_quota_store_from_a_secret() -> None:

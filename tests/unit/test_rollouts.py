@@ -7,6 +7,7 @@ injected."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import textwrap
 from typing import Any
@@ -22,6 +23,7 @@ from controller.rollouts import (
     Prometheus,
     QueryError,
     RolloutController,
+    post_webhook,
     render_query,
     selector,
     window_queries,
@@ -304,3 +306,98 @@ def test_prometheus_answers_are_read_as_one_number(kind: str, monkeypatch):
     assert asyncio.run(p.value("q")) == 2.5
     monkeypatch.setattr(p, "_get", lambda q: {"resultType": "vector", "result": []})
     assert asyncio.run(p.value("q")) is None
+
+
+ISTIO_LABELS = (
+    CLUSTER.replace("selector: {app: llm-v1}", "selector: {app: llm, version: v1}")
+    .replace("selector: {app: llm-v2}", "selector: {app: llm, version: v2}")
+    .replace("labels: {app: llm-v2}", "labels: {app: llm, version: v2}")
+    .replace("labels: {app: llm-v1}", "labels: {app: llm, version: v1}")
+)
+
+
+def test_versions_tell_canary_from_stable_when_they_share_an_app_label():
+    """Istio's labels (app: llm, version: v1 / v2): the workload name is the same for both,
+    so the canary is selected by version too, and a canary failing 10% is rolled back
+    (measured on the stable's traffic it would have looked healthy)."""
+    prom = Answers()
+    store = ConfigStore()
+    store.offer("files", parse_text(ISTIO_LABELS + "---\n" + ROLLOUT, "c.yaml"))
+    clock = Clock()
+    rc = RolloutController(store, prom, clock=clock, rng=random.Random(1))
+    tick(rc)
+    sel = (
+        'destination_workload=~"llm",destination_workload_namespace="ai",destination_version=~"v2"'
+    )
+    q = window_queries(sel, "60s")
+    prom.table.update({q["requests"]: 100, q["errors"]: 10, q["p99"]: 0.2})
+    clock.t += 60
+    tick(rc)
+    assert state(store).phase == "RolledBack", state(store).events
+
+
+def test_a_canary_that_looks_like_the_stable_in_metrics_is_not_judged():
+    same = ISTIO_LABELS.replace("version: v2}", "version: v1}")
+    prom = Answers()
+    store = ConfigStore()
+    store.offer("files", parse_text(same + "---\n" + ROLLOUT, "c.yaml"))
+    clock = Clock()
+    rc = RolloutController(store, prom, clock=clock, rng=random.Random(1))
+    tick(rc)
+    clock.t += 60
+    tick(rc)
+    st = state(store)
+    assert st.step == 0 and st.phase == "Progressing"
+    assert "cannot be told apart" in st.waiting_for and not prom.asked
+
+
+def test_a_new_controller_process_carries_on_from_the_saved_state(tmp_path):
+    """A restart is a new process with a new store, rebuilt from the sources: the rollout
+    goes on where it stood (a promoted canary stays promoted), from the state file."""
+    prom = Answers()
+    state_file = tmp_path / "rollouts.json"
+
+    def controller() -> tuple[ConfigStore, RolloutController, Clock]:
+        store = ConfigStore()
+        store.offer("files", parse_text(CLUSTER + "---\n" + ROLLOUT, "c.yaml"))
+        clock = Clock()
+        return store, RolloutController(store, prom, clock=clock, state_file=state_file), clock
+
+    store, rc, clock = controller()
+    tick(rc)
+    prom.canary(requests=40)
+    for _ in range(2):
+        clock.t += 60
+        tick(rc)
+    assert state(store).phase == "Promoted"
+    store2, rc2, _ = controller()
+    assert state(store2).phase == "Promoted"  # published before the first tick
+    tick(rc2)
+    assert (state(store2).phase, state(store2).canary_weight) == ("Promoted", 100)
+
+
+def test_a_webhook_that_fails_oddly_is_a_no_and_other_rollouts_go_on():
+    prom = Answers()
+    rollout = ROLLOUT + (
+        "  webhooks:\n    - {name: stop, type: rollback, url: 'http://hooks.test/rollback'}\n"
+    )
+
+    store, rc, clock, _ = setup(rollout, prometheus=prom)
+    # The real poster, against a port nothing listens on.
+    rc.post = lambda hook, payload: post_webhook(
+        hook.model_copy(update={"url": "http://127.0.0.1:9/never"}), payload
+    )
+    tick(rc)
+    prom.canary(requests=40)
+    clock.t += 60
+    tick(rc)
+    assert state(store).step == 1  # no answer from the rollback hook: no rollback
+
+
+@pytest.mark.parametrize(
+    "url", ["http://bot:80x/", "http://[::1/", "http://a/\r\nX: y", "ftp://x/"]
+)
+def test_webhook_urls_are_checked_when_applied(url):
+    rollout = ROLLOUT + f"  webhooks:\n    - {{name: h, type: rollback, url: {json.dumps(url)}}}\n"
+    offer = parse_text(rollout, "r.yaml")
+    assert offer.problems, url

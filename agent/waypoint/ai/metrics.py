@@ -38,6 +38,9 @@ from agent.waypoint.ai.usage import Usage
 if TYPE_CHECKING:
     from agent.waypoint.ai.policy import AiPolicies
 
+# The backend that answered, as Istio's metrics name it.
+DESTINATION = ("destination_workload", "destination_workload_namespace", "destination_version")
+
 OPERATION_NAMES = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 
 # The semantic conventions' advised boundaries.
@@ -110,7 +113,14 @@ class GenAIMetrics:
         self.ttft = Histogram(
             "gen_ai_server_time_to_first_token",
             "Time to generate the first token, seconds (gen_ai.server.time_to_first_token).",
-            (OP, REQ, RESP, "destination_workload", "destination_workload_namespace"),
+            (
+                OP,
+                REQ,
+                RESP,
+                "destination_workload",
+                "destination_workload_namespace",
+                "destination_version",
+            ),
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
@@ -138,7 +148,7 @@ class GenAIMetrics:
         duration: float,
         usage: Usage | None = None,
         ttft: float | None = None,
-        destination: tuple[str, str] = ("unknown", "unknown"),
+        destination: tuple[str, str, str] = ("unknown", "unknown", "unknown"),
         tpot: float | None = None,
         error_type: str = "",
     ) -> None:

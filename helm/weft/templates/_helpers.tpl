@@ -48,8 +48,31 @@ chart deploys, or memory (each replica on its own). */}}
 {{- else if $q.url }}
   value: {{ $q.url | quote }}
 {{- else if $q.redis.enabled }}
-  value: {{ printf "redis://%s.%s.svc:6379/0" (include "weft.quotaRedisName" .) .Release.Namespace | quote }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "weft.quotaRedisName" . }}-url
+      key: url
 {{- else }}
   value: memory
 {{- end }}
+{{- end -}}
+
+{{/* The chart's quota Redis password: the existing Secret's (kept across upgrades), else
+one generated for this release, the same in every template of one render. */}}
+{{- define "weft.quotaRedisPassword" -}}
+{{- $r := .Values.quotaStore.redis -}}
+{{- if not (hasKey $r "_password") -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "weft.quotaRedisName" .) -}}
+{{- if and $old $old.data (hasKey $old.data "password") -}}
+{{- $_ := set $r "_password" (index $old.data "password" | b64dec) -}}
+{{- else -}}
+{{- $_ := set $r "_password" (randAlphaNum 32) -}}
+{{- end -}}
+{{- end -}}
+{{- index $r "_password" -}}
+{{- end -}}
+
+{{/* The URL of the chart's quota Redis, password included. */}}
+{{- define "weft.quotaRedisURL" -}}
+{{- printf "redis://:%s@%s.%s.svc:6379/0" (include "weft.quotaRedisPassword" .) (include "weft.quotaRedisName" .) .Release.Namespace -}}
 {{- end -}}
