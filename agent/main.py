@@ -507,6 +507,7 @@ class Agent:
                 await t
         if self.handoff is not None:
             self.handoff.close()
+        await self.config.flush()  # the newest config, for a restart without the controller
         await self.identities.close()
         await self.node.close()
         self.access.close()

@@ -154,7 +154,7 @@ class WorkloadApi:
                     "trustDomain": snap.trust_domain,
                     "resources": [
                         {"kind": k.kind, "body": json.loads(r.to_json())}
-                        for k, r in snap.resources.items()
+                        for k, r in snap.sources.items()
                     ],
                 }
             ).encode(),

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ from controller.model.problems import InvalidConfig, Problem
 log = logging.getLogger("weft.config")
 
 Apply = Callable[[ConfigSnapshot], Awaitable[None] | None]
+
+
+SAVE_EVERY = 1.0  # seconds between writes of the config cache, at most
 
 
 class ConfigRejected(Exception):
@@ -65,10 +69,14 @@ class ConfigClient:
         self.nacks = 0
         self.last_nack = ""
         self.updates = 0
+        self._saver: asyncio.Task[None] | None = None
 
     # ---- applying ----------------------------------------------------------------------
 
-    def _decode(self, resp: config_pb2.ConfigResponse) -> dict[ResourceKey, Resource]:
+    def _decode(self, resp: config_pb2.ConfigResponse) -> tuple[list[Resource], list[ResourceKey]]:
+        """The response's resources, validated, and the keys it removes; raises
+        ConfigRejected (naming every problem) for a delta on another base or a bad
+        resource."""
         cur = self.snapshot
         if not resp.full and (resp.epoch != cur.epoch or resp.base_revision != cur.revision):
             raise ConfigRejected(
@@ -79,30 +87,30 @@ class ConfigClient:
                     )
                 ]
             )
-        resources: dict[ResourceKey, Resource] = {} if resp.full else dict(cur.resources)
+        upserts: list[Resource] = []
         problems: list[Problem] = []
         for r in resp.resources:
             try:
-                res = resource_from_json(r.kind, r.body)
+                upserts.append(resource_from_json(r.kind, r.body))
             except InvalidConfig as e:
                 problems += [
                     Problem(p.reason, resource=f"{r.kind} {r.namespace}/{r.name}", field=p.field)
                     for p in e.problems
                 ]
-                continue
-            resources[res.key] = res
-        for k in resp.removed:
-            resources.pop(ResourceKey(k.kind, k.namespace, k.name), None)
         if problems:
             raise ConfigRejected(problems)
-        return resources
+        removed = [ResourceKey(k.kind, k.namespace, k.name) for k in resp.removed]
+        return upserts, removed
 
     async def apply_response(self, resp: config_pb2.ConfigResponse) -> None:
-        """Validate and apply one response; raises ConfigRejected (nothing applied)."""
-        resources = self._decode(resp)
-        snap = ConfigSnapshot.build(
-            resp.epoch, resp.revision, resp.trust_domain or self.snapshot.trust_domain, resources
-        )
+        """Validate and apply one response; raises ConfigRejected (nothing applied). A delta
+        costs what it changes (ConfigSnapshot.with_changes), not the size of the mesh."""
+        upserts, removed = self._decode(resp)
+        td = resp.trust_domain or self.snapshot.trust_domain
+        if resp.full:
+            snap = ConfigSnapshot.build(resp.epoch, resp.revision, td, {r.key: r for r in upserts})
+        else:
+            snap = self.snapshot.with_changes(resp.epoch, resp.revision, upserts, removed)
         if resp.trust_bundle_pem:
             self.trust.update(resp.trust_bundle_pem)
         try:
@@ -113,9 +121,40 @@ class ConfigClient:
             raise ConfigRejected(e.problems) from None
         self.snapshot = snap
         self.updates += 1
-        self._save(snap)
+        self._schedule_save()
 
     # ---- the on-disk copy --------------------------------------------------------------
+
+    def _schedule_save(self) -> None:
+        """Write the cache beside the request path: at most one write in flight, of the
+        newest snapshot, SAVE_EVERY apart (a burst of deltas is one write, not one each;
+        the cache is for a restart while the controller is away, where a second does not
+        matter, and rewriting a large mesh's config costs far more than applying a delta)."""
+        if self.cache is None or self._saver is not None:
+            return
+        self._saver = asyncio.get_running_loop().create_task(self._save_soon(), name="config-cache")
+
+    async def _save_soon(self) -> None:
+        try:
+            while True:
+                snap = self.snapshot
+                await asyncio.to_thread(self._save, snap)
+                await asyncio.sleep(SAVE_EVERY)
+                if self.snapshot is snap:
+                    return
+        except Exception as e:  # a full disk must not stop the config stream; it is said
+            log.warning("could not save the config cache %s: %s", self.cache, e)
+        finally:
+            self._saver = None
+
+    async def flush(self) -> None:
+        """Save the newest snapshot now (stopping)."""
+        if self._saver is not None:
+            self._saver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._saver
+        if self.cache is not None and self.snapshot.revision:
+            await asyncio.to_thread(self._save, self.snapshot)
 
     def _save(self, snap: ConfigSnapshot) -> None:
         if self.cache is None:
@@ -125,7 +164,7 @@ class ConfigClient:
             "revision": snap.revision,
             "trustDomain": snap.trust_domain,
             "resources": [
-                {"kind": k.kind, "body": json.loads(r.to_json())} for k, r in snap.resources.items()
+                {"kind": k.kind, "body": json.loads(r.to_json())} for k, r in snap.sources.items()
             ],
         }
         self.cache.parent.mkdir(parents=True, exist_ok=True)
