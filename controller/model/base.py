@@ -7,6 +7,7 @@ JSON, which the agent validates again with these same classes. One model, one se
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +29,24 @@ _LABEL_KEY = re.compile(
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 
 
+@functools.lru_cache(maxsize=65536)
+def _label_ok(k: str, val: str) -> str | None:
+    """Why a label is invalid, or None. Cached: a mesh's labels repeat (app, version,
+    pod-template-hash), and an agent validates every workload of a full snapshot."""
+    if not _LABEL_KEY.match(k) or len(k) > 316:
+        return f"label key {k!r} is not a valid Kubernetes label key"
+    if not _LABEL_VALUE.match(val) or len(val) > 63:
+        return f"label {k}={val!r}: value is not a valid Kubernetes label value"
+    return None
+
+
 def check_labels(v: dict[str, str]) -> dict[str, str]:
     for k, val in v.items():
-        if not _LABEL_KEY.match(k) or len(k) > 316:
-            raise ValueError(f"label key {k!r} is not a valid Kubernetes label key")
-        if not isinstance(val, str) or not _LABEL_VALUE.match(val) or len(val) > 63:
+        if not isinstance(val, str) or not isinstance(k, str):
             raise ValueError(f"label {k}={val!r}: value is not a valid Kubernetes label value")
+        why = _label_ok(k, val)
+        if why is not None:
+            raise ValueError(why)
     return v
 
 
