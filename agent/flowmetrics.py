@@ -44,7 +44,8 @@ FLOW_LABELS = (
     "path",
 )
 LOCAL_LABELS = ("direction", "workload", "workload_namespace", "path")
-RTT_US = (50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000)
+# Seconds (Prometheus' base unit): 50 µs to 250 ms.
+RTT_S = (5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 DURATION_S = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 RECENT_CLOSED = 4096
 
@@ -139,11 +140,11 @@ class FlowMetrics:
             registry=r,
         )
         self.rtt = Histogram(
-            "weft_flow_srtt_microseconds",
-            "The kernel's smoothed RTT of each closed flow, last sample (µs; 0 for fast-path "
-            "flows, which never touch TCP).",
+            "weft_flow_srtt_seconds",
+            "The kernel's smoothed RTT of each closed flow, last sample (fast-path flows, "
+            "which never touch TCP, have none).",
             LOCAL_LABELS,
-            buckets=RTT_US,
+            buckets=RTT_S,
             registry=r,
         )
         self.duration = Histogram(
@@ -171,7 +172,7 @@ class FlowMetrics:
         if f.total_retrans:
             self.retransmits.labels(*v).inc(f.total_retrans)
         if not f.fastpath:
-            self.rtt.labels(*key.local).observe(f.srtt_us)
+            self.rtt.labels(*key.local).observe(f.srtt_us / 1e6)
         if f.end_ns > f.start_ns:
             self.duration.labels(*key.local).observe((f.end_ns - f.start_ns) / 1e9)
 

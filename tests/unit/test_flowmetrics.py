@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.datapath.loader import Flow
@@ -128,7 +129,7 @@ def test_each_closed_flow_is_observed_once_and_open_ones_are_counted() -> None:
     assert metric(text, "weft_flow_sent_bytes_total", **labels) == 200
     assert metric(text, "weft_flow_received_bytes_total", **labels) == 4000
     assert metric(text, "weft_flow_retransmits_total", **labels) == 2
-    assert metric(text, "weft_flow_srtt_microseconds_sum", workload="client") == 360
+    assert metric(text, "weft_flow_srtt_seconds_sum", workload="client") == pytest.approx(360e-6)
     assert metric(text, "weft_flow_duration_seconds_sum", workload="client") == 5.0
     assert metric(text, "weft_flows_open", path="tunnel") == 1
     assert [f.cookie for f, _ in exp.recent] == [1, 3]
@@ -140,7 +141,7 @@ def test_fast_path_flows_count_their_bytes_and_skip_rtt() -> None:
     exp.export_flows([flow(fastpath=True, bytes_sent=0, fastpath_bytes_sent=5000, srtt_us=0)])
     text = generate_latest(r).decode()
     assert metric(text, "weft_flow_sent_bytes_total", path="fastpath") == 5000
-    assert metric(text, "weft_flow_srtt_microseconds_count", path="fastpath") == 0
+    assert metric(text, "weft_flow_srtt_seconds_count", path="fastpath") == 0
 
 
 def test_drops_are_summed_by_workload_and_reason_at_scrape_time() -> None:
