@@ -8,13 +8,21 @@ access logs flush once a second by default). Every request still gets its line; 
 crash can lose is the last quarter second, and `close()` (drain, SIGTERM) writes the rest.
 
 Destinations: `stdout` (the default, what Kubernetes collects), `stderr`, a file path
-(appended to), or `off`.
+(appended to; rotated to `PATH.1` when it passes `max_bytes`, one old file kept), or `off`.
+
+Volume is bounded by configuration, as Envoy's access log filters and Istio's Telemetry API
+bound it: `sample` (0..1) is the share of ordinary lines written, while important ones (an
+error status, a denial, a revoked or refused connection) are always written;
+`max_per_second` caps the lines of any second, and the lines a cap suppressed are counted
+in one `{"kind": "suppressed"}` line when the next second starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -29,24 +37,47 @@ _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class AccessLog:
-    def __init__(self, out: IO[str] | None) -> None:
+    def __init__(
+        self,
+        out: IO[str] | None,
+        *,
+        sample: float = 1.0,
+        max_per_second: int = 0,
+        path: Path | None = None,
+        max_bytes: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError(f"access log sample {sample!r}: a share between 0 and 1")
         self.out = out
+        self.sample = sample
+        self.max_per_second = max_per_second
+        self.path = path  # a file destination, rotated at max_bytes (0: never)
+        self.max_bytes = max_bytes
+        self._rng = (rng or random.Random()).random
         self._buf: list[str] = []
         self._size = 0
         self._scheduled = False
         self._second = -1
         self._stamp = ""
+        self._cap_second = -1
+        self._cap_count = 0
         self.lines = 0  # written since start (tests, /stats)
+        self.sampled_out = 0  # ordinary lines left out by sampling
+        self.suppressed = 0  # lines the per-second cap left out
 
     @classmethod
-    def open(cls, where: str) -> AccessLog:
-        """`stdout`, `stderr`, `off` or a file path."""
+    def open(
+        cls, where: str, *, sample: float = 1.0, max_per_second: int = 0, max_mb: float = 0
+    ) -> AccessLog:
+        """`stdout`, `stderr`, `off` or a file path (rotated past `max_mb`, 0: never)."""
+        kw = {"sample": sample, "max_per_second": max_per_second}
         if where == "off":
             return cls(None)
         if where == "stdout":
-            return cls(sys.stdout)
+            return cls(sys.stdout, **kw)  # type: ignore[arg-type]
         if where == "stderr":
-            return cls(sys.stderr)
+            return cls(sys.stderr, **kw)  # type: ignore[arg-type]
         p = Path(where)
         if not p.parent.is_dir():
             raise EnvironmentProblem(
@@ -54,9 +85,10 @@ class AccessLog:
                 hint="create it, or use --access-log stdout, stderr or off",
             )
         try:
-            return cls(p.open("a", encoding="utf-8", buffering=1 << 16))
+            out = p.open("a", encoding="utf-8", buffering=1 << 16)
         except OSError as e:
             raise EnvironmentProblem(f"access log {where!r}: {e.strerror}") from e
+        return cls(out, path=p, max_bytes=int(max_mb * 1024 * 1024), **kw)  # type: ignore[arg-type]
 
     @property
     def enabled(self) -> bool:
@@ -71,9 +103,33 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         return self._stamp
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], *, important: bool = False) -> None:
+        """One record; `important` (an error, a denial) is never sampled out."""
         if self.out is None:
             return
+        if not important and self.sample < 1.0 and self._rng() >= self.sample:
+            self.sampled_out += 1
+            return
+        if self.max_per_second:
+            second = int(time.monotonic())
+            if second != self._cap_second:
+                if self._cap_count > self.max_per_second:
+                    self._append(
+                        {
+                            "time": self.timestamp(),
+                            "kind": "suppressed",
+                            "lines": self._cap_count - self.max_per_second,
+                            "maxPerSecond": self.max_per_second,
+                        }
+                    )
+                self._cap_second, self._cap_count = second, 0
+            self._cap_count += 1
+            if self._cap_count > self.max_per_second:
+                self.suppressed += 1
+                return
+        self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
         line = _encode(record) + "\n"
         self._buf.append(line)
         self._size += len(line)
@@ -102,9 +158,19 @@ class AccessLog:
         try:
             self.out.write(data)
             self.out.flush()
+            if self.max_bytes and self.path is not None and self.out.tell() >= self.max_bytes:
+                self._rotate()
         except (OSError, ValueError):
             # A closed or broken stdout (the collector went away) must not fail requests.
             pass
+
+    def _rotate(self) -> None:
+        """PATH -> PATH.1 (replacing the older one), and a new PATH: at most twice max_bytes
+        on disk."""
+        assert self.out is not None and self.path is not None
+        self.out.close()
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self.out = self.path.open("a", encoding="utf-8", buffering=1 << 16)
 
     def close(self) -> None:
         self.flush()

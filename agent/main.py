@@ -92,7 +92,12 @@ class Agent:
             trust_domain=s.trust_domain,
         )
         self.resolver = CgroupResolver(s.cgroup_mode)
-        self.access = AccessLog.open(s.access_log)
+        self.access = AccessLog.open(
+            s.access_log,
+            sample=s.access_log_sample,
+            max_per_second=s.access_log_max_rate,
+            max_mb=s.access_log_max_mb,
+        )
         self.workload_api = WorkloadApi(self)
         # Connections to a waypoint on this node go to it directly (tunnel/handoff.py).
         self.handoff = (

@@ -127,6 +127,9 @@ class AgentSettings(BaseModel):
         "stdout",
         description="Where the per-connection JSON lines go: stdout, stderr, off, or a path.",
     )
+    access_log_sample: float = Field(1.0, ge=0, le=1, description="Share of ordinary lines.")
+    access_log_max_rate: int = Field(0, ge=0, description="Lines a second at most; 0: no cap.")
+    access_log_max_mb: float = Field(0, ge=0, description="Rotate a file log past this size.")
 
     @staticmethod
     def split(hostport: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from agent.cli.logopts import MaxMbOption, MaxRateOption, SampleOption
 from agent.settings import AgentSettings
 
 app = typer.Typer(
@@ -80,6 +81,9 @@ def run(
             help="Where the per-connection JSON lines go: stdout, stderr, off, or a file path.",
         ),
     ] = "stdout",
+    access_log_sample: SampleOption = 1.0,
+    access_log_max_rate: MaxRateOption = 0,
+    access_log_max_mb: MaxMbOption = 0,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the node agent: data path, tunnel, identities, config from the controller.
@@ -114,6 +118,9 @@ def run(
         drain_timeout=drain_timeout,
         flow_export_interval=flow_export_interval,
         access_log=access_log,
+        access_log_sample=access_log_sample,
+        access_log_max_rate=access_log_max_rate,
+        access_log_max_mb=access_log_max_mb,
     )
     from agent.main import main
 

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from agent.cli.logopts import MaxMbOption, MaxRateOption, SampleOption
+
 app = typer.Typer(
     help="The L7 waypoint for Services that opt in (weft.dev/use-waypoint).", no_args_is_help=True
 )
@@ -64,6 +66,9 @@ def run(
             help="Where the per-request JSON lines go: stdout, stderr, off, or a file path.",
         ),
     ] = "stdout",
+    access_log_sample: SampleOption = 1.0,
+    access_log_max_rate: MaxRateOption = 0,
+    access_log_max_mb: MaxMbOption = 0,
     escaped_slashes: Annotated[
         str,
         typer.Option(
@@ -115,6 +120,9 @@ def run(
             drain_timeout=drain_timeout,
             quota_store=quota_store,
             access_log=access_log,
+            access_log_sample=access_log_sample,
+            access_log_max_rate=access_log_max_rate,
+            access_log_max_mb=access_log_max_mb,
             handoff=handoff,
             escaped_slashes=escaped_slashes,  # type: ignore[arg-type]
         )

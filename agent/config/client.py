@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class ConfigClient:
         self.last_nack = ""
         self.updates = 0
         self._saver: asyncio.Task[None] | None = None
+        self._save_lock = threading.Lock()
+        self._saved: tuple[str, int] = ("", -1)  # (epoch, revision) of the cache file
 
     # ---- applying ----------------------------------------------------------------------
 
@@ -121,15 +124,26 @@ class ConfigClient:
             raise ConfigRejected(e.problems) from None
         self.snapshot = snap
         self.updates += 1
-        self._schedule_save()
+        churn = not resp.full and {r.KIND for r in upserts} | {k.kind for k in removed} <= {
+            "Workload",
+            "Node",
+        }
+        if churn:
+            self._schedule_save()
+        else:
+            # Policy and the first snapshot are saved before this returns: a crash right
+            # after must not bring an agent back under an older policy (it would revoke
+            # or admit connections by it until the controller answers).
+            self._save(snap)
 
     # ---- the on-disk copy --------------------------------------------------------------
 
     def _schedule_save(self) -> None:
-        """Write the cache beside the request path: at most one write in flight, of the
-        newest snapshot, SAVE_EVERY apart (a burst of deltas is one write, not one each;
-        the cache is for a restart while the controller is away, where a second does not
-        matter, and rewriting a large mesh's config costs far more than applying a delta)."""
+        """Write the cache beside the request path after workload churn: at most one write
+        in flight, of the newest snapshot, SAVE_EVERY apart (a burst of pod changes is one
+        write, not one each; rewriting a large mesh's config costs far more than applying
+        the delta). A crash can lose the last second of pod changes, which the controller
+        sends again; never a policy change (saved at once)."""
         if self.cache is None or self._saver is not None:
             return
         self._saver = asyncio.get_running_loop().create_task(self._save_soon(), name="config-cache")
@@ -159,6 +173,18 @@ class ConfigClient:
     def _save(self, snap: ConfigSnapshot) -> None:
         if self.cache is None:
             return
+        # One writer at a time (the loop's urgent saves, the churn saver's thread), and
+        # never an older snapshot over a newer one.
+        with self._save_lock:
+            if self._saved == (snap.epoch, snap.revision) or (
+                self._saved[0] == snap.epoch and self._saved[1] > snap.revision
+            ):
+                return
+            self._write(snap)
+            self._saved = (snap.epoch, snap.revision)
+
+    def _write(self, snap: ConfigSnapshot) -> None:
+        assert self.cache is not None
         doc = {
             "epoch": snap.epoch,
             "revision": snap.revision,

@@ -278,6 +278,7 @@ def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | No
             f"{p.ip}:15020",
             "--quota-store",
             quota_store(state, p.node),
+            *access_log_args(state, f"waypoint-{p.namespace}-{p.name}"),
         ],
         pod=pod,
         env=env,
@@ -393,6 +394,24 @@ def agent_argv(
         "--datapath",
         datapath,
         *([] if fastpath else ["--no-fastpath"]),
+        *access_log_args(state, f"agent-{node}"),
+    ]
+
+
+ACCESS_LOG_MB = 16  # a lab process's access log rotates past this; one older file is kept
+
+
+def access_log_path(state: LabState, process: str) -> Path:
+    """Where a lab process's access log goes (rotated: PATH and PATH.1)."""
+    return Path(state.run_dir) / "logs" / f"{process}.access.log"
+
+
+def access_log_args(state: LabState, process: str) -> list[str]:
+    return [
+        "--access-log",
+        str(access_log_path(state, process)),
+        "--access-log-max-mb",
+        str(ACCESS_LOG_MB),
     ]
 
 

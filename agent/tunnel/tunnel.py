@@ -280,7 +280,8 @@ class Tunnel:
                         "destination": flow.labels.destination_principal,
                         "target": f"{flow.destination}:{flow.port}",
                         "reason": why[1],
-                    }
+                    },
+                    important=True,
                 )
             if flow.stream is not None:
                 with contextlib.suppress(Exception):

@@ -95,6 +95,9 @@ class WaypointSettings:
     # shared by every replica in the cluster.
     quota_store: str = "memory"
     access_log: str = "stdout"  # stdout | stderr | off | a file path
+    access_log_sample: float = 1.0  # share of ordinary lines (errors are always written)
+    access_log_max_rate: int = 0  # lines a second at most; 0: no cap
+    access_log_max_mb: float = 0  # rotate a file log past this size; 0: never
     # Take pod connections from the node agent directly when this instance runs on the
     # caller's node (agent/tunnel/handoff.py); off: every connection arrives over HBONE.
     handoff: bool = True
@@ -143,7 +146,12 @@ class Waypoint:
         self.metrics = WaypointMetrics()
         self.metrics.registry.register(_EngineCollector(self))
         self._children: dict[tuple[Any, ...], Series] = {}
-        self.access = AccessLog.open(s.access_log)
+        self.access = AccessLog.open(
+            s.access_log,
+            sample=s.access_log_sample,
+            max_per_second=s.access_log_max_rate,
+            max_mb=s.access_log_max_mb,
+        )
         self.traces = Exporter(s.otlp_endpoint, f"waypoint/{s.name}")
         self.inbound: set[HboneConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -695,7 +703,8 @@ class Waypoint:
                     "bytesOut": x.bytes_out,
                     "durationMs": round(elapsed_ms, 3),
                     **x.annotations,
-                }
+                },
+                important=x.status >= 400 or x.status == 0 or flags != "-",
             )
 
 

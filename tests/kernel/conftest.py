@@ -70,9 +70,13 @@ class Mesh:
         return self.lab.run(pod, [sys.executable, "-c", code, *args], timeout=timeout)
 
     def access_log(self, process: str) -> list[dict[str, Any]]:
-        """A lab process's access log records: the JSON lines of its stdout (its lab log)."""
-        log = Path(self.state.run_dir) / "logs" / f"{process}.log"
-        lines = log.read_text(errors="replace").splitlines()
+        """A lab process's access log records, oldest first (the rotated file, then the
+        current one; mesh.access_log_path)."""
+        path = mesh.access_log_path(self.state, process)
+        lines: list[str] = []
+        for p in (path.with_name(path.name + ".1"), path):
+            if p.exists():
+                lines += p.read_text(errors="replace").splitlines()
         return [json.loads(x) for x in lines if is_access_line(x)]
 
     def wait_listening(self, pod: str, port: int = 8000) -> None:
@@ -212,6 +216,9 @@ def build_mesh(
                     lines = log.read_text(errors="replace").splitlines()
                     access = sum(1 for x in lines if is_access_line(x))
                     rest = "\n".join(x for x in lines if not is_access_line(x))
+                    alog = mesh.access_log_path(lab.state(), proc.name)
+                    if alog.exists():
+                        access += len(alog.read_text(errors="replace").splitlines())
                     head = f"{proc.name} ({log}; {access} access log lines)"
                     sys.stderr.write(f"\n==== {head} ====\n")
                     sys.stderr.write(rest[-6000:])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 from pathlib import Path
 
 import pytest
 
+from agent import accesslog
 from agent.accesslog import FLUSH_BYTES, FLUSH_INTERVAL, AccessLog
 from controller.errors import EnvironmentProblem
 
@@ -89,3 +91,47 @@ def test_a_broken_stdout_does_not_fail_the_request() -> None:
 def test_timestamp_is_utc_seconds() -> None:
     stamp = AccessLog(None).timestamp()
     assert len(stamp) == 20 and stamp.endswith("Z") and stamp[10] == "T"
+
+
+def test_sampling_keeps_every_important_line_and_a_share_of_the_rest():
+    out = io.StringIO()
+    log = AccessLog(out, sample=0.1, rng=random.Random(7))
+    for i in range(1000):
+        log.write({"kind": "request", "i": i})
+    for i in range(20):
+        log.write({"kind": "request", "status": 503, "i": i}, important=True)
+    log.flush()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert sum(1 for x in lines if x.get("status") == 503) == 20  # never sampled out
+    ordinary = sum(1 for x in lines if "status" not in x)
+    assert 60 <= ordinary <= 140 and log.sampled_out == 1000 - ordinary
+
+
+def test_a_cap_per_second_says_how_many_lines_it_left_out(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(accesslog.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    log = AccessLog(out, max_per_second=5)
+    for i in range(12):
+        log.write({"i": i}, important=i % 2 == 0)
+    clock[0] += 1
+    log.write({"i": "next"})
+    log.flush()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [x.get("i") for x in lines[:5]] == [0, 1, 2, 3, 4]
+    assert lines[5]["kind"] == "suppressed" and lines[5]["lines"] == 7
+    assert lines[6]["i"] == "next" and log.suppressed == 7
+
+
+def test_a_file_log_is_rotated_past_its_size(tmp_path):
+    path = tmp_path / "access.log"
+    log = AccessLog.open(str(path), max_mb=0.001)  # about 1 KiB
+    for i in range(100):
+        log.write({"kind": "request", "i": i, "pad": "x" * 40})
+        log.flush()
+    log.close()
+    old = (tmp_path / "access.log.1").read_text().splitlines()
+    new = path.read_text().splitlines()
+    assert old and len(path.read_bytes()) < 2048
+    assert json.loads(new[-1])["i"] == 99  # nothing lost across a rotation but older files
+    assert not list(tmp_path.glob("access.log.2"))
