@@ -289,6 +289,7 @@ def test_rendered_arguments_are_accepted_by_the_real_clis(
             assert params["quota_store"].startswith("redis://:")
             assert params["quota_store"].endswith("@weft-quota-redis.mesh-system.svc:6379/0")
             assert params["drain_timeout"] == 20
+            assert (params["access_log_sample"], params["access_log_max_rate"]) == (0.25, 500)
 
 
 # ---- RBAC -----------------------------------------------------------------------------
