@@ -195,14 +195,39 @@ def crd_for(cls: type[Resource]) -> dict[str, Any]:
             required.append(name)
     if required:
         top["required"] = required
+    # The controller's conditions (Accepted, ResolvedRefs) go to status, as Gateway API's
+    # do; the API server keeps status apart from spec (the status subresource).
+    top["properties"]["status"] = {
+        "type": "object",
+        "description": "Written by the weft controller: conditions (Accepted, ResolvedRefs).",
+        "properties": {
+            "conditions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "type": {"type": "string"},
+                        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                        "reason": {"type": "string"},
+                        "message": {"type": "string"},
+                        "lastTransitionTime": {"type": "string", "format": "date-time"},
+                        "observedGeneration": {"type": "integer"},
+                    },
+                    "required": ["type", "status"],
+                },
+            },
+        },
+    }
     versions = [v.split("/", 1)[1] for v in cls.API_VERSIONS if v.startswith(GROUP + "/")]
-    names = {
+    names: dict[str, Any] = {
         "kind": cls.KIND,
         "listKind": f"{cls.KIND}List",
         "plural": plural(cls.KIND),
         "singular": cls.KIND.lower(),
         "categories": [CATEGORY],
     }
+    if SHORT_NAMES.get(cls.KIND):
+        names["shortNames"] = SHORT_NAMES[cls.KIND]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -223,11 +248,43 @@ def crd_for(cls: type[Resource]) -> dict[str, Any]:
                     "served": True,
                     "storage": i == 0,  # the first listed version is the one stored
                     "schema": {"openAPIV3Schema": top},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
                 }
                 for i, v in enumerate(versions)
             ],
         },
     }
+
+
+# kubectl get's short names (none clash with Kubernetes' own or Istio's).
+SHORT_NAMES: dict[str, list[str]] = {
+    "BackendPolicy": ["bp"],
+    "RetryPolicy": ["retrypol"],
+    "FaultInjection": ["fault"],
+    "TokenRateLimit": ["trl"],
+    "ModelRoute": ["mroute"],
+    "LoadShedding": ["shed"],
+    "ResponseCache": ["rcache"],
+    "Rollout": ["wro"],
+    "Workload": ["wl"],
+}
+
+# What `kubectl get` shows beside the name: whether the controller accepted it, and why not.
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Accepted",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Accepted")].status',
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Accepted")].reason',
+        "priority": 1,
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
 
 
 def file_name(crd: dict[str, Any]) -> str:

@@ -227,6 +227,8 @@ class Controller:
         if port and port != "0":
             start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
         self._tasks.append(asyncio.create_task(self.source.run(), name="file-source"))
+        if self.settings.config_source == "kubernetes":
+            self._tasks.append(asyncio.create_task(self._write_status(), name="status"))
         from controller.rollouts import Prometheus, RolloutController
 
         url = self.settings.prometheus_url
@@ -243,6 +245,19 @@ class Controller:
             sock,
             self.store.revision,
         )
+
+    async def _write_status(self) -> None:
+        """Conditions back to the Kubernetes objects (controller/statuswriter.py), at most
+        every STATUS_EVERY seconds, on a thread (the calls block)."""
+        from controller.statuswriter import StatusWriter
+
+        writer = StatusWriter(self.source.api, self.store, self.source.kinds)
+        while True:
+            await asyncio.sleep(STATUS_EVERY)
+            try:
+                await asyncio.to_thread(writer.sync)
+            except Exception:  # a failed round is logged; the next one tries again
+                log.exception("writing resource status failed")
 
     async def stop(self, grace: float = 5.0) -> None:
         for t in self._tasks:
@@ -814,6 +829,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self.c._write_bundle()
         await self.c._notify()  # streams send the new bundle with their next response
         return admin_pb2.RotateRootResponse(trust_bundle_pem=self.c.ca.bundle_pem())
+
+
+STATUS_EVERY = 2.0  # seconds between rounds of status write-back
 
 
 async def serve(settings: ControllerSettings) -> None:

@@ -126,7 +126,10 @@ class KubeRest:
     ) -> Any:
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            # PATCH is always a JSON merge patch here (status conditions).
+            headers["Content-Type"] = (
+                "application/merge-patch+json" if method == "PATCH" else "application/json"
+            )
         m, url, hdrs, data, _ = self.client.param_serialize(
             method,
             path,

@@ -372,6 +372,14 @@ def test_controller_reads_what_it_converts_and_nothing_more(default: list[dict[s
         ("networking.istio.io", "virtualservices"): read,
         ("networking.istio.io", "destinationrules"): read,
         **{("weft.dev", p): read for p in crd_plurals},
+        # Status write-back: the status subresources only, patch only.
+        **{("weft.dev", f"{p}/status"): ("patch",) for p in crd_plurals},
+        ("gateway.networking.k8s.io", "httproutes/status"): ("patch",),
+        ("gateway.networking.k8s.io", "grpcroutes/status"): ("patch",),
+        ("security.istio.io", "authorizationpolicies/status"): ("patch",),
+        ("security.istio.io", "peerauthentications/status"): ("patch",),
+        ("networking.istio.io", "virtualservices/status"): ("patch",),
+        ("networking.istio.io", "destinationrules/status"): ("patch",),
         ("authentication.k8s.io", "tokenreviews"): ("create",),
     }
     assert got == want

@@ -121,3 +121,47 @@ def test_cli_writes_one_file_per_crd_and_prunes_retired_kinds(tmp_path: Path) ->
     assert crds.main(["--out-dir", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([*(crds.file_name(c) for c in crds.all_crds()), "keep-me.txt"])
+
+
+def test_crds_have_a_status_subresource_printer_columns_and_short_names() -> None:
+    """kubectl users see whether a resource was accepted (kubectl get), the controller can
+    write status without touching spec, and short names do not clash with Kubernetes' or
+    Istio's own (ones kubectl already resolves)."""
+    taken = {
+        "po",
+        "svc",
+        "no",
+        "ns",
+        "deploy",
+        "ds",
+        "rs",
+        "sts",
+        "cm",
+        "ep",
+        "pv",
+        "pvc",
+        "sa",
+        "hpa",
+        "pdb",
+        "ing",
+        "netpol",
+        "vs",
+        "dr",
+        "gw",
+        "se",
+        "pa",
+        "ap",
+        "rp",
+    }
+    seen: set[str] = set()
+    for crd in crds.all_crds():
+        (v,) = crd["spec"]["versions"]
+        assert v["subresources"] == {"status": {}}
+        cols = {c["name"]: c["jsonPath"] for c in v["additionalPrinterColumns"]}
+        assert cols["Accepted"] == '.status.conditions[?(@.type=="Accepted")].status'
+        conditions = v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        assert conditions["conditions"]["items"]["required"] == ["type", "status"]
+        for short in crd["spec"]["names"].get("shortNames", []):
+            assert short not in taken and short not in seen, short
+            seen.add(short)
+    assert {"bp", "trl", "wl"} <= seen
