@@ -69,8 +69,15 @@ def run(
         str, typer.Option(help="namespace/name of the agents' service account.")
     ] = "weft-system/weft-agent",
     leader_elect: Annotated[
-        bool, typer.Option(help="Reserved: leader election between replicas (not implemented).")
+        bool,
+        typer.Option(
+            help="Elect a leader among replicas on a Lease: every replica serves agents, "
+            "only the leader writes status and judges canaries (config source kubernetes)."
+        ),
     ] = False,
+    lease: Annotated[
+        str, typer.Option(help="namespace/name of the Lease for --leader-elect.")
+    ] = "weft-system/weft-controller",
     prometheus_url: Annotated[
         str | None,
         typer.Option(
@@ -107,13 +114,15 @@ def run(
         sa_audience=sa_audience,
         agent_service_account=agent_service_account,
         leader_elect=leader_elect,
+        lease=lease,
         prometheus_url=prometheus_url,
         **kw,
     )
-    if leader_elect:
-        logging.getLogger("weft.controller").warning(
-            "--leader-elect: leader election is not implemented yet; this replica serves "
-            "like any other (after a root rotation, restart the other replicas)"
+    if leader_elect and config_source != "kubernetes":
+        raise typer.BadParameter(
+            "leader election runs on a Kubernetes Lease: use it with --config-source "
+            "kubernetes (one controller serves the files source)",
+            param_hint="--leader-elect",
         )
     from controller.server import serve
 

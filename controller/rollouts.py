@@ -231,6 +231,7 @@ class RolloutController:
         post: Poster = post_webhook,
         rng: random.Random | None = None,
         state_file: Path | None = None,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.prometheus = prometheus
@@ -239,6 +240,7 @@ class RolloutController:
         self.rng = rng or random.Random()
         self.tracked: dict[tuple[str, str], Tracked] = {}
         self.state_file = state_file
+        self.leading = leading  # only the leader judges (controller/leader.py)
         self._saved = b""
         self._recover()
 
@@ -284,6 +286,9 @@ class RolloutController:
 
     async def tick(self) -> None:
         """Look at every Rollout judged here: judge the ones due, publish their states."""
+        if not self.leading():
+            self.tracked.clear()  # a replica that leads again starts from what is published
+            return
         now = self.clock()
         rollouts = [
             r

@@ -59,6 +59,13 @@ SERVER_CERT_TTL = 24 * 3600
 
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.leader = Gauge(
+            "weft_controller_leader",
+            "1 while this replica leads (writes status, judges canaries); always 1 without "
+            "leader election.",
+            registry=registry,
+        )
+        self.leader.set(1)
         self.revision = Gauge(
             "weft_controller_config_revision",
             "Current revision of the controller's config store.",
@@ -177,6 +184,9 @@ class Controller:
         self._server_cert_renew_at = 0.0
         self._served_bundle: bytes = b""
         self.generation = 0  # bumped on every store change and root rotation
+        # Leader's work (status write-back, canary judging) happens on this replica only
+        # while it leads; without leader election the one replica always does.
+        self.leading = not settings.leader_elect
         self._workloads_rev = -1
         self._identities_by_node: dict[str, set[tuple[str, str]]] = {}
         self.store.subscribe(self._on_change)
@@ -229,6 +239,8 @@ class Controller:
         self._tasks.append(asyncio.create_task(self.source.run(), name="file-source"))
         if self.settings.config_source == "kubernetes":
             self._tasks.append(asyncio.create_task(self._write_status(), name="status"))
+            if self.settings.leader_elect:
+                self._tasks.append(asyncio.create_task(self._elect(), name="leader"))
         from controller.rollouts import Prometheus, RolloutController
 
         url = self.settings.prometheus_url
@@ -236,6 +248,7 @@ class Controller:
             self.store,
             Prometheus(url) if url else None,
             state_file=self.settings.state_dir / "rollouts.json",
+            leading=lambda: self.leading,
         )
         self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         log.info(
@@ -254,10 +267,31 @@ class Controller:
         writer = StatusWriter(self.source.api, self.store, self.source.kinds)
         while True:
             await asyncio.sleep(STATUS_EVERY)
+            if not self.leading:
+                writer.revision = -1  # a new leader writes everything once
+                continue
             try:
                 await asyncio.to_thread(writer.sync)
             except Exception:  # a failed round is logged; the next one tries again
                 log.exception("writing resource status failed")
+
+    async def _elect(self) -> None:
+        import os
+        import socket
+
+        from controller.leader import LeaseElector
+
+        ns, _, name = self.settings.lease.partition("/")
+        identity = self.settings.identity or os.environ.get("POD_NAME") or socket.gethostname()
+        elector = LeaseElector(self.source.api, ns, name, identity)
+
+        self.metrics.leader.set(0)
+
+        def changed(leading: bool) -> None:
+            self.leading = leading
+            self.metrics.leader.set(1 if leading else 0)
+
+        await elector.run(changed)
 
     async def stop(self, grace: float = 5.0) -> None:
         for t in self._tasks:

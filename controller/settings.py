@@ -109,9 +109,16 @@ class ControllerSettings(BaseModel):
     )
     leader_elect: bool = Field(
         False,
-        description="Reserved for Lease-based leader election between replicas. Not "
-        "implemented: every replica serves, and a root rotation needs a rollout restart "
-        "of the others (docs/install.md).",
+        description="Elect a leader among replicas on a Kubernetes Lease (controller/"
+        "leader.py): every replica serves agents; only the leader writes status and judges "
+        "canaries. Needs config_source=kubernetes.",
+    )
+    lease: str = Field(
+        "weft-system/weft-controller",
+        description="namespace/name of the Lease the replicas elect their leader on.",
+    )
+    identity: str | None = Field(
+        None, description="This replica's name in the Lease (default: POD_NAME, else the host)."
     )
 
     @property
