@@ -24,6 +24,8 @@ from controller.model.routing import (
     HeaderMatch,
     ParentRef,
     RouteFilter,
+    parent_services,
+    route_ref_problems,
 )
 
 SERVICE_RE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
@@ -111,26 +113,11 @@ class GRPCRoute(Resource):
     status: dict[str, object] | None = None
 
     def semantic_check(self) -> list[tuple[tuple[str | int, ...], str]]:
-        out: list[tuple[tuple[str | int, ...], str]] = []
-        for i, p in enumerate(self.spec.parent_refs):
-            if not p.is_service:
-                out.append(
-                    (
-                        ("spec", "parentRefs", i),
-                        f"parent {p.kind} {p.name}: weft attaches routes to Services "
-                        '(group: "", kind: Service), the GAMMA mesh pattern',
-                    )
-                )
-        for r, rule in enumerate(self.spec.rules):
-            for b, ref in enumerate(rule.backend_refs or []):
-                if ref.port is None:
-                    out.append(
-                        (
-                            ("spec", "rules", r, "backendRefs", b, "port"),
-                            "port is required for a Service backend",
-                        )
-                    )
-        return out
+        return route_ref_problems(self.spec.parent_refs, self.spec.rules)
+
+    def parent_services(self) -> list[tuple[str, str, int | None]]:
+        """(namespace, name, port) of every Service this route attaches to."""
+        return parent_services(self.namespace, self.spec.parent_refs)
 
     def to_httproute(self) -> dict[str, Any]:
         """The HTTPRoute document that enforces this route (same name and namespace)."""

@@ -9,7 +9,7 @@ point Gateway API defines for exactly this.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -243,30 +243,8 @@ class HTTPRoute(Resource):
     status: dict[str, object] | None = None
 
     def semantic_check(self) -> list[tuple[tuple[str | int, ...], str]]:
-        out: list[tuple[tuple[str | int, ...], str]] = []
-        for i, p in enumerate(self.spec.parent_refs):
-            if not p.is_service:
-                out.append(
-                    (
-                        ("spec", "parentRefs", i),
-                        f"parent {p.kind} {p.name}: weft "
-                        'attaches routes to Services (group: "", kind: Service), the '
-                        "GAMMA mesh pattern",
-                    )
-                )
+        out = route_ref_problems(self.spec.parent_refs, self.spec.rules)
         for r, rule in enumerate(self.spec.rules):
-            for b, ref in enumerate(rule.backend_refs or []):
-                if ref.kind != "Service" or ref.group not in ("", "core"):
-                    out.append(
-                        (("spec", "rules", r, "backendRefs", b), "backendRefs must name Services")
-                    )
-                if ref.port is None:
-                    out.append(
-                        (
-                            ("spec", "rules", r, "backendRefs", b, "port"),
-                            "port is required for a Service backend",
-                        )
-                    )
             kinds = [f.type for f in rule.filters or []]
             for t in ("RequestRedirect", "URLRewrite"):
                 if t in kinds and kinds.count(t) > 1:
@@ -279,8 +257,43 @@ class HTTPRoute(Resource):
 
     def parent_services(self) -> list[tuple[str, str, int | None]]:
         """(namespace, name, port) of every Service this route attaches to."""
-        return [
-            (p.namespace or self.namespace, p.name, p.port)
-            for p in self.spec.parent_refs
-            if p.is_service
-        ]
+        return parent_services(self.namespace, self.spec.parent_refs)
+
+
+def parent_services(
+    namespace: str, parent_refs: list[ParentRef]
+) -> list[tuple[str, str, int | None]]:
+    """(namespace, name, port) of every Service a route (HTTPRoute, GRPCRoute) attaches to."""
+    return [(p.namespace or namespace, p.name, p.port) for p in parent_refs if p.is_service]
+
+
+def route_ref_problems(
+    parent_refs: list[ParentRef], rules: list[Any]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """What a mesh route (HTTPRoute, GRPCRoute) may reference: Services as parents (GAMMA)
+    and as backends, with a port."""
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    for i, p in enumerate(parent_refs):
+        if not p.is_service:
+            out.append(
+                (
+                    ("spec", "parentRefs", i),
+                    f"parent {p.kind} {p.name}: weft "
+                    'attaches routes to Services (group: "", kind: Service), the '
+                    "GAMMA mesh pattern",
+                )
+            )
+    for r, rule in enumerate(rules):
+        for b, ref in enumerate(rule.backend_refs or []):
+            if ref.kind != "Service" or ref.group not in ("", "core"):
+                out.append(
+                    (("spec", "rules", r, "backendRefs", b), "backendRefs must name Services")
+                )
+            if ref.port is None:
+                out.append(
+                    (
+                        ("spec", "rules", r, "backendRefs", b, "port"),
+                        "port is required for a Service backend",
+                    )
+                )
+    return out

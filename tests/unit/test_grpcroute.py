@@ -102,3 +102,13 @@ def test_grpc_calls_are_routed_by_method_and_header_through_the_waypoint(tmp_pat
             assert dict(await call.initial_metadata())["x-served-by"] == "ai/grpc-b"
 
     uvloop.run(main())
+
+
+def test_a_grpcroute_gets_conditions_like_an_httproute():
+    """`weft policy get` and the status writer compute conditions for every route kind."""
+    from controller.model.status import conditions
+
+    (route,) = parse(ROUTE)
+    conds = {c.type: c for c in conditions([route])[route.key]}
+    assert not conds["ResolvedRefs"].status  # its Services are not in this config
+    assert "ai/grpc-echo" in conds["ResolvedRefs"].message
