@@ -218,6 +218,13 @@ def crd_for(cls: type[Resource]) -> dict[str, Any]:
             },
         },
     }
+    if cls.KIND == "Rollout":
+        # Where a controller-judged canary stands (a RolloutState's spec), written by the
+        # leading controller and read back by every replica.
+        top["properties"]["status"]["properties"]["rollout"] = {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+        }
     versions = [v.split("/", 1)[1] for v in cls.API_VERSIONS if v.startswith(GROUP + "/")]
     names: dict[str, Any] = {
         "kind": cls.KIND,

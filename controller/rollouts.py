@@ -232,6 +232,7 @@ class RolloutController:
         rng: random.Random | None = None,
         state_file: Path | None = None,
         leading: Callable[[], bool] = lambda: True,
+        write_status: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store
         self.prometheus = prometheus
@@ -241,6 +242,10 @@ class RolloutController:
         self.tracked: dict[tuple[str, str], Tracked] = {}
         self.state_file = state_file
         self.leading = leading  # only the leader judges (controller/leader.py)
+        # In a cluster: states go to each Rollout's status (every replica reads them back
+        # through its Kubernetes source); else into this store and the state file.
+        self.write_status = write_status
+        self._written: dict[tuple[str, str], dict[str, Any]] = {}
         self._saved = b""
         self._recover()
 
@@ -315,8 +320,32 @@ class RolloutController:
         for key in [k for k in self.tracked if k not in live]:
             del self.tracked[key]
         states = [self._state(r, t) for r, t in live.values()]
-        self.store.offer(SOURCE, Offer(resources=list(states)))
-        self._save(states)
+        if self.write_status is None:
+            self.store.offer(SOURCE, Offer(resources=list(states)))
+            self._save(states)
+        else:
+            await self._write(states, published)
+
+    async def _write(
+        self, states: list[RolloutState], published: dict[tuple[str, str], RolloutState]
+    ) -> None:
+        """Each changed state to its Rollout's status (a merge patch of status.rollout)."""
+        assert self.write_status is not None
+        for st in states:
+            key = (st.namespace, st.name)
+            body = st.to_dict()["spec"]
+            seen = published.get(key)
+            if self._written.get(key) == body or (
+                seen is not None and seen.to_dict()["spec"] == body
+            ):
+                self._written[key] = body
+                continue
+            try:
+                await asyncio.to_thread(self.write_status, st.namespace, st.name, body)
+            except Exception as e:  # the next tick tries again
+                log.warning("could not write rollout %s/%s's state: %s", *key, e)
+                continue
+            self._written[key] = body
 
     async def _judge_within(self, r: Rollout, a: CanaryAnalysis, now: float) -> None:
         try:

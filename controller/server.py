@@ -244,11 +244,22 @@ class Controller:
         from controller.rollouts import Prometheus, RolloutController
 
         url = self.settings.prometheus_url
+        in_cluster = self.settings.config_source == "kubernetes"
+
+        def write_rollout(ns: str, name: str, state: dict[str, Any]) -> None:
+            self.source.api.request(
+                "PATCH",
+                f"/apis/weft.dev/v1alpha1/namespaces/{ns}/rollouts/{name}/status",
+                body={"status": {"rollout": state}},
+            )
+
         self.rollouts = RolloutController(
             self.store,
             Prometheus(url) if url else None,
-            state_file=self.settings.state_dir / "rollouts.json",
+            # In a cluster the state lives in each Rollout's status, shared by the replicas.
+            state_file=None if in_cluster else self.settings.state_dir / "rollouts.json",
             leading=lambda: self.leading,
+            write_status=write_rollout if in_cluster else None,
         )
         self._tasks.append(asyncio.create_task(self.rollouts.run(), name="rollouts"))
         log.info(

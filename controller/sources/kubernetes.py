@@ -185,6 +185,9 @@ class WatchedKind:
     plural: str
     namespaced: bool = True
     required: bool = True  # core kinds must exist; CRDs from other projects may not
+    # Read the objects' status instead (a Rollout's controller-written state becomes a
+    # RolloutState), as a source of its own.
+    status_of: bool = False
 
     @property
     def api_version(self) -> str:
@@ -197,7 +200,9 @@ class WatchedKind:
 
     @property
     def source_id(self) -> str:
-        return f"kubernetes:{self.group or 'core'}/{self.plural}"
+        return f"kubernetes:{self.group or 'core'}/{self.plural}" + (
+            "/status" if self.status_of else ""
+        )
 
 
 NAMESPACES = WatchedKind("Namespace", "", "v1", "namespaces", namespaced=False)
@@ -215,6 +220,12 @@ AUTHORIZATION_POLICIES = WatchedKind(
 )
 PEER_AUTHENTICATIONS = WatchedKind(
     "PeerAuthentication", "security.istio.io", "v1", "peerauthentications", required=False
+)
+# Where controller-judged canaries stand (controller/rollouts.py): the leader writes it to
+# each Rollout's status.rollout, and every replica reads it back into its store, so every
+# replica's agents (and their waypoints) apply the same weights.
+ROLLOUT_STATES = WatchedKind(
+    "RolloutState", "weft.dev", "v1alpha1", "rollouts", required=False, status_of=True
 )
 VIRTUAL_SERVICES = WatchedKind(
     "VirtualService", "networking.istio.io", "v1", "virtualservices", required=False
@@ -260,6 +271,7 @@ def watched_kinds() -> list[WatchedKind]:
         VIRTUAL_SERVICES,
         DESTINATION_RULES,
         *weft_kinds(),
+        ROLLOUT_STATES,
     ]
 
 
@@ -450,6 +462,22 @@ def object_document(obj: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def rollout_state_document(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A Rollout's status.rollout (written by the leading controller) as a RolloutState
+    document; None while it has none."""
+    status = obj.get("status")
+    state = status.get("rollout") if isinstance(status, dict) else None
+    if not isinstance(state, dict):
+        return None
+    m = _meta(obj)
+    return {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "RolloutState",
+        "metadata": {"name": m.get("name"), "namespace": m.get("namespace")},
+        "spec": state,
+    }
+
+
 def describe_object(wk: WatchedKind, obj: dict[str, Any]) -> str:
     m = _meta(obj)
     return (
@@ -464,7 +492,9 @@ def convert(
 ) -> Resource | None:
     """One API object to one validated resource (None: not a resource, see pod_document).
     Raises InvalidConfig, whose problems name the API object."""
-    if wk.kind == "Pod" and not wk.group:
+    if wk.status_of:
+        doc = rollout_state_document(obj)
+    elif wk.kind == "Pod" and not wk.group:
         doc = pod_document(obj, namespace_labels)
     elif wk.kind == "Node" and not wk.group:
         doc = node_document(obj)

@@ -306,8 +306,11 @@ def test_run_kind_waits_and_retries_when_a_crd_is_missing(
 def test_watched_kinds_follow_the_registry() -> None:
     from controller.crds import weft_kinds
 
-    weft = {wk.kind for wk in k8s.watched_kinds() if wk.group == "weft.dev"}
+    weft = {wk.kind for wk in k8s.watched_kinds() if wk.group == "weft.dev" and not wk.status_of}
     assert weft == {cls.KIND for cls in weft_kinds()}
+    # The rollouts' status is read apart, as the controller-written RolloutState.
+    assert k8s.ROLLOUT_STATES in k8s.watched_kinds()
+    assert k8s.ROLLOUT_STATES.source_id == "kubernetes:weft.dev/rollouts/status"
     assert k8s.watched_kinds()[0] is k8s.NAMESPACES
 
 

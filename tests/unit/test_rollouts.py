@@ -28,7 +28,7 @@ from controller.rollouts import (
     selector,
     window_queries,
 )
-from controller.store import ConfigStore
+from controller.store import ConfigStore, Offer
 
 CLUSTER = """\
 apiVersion: v1
@@ -401,3 +401,58 @@ def test_webhook_urls_are_checked_when_applied(url):
     rollout = ROLLOUT + f"  webhooks:\n    - {{name: h, type: rollback, url: {json.dumps(url)}}}\n"
     offer = parse_text(rollout, "r.yaml")
     assert offer.problems, url
+
+
+def test_in_a_cluster_the_state_goes_through_the_rollouts_status_to_every_replica():
+    """The leader writes the state to the Rollout's status (a merge patch); every replica's
+    Kubernetes source reads it back as a RolloutState, so waypoints on any replica's agents
+    apply the same weights, and a restarted leader carries on from it."""
+    from controller.sources.kubernetes import ROLLOUT_STATES, convert
+
+    prom = Answers()
+    store = ConfigStore()
+    store.offer("files", parse_text(CLUSTER + "---\n" + ROLLOUT, "c.yaml"))
+    clock = Clock()
+    written: list[tuple[str, str, dict[str, Any]]] = []
+    rc = RolloutController(
+        store,
+        prom,
+        clock=clock,
+        rng=random.Random(1),
+        write_status=lambda ns, name, st: written.append((ns, name, st)),
+    )
+    tick(rc)
+    assert store.get(ResourceKey("RolloutState", "ai", "llm")) is None  # not in the store
+    ((ns, name, st),) = written
+    assert (ns, name, st["phase"], st["canaryWeight"]) == ("ai", "llm", "Progressing", 10)
+    tick(rc)
+    assert len(written) == 1  # unchanged: not written again
+    prom.canary(requests=40)
+    clock.t += 60
+    tick(rc)
+    st = written[-1][2]
+    assert (st["step"], st["canaryWeight"]) == (1, 50)
+    # Any replica: the Rollout object as the API serves it, status included.
+    obj = {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "llm", "namespace": "ai", "resourceVersion": "7"},
+        "spec": {},
+        "status": {"rollout": st, "conditions": []},
+    }
+    state = convert(ROLLOUT_STATES, obj)
+    assert state is not None and state.KIND == "RolloutState"
+    follower = ConfigStore()
+    follower.offer("files", parse_text(CLUSTER + "---\n" + ROLLOUT, "c.yaml"))
+    follower.offer(ROLLOUT_STATES.source_id, Offer(resources=[state]))
+    pols = AiPolicies.build(
+        [e.resource for e in follower.entries()],
+        store=None,
+        board=Board(),
+        rng=random.Random(),
+        now=clock.t,
+    )
+    (ca,) = pols.rollouts()
+    assert ca.following and ca.canary_weight == 50
+    # A Rollout without a status yet is no RolloutState.
+    assert convert(ROLLOUT_STATES, {**obj, "status": {}}) is None
