@@ -48,6 +48,9 @@ class ConfigSnapshot:
     routes: Mapping[NsName, tuple[HTTPRoute, ...]] = field(default_factory=dict)
     nodes: Mapping[str, Node] = field(default_factory=dict)
     sources: Mapping[ResourceKey, Resource] = field(default_factory=dict)
+    # Every workload that lists an address (by_ip holds the last by key): a delta that
+    # removes one holder finds the next.
+    ip_holders: Mapping[str, tuple[Workload, ...]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, trust_domain: str = "cluster.local") -> ConfigSnapshot:
@@ -68,11 +71,13 @@ class ConfigSnapshot:
             by_kind.setdefault(r.KIND, []).append(r)
         workloads = sorted(_of(by_kind, "Workload", Workload), key=lambda w: w.key)
         by_ip: dict[str, Workload] = {}
+        holders: dict[str, list[Workload]] = {}
         by_node: dict[str, list[Workload]] = {}
         by_ns: dict[str, list[Workload]] = {}
         for w in workloads:
             for a in w.spec.addresses:
                 by_ip[str(a)] = w
+                holders.setdefault(str(a), []).append(w)
             by_node.setdefault(w.spec.node, []).append(w)
             by_ns.setdefault(w.namespace, []).append(w)
         services: dict[NsName, Service] = {}
@@ -112,6 +117,7 @@ class ConfigSnapshot:
             routes=MappingProxyType({k: tuple(v) for k, v in routes.items()}),
             nodes=MappingProxyType({n.name: n for n in _of(by_kind, "Node", Node)}),
             sources=MappingProxyType(dict(sources)) if derived else res_map,
+            ip_holders=MappingProxyType({ip: tuple(ws) for ip, ws in holders.items()}),
         )
 
     def with_changes(
@@ -154,15 +160,26 @@ class ConfigSnapshot:
                 changed.add(r.key)
             elif isinstance(r, Node):
                 nodes[r.name] = r
+        holders = _copy(self.ip_holders)
+        touched_ips: set[str] = set()
         for w in gone:
             for a in w.spec.addresses:
-                if by_ip.get(str(a)) is w:
-                    del by_ip[str(a)]
-        for w in sorted(came, key=_order):  # as `build`: the last by key holds an address
+                ip = str(a)
+                touched_ips.add(ip)
+                holders[ip] = tuple(x for x in holders.get(ip, ()) if x.key != w.key)
+        for w in came:
             for a in w.spec.addresses:
-                held = by_ip.get(str(a))
-                if held is None or held.key in changed or _order(held) < _order(w):
-                    by_ip[str(a)] = w
+                ip = str(a)
+                touched_ips.add(ip)
+                rest = [x for x in holders.get(ip, ()) if x.key != w.key]
+                bisect.insort(rest, w, key=_order)
+                holders[ip] = tuple(rest)
+        for ip in touched_ips:  # as `build`: the last by key holds an address
+            if holders.get(ip):
+                by_ip[ip] = holders[ip][-1]
+            else:
+                holders.pop(ip, None)
+                by_ip.pop(ip, None)
         by_node = _copy(self.workloads_by_node)
         for node in {w.spec.node for w in (*gone, *came)}:
             kept = [w for w in by_node.get(node, ()) if w.key not in changed]
@@ -200,6 +217,7 @@ class ConfigSnapshot:
             routes=self.routes,
             nodes=MappingProxyType(nodes),
             sources=MappingProxyType(sources),
+            ip_holders=MappingProxyType(holders),
         )
 
     def workloads_in(self, namespace: str) -> list[Workload]:

@@ -72,7 +72,8 @@ class ConfigClient:
         self.updates = 0
         self._saver: asyncio.Task[None] | None = None
         self._save_lock = threading.Lock()
-        self._saved: tuple[str, int] = ("", -1)  # (epoch, revision) of the cache file
+        self._saved = -1  # the sequence number of the snapshot in the cache file
+        self._applied = 0  # snapshots applied so far: orders them across epochs
 
     # ---- applying ----------------------------------------------------------------------
 
@@ -110,10 +111,18 @@ class ConfigClient:
         costs what it changes (ConfigSnapshot.with_changes), not the size of the mesh."""
         upserts, removed = self._decode(resp)
         td = resp.trust_domain or self.snapshot.trust_domain
-        if resp.full:
-            snap = ConfigSnapshot.build(resp.epoch, resp.revision, td, {r.key: r for r in upserts})
-        else:
-            snap = self.snapshot.with_changes(resp.epoch, resp.revision, upserts, removed)
+        try:
+            if resp.full:
+                snap = ConfigSnapshot.build(
+                    resp.epoch, resp.revision, td, {r.key: r for r in upserts}
+                )
+            else:
+                snap = self.snapshot.with_changes(resp.epoch, resp.revision, upserts, removed)
+        except Exception as e:  # NACKed, the previous snapshot serves: never a dead stream
+            log.exception("config revision %d could not be indexed", resp.revision)
+            raise ConfigRejected(
+                [Problem(f"revision {resp.revision} could not be indexed: {e!r}")]
+            ) from e
         if resp.trust_bundle_pem:
             self.trust.update(resp.trust_bundle_pem)
         try:
@@ -124,6 +133,7 @@ class ConfigClient:
             raise ConfigRejected(e.problems) from None
         self.snapshot = snap
         self.updates += 1
+        self._applied += 1
         churn = not resp.full and {r.KIND for r in upserts} | {k.kind for k in removed} <= {
             "Workload",
             "Node",
@@ -134,7 +144,10 @@ class ConfigClient:
             # Policy and the first snapshot are saved before this returns: a crash right
             # after must not bring an agent back under an older policy (it would revoke
             # or admit connections by it until the controller answers).
-            self._save(snap)
+            try:
+                self._save(snap, self._applied)
+            except OSError as e:  # a full disk: the config applies; the cache is stale
+                log.warning("could not save the config cache %s: %s", self.cache, e)
 
     # ---- the on-disk copy --------------------------------------------------------------
 
@@ -151,8 +164,8 @@ class ConfigClient:
     async def _save_soon(self) -> None:
         try:
             while True:
-                snap = self.snapshot
-                await asyncio.to_thread(self._save, snap)
+                snap, seq = self.snapshot, self._applied
+                await asyncio.to_thread(self._save, snap, seq)
                 await asyncio.sleep(SAVE_EVERY)
                 if self.snapshot is snap:
                     return
@@ -168,20 +181,19 @@ class ConfigClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._saver
         if self.cache is not None and self.snapshot.revision:
-            await asyncio.to_thread(self._save, self.snapshot)
+            await asyncio.to_thread(self._save, self.snapshot, self._applied)
 
-    def _save(self, snap: ConfigSnapshot) -> None:
+    def _save(self, snap: ConfigSnapshot, seq: int) -> None:
+        """Write `snap`, the `seq`th snapshot applied. One writer at a time (the loop's
+        urgent saves, the churn saver's thread), and never an older snapshot over a newer
+        one, whatever their epochs."""
         if self.cache is None:
             return
-        # One writer at a time (the loop's urgent saves, the churn saver's thread), and
-        # never an older snapshot over a newer one.
         with self._save_lock:
-            if self._saved == (snap.epoch, snap.revision) or (
-                self._saved[0] == snap.epoch and self._saved[1] > snap.revision
-            ):
-                return
+            if seq <= self._saved:
+                return  # this one, or a later one, is there already
             self._write(snap)
-            self._saved = (snap.epoch, snap.revision)
+            self._saved = seq
 
     def _write(self, snap: ConfigSnapshot) -> None:
         assert self.cache is not None

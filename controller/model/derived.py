@@ -27,31 +27,51 @@ from controller.model.problems import InvalidConfig, Problem
 def derive(resources: Iterable[Resource]) -> tuple[list[Resource], list[Problem]]:
     """The resources derived from `resources`, and the problems of those that could not be."""
     res = list(resources)
-    docs, problems = istio_documents(res)
-    docs += [(r, r.to_httproute()) for r in res if isinstance(r, GRPCRoute)]
+    problems: list[Problem] = []
+    try:
+        docs, problems = istio_documents(res)
+    except Exception as e:  # a derivation must never stop a snapshot from being built
+        docs = []
+        problems = [Problem(f"Istio resources could not be derived: {e!r}")]
+    for r in res:
+        if isinstance(r, GRPCRoute):
+            try:
+                docs.append((r, r.to_httproute()))
+            except Exception as e:
+                problems.append(Problem(f"could not be derived: {e!r}", resource=str(r.key)))
     if not docs:
         return [], problems
+    # All or nothing per source: a source with any problem derives nothing, so a rule that
+    # cannot be routed never leaves its retry policy or fault behind, and a route never
+    # points at a policy of the same name that someone else wrote.
+    failed = {p.resource for p in problems if p.resource}
+    parsed: dict[str, list[Resource]] = {}
     taken = {r.key for r in res}
-    out: list[Resource] = []
     for src, doc in docs:
+        owner = str(src.key)
+        if owner in failed:
+            continue
         try:
             derived = parse_resource(doc, file=f"{src.KIND} {src.namespace}/{src.name}")
         except InvalidConfig as e:
             problems += [
-                Problem(f"derived {doc['kind']}: {p.reason}", resource=str(src.key), field=p.field)
+                Problem(f"derived {doc['kind']}: {p.reason}", resource=owner, field=p.field)
                 for p in e.problems
             ]
+            failed.add(owner)
             continue
         if derived.key in taken:
             problems.append(
                 Problem(
                     f"derives {derived.key}, which exists already; rename one of them",
-                    resource=str(src.key),
+                    resource=owner,
                 )
             )
+            failed.add(owner)
             continue
         taken.add(derived.key)
-        out.append(derived)
+        parsed.setdefault(owner, []).append(derived)
+    out = [r for owner, rs in parsed.items() if owner not in failed for r in rs]
     return out, problems
 
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from controller.model.base import Model, Resource, register
-from controller.model.problems import InvalidConfig, Problem
+from controller.model.problems import Problem
 from controller.model.traffic import Duration
 
 ISTIO_NET = (
@@ -54,10 +54,12 @@ class StringMatch(Model):
         return self
 
     def as_regex(self) -> str:
+        """A regular expression the whole value must match (the engine matches whole
+        values, as Gateway API's RegularExpression and Istio's regex do)."""
         if self.exact is not None:
-            return "^" + re.escape(self.exact) + "$"
+            return re.escape(self.exact)
         if self.prefix is not None:
-            return "^" + re.escape(self.prefix)
+            return re.escape(self.prefix) + ".*"
         assert self.regex is not None
         return self.regex
 
@@ -80,10 +82,14 @@ class HTTPMatchRequest(Model):
 
     @model_validator(mode="after")
     def _supported(self) -> HTTPMatchRequest:
+        if self.method is not None and self.method.exact is None:
+            raise ValueError("method: weft matches a method exactly (use exact)")
         _refuse(
             self,
             {
                 "ignore_uri_case": "not implemented by weft (paths match case-sensitively)",
+                "port": "not implemented by weft: a VirtualService applies to every port of "
+                "its hosts (write one HTTPRoute per port with parentRefs port)",
                 "scheme": "not implemented by weft (mesh traffic is plain HTTP in the tunnel)",
                 "authority": "not implemented by weft; match the host with the route's hosts",
                 "without_headers": "not implemented by weft",
@@ -309,8 +315,10 @@ class VirtualServiceSpec(Model):
             raise ValueError(
                 "gateways: weft has no ingress gateways; only mesh (or none) is accepted"
             )
-        if any(e not in ("*", ".") for e in self.export_to):
-            raise ValueError("exportTo: weft applies routes to every caller; use * or .")
+        if any(e != "*" for e in self.export_to):
+            raise ValueError(
+                "exportTo: weft applies a VirtualService to every caller; only * is accepted"
+            )
         for i, t in enumerate(self.tcp):
             for r in t.route:
                 if r.destination.subset or (r.weight not in (None, 100)) or len(t.route) > 1:
@@ -516,7 +524,8 @@ class TrafficPolicy(Model):
 
 
 class Subset(Model):
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    # No "--": a subset's Service is <host>--<subset>, which must name one subset of one host.
+    name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length=40)
     labels: dict[str, str] = Field(default_factory=dict)
     traffic_policy: TrafficPolicy | None = Field(None, alias="trafficPolicy")
 
@@ -531,8 +540,10 @@ class DestinationRuleSpec(Model):
     @model_validator(mode="after")
     def _supported(self) -> DestinationRuleSpec:
         _refuse(self, {"workload_selector": "not implemented by weft"})
-        if any(e not in ("*", ".") for e in self.export_to):
-            raise ValueError("exportTo: weft applies rules to every caller; use * or .")
+        if any(e != "*" for e in self.export_to):
+            raise ValueError(
+                "exportTo: weft applies a DestinationRule to every caller; only * is accepted"
+            )
         names = [s.name for s in self.subsets]
         for n in names:
             if names.count(n) > 1:
@@ -574,18 +585,23 @@ def subset_service_name(host: str, subset: str) -> str:
 class _Deriver:
     def __init__(self, resources: list[Resource]) -> None:
         self.services = {(r.namespace, r.name): r for r in resources if r.KIND == "Service"}
+        # The DestinationRule of each host: only one in the host Service's own namespace
+        # counts (weft has no consumer-side DestinationRules: a rule in another namespace
+        # would set the Service's policy, and its subsets, for every caller).
         self.rules: dict[tuple[str, str], DestinationRule] = {}
         for r in sorted(
             (r for r in resources if isinstance(r, DestinationRule)), key=lambda r: r.key
         ):
             h = host_service(r.spec.host, r.namespace)
-            if h is not None:
+            if h is not None and h[0] == r.namespace:
                 self.rules.setdefault(h, r)
+        self.failed: set[str] = set()  # sources with a problem: nothing of them is derived
         self.docs: list[tuple[Resource, dict[str, Any]]] = []
         self.problems: list[Problem] = []
 
     def problem(self, src: Resource, msg: str, field: str) -> None:
         self.problems.append(Problem(msg, resource=str(src.key), field=field))
+        self.failed.add(str(src.key))
 
     def emit(self, src: Resource, kind: str, api: str, name: str, ns: str, spec: Any) -> None:
         md: dict[str, Any] = {
@@ -612,6 +628,14 @@ class _Deriver:
         ns, name = h
         if d.subset is not None:
             dr = self.rules.get(h)
+            if dr is not None and str(dr.key) in self.failed:
+                self.problem(
+                    src,
+                    f"subset {d.subset!r} of {ns}/{name}: DestinationRule "
+                    f"{dr.namespace}/{dr.name} could not be applied (see its conditions)",
+                    field + ".subset",
+                )
+                return None
             if dr is None or d.subset not in {s.name for s in dr.spec.subsets}:
                 self.problem(
                     src,
@@ -640,6 +664,16 @@ class _Deriver:
             h = self.service(vs, host, f"spec.hosts[{i}]")
             if h is not None:
                 parents.append({"group": "", "kind": "Service", "name": h[1], "namespace": h[0]})
+        hosts = {host_service(x, vs.namespace) for x in vs.spec.hosts}
+        for i, t in enumerate(vs.spec.tcp):
+            for j, dest in enumerate(t.route):
+                if host_service(dest.destination.host, vs.namespace) not in hosts:
+                    self.problem(
+                        vs,
+                        f"tcp routes may only go to the hosts themselves (TCP goes to the "
+                        f"Service in the node tunnel); {dest.destination.host!r} is not one",
+                        f"spec.tcp[{i}].route[{j}].destination.host",
+                    )
         if not parents or not vs.spec.http:
             return
         rules = []
@@ -647,6 +681,7 @@ class _Deriver:
             rule = self.http_rule(vs, r, f"spec.http[{i}]", i)
             if rule is not None:
                 rules.append(rule)
+        self.check_order(vs, rules)
         if len(rules) == len(vs.spec.http):
             self.emit(
                 vs,
@@ -656,6 +691,32 @@ class _Deriver:
                 vs.namespace,
                 {"parentRefs": parents, "rules": rules},
             )
+
+    def check_order(self, vs: VirtualService, rules: list[dict[str, Any]]) -> None:
+        """Istio takes a VirtualService's first matching rule; the waypoint orders matches
+        by Gateway API's precedence. Where they would differ for some request (a later
+        rule's match outranks an earlier one's it may overlap), the VirtualService is
+        refused: reorder its rules, or make the matches disjoint."""
+        from controller.model.routing import RouteMatch, match_rank, may_overlap
+
+        def matches(rule: dict[str, Any]) -> list[RouteMatch]:
+            return [RouteMatch.model_validate(m) for m in rule.get("matches") or [{}]]
+
+        parsed = [matches(r) for r in rules]
+        for i, earlier in enumerate(parsed):
+            for j in range(i + 1, len(parsed)):
+                for a in earlier:
+                    for b in parsed[j]:
+                        if match_rank(b) < match_rank(a) and may_overlap(a, b):
+                            self.problem(
+                                vs,
+                                f"http[{j}] would be tried before http[{i}] for requests both "
+                                "match (the waypoint orders matches by Gateway API precedence: "
+                                "exact path, regex, longer prefix, method, more headers); put "
+                                f"http[{j}] first, or make the matches disjoint",
+                                f"spec.http[{j}]",
+                            )
+                            return
 
     def http_rule(
         self, vs: VirtualService, r: IstioHTTPRoute, field: str, index: int
@@ -754,9 +815,7 @@ class _Deriver:
                 out["path"] = {"type": "PathPrefix", "value": m.uri.prefix}
             else:
                 out["path"] = {"type": "RegularExpression", "value": m.uri.regex}
-        if m.method is not None:
-            if m.method.exact is None:
-                raise InvalidConfig([Problem("method: weft matches a method exactly")])
+        if m.method is not None and m.method.exact is not None:
             out["method"] = m.method.exact
         if m.headers:
             out["headers"] = [_string_match(k, v) for k, v in m.headers.items()]
@@ -771,6 +830,15 @@ class _Deriver:
         if h is None:
             return
         ns, name = h
+        if ns != dr.namespace:
+            self.problem(
+                dr,
+                f"host {dr.spec.host!r} is in namespace {ns}: a DestinationRule applies to "
+                f"Services of its own namespace ({dr.namespace}); weft has no consumer-side "
+                "DestinationRules",
+                "spec.host",
+            )
+            return
         svc = self.services[h]
         if self.rules.get(h) is not dr:
             first = self.rules[h]
@@ -788,6 +856,15 @@ class _Deriver:
                 self.problem(dr, f"a Service {ns}/{sub} exists already", f"spec.subsets[{i}]")
                 continue
             selector = dict(svc.spec.selector or {})  # type: ignore[attr-defined]
+            clash = {k for k, v in s.labels.items() if k in selector and selector[k] != v}
+            if clash:
+                self.problem(
+                    dr,
+                    f"subset {s.name!r}: labels {sorted(clash)} contradict the Service's "
+                    "selector; a subset is a part of the Service's pods, never others",
+                    f"spec.subsets[{i}].labels",
+                )
+                continue
             selector.update(s.labels)
             ports = [
                 p.model_dump(by_alias=True, exclude_none=True)

@@ -82,6 +82,50 @@ class RouteMatch(Model):
     ) = None
 
 
+def match_rank(m: RouteMatch) -> tuple[int, int, int, int, int]:
+    """Gateway API's match precedence, ascending = first: Exact path, then
+    RegularExpression, then PathPrefix (longer first), a method, more headers, more query
+    parameters. The waypoint's route table sorts by it (agent/waypoint/engine/routes.py)."""
+    path = m.path
+    if path is None:
+        kind, length = 0, 1
+    else:
+        kind = {"Exact": 2, "RegularExpression": 1, "PathPrefix": 0}[path.type]
+        length = len(path.value)
+    return (
+        -kind,
+        -length,
+        -(m.method is not None),
+        -len(m.headers or ()),
+        -len(m.query_params or ()),
+    )
+
+
+def may_overlap(a: RouteMatch, b: RouteMatch) -> bool:
+    """Whether some request could match both (conservative: True unless clearly not)."""
+    if a.method and b.method and a.method != b.method:
+        return False
+    ha = {h.name.lower(): h.value for h in a.headers or () if h.type == "Exact"}
+    for h in b.headers or ():
+        if h.type == "Exact" and h.name.lower() in ha and ha[h.name.lower()] != h.value:
+            return False
+    pa, pb = a.path, b.path
+    if pa is None or pb is None or "RegularExpression" in (pa.type, pb.type):
+        return True
+
+    def within(path: str, prefix: str) -> bool:
+        p = prefix.rstrip("/")
+        return path == p or path.startswith(p + "/") or not p
+
+    if pa.type == "Exact" and pb.type == "Exact":
+        return pa.value == pb.value
+    if pa.type == "Exact":
+        return within(pa.value, pb.value)
+    if pb.type == "Exact":
+        return within(pb.value, pa.value)
+    return within(pa.value, pb.value) or within(pb.value, pa.value)
+
+
 class HeaderValue(Model):
     name: str = Field(pattern=HEADER_NAME, max_length=256)
     value: str = Field(max_length=4096)

@@ -154,7 +154,7 @@ def test_retries_timeout_fault_mirror_headers_and_rewrite_are_mapped():
     assert (m.path.type, m.path.value, m.method) == ("PathPrefix", "/api/v1", "GET")
     assert [(h.type, h.name, h.value) for h in m.headers] == [
         ("Exact", "end-user", "jason"),
-        ("RegularExpression", "x-tier", "^gold"),
+        ("RegularExpression", "x-tier", "gold.*"),  # the engine matches whole values
     ]
     assert rule.timeouts.request == 2.0
     kinds = [f.type for f in rule.filters]
@@ -361,3 +361,114 @@ def test_weft_policy_convert_prints_resources_that_validate_as_they_are(tmp_path
     # `weft` turns it into exit code 2 (docs/cli.md); under CliRunner it is the exception.
     assert type(out.exception).__name__ == "InvalidConfig"
     assert "no Service bookinfo/reviews" in str(out.exception)
+
+
+# ---- what an attacker (or a mistake) must not get from Istio's kinds -----------------------
+
+
+def test_a_method_match_other_than_exact_is_refused_and_never_breaks_a_snapshot():
+    text = VS.replace("  - route:\n", "  - match: [{method: {prefix: G}}]\n    route:\n", 1)
+    got = problems_of(text)
+    assert got and "method" in got[0] and "exact" in got[0], got
+
+
+def test_a_destinationrule_in_another_namespace_changes_nothing_there():
+    """A tenant's rule for bookinfo's Service (by its FQDN) would set that Service's policy
+    and subsets for every caller: refused, and the owner's rule applies."""
+    other = (
+        DR.replace("namespace: bookinfo}", "namespace: aaa-tenant}")
+        .replace("host: reviews", "host: reviews.bookinfo.svc.cluster.local")
+        .replace("version: v1}", "app: payments}")
+    )
+    derived, problems = derive(parse(SERVICES, VS, DR, other))
+    assert any(
+        p.resource == "DestinationRule aaa-tenant/reviews" and "own namespace" in p.reason
+        for p in problems
+    )
+    got = by_key(derived)
+    assert got["Service bookinfo/reviews--v1"].spec.selector == {"app": "reviews", "version": "v1"}
+    assert got["BackendPolicy bookinfo/reviews"].metadata.annotations[DERIVED_FROM] == (
+        "DestinationRule bookinfo/reviews"
+    )
+
+
+def test_subset_labels_that_contradict_the_service_selector_are_refused():
+    bad = DR.replace("{name: v1, labels: {version: v1}}", "{name: v1, labels: {app: payments}}")
+    derived, problems = derive(parse(SERVICES, VS, bad))
+    assert any("contradict" in p.reason for p in problems)
+    # All or nothing: neither the rule's Services and policies, nor the VirtualService
+    # routing to its subsets, is derived.
+    assert not derived
+
+
+def test_rules_whose_order_the_waypoint_would_change_are_refused():
+    """Istio takes the first matching rule; the waypoint orders by precedence. A catch-all
+    prefix rule before a header rule would be reordered: refused, with what to do."""
+    vs = """\
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: r, namespace: bookinfo}
+    spec:
+      hosts: [reviews]
+      http:
+      - match: [{uri: {prefix: /admin}}]
+        fault: {abort: {httpStatus: 403}}
+        route: [{destination: {host: reviews}}]
+      - match: [{uri: {prefix: /admin}, headers: {x-debug: {exact: "1"}}}]
+        route: [{destination: {host: reviews}}]
+    """
+    derived, problems = derive(parse(SERVICES, vs))
+    assert not derived and any("would be tried before" in p.reason for p in problems)
+    # The same rules in the order the waypoint keeps are accepted.
+    lines = textwrap.dedent(vs).splitlines()
+    swapped = "\n".join(lines[:6] + lines[9:11] + lines[6:9]) + "\n"
+    derived, problems = derive(parse(SERVICES, swapped))
+    assert not problems and [r.KIND for r in derived].count("HTTPRoute") == 1
+
+
+@pytest.mark.parametrize(
+    ("snippet", "says"),
+    [
+        ("  exportTo: [.]\n  http:\n  - route: [{destination: {host: reviews}}]\n", "exportTo"),
+        (
+            "  http:\n  - match: [{port: 9999}]\n    route: [{destination: {host: reviews}}]\n",
+            "port",
+        ),
+    ],
+)
+def test_fields_that_would_be_ignored_are_refused(snippet, says):
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        "metadata: {name: r, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n" + snippet
+    )
+    got = problems_of(text)
+    assert got and any(says in p for p in got), got
+
+
+def test_tcp_routes_only_to_the_hosts_themselves():
+    vs = """\
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: t, namespace: bookinfo}
+    spec:
+      hosts: [reviews]
+      tcp: [{route: [{destination: {host: ratings}}]}]
+    """
+    _, problems = derive(parse(SERVICES, vs))
+    assert any("tcp routes may only go to the hosts" in p.reason for p in problems)
+
+
+def test_a_rule_that_cannot_be_routed_leaves_no_retry_policy_or_fault_behind():
+    vs = """\
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: r, namespace: bookinfo}
+    spec:
+      hosts: [reviews]
+      http:
+      - retries: {attempts: 3}
+        fault: {abort: {httpStatus: 500}}
+        route: [{destination: {host: reviews, subset: nope}}]
+    """
+    derived, problems = derive(parse(SERVICES, vs, DR))
+    assert problems and not [r for r in derived if r.KIND in ("RetryPolicy", "FaultInjection")]

@@ -133,3 +133,43 @@ def test_derived_resources_are_derived_once_and_follow_workload_deltas():
     (dr,) = parse_text(ISTIO.replace("v2}", "v3}"), "d.yaml").resources
     again = after.with_changes("e", 3, [dr], [])
     assert [x.name for x in again.endpoints[("ns1", "a--v2")]] == []
+
+
+def test_an_address_two_workloads_list_stays_held_when_one_goes():
+    """IP reuse: the old pod and the new one both list the address for a moment; when the
+    holder goes, the other holds it (as a rebuild says), not nobody."""
+
+    def w(name: str) -> Workload:
+        (r,) = parse_text(
+            "apiVersion: weft.dev/v1alpha1\nkind: Workload\n"
+            f"metadata: {{name: {name}, namespace: ns1, labels: {{app: a}}}}\n"
+            "spec: {node: n0, addresses: [10.244.0.1]}\n",
+            "w.yaml",
+        ).resources
+        assert isinstance(r, Workload)
+        return r
+
+    new, old = w("new"), w("old")
+    base = {new.key: new, old.key: old}
+    snap = ConfigSnapshot.build("e", 1, "cluster.local", base)
+    assert snap.workloads_by_ip["10.244.0.1"].name == "old"  # the last by key
+    after = snap.with_changes("e", 2, [], [old.key])
+    assert after.workloads_by_ip["10.244.0.1"].name == "new"
+    assert summary(after) == summary(ConfigSnapshot.build("e", 2, "cluster.local", {new.key: new}))
+
+
+def test_the_config_cache_never_goes_back_to_an_older_snapshot(tmp_path):
+    """The churn saver's thread may finish after a newer (urgent) save, even of another
+    epoch: the newer snapshot stays in the file. A failed write is said, not raised."""
+    import json as _json
+
+    from agent.config.client import ConfigClient
+
+    cache = tmp_path / "config.json"
+    c = ConfigClient(None, None, lambda snap: None, cache=cache)  # type: ignore[arg-type]
+    base = {r.key: r for r in parse_text(SERVICES, "s.yaml").resources}
+    older = ConfigSnapshot.build("epoch-1", 9, "cluster.local", base)
+    newer = ConfigSnapshot.build("epoch-2", 1, "cluster.local", base)
+    c._save(newer, 2)
+    c._save(older, 1)  # late
+    assert _json.loads(cache.read_text())["epoch"] == "epoch-2"

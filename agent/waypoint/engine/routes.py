@@ -45,6 +45,7 @@ from controller.model.routing import (
     RouteFilter,
     RouteMatch,
     RouteRule,
+    match_rank,
 )
 from controller.model.traffic import FaultInjection, RetryPolicy
 
@@ -206,22 +207,7 @@ def _parse_query(query: str) -> dict[str, str]:
 
 def precedence(m: RouteMatch, route_order: int, rule: int, match: int) -> tuple[int, ...]:
     """Sort key (ascending = higher precedence) of one match; see the module docstring."""
-    path = m.path
-    if path is None:
-        kind, length = PREFIX, 1
-    else:
-        kind = {"Exact": EXACT, "RegularExpression": REGEX, "PathPrefix": PREFIX}[path.type]
-        length = len(path.value)
-    return (
-        -kind,
-        -length,
-        -(m.method is not None),
-        -len(m.headers or ()),
-        -len(m.query_params or ()),
-        route_order,
-        rule,
-        match,
-    )
+    return (*match_rank(m), route_order, rule, match)
 
 
 def compile_match(m: RouteMatch, rule: CompiledRule, key: tuple[int, ...]) -> CompiledMatch:
