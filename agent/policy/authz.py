@@ -32,9 +32,14 @@ from controller.model.security import (
 from controller.model.workloads import Workload
 
 # Policies in a root namespace apply mesh-wide: weft's own, and Istio's (istio-system), so
-# that a mesh-wide policy written for Istio keeps its meaning here.
+# that a mesh-wide policy written for Istio keeps its meaning here, but from istio-system
+# only what tightens: DENY AuthorizationPolicies and STRICT PeerAuthentication. A leftover
+# PERMISSIVE or ALLOW there (Istio's usual migration defaults, in a namespace others may
+# write to) never loosens weft's STRICT default or grants access mesh-wide; the controller
+# says so on the policy (controller/model/status.py).
 ROOT_NAMESPACE = "weft-system"
-ROOT_NAMESPACES = (ROOT_NAMESPACE, "istio-system")
+ISTIO_ROOT = "istio-system"
+ROOT_NAMESPACES = (ROOT_NAMESPACE, ISTIO_ROOT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +223,8 @@ def workload_policies(
             continue
         if p.namespace != w.namespace and p.namespace not in root_namespaces:
             continue
+        if p.namespace == ISTIO_ROOT != w.namespace and p.spec.action != "DENY":
+            continue  # from Istio's root namespace, only what tightens applies mesh-wide
         sel = p.spec.selector
         if sel is None or sel.matches(w.labels):
             out.append(p)

@@ -2,7 +2,8 @@
 
 Precedence as in Istio: a policy selecting the workload beats its namespace's policy
 (no selector), which beats the mesh-wide one (no selector, in a root namespace: weft-system,
-or Istio's istio-system). Should both root namespaces hold one, the stricter applies.
+or Istio's istio-system, from which only STRICT applies mesh-wide: a leftover PERMISSIVE
+there never loosens weft's STRICT default). Should both hold one, the stricter applies.
 UNSET inherits from the next level.
 The mesh default, when nothing says otherwise, is STRICT in weft (Istio's is PERMISSIVE):
 a mesh that promises no plaintext should not need a policy to keep that promise.
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.policy.authz import ROOT_NAMESPACES
+from agent.policy.authz import ISTIO_ROOT, ROOT_NAMESPACES
 from controller.model.security import PeerAuthentication
 from controller.model.workloads import Workload
 
@@ -46,7 +47,15 @@ def mtls_mode(
             ]
         ),
         _pick([p for p in policies if p.namespace == w.namespace and not p.spec.selector]),
-        _mesh_wide([p for p in policies if p.namespace in root_namespaces and not p.spec.selector]),
+        _mesh_wide(
+            [
+                p
+                for p in policies
+                if p.namespace in root_namespaces
+                and not p.spec.selector
+                and (p.namespace != ISTIO_ROOT or w.namespace == ISTIO_ROOT or _strict(p))
+            ]
+        ),
     ]
     strict, deciding = default_strict, None
     for p in reversed(levels):  # root first, so narrower levels override
@@ -63,6 +72,10 @@ def mtls_mode(
             elif pm.mode == "STRICT":
                 probes.discard(port)
     return MtlsMode(strict, frozenset(ports), deciding, frozenset(probes - ports))
+
+
+def _strict(p: PeerAuthentication) -> bool:
+    return p.spec.mtls is not None and p.spec.mtls.mode == "STRICT"
 
 
 def _mesh_wide(ps: list[PeerAuthentication]) -> PeerAuthentication | None:

@@ -65,6 +65,13 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
         )
     out: dict[ResourceKey, list[Condition]] = {}
     for r in res:
+        loosening = _loosening_in_istio_root(r)
+        if loosening:
+            out[r.key] = [
+                Condition("ResolvedRefs", True, "ResolvedRefs"),
+                Condition("Accepted", False, "NotMeshWide", loosening),
+            ]
+            continue
         l7_targets, backends = _references(r)
         if not l7_targets and not backends and str(r.key) not in not_derived:
             continue
@@ -106,6 +113,29 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
             conds.append(Condition("Accepted", True, "Accepted"))
         out[r.key] = conds
     return out
+
+
+def _loosening_in_istio_root(r: Resource) -> str | None:
+    """Why a mesh-wide policy in istio-system does not apply mesh-wide (it would loosen),
+    or None (agent/policy/authz.py, ROOT_NAMESPACES)."""
+    spec = getattr(r, "spec", None)
+    if r.namespace != "istio-system" or spec is None or getattr(spec, "selector", None):
+        return None
+    if r.KIND == "PeerAuthentication":
+        mode = spec.mtls.mode if spec.mtls is not None else None
+        if mode in ("PERMISSIVE", "DISABLE"):
+            return (
+                f"mode {mode} in istio-system applies to istio-system only: from Istio's root "
+                "namespace weft takes mesh-wide only what tightens (STRICT); put a mesh-wide "
+                "PeerAuthentication in weft-system to loosen it on purpose"
+            )
+    if r.KIND == "AuthorizationPolicy" and not spec.targets() and spec.action != "DENY":
+        return (
+            f"action {spec.action} in istio-system applies to istio-system only: from Istio's "
+            "root namespace weft takes mesh-wide only DENY; put it in weft-system to apply "
+            "it to the whole mesh"
+        )
+    return None
 
 
 def _references(r: Resource) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -96,8 +96,16 @@ spec: {selector: {matchLabels: {app: embedder}}}
     assert decide(elsewhere, req()).allowed
     root = HEAD + "metadata: {name: p, namespace: weft-system}\nspec: {}\n"
     assert not decide(root, req()).allowed  # the root namespace applies mesh-wide
-    istio_root = HEAD + "metadata: {name: p, namespace: istio-system}\nspec: {}\n"
-    assert not decide(istio_root, req()).allowed  # and so does Istio's, as written for Istio
+    # From Istio's root namespace only DENY applies mesh-wide (it only tightens); an
+    # ALLOW there would grant access to every workload with ALLOW policies.
+    istio_allow = HEAD + "metadata: {name: p, namespace: istio-system}\nspec: {}\n"
+    assert decide(istio_allow, req()).allowed
+    istio_deny = (
+        HEAD
+        + "metadata: {name: p, namespace: istio-system}\n"
+        + "spec: {action: DENY, rules: [{from: [{source: {namespaces: [apps]}}]}]}\n"
+    )
+    assert not decide(istio_deny, req()).allowed
 
 
 def test_ports_and_namespaces():

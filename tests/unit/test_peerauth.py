@@ -65,14 +65,23 @@ spec: {{mtls: {{mode: {mode}}}}}
 """
 
 
-def test_istios_mesh_wide_policy_in_istio_system_applies_to_the_whole_mesh():
-    """Written for Istio, the mesh-wide PERMISSIVE in istio-system keeps its meaning: it
-    applies to a workload in another namespace, and that namespace's own policy still
-    overrides it."""
+def test_istios_mesh_wide_policy_in_istio_system_only_tightens_the_mesh():
+    """From Istio's root namespace, STRICT applies mesh-wide; a leftover PERMISSIVE there
+    (Istio's migration default, in a namespace others may write to) never loosens weft's
+    STRICT default, and says why on the policy."""
+    from controller.model.status import conditions
+
     m = _mode(_pa("istio-system", "PERMISSIVE"))
-    assert not m.strict and m.policy == "istio-system/default"
-    m = _mode(_pa("istio-system", "PERMISSIVE") + _pa("ai", "STRICT"))
-    assert m.strict and m.policy == "ai/default"
+    assert m.strict and m.policy is None
+    m = _mode(_pa("weft-system", "PERMISSIVE") + _pa("istio-system", "STRICT"))
+    assert m.strict and m.policy == "istio-system/default"
+    (pa,) = [
+        r
+        for r in _parse(DOCS + _pa("istio-system", "PERMISSIVE"))
+        if r.KIND == "PeerAuthentication"
+    ]
+    accepted = {c.type: c for c in conditions([pa])[pa.key]}["Accepted"]
+    assert not accepted.status and accepted.reason == "NotMeshWide"
 
 
 def test_with_a_mesh_wide_policy_in_both_root_namespaces_the_stricter_applies():
@@ -80,3 +89,5 @@ def test_with_a_mesh_wide_policy_in_both_root_namespaces_the_stricter_applies():
     assert m.strict and m.policy == "istio-system/default"
     m = _mode(_pa("istio-system", "PERMISSIVE") + _pa("weft-system", "STRICT"))
     assert m.strict and m.policy == "weft-system/default"
+    m = _mode(_pa("weft-system", "PERMISSIVE"))
+    assert not m.strict  # weft's own root namespace may loosen, on purpose
