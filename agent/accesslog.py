@@ -13,8 +13,9 @@ Destinations: `stdout` (the default, what Kubernetes collects), `stderr`, a file
 Volume is bounded by configuration, as Envoy's access log filters and Istio's Telemetry API
 bound it: `sample` (0..1) is the share of ordinary lines written, while important ones (an
 error status, a denial, a revoked or refused connection) are always written;
-`max_per_second` caps the lines of any second, and the lines a cap suppressed are counted
-in one `{"kind": "suppressed"}` line when the next second starts.
+`max_per_second` caps the ordinary lines of any second (important ones are never capped),
+and the lines a cap suppressed are counted in one `{"kind": "suppressed"}` line when the
+next second starts, and at close.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class AccessLog:
         self.lines = 0  # written since start (tests, /stats)
         self.sampled_out = 0  # ordinary lines left out by sampling
         self.suppressed = 0  # lines the per-second cap left out
+        self._pending = 0  # of those, not reported yet
 
     @classmethod
     def open(
@@ -110,24 +112,31 @@ class AccessLog:
         if not important and self.sample < 1.0 and self._rng() >= self.sample:
             self.sampled_out += 1
             return
-        if self.max_per_second:
+        if self.max_per_second and not important:
+            # The cap bounds ordinary lines only: a flood of cheap requests must not crowd
+            # out the errors and denials that matter.
             second = int(time.monotonic())
             if second != self._cap_second:
-                if self._cap_count > self.max_per_second:
-                    self._append(
-                        {
-                            "time": self.timestamp(),
-                            "kind": "suppressed",
-                            "lines": self._cap_count - self.max_per_second,
-                            "maxPerSecond": self.max_per_second,
-                        }
-                    )
+                self._report_suppressed()
                 self._cap_second, self._cap_count = second, 0
             self._cap_count += 1
             if self._cap_count > self.max_per_second:
                 self.suppressed += 1
+                self._pending += 1
                 return
         self._append(record)
+
+    def _report_suppressed(self) -> None:
+        if self._pending:
+            self._append(
+                {
+                    "time": self.timestamp(),
+                    "kind": "suppressed",
+                    "lines": self._pending,
+                    "maxPerSecond": self.max_per_second,
+                }
+            )
+            self._pending = 0
 
     def _append(self, record: dict[str, Any]) -> None:
         line = _encode(record) + "\n"
@@ -166,13 +175,17 @@ class AccessLog:
 
     def _rotate(self) -> None:
         """PATH -> PATH.1 (replacing the older one), and a new PATH: at most twice max_bytes
-        on disk."""
+        on disk. If the rename fails, the log goes on in PATH."""
         assert self.out is not None and self.path is not None
         self.out.close()
-        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self.out = self.path.open("a", encoding="utf-8", buffering=1 << 16)
+        try:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        finally:
+            self.out = self.path.open("a", encoding="utf-8", buffering=1 << 16)
 
     def close(self) -> None:
+        if self.out is not None:
+            self._report_suppressed()
         self.flush()
         if self.out is not None and self.out not in (sys.stdout, sys.stderr):
             self.out.close()

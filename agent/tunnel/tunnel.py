@@ -208,6 +208,25 @@ class Tunnel:
         for srv in self._servers:
             srv.close()
 
+    def _log_denied(self, labels: FlowLabels, target: str, decision: Any) -> None:
+        """A connection L4 authorization refused: always in the access log (never sampled
+        away or capped), as the waypoint's 403s are."""
+        if self.access.enabled:
+            self.access.write(
+                {
+                    "time": self.access.timestamp(),
+                    "kind": "denied",
+                    "reporter": labels.reporter,
+                    "node": self.s.node,
+                    "source": labels.source_principal,
+                    "destination": labels.destination_principal,
+                    "target": target,
+                    "reason": decision.reason,
+                    "policy": decision.policy,
+                },
+                important=True,
+            )
+
     async def drain(self, deadline: float | None = None) -> None:
         """Stop accepting; let streams finish up to the deadline; then close the rest."""
         self.stop_accepting()
@@ -416,6 +435,7 @@ class Tunnel:
                     decision.reason,
                     f" by {decision.policy}" if decision.policy else "",
                 )
+                self._log_denied(labels, f"{dst.ip}:{dst.port}", decision)
                 pod.abort()
                 return
         if dst.workload is not None and dst.hbone is None:
@@ -704,6 +724,7 @@ class Tunnel:
                 decision.reason,
                 f" by {decision.policy}" if decision.policy else "",
             )
+            self._log_denied(labels, f"{target[0]}:{target[1]}", decision)
             conn.respond(req.stream_id, 401)
             return
         stream = conn.accept_stream(req.stream_id)

@@ -108,19 +108,31 @@ def test_sampling_keeps_every_important_line_and_a_share_of_the_rest():
 
 
 def test_a_cap_per_second_says_how_many_lines_it_left_out(monkeypatch):
+    """Ordinary lines are capped; important ones never (a flood of cheap requests cannot
+    hide a denial); the count of what was left out is written, also at close."""
     clock = [100.0]
     monkeypatch.setattr(accesslog.time, "monotonic", lambda: clock[0])
-    out = io.StringIO()
+
+    class Kept(io.StringIO):
+        def close(self) -> None:  # read after the log closes it
+            pass
+
+    out = Kept()
     log = AccessLog(out, max_per_second=5)
     for i in range(12):
-        log.write({"i": i}, important=i % 2 == 0)
+        log.write({"i": i})
+    log.write({"i": "denied"}, important=True)
     clock[0] += 1
     log.write({"i": "next"})
-    log.flush()
+    for i in range(7):
+        log.write({"i": f"more-{i}"})
+    log.close()
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
-    assert [x.get("i") for x in lines[:5]] == [0, 1, 2, 3, 4]
-    assert lines[5]["kind"] == "suppressed" and lines[5]["lines"] == 7
-    assert lines[6]["i"] == "next" and log.suppressed == 7
+    assert [x.get("i") for x in lines[:6]] == [0, 1, 2, 3, 4, "denied"]
+    assert lines[6] == {**lines[6], "kind": "suppressed", "lines": 7}
+    assert lines[7]["i"] == "next"
+    assert lines[-1]["kind"] == "suppressed" and lines[-1]["lines"] == 3  # at close
+    assert log.suppressed == 10
 
 
 def test_a_file_log_is_rotated_past_its_size(tmp_path):
