@@ -77,6 +77,8 @@ class LeaseElector:
         self.leader = False
         self.holder: str | None = None
         self._renewed = 0.0  # when this replica last held the lease for sure
+        self._observed: tuple[Any, ...] = ()  # the lease record as last seen
+        self._observed_at = 0.0  # this replica's clock when it last changed
 
     def _spec(self, now: float, acquired: str | None, transitions: int) -> dict[str, Any]:
         return {
@@ -112,12 +114,18 @@ class LeaseElector:
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or None
         self.holder = holder
-        renewed = parse_time(spec.get("renewTime")) or 0.0
         duration = int(spec.get("leaseDurationSeconds") or self.lease_seconds)
         transitions = int(spec.get("leaseTransitions") or 0)
+        # Expiry is judged by this replica's own clock, from when it last saw the record
+        # change (client-go's observedTime), never by comparing the holder's renewTime
+        # with this clock: clocks that disagree must not make two leaders.
+        rv = (lease.get("metadata") or {}).get("resourceVersion")
+        record = (holder, spec.get("renewTime"), rv)
+        if record != self._observed:
+            self._observed, self._observed_at = record, now
         if holder == self.identity:
             new = self._spec(now, spec.get("acquireTime"), transitions)
-        elif holder is None or renewed + duration < now:
+        elif holder is None or self._observed_at + duration < now:
             new = self._spec(now, None, transitions + 1)
         else:
             return False
@@ -143,25 +151,25 @@ class LeaseElector:
         return True
 
     def step(self) -> bool:
-        """One round with the renew deadline applied; returns whether this replica leads."""
-        now = self.clock()
+        """One round with the renew deadline applied; returns whether this replica leads.
+        A renewal counts from when it was sent, and leading needs one within the renew
+        deadline as of after the call: a call that hung for a minute does not keep a
+        replica leading while another took over."""
+        start = self.clock()
         try:
             held = self.attempt()
         except (KubeAPIError, OSError) as e:
             log.warning("lease %s/%s: %s", self.namespace, self.name, e)
-            held = False
-            if self.leader and now - self._renewed < self.renew_deadline:
-                held = True  # a blip: keep leading until the deadline
+            held = self.leader  # a blip: keep leading until the deadline (below)
         else:
             if held:
-                self._renewed = now
-        if self.leader and not held and now - self._renewed >= self.renew_deadline:
+                self._renewed = start
+        late = self.clock() - self._renewed
+        if held and late >= self.renew_deadline:
             log.warning(
-                "lease %s/%s not renewed for %.0fs: stepping down",
-                self.namespace,
-                self.name,
-                now - self._renewed,
+                "lease %s/%s not renewed for %.0fs: stepping down", self.namespace, self.name, late
             )
+            held = False
         self.leader = held
         return held
 

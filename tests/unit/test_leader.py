@@ -87,7 +87,7 @@ def test_one_leader_then_a_takeover_when_its_lease_expires():
 def test_an_update_that_lost_a_race_is_refused_not_written_over():
     api, clock = LeaseAPI(), [1_800_000_000.0]
     a, b = electors(api, clock)
-    assert a.step()
+    assert a.step() and not b.step()  # b has seen a's lease
     clock[0] += 20  # a's lease expired: both see it free and try to take it
     api.before_put = b.step  # b's takeover lands between a's read and a's write
     assert not a.step()
@@ -106,6 +106,33 @@ def test_a_leader_that_cannot_renew_steps_down_before_its_lease_can_expire():
     api.down = False
     clock[0] += 1
     assert a.step()  # its own lease, renewed
+
+
+def test_clocks_that_disagree_do_not_make_two_leaders():
+    """b's clock runs 20 s ahead: judged by renewTime, a's fresh lease would look expired
+    to b. Expiry counts on b's own clock from when b saw the lease change."""
+    api, t = LeaseAPI(), [1_800_000_000.0]
+    a = LeaseElector(api, "weft-system", "weft-controller", "a", clock=lambda: t[0])
+    b = LeaseElector(api, "weft-system", "weft-controller", "b", clock=lambda: t[0] + 20)
+    assert a.step()
+    t[0] += 1
+    assert not b.step() and a.leader
+
+
+def test_a_leader_whose_call_hangs_steps_down_before_another_can_take_over():
+    api, t = LeaseAPI(), [1_800_000_000.0]
+    a = LeaseElector(api, "weft-system", "weft-controller", "a", clock=lambda: t[0])
+    assert a.step()
+    real = api.request
+
+    def hang(method: str, path: str, **kw: Any) -> Any:
+        t[0] += 70  # the call returns (or fails) a minute later
+        raise OSError("read timed out")
+
+    api.request = hang  # type: ignore[method-assign]
+    t[0] += 2
+    assert not a.step()  # not renewed within the deadline, as of after the call
+    api.request = real  # type: ignore[method-assign]
 
 
 def test_lease_times_are_microtime():
