@@ -63,11 +63,12 @@ class StatusWriter:
         """Write what changed since the last sync; returns how many objects were patched."""
         if self.store.revision == self.revision:
             return 0
-        self.revision = self.store.revision
+        revision = self.store.revision
         entries = self.store.entries()
         conds = conditions([e.resource for e in entries])
         live: set[ResourceKey] = set()
         patched = 0
+        failed = False
         for e in entries:
             wk = self.kinds.get(e.resource.KIND)
             if wk is None or not e.source.startswith("kubernetes:"):
@@ -80,30 +81,34 @@ class StatusWriter:
             if self.written.get(e.key) == sig:
                 continue
             try:
-                self.api.request(
-                    "PATCH", self._path(wk, e.resource), body=self._body(e.resource, cs)
-                )
+                obj = self.api.request("GET", self._path(wk, e.resource, status=False))
+                body = self._body(e.resource, cs, obj)
+                self.api.request("PATCH", self._path(wk, e.resource), body=body)
             except (KubeAPIError, OSError) as err:
                 self.failures += 1
+                failed = True
                 log.warning("could not write the status of %s: %s", e.key, err)
                 continue
             self.written[e.key] = sig
             patched += 1
         for k in [k for k in self.written if k not in live]:
             del self.written[k]
+        if not failed:
+            self.revision = revision  # else the next round tries what failed again
         self.patches += patched
         return patched
 
     @staticmethod
-    def _path(wk: WatchedKind, r: Resource) -> str:
+    def _path(wk: WatchedKind, r: Resource, *, status: bool = True) -> str:
         base = f"/apis/{wk.group}/{wk.version}" if wk.group else f"/api/{wk.version}"
         ns = f"/namespaces/{r.namespace}" if wk.namespaced else ""
-        return f"{base}{ns}/{wk.plural}/{r.name}/status"
+        return f"{base}{ns}/{wk.plural}/{r.name}" + ("/status" if status else "")
 
-    def _conditions(self, r: Resource, cs: list[Condition]) -> list[dict[str, Any]]:
+    def _conditions(
+        self, r: Resource, cs: list[Condition], generation: int | None
+    ) -> list[dict[str, Any]]:
         now = self.clock()
         out = []
-        gen = r.metadata.generation
         for c in cs:
             prev = self.since.get((r.key, c.type))
             if prev is None or prev[0] != c.status:
@@ -112,15 +117,23 @@ class StatusWriter:
                 **c.as_dict(),
                 "lastTransitionTime": _stamp(prev[1]),
             }
-            if gen is not None:
-                d["observedGeneration"] = gen
+            if generation is not None:
+                d["observedGeneration"] = generation
             out.append(d)
         return out
 
-    def _body(self, r: Resource, cs: list[Condition]) -> dict[str, Any]:
-        conditions_ = self._conditions(r, cs)
+    def _body(self, r: Resource, cs: list[Condition], obj: dict[str, Any]) -> dict[str, Any]:
+        """The merge patch for `obj` (the object as the API has it now): ours replaced,
+        other controllers' entries (a route's other controllers, Istio's own conditions)
+        kept; with its resourceVersion, so a write that raced another is refused (409) and
+        tried again next round, never written over."""
+        meta = obj.get("metadata") or {}
+        status = obj.get("status") or {}
+        conditions_ = self._conditions(r, cs, meta.get("generation"))
+        rv = meta.get("resourceVersion")
+        head = {"resourceVersion": rv} if rv else {}
         if r.KIND in ROUTES:
-            parents = [
+            ours = [
                 {
                     "parentRef": p.model_dump(by_alias=True, exclude_none=True),
                     "controllerName": CONTROLLER_NAME,
@@ -128,5 +141,16 @@ class StatusWriter:
                 }
                 for p in r.spec.parent_refs  # type: ignore[attr-defined]
             ]
-            return {"status": {"parents": parents}}
-        return {"status": {"conditions": conditions_}}
+            others = [
+                p
+                for p in status.get("parents") or []
+                if isinstance(p, dict) and p.get("controllerName") != CONTROLLER_NAME
+            ]
+            return {"metadata": head, "status": {"parents": others + ours}}
+        types = {c["type"] for c in conditions_}
+        others = [
+            c
+            for c in status.get("conditions") or []
+            if isinstance(c, dict) and c.get("type") not in types
+        ]
+        return {"metadata": head, "status": {"conditions": others + conditions_}}

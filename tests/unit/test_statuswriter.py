@@ -44,13 +44,21 @@ spec:
 
 
 class Recorder:
+    """Answers GET with the object as an API server holds it (generation, resourceVersion,
+    another controller's status entries) and records PATCHes."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, Any]] = []
         self.fail = False
+        self.objects: dict[str, dict[str, Any]] = {}
 
     def request(self, method: str, path: str, *, query: Any = None, body: Any = None) -> Any:
         if self.fail:
             raise KubeAPIError(403, "forbidden")
+        if method == "GET":
+            return self.objects.get(
+                path, {"metadata": {"generation": 3, "resourceVersion": "41"}, "status": {}}
+            )
         self.calls.append((method, path, body))
         return {}
 
@@ -86,10 +94,11 @@ def test_conditions_are_patched_onto_the_status_subresource_only():
     # llm-v2 does not exist: ResolvedRefs is False, with the reason.
     assert conds["ResolvedRefs"]["status"] == "False"
     assert conds["ResolvedRefs"]["reason"] == "BackendNotFound"
-    assert conds["Accepted"]["observedGeneration"] == 3
+    assert conds["Accepted"]["observedGeneration"] == 3  # the object's, as the API has it
     policy = by_path["/apis/security.istio.io/v1/namespaces/ai/authorizationpolicies/deny/status"]
     assert {c["type"] for c in policy["status"]["conditions"]} == {"Accepted", "ResolvedRefs"}
-    assert set(route) == {"status"} and set(policy) == {"status"}  # never spec
+    assert set(route) == {"metadata", "status"} and set(policy) == {"metadata", "status"}
+    assert route["metadata"] == {"resourceVersion": "41"}  # a raced write is refused (409)
     # The Service is the API server's and the kubelet's, not ours to write.
     assert not any("/services/" in p for _, p, _ in api.calls)
 
@@ -121,9 +130,28 @@ def test_only_changes_are_written_and_transition_times_move_with_status():
 
 
 def test_a_refused_patch_is_counted_and_tried_again():
-    store, api, w, _ = setup()
+    _, api, w, _ = setup()
     api.fail = True
     assert w.sync() == 0 and w.failures == 2
     api.fail = False
-    offer(store, "file:/x.yaml", SERVICE.replace("name: llm,", "name: y,"))  # a new revision
-    assert w.sync() == 2
+    assert w.sync() == 2  # the same revision: what failed is tried again
+
+
+def test_other_controllers_status_entries_are_kept():
+    """A route's status may list other controllers (Istio's, a gateway's); a policy's
+    conditions may include Istio's own. Ours replace ours only."""
+    _, api, w, _ = setup()
+    route_path = "/apis/gateway.networking.k8s.io/v1/namespaces/ai/httproutes/split"
+    theirs = {
+        "parentRef": {"name": "gw"},
+        "controllerName": "istio.io/gateway-controller",
+        "conditions": [{"type": "Accepted", "status": "True"}],
+    }
+    api.objects[route_path] = {
+        "metadata": {"generation": 5, "resourceVersion": "9"},
+        "status": {"parents": [theirs]},
+    }
+    w.sync()
+    body = next(b for _, p, b in api.calls if p == route_path + "/status")
+    names = [p["controllerName"] for p in body["status"]["parents"]]
+    assert names == ["istio.io/gateway-controller", CONTROLLER_NAME]
