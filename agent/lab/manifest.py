@@ -124,7 +124,10 @@ class Pod(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     ip: ipaddress.IPv4Address | None = None
     command: list[str] | None = Field(
-        None, description="Started in the pod when the lab comes up, like a container entrypoint."
+        None,
+        description="Started in the pod when the lab comes up, like a container entrypoint. "
+        "A first word `python` is the Python weft runs on, with weft's packages (so "
+        "`[python, -m, agent.lab.workloads.model_server, ...]` works as written).",
     )
     readiness_probe: LabProbe | None = Field(None, alias="readinessProbe")
     liveness_probe: LabProbe | None = Field(None, alias="livenessProbe")

@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -238,9 +239,10 @@ class Lab:
             self._save(state)
             for pod in plan.pods:
                 if pod.command:
-                    self.start_process(
-                        state, f"pod-{pod.namespace}-{pod.name}", list(pod.command), pod=pod.key
-                    )
+                    argv = list(pod.command)
+                    if argv[0] == "python":  # the Python weft runs on, with its packages
+                        argv[0] = sys.executable
+                    self.start_process(state, f"pod-{pod.namespace}-{pod.name}", argv, pod=pod.key)
         except BaseException:
             self.down()
             raise
