@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.waypoint.codec import client
+from agent.waypoint.codec.headers import Headers
+
 log = logging.getLogger("weft.tracing")
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -182,28 +185,18 @@ class Exporter:
     async def _post(self, spans: list[Span]) -> None:
         assert self.endpoint is not None
         u = urlsplit(self.endpoint + "/v1/traces")
-        body = self.encode(spans)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(u.hostname, u.port or 4318), 5
+        answer = await client.request(
+            (u.hostname or "", u.port or 4318),
+            "POST",
+            u.path,
+            u.netloc,
+            peer="the OTLP collector",
+            limit=5,
+            headers=Headers.of(("content-type", "application/json"), ("connection", "close")),
+            body=self.encode(spans),
         )
-        try:
-            writer.write(
-                (
-                    f"POST {u.path} HTTP/1.1\r\nhost: {u.netloc}\r\n"
-                    f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                    "connection: close\r\n\r\n"
-                ).encode()
-                + body
-            )
-            await writer.drain()
-            status_line = await asyncio.wait_for(reader.readline(), 5)
-            status = int(status_line.split()[1]) if status_line else 0
-            if not 200 <= status < 300:
-                raise ValueError(f"collector answered {status}")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        if not 200 <= answer.status < 300:
+            raise ValueError(f"collector answered {answer.status}")
 
     async def close(self) -> None:
         if self._task is not None:

@@ -8,7 +8,6 @@ agent already holds what the waypoint needs, and one connection per node is enou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -20,11 +19,7 @@ from urllib.parse import quote
 
 from agent.identity.tls import client_context, server_context
 from agent.state import ConfigSnapshot
-from agent.waypoint.codec import events as ev
-from agent.waypoint.codec.config import Limits, Role
-from agent.waypoint.codec.errors import ProtocolError
-from agent.waypoint.codec.headers import Headers
-from agent.waypoint.codec.http1 import Http1Connection
+from agent.waypoint.codec import client
 from controller.model.base import Resource, ResourceKey, resource_from_json
 
 log = logging.getLogger("weft.waypoint.workload")
@@ -46,44 +41,10 @@ class Svid:
 
 
 async def _get(sock: Path, path: str, limit: float) -> tuple[int, Any]:
-    """GET `path` from the agent's Workload API, with the waypoint's own HTTP/1.1 codec.
-    A connection the agent drops (it restarts) is a ConnectionError, never a parse
-    error on half an answer."""
-    codec = Http1Connection(Role.CLIENT, Limits())
-    sid = codec.next_stream_id()
-    request = codec.send_request_head(sid, "GET", path, "agent", "http", Headers(), True)
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), 5)
-    status, body, done = 0, bytearray(), False
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(limit):
-            while not done:
-                data = await reader.read(65536)
-                try:
-                    events = codec.receive_data(data)
-                except ProtocolError as err:
-                    raise ConnectionError(f"the node agent broke HTTP: {err}") from err
-                for e in events:
-                    if isinstance(e, ev.ResponseHead) and not e.informational:
-                        status = e.status
-                        done = e.end_stream
-                    elif isinstance(e, ev.Data):
-                        body += e.data
-                        done = e.end_stream
-                    elif isinstance(e, ev.StreamReset):
-                        raise ConnectionError(f"the node agent's answer was cut: {e.reason}")
-                    elif isinstance(e, ev.ConnectionClosed):
-                        done = True
-                if not data and not done:
-                    raise ConnectionError("the node agent closed the connection mid-answer")
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    if not status:
-        raise ConnectionError("the node agent closed the connection without an answer")
-    return status, json.loads(body) if body else None
+    """GET `path` from the agent's Workload API. A connection the agent drops (it
+    restarts) is a ConnectionError, never a parse error on half an answer."""
+    answer = await client.request(sock, "GET", path, "agent", peer="the node agent", limit=limit)
+    return answer.status, json.loads(answer.body) if answer.body else None
 
 
 class AgentLink:
