@@ -39,11 +39,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any, TypeGuard, cast
 
 import httptools
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily as Counter
+from prometheus_client.core import GaugeMetricFamily as Gauge
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 from agent.waypoint.errors import openai_error
 
@@ -204,14 +208,15 @@ class Histogram:
         self.count += 1
         self.sum += v
 
-    def render(self, name: str, labels: str, out: list[str]) -> None:
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Buckets as prometheus_client's HistogramMetricFamily takes them."""
+        out: list[tuple[str, float]] = []
         acc = 0
         for le, c in zip(self.buckets, self.counts, strict=True):
             acc += c
-            out.append(f'{name}_bucket{{{labels},le="{le}"}} {acc}')
-        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
-        out.append(f"{name}_count{{{labels}}} {self.count}")
-        out.append(f"{name}_sum{{{labels}}} {self.sum!r}")
+            out.append((f"{le}", acc))
+        out.append(("+Inf", self.count))
+        return out
 
 
 @dataclasses.dataclass
@@ -787,8 +792,8 @@ class ModelServer:
             f"server: weft-model-server\r\nx-weft-served-by: {self.name}\r\n"
             f"x-model-server-model: {config.model}\r\n"
         ).encode("latin-1")
-        escaped = config.model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        self.labels = f'model_name="{escaped}"'
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
@@ -934,39 +939,46 @@ class ModelServer:
         return min(1.0, self.adm.running / self.b.max_concurrency)
 
     async def _metrics(self, conn: Connection, req: Request) -> bool:
-        return conn.respond(
-            req, 200, self.render_metrics().encode(), b"text/plain; version=0.0.4; charset=utf-8"
-        )
+        return conn.respond(req, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
 
-    def render_metrics(self) -> str:
-        m, lb = self.metrics, self.labels
-        out: list[str] = []
-
-        def one(name: str, kind: str, help_: str, value: float) -> None:
-            out.extend(
-                (f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{lb}}} {value}")
-            )
-
-        one("vllm:num_requests_running", "gauge", "Requests being generated.", self.adm.running)
-        one("vllm:num_requests_waiting", "gauge", "Requests queued.", len(self.adm.waiters))
-        one("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage, 0..1.", self.kv_cache_usage())
-        one("vllm:prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens)
-        one("vllm:generation_tokens_total", "counter", "Tokens generated.", m.generation_tokens)
-        one(
-            "vllm:prefix_cache_queries_total",
-            "counter",
-            "Prompt tokens looked up.",
-            m.prefix_queries,
-        )
-        one("vllm:prefix_cache_hits_total", "counter", "Prompt tokens found cached.", m.prefix_hits)
-        out.append("# HELP vllm:request_success_total Finished requests by reason.")
-        out.append("# TYPE vllm:request_success_total counter")
-        for reason, n in sorted(m.finished.items()):
-            out.append(f'vllm:request_success_total{{{lb},finished_reason="{reason}"}} {n}')
-        out.append("# HELP model_server_requests_total Inference requests by outcome.")
-        out.append("# TYPE model_server_requests_total counter")
-        for what, n in sorted(m.outcomes.items()):
-            out.append(f'model_server_requests_total{{{lb},outcome="{what}"}} {n}')
+    def collect(self) -> Iterator[Metric]:
+        """The vLLM-style families, read from the server's state at scrape time."""
+        m, lb = self.metrics, [self.cfg.model]
+        for kind, name, help_, value in (
+            (Gauge, "vllm:num_requests_running", "Requests being generated.", self.adm.running),
+            (Gauge, "vllm:num_requests_waiting", "Requests queued.", len(self.adm.waiters)),
+            (Gauge, "vllm:gpu_cache_usage_perc", "KV-cache usage, 0..1.", self.kv_cache_usage()),
+            (Counter, "vllm:prompt_tokens_total", "Prompt tokens processed.", m.prompt_tokens),
+            (Counter, "vllm:generation_tokens_total", "Tokens generated.", m.generation_tokens),
+            (
+                Counter,
+                "vllm:prefix_cache_queries_total",
+                "Prompt tokens looked up.",
+                m.prefix_queries,
+            ),
+            (Counter, "vllm:prefix_cache_hits_total", "Prompt tokens found cached.", m.prefix_hits),
+        ):
+            family = kind(name, help_, labels=["model_name"])
+            family.add_metric(lb, value)
+            yield family
+        for name, help_, label, counts in (
+            (
+                "vllm:request_success_total",
+                "Finished requests by reason.",
+                "finished_reason",
+                m.finished,
+            ),
+            (
+                "model_server_requests_total",
+                "Inference requests by outcome.",
+                "outcome",
+                m.outcomes,
+            ),
+        ):
+            counter = Counter(name, help_, labels=["model_name", label])
+            for key, n in sorted(counts.items()):
+                counter.add_metric([*lb, key], n)
+            yield counter
         for name, h, help_ in (
             ("vllm:time_to_first_token_seconds", m.ttft, "Time to first token, from arrival."),
             (
@@ -976,10 +988,9 @@ class ModelServer:
             ),
             ("vllm:e2e_request_latency_seconds", m.e2e, "Arrival to last token."),
         ):
-            out.extend((f"# HELP {name} {help_}", f"# TYPE {name} histogram"))
-            h.render(name, lb, out)
-        out.append("")
-        return "\n".join(out)
+            histogram = HistogramMetricFamily(name, help_, labels=["model_name"])
+            histogram.add_metric(lb, h.cumulative(), h.sum)
+            yield histogram
 
     # -- inference
 
