@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from agent.tunnel.tunnel import caller_address
-from agent.waypoint.engine.testing import snapshot
+from tests.enginetesting import snapshot
 
 CONFIG = """\
 apiVersion: weft.dev/v1alpha1

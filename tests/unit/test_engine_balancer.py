@@ -8,7 +8,7 @@ from collections import Counter
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Attempt, Endpoint, Engine, Forward, hash64, make_balancer
 from agent.waypoint.engine.balancer import Balancer
-from agent.waypoint.engine.testing import FakeClock, address, service, snapshot
+from tests.enginetesting import FakeClock, address, service, snapshot
 
 LLM = ("ai", "llm")
 

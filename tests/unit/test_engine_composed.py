@@ -13,7 +13,7 @@ from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Attempt, Engine, Failure, Forward
 from agent.waypoint.engine.pool import Admission
 from agent.waypoint.engine.respond import Respond
-from agent.waypoint.engine.testing import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, service, snapshot
 
 LLM = ("ai", "llm")
 ROUTE = """\

@@ -6,7 +6,7 @@ import random
 
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Engine, Forward, Respond
-from agent.waypoint.engine.testing import service, snapshot
+from tests.enginetesting import service, snapshot
 
 
 def engine(fault: str) -> Engine:

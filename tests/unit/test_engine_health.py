@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from agent.waypoint.engine import Attempt, Engine
-from agent.waypoint.engine.testing import FakeClock, address, service, snapshot
+from tests.enginetesting import FakeClock, address, service, snapshot
 
 HC = """\
 apiVersion: weft.dev/v1alpha1

@@ -6,7 +6,7 @@ import random
 
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Attempt, Backend, Engine, Failure, Respond
-from agent.waypoint.engine.testing import FakeClock, address, service, snapshot
+from tests.enginetesting import FakeClock, address, service, snapshot
 
 LLM = ("ai", "llm")
 

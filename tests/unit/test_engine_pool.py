@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.waypoint.engine import OVERFLOW_RESPONSE, Admission, Attempt, Backend, Engine
-from agent.waypoint.engine.testing import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, service, snapshot
 
 POOL = """\
 apiVersion: weft.dev/v1alpha1

@@ -9,9 +9,9 @@ import pytest
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Attempt, Engine, Failure, Forward
 from agent.waypoint.engine.retry import DEFAULT_RETRY, compile_retry
-from agent.waypoint.engine.testing import FakeClock, service, snapshot
 from controller.model.routing import Retry
 from controller.model.traffic import RetryPolicySpec
+from tests.enginetesting import FakeClock, service, snapshot
 
 LLM = ("ai", "llm")
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Engine, Forward, Respond
 from agent.waypoint.engine.routes import precedence
-from agent.waypoint.engine.testing import FakeClock, service, snapshot
 from controller.model.routing import HeaderMatch, PathMatch, QueryMatch, RouteMatch
+from tests.enginetesting import FakeClock, service, snapshot
 
 LLM = ("ai", "llm")
 BACKENDS = (

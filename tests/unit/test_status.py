@@ -3,9 +3,9 @@ missing Service, or needs a waypoint its Service lacks, is visibly not in effect
 
 from __future__ import annotations
 
-from agent.waypoint.engine.testing import snapshot
 from controller.model.base import ResourceKey
 from controller.model.status import conditions
+from tests.enginetesting import snapshot
 
 SERVICES = """\
 apiVersion: v1

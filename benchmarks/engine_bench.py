@@ -1,6 +1,6 @@
 """Per-decision cost of the engine: route match, then endpoint pick and outcome, per balancer.
 
-    .venv/bin/python -m agent.waypoint.engine.bench
+    .venv/bin/python -m benchmarks.engine_bench
 
 A route table of 10 rules; the request passes 8 non-matching prefix+header rules before
 reaching a 90/10 split. Prints a Markdown table (median of 3 x N calls). Not a test: numbers
@@ -16,7 +16,7 @@ import timeit
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine.backend import Attempt
 from agent.waypoint.engine.engine import Engine, Forward
-from agent.waypoint.engine.testing import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, service, snapshot
 
 _TENANT_RULES = "\n".join(
     f"""\

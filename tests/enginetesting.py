@@ -5,7 +5,7 @@
                     rng=random.Random(7))
     clock.advance(30)
 
-Not used by the waypoint itself.
+Also used by benchmarks/engine_bench.py, so it lives beside the tests, not in the product.
 """
 
 from __future__ import annotations
