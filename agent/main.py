@@ -23,23 +23,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import subprocess
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Gauge
 
-from agent import __version__, cgroups, restart
+from agent import cgroups, restart
 from agent.accesslog import AccessLog
+from agent.admin import AdminApi
 from agent.aio import cache_running_loop
 from agent.cgroups import own_cgroup
 from agent.config.client import ConfigClient
-from agent.datapath.loader import Flow
 from agent.discovery import CgroupResolver
 from agent.flowmetrics import DatapathCollector, FlowExporter, FlowMetrics
-from agent.httpserver import HttpRequest, HttpServer, Response, json_response
+from agent.httpserver import HttpServer
 from agent.identity.manager import IdentityManager
 from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
 from agent.identity.store import IdentityStore
@@ -154,7 +153,7 @@ class Agent:
             "weft_tunnel_open_streams", "Streams and local relays open.", registry=r
         )
 
-    def _refresh_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
         self.m_revision.set(self.snapshot.revision)
         self.m_nacks.set(self.config.nacks)
         now = time.time()
@@ -267,6 +266,16 @@ class Agent:
                 asyncio.get_running_loop().run_in_executor(None, _destroy_socket, *args)
             except RuntimeError:  # no loop yet (the cached config at start)
                 _destroy_socket(*args)
+
+    def workloads_by_cgroup(self) -> dict[int, Workload]:
+        """This node's workloads by cgroup id (the inode number the eBPF maps key on)."""
+        by_cg = {}
+        for w in self.snapshot.local_workloads(self.s.node):
+            cg = self.resolver.cgroup_of(w)
+            if cg is not None:
+                with contextlib.suppress(OSError):
+                    by_cg[cg.stat().st_ino] = w
+        return by_cg
 
     def fastpath_pairs(
         self, snap: ConfigSnapshot, local: list[Workload]
@@ -443,7 +452,7 @@ class Agent:
                 self._keep_listener_registered()
             if self.datapath is not None and self._unresolved:
                 self._reconcile_datapath(self.snapshot, self.local_workloads(self.snapshot))
-            self._refresh_gauges()
+            self.refresh_gauges()
 
     async def _readiness_loop(self) -> None:
         while not self.ready:
@@ -521,18 +530,8 @@ class Agent:
     # ---- endpoints ---------------------------------------------------------------------
 
     async def _endpoints(self) -> None:
-        admin = {
-            "/healthz": self._h_health,
-            "/workloads": self._h_workloads,
-            "/certs": self._h_certs,
-            "/config": self._h_config,
-            "/flows": self._h_flows,
-            "/datapath": self._h_datapath,
-            "/routes": self._h_routes,
-            "/tunnel": self._h_tunnel,
-        }
-        metrics = {"/metrics": self._h_metrics}
-        ready = {"/healthz/ready": self._h_ready, "/healthz/live": self._h_live}
+        api = AdminApi(self)
+        admin, metrics, ready = api.admin_routes(), api.metrics_routes(), api.ready_routes()
         s = self.s
         for listen, routes in (
             (s.admin_listen, admin),
@@ -554,228 +553,6 @@ class Agent:
             srv = HttpServer(self.workload_api.routes())
             await srv.listen_unix(s.workload_socket, mode=0o666)
             self.http.servers += srv.servers
-
-    async def _h_health(self, req: HttpRequest) -> Response:
-        return json_response(
-            200,
-            {
-                "node": self.s.node,
-                "version": __version__,
-                "ready": self.ready,
-                "pid": os.getpid(),
-                "uptimeSeconds": int(time.time() - self.started),
-            },
-        )
-
-    async def _h_live(self, req: HttpRequest) -> Response:
-        """Liveness: answered by the event loop, so a loop that stopped turning fails it;
-        a draining or superseded agent (not ready) is still live."""
-        return 200, "live\n", "text/plain"
-
-    async def _h_ready(self, req: HttpRequest) -> Response:
-        return (200, "ready\n", "text/plain") if self.ready else (503, "not ready\n", "text/plain")
-
-    async def _h_metrics(self, req: HttpRequest) -> Response:
-        self._refresh_gauges()
-        return 200, generate_latest(self.registry), "text/plain; version=0.0.4"
-
-    async def _h_workloads(self, req: HttpRequest) -> Response:
-        snap = self.snapshot
-        attached = {}
-        if self.datapath is not None:
-            attached = {p.ip: p for p in self.datapath.attached_pods()}
-        out = []
-        for w in snap.local_workloads(self.s.node):
-            ip = str(w.spec.addresses[0])
-            a = attached.get(ip)
-            cert = self.identities.get(w.namespace, w.spec.service_account)
-            out.append(
-                {
-                    "name": w.name,
-                    "namespace": w.namespace,
-                    "node": w.spec.node,
-                    "ip": ip,
-                    "identity": snap.workload_identity(w),
-                    "meshed": w.spec.mesh,
-                    "attached": a is not None,
-                    "strict": bool(a and a.strict),
-                    "fastpath": bool(a and a.fastpath),
-                    "certificate": cert is not None,
-                    "labels": w.labels,
-                }
-            )
-        return json_response(200, out)
-
-    async def _h_certs(self, req: HttpRequest) -> Response:
-        node = {
-            "spiffeId": self.node.spiffe_id,
-            "notAfter": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.node.not_after))
-            if self.node.not_after
-            else None,
-        }
-        return json_response(
-            200,
-            {
-                "node": node,
-                "workloads": [c.to_dict() for c in self.identities.certs()],
-                "trustBundleRoots": self.trust.pem.count(b"BEGIN CERT"),
-            },
-        )
-
-    async def _h_config(self, req: HttpRequest) -> Response:
-        snap = self.snapshot
-        kinds: dict[str, int] = {}
-        for k in snap.resources:
-            kinds[k.kind] = kinds.get(k.kind, 0) + 1
-        return json_response(
-            200,
-            {
-                "node": self.s.node,
-                "epoch": snap.epoch,
-                "revision": snap.revision,
-                "connected": self.config.connected,
-                "nacks": self.config.nacks,
-                "lastNack": self.config.last_nack,
-                "resources": kinds,
-            },
-        )
-
-    def workloads_by_cgroup(self) -> dict[int, Workload]:
-        """This node's workloads by cgroup id (the inode number the eBPF maps key on)."""
-        by_cg = {}
-        for w in self.snapshot.local_workloads(self.s.node):
-            cg = self.resolver.cgroup_of(w)
-            if cg is not None:
-                with contextlib.suppress(OSError):
-                    by_cg[cg.stat().st_ino] = w
-        return by_cg
-
-    async def _h_flows(self, req: HttpRequest) -> Response:
-        if self.datapath is None:
-            return json_response(200, [])
-        snap = self.snapshot
-        by_cg = self.workloads_by_cgroup()
-        out = []
-        # Open flows (and closed ones not exported yet) from the map, then the recently
-        # closed ones the exporter took out of it, with the workload they belonged to.
-        flows = await asyncio.to_thread(self.datapath.flows)
-        owned: list[tuple[Flow, Workload | None]] = [(f, by_cg.get(f.cgroup_id)) for f in flows]
-        if self.flows is not None:
-            cookies = {f.cookie for f in flows}
-            owned += [(f, w) for f, w in self.flows.recent if f.cookie not in cookies]
-        for f, owner in owned:
-            peer_ip = (f.original_dst or f.remote)[0]
-            peer = snap.workloads_by_ip.get(peer_ip)
-            svc = snap.services_by_vip.get(peer_ip)
-            out.append(
-                {
-                    "cookie": f.cookie,
-                    "direction": f.direction,
-                    "workload": f"{owner.namespace}/{owner.name}" if owner else None,
-                    "identity": snap.workload_identity(owner) if owner else None,
-                    "peer": f"{peer.namespace}/{peer.name}"
-                    if peer
-                    else f"service {svc.namespace}/{svc.name}"
-                    if svc
-                    else None,
-                    "peerIdentity": snap.workload_identity(peer)
-                    if peer and peer.spec.mesh
-                    else None,
-                    "local": f"{f.local[0]}:{f.local[1]}",
-                    "remote": f"{f.remote[0]}:{f.remote[1]}",
-                    "originalDst": f"{f.original_dst[0]}:{f.original_dst[1]}"
-                    if f.original_dst
-                    else None,
-                    "bytesSent": f.bytes_sent,
-                    "bytesReceived": f.bytes_received,
-                    "fastpathBytes": f.fastpath_bytes_sent,
-                    "srttUs": f.srtt_us,
-                    "retransmits": f.total_retrans,
-                    "redirected": f.redirected,
-                    "fastpath": f.fastpath,
-                    "start": f.started_at,
-                    "end": f.ended_at,
-                }
-            )
-        return json_response(200, out)
-
-    async def _h_routes(self, req: HttpRequest) -> Response:
-        """Services with their waypoint and attached HTTPRoute rules, one row per rule."""
-        snap = self.snapshot
-        rows: list[dict[str, Any]] = []
-        for (ns, name), svc in sorted(snap.services.items()):
-            routes = snap.routes.get((ns, name), ())
-            base = {"service": f"{ns}/{name}", "waypoint": svc.waypoint or ""}
-            if not routes:
-                rows.append({**base, "route": "", "rule": "", "matches": "", "backends": ""})
-            for rt in routes:
-                for i, rule in enumerate(rt.spec.rules):
-                    rows.append(
-                        {
-                            **base,
-                            "route": rt.name,
-                            "rule": rule.name or str(i),
-                            "matches": "; ".join(
-                                _describe_match(m) for m in rule.effective_matches()
-                            ),
-                            "backends": ", ".join(
-                                f"{b.name}:{b.port}={b.weight}" for b in rule.backend_refs or []
-                            ),
-                        }
-                    )
-        return json_response(200, rows)
-
-    async def _h_datapath(self, req: HttpRequest) -> Response:
-
-        if self.datapath is None:
-            return json_response(200, {"mode": "none"})
-        return json_response(
-            200,
-            {
-                "mode": "ebpf",
-                "counters": {c.name.lower(): v for c, v in self.datapath.counters().items()},
-                "drops": [
-                    {"cgroupId": cg, "reason": getattr(r, "label", str(r)), "count": n}
-                    for (cg, r), n in self.datapath.drop_counters().items()
-                ],
-                "pods": [
-                    {
-                        "cgroup": p.cgroup,
-                        "ip": p.ip,
-                        "strict": p.strict,
-                        "fastpath": p.fastpath,
-                        "capture": p.capture,
-                        "inboundExceptionPorts": sorted(p.inbound_exception_ports),
-                        "probePorts": sorted(p.probe_ports),
-                    }
-                    for p in self.datapath.attached_pods()
-                ],
-                "fastpathPairs": sorted(self.datapath.fastpath_pairs()),
-            },
-        )
-
-    async def _h_tunnel(self, req: HttpRequest) -> Response:
-        t = self.tunnel
-        assert t is not None
-        return json_response(
-            200,
-            {
-                "pool": [
-                    {
-                        "peer": c.peer_id,
-                        "label": c.label,
-                        "streams": c.open_streams(),
-                        "streamsOpened": c.streams_opened,
-                    }
-                    for c in t.pool.connections()
-                ],
-                "inbound": [
-                    {"peer": c.peer_id, "local": c.local_id, "streams": c.open_streams()}
-                    for c in t._inbound
-                ],
-                "openStreams": t.open_streams(),
-            },
-        )
 
 
 def _destroy_socket(netns: str, local: tuple[str, int], remote: tuple[str, int]) -> None:
@@ -820,16 +597,3 @@ def main(settings: AgentSettings) -> None:
     import uvloop
 
     uvloop.run(run(settings))
-
-
-def _describe_match(m: Any) -> str:
-    parts = []
-    if m.path is not None:
-        parts.append(f"path {m.path.type} {m.path.value}")
-    if m.method:
-        parts.append(f"method {m.method}")
-    for h in m.headers or []:
-        parts.append(f"header {h.name}{'~' if h.type != 'Exact' else '='}{h.value}")
-    for q in m.query_params or []:
-        parts.append(f"query {q.name}={q.value}")
-    return " & ".join(parts) or "any"
