@@ -1,0 +1,183 @@
+"""ConfigDiscovery: the config stream to each node agent, deltas from what it acknowledged;
+on the main (mutual TLS) listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from controller.api.gen import config_pb2, config_pb2_grpc
+from controller.services import Abort, abort
+from controller.store import Entry
+
+if TYPE_CHECKING:
+    from controller.server import Controller
+
+log = logging.getLogger("weft.controller")
+
+
+@dataclass
+class NodeSession:
+    node: str
+    peer: str
+    agent_version: str = ""
+    connected: bool = True
+    acked_revision: int = 0
+    sent_revision: int = 0
+    last_nack: str = ""
+    last_seen: float = field(default_factory=time.time)
+
+
+def _resource_pb(e: Entry) -> config_pb2.Resource:
+    k = e.key
+    return config_pb2.Resource(
+        kind=k.kind, namespace=k.namespace, name=k.name, revision=e.revision, body=e.body
+    )
+
+
+class ConfigService(config_pb2_grpc.ConfigDiscoveryServicer):
+    """One stream per agent; one response in flight at a time (as in xDS), so a burst of
+    changes coalesces into the next response and every delta is computed from what the
+    agent has acknowledged."""
+
+    def __init__(self, c: Controller) -> None:
+        self.c = c
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[config_pb2.ConfigRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[config_pb2.ConfigResponse]:
+        c = self.c
+        try:
+            node = c.node_of(context)
+        except Abort as e:
+            await abort(context, e)
+            return
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "subscribe":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "first message must be a Subscribe"
+            )
+            return
+        sub = first.subscribe
+        if sub.node != node:
+            c.metrics.refused.labels("wrong_node").inc()
+            log.warning(
+                "refused config stream: certificate of node %s subscribed as %r", node, sub.node
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate is for node {node}, not {sub.node!r}",
+            )
+            return
+        session = NodeSession(node=node, peer=context.peer(), agent_version=sub.agent_version)
+        c.sessions[node] = session
+        c.metrics.agents.set(sum(s.connected for s in c.sessions.values()))
+        acked = sub.revision if sub.epoch == c.store.epoch else None
+        session.acked_revision = acked or 0
+        log.info(
+            "node %s subscribed (epoch %s, revision %d; ours %s/%d)",
+            node,
+            sub.epoch or "-",
+            sub.revision,
+            c.store.epoch,
+            c.store.revision,
+        )
+        replies: asyncio.Queue[config_pb2.ConfigRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    await replies.put(msg)
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.create_task(read(), name=f"config-read-{node}")
+        sent_bundle = b""
+        try:
+            while True:
+                seen = c.generation
+                resp = self._response(acked, sent_bundle)
+                if resp is None:
+                    # Nothing new for this agent: wait for the store or the bundle to move on.
+                    await c.wait_change(seen, max_wait=30)
+                    if reader.done():
+                        return
+                    continue
+                session.sent_revision = resp.revision
+                sent_bundle = resp.trust_bundle_pem or sent_bundle
+                yield resp
+                reply = await replies.get()
+                if reply is None:
+                    return
+                session.last_seen = time.time()
+                kind = reply.WhichOneof("kind")
+                if kind == "ack" and reply.ack.nonce == resp.nonce:
+                    acked = reply.ack.revision
+                    session.acked_revision = acked
+                    session.last_nack = ""
+                    c.metrics.acks.inc()
+                elif kind == "nack":
+                    text = (
+                        "; ".join(
+                            f"{p.resource}: {p.field}: {p.reason}".strip(": ")
+                            for p in reply.nack.problems
+                        )
+                        or "no reason given"
+                    )
+                    session.last_nack = text
+                    c.metrics.nacks.labels(node).inc()
+                    log.error(
+                        "node %s rejected config revision %d: %s (it keeps running revision %d)",
+                        node,
+                        resp.revision,
+                        text,
+                        reply.nack.revision,
+                    )
+                    # `acked` stays: the agent still runs what it last acknowledged. Do not
+                    # resend the same thing; wait for the config to change.
+                    await c.wait_change(seen)
+        finally:
+            reader.cancel()
+            session.connected = False
+            c.metrics.agents.set(sum(s.connected for s in c.sessions.values()))
+            log.info("node %s disconnected (acked revision %d)", node, session.acked_revision)
+
+    def _response(self, acked: int | None, sent_bundle: bytes) -> config_pb2.ConfigResponse | None:
+        c = self.c
+        bundle = c.ca.bundle_pem()
+        new_bundle = bundle if bundle != sent_bundle else b""
+        delta = c.store.delta_since(acked) if acked is not None else None
+        common: dict[str, Any] = {
+            "nonce": uuid.uuid4().hex[:12],
+            "epoch": c.store.epoch,
+            "trust_bundle_pem": new_bundle,
+            "trust_domain": c.settings.trust_domain,
+        }
+        if delta is not None:
+            if not delta.upserts and not delta.removed and not new_bundle:
+                return None
+            return config_pb2.ConfigResponse(
+                revision=delta.revision,
+                full=False,
+                base_revision=delta.base,
+                resources=[_resource_pb(e) for e in delta.upserts],
+                removed=[
+                    config_pb2.ResourceKey(kind=k.kind, namespace=k.namespace, name=k.name)
+                    for k in delta.removed
+                ],
+                **common,
+            )
+        revision, entries = c.store.snapshot()
+        return config_pb2.ConfigResponse(
+            revision=revision, full=True, resources=[_resource_pb(e) for e in entries], **common
+        )
