@@ -47,6 +47,7 @@ from agent.policy.authz import Request, evaluate, principal_of, workload_policie
 from agent.policy.peerauth import mtls_mode
 from agent.settings import AgentSettings
 from agent.state import ConfigSnapshot
+from agent.tasks import TaskFailed, TaskOwner
 from agent.tunnel.handoff import HandoffServer, socket_beside
 from agent.tunnel.metrics import TunnelMetrics
 from agent.tunnel.tunnel import Tunnel, TunnelSettings
@@ -111,7 +112,8 @@ class Agent:
         self.started = time.time()
         self.ready = False
         self.stopping = False
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.tasks = TaskOwner(self._failed)
+        self.failure: TaskFailed | None = None  # an essential task failed: stop, exit non-zero
         self._unresolved: set[str] = set()
         self.stop_requested = asyncio.Event()  # SIGTERM, or a successor asking (restart.py)
         self.superseded = False  # a successor asked: drain, then wait for SIGTERM
@@ -190,7 +192,7 @@ class Agent:
                 self.identities.want(
                     {(w.namespace, w.spec.service_account) for w in self.identity_holders(snap)}
                 )
-                asyncio.get_running_loop().create_task(self.workload_api.notify())
+                self.tasks.start(self.workload_api.notify(), "notify-waypoints", essential=False)
         if self.datapath is not None and not self.released:
             self._reconcile_datapath(snap, local)
         if self.tunnel is not None:
@@ -263,9 +265,12 @@ class Agent:
             )
             args = (f"/proc/{pids[0]}/ns/net", f.local, f.remote)
             try:
-                asyncio.get_running_loop().run_in_executor(None, _destroy_socket, *args)
+                asyncio.get_running_loop()
             except RuntimeError:  # no loop yet (the cached config at start)
                 _destroy_socket(*args)
+            else:
+                destroy = asyncio.to_thread(_destroy_socket, *args)
+                self.tasks.start(destroy, "revoke-spliced", essential=False)
 
     def workloads_by_cgroup(self) -> dict[int, Workload]:
         """This node's workloads by cgroup id (the inode number the eBPF maps key on)."""
@@ -441,9 +446,9 @@ class Agent:
             ("reconcile", self._reconcile_loop()),
             ("readiness", self._readiness_loop()),
         ):
-            self._tasks.append(asyncio.create_task(coro, name=name))
+            self.tasks.start(coro, name)
         if self.flows is not None:
-            self._tasks.append(asyncio.create_task(self.flows.run(), name="flow-export"))
+            self.tasks.start(self.flows.run(), "flow-export")
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -480,6 +485,14 @@ class Agent:
             log.warning("no tunnel listener registered (a failed successor?); registering ours")
             self.datapath.set_tunnel_listener(self.tunnel.outbound_listener())
 
+    def _failed(self, failure: TaskFailed) -> None:
+        """An essential task failed (TaskOwner logged its traceback): no longer ready,
+        and stop as on SIGTERM; `run` then raises the failure."""
+        if self.failure is None:
+            self.failure = failure
+        self.ready = False
+        self.stop_requested.set()
+
     def _superseded(self) -> None:
         self.superseded = True
         self.stop_requested.set()
@@ -503,22 +516,13 @@ class Agent:
             await asyncio.sleep(0)
         # The config stream keeps running through the drain: a DENY that lands meanwhile
         # still closes the connections this process relays (apply -> revalidate).
-        keep = [t for t in self._tasks if t.get_name() == "config"]
-        stopped = [t for t in self._tasks if t not in keep]
-        for t in stopped:
-            t.cancel()
-        for t in stopped:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self.tasks.cancel(keep={"config"})
         if self.datapath is not None:
             self.released = True
             self.datapath.stop()
         if self.tunnel is not None:
             await self.tunnel.drain(self.s.drain_timeout)
-        for t in keep:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self.tasks.cancel()
         if self.handoff is not None:
             self.handoff.close()
         await self.config.flush()  # the newest config, for a restart without the controller
@@ -589,6 +593,8 @@ async def run(settings: AgentSettings) -> None:
         # ready, until the pod is deleted.
         log.info("handed over to a successor; waiting for SIGTERM")
         await signalled.wait()
+    if agent.failure is not None:
+        raise agent.failure  # exit non-zero: the kubelet restarts a pod that crashed
 
 
 def main(settings: AgentSettings) -> None:
