@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from controller.api.gen import identity_pb2, identity_pb2_grpc
-from controller.ca.authority import (
-    CertificateRequestRejected,
-)
+from controller.ca.authority import CertificateRequestRejected
 
 if TYPE_CHECKING:
     from controller.server import Controller

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from controller.api.gen import config_pb2, config_pb2_grpc
-from controller.services import Abort, abort
+from controller.services import caller_node
 from controller.store import Entry
 
 if TYPE_CHECKING:
@@ -57,11 +57,7 @@ class ConfigService(config_pb2_grpc.ConfigDiscoveryServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[config_pb2.ConfigResponse]:
         c = self.c
-        try:
-            node = c.node_of(context)
-        except Abort as e:
-            await abort(context, e)
-            return
+        node = await caller_node(c, context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "subscribe":
             await context.abort(

@@ -10,10 +10,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 from controller.api.gen import identity_pb2, identity_pb2_grpc
-from controller.ca.authority import (
-    CertificateRequestRejected,
-)
-from controller.services import Abort, abort
+from controller.ca.authority import CertificateRequestRejected
+from controller.services import caller_node
 
 if TYPE_CHECKING:
     from controller.server import Controller
@@ -31,11 +29,7 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
         context: grpc.aio.ServicerContext,
     ) -> identity_pb2.SignResponse:
         c = self.c
-        try:
-            node = c.node_of(context)
-        except Abort as e:
-            await abort(context, e)
-            raise
+        node = await caller_node(c, context)
         ident = (request.namespace, request.service_account)
         if ident not in c.identities_on(node):
             c.metrics.refused.labels("not_on_node").inc()
@@ -76,11 +70,7 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
         request: identity_pb2.RenewNodeRequest,
         context: grpc.aio.ServicerContext,
     ) -> identity_pb2.BootstrapResponse:
-        try:
-            node = self.c.node_of(context)
-        except Abort as e:
-            await abort(context, e)
-            raise
+        node = await caller_node(self.c, context)
         try:
             issued = self.c.ca.sign_node(request.csr_pem, node)
         except CertificateRequestRejected as e:
