@@ -1,14 +1,18 @@
-"""`weft waypoint`: run an L7 waypoint (a Deployment in Kubernetes; a pod in the lab)."""
+"""`weft waypoint`: run an L7 waypoint (a Deployment in Kubernetes; a pod in the lab), and
+declare, list and inspect waypoints the way `istioctl waypoint` does (a Gateway of class
+weft-waypoint: controller/model/gateway.py)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from agent.cli.logopts import MaxMbOption, MaxRateOption, SampleOption
+from agent.cli.output import Format, OutputOption, emit
+from agent.cli.targets import ControllerSocketOption, LabOption
 
 app = typer.Typer(
     help="The L7 waypoint for Services that opt in (weft.dev/use-waypoint).", no_args_is_help=True
@@ -126,4 +130,170 @@ def run(
             handoff=handoff,
             escaped_slashes=escaped_slashes,  # type: ignore[arg-type]
         )
+    )
+
+
+WaypointName = Annotated[
+    str, typer.Option("--name", help="The waypoint's name (Services use it by this name).")
+]
+WaypointNamespace = Annotated[
+    str, typer.Option("--namespace", "-n", help="Its namespace (it serves Services there).")
+]
+
+
+def gateway_document(name: str, namespace: str, for_: str = "service") -> dict[str, object]:
+    """The Gateway that declares waypoint `name` (what `istioctl waypoint generate` writes,
+    with weft's class)."""
+    from controller.model.gateway import HBONE_PORT, WAYPOINT_FOR_LABEL
+
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {WAYPOINT_FOR_LABEL: for_},
+        },
+        "spec": {
+            "gatewayClassName": "weft-waypoint",
+            "listeners": [{"name": "mesh", "port": HBONE_PORT, "protocol": "HBONE"}],
+        },
+    }
+
+
+ForOption = Annotated[
+    str,
+    typer.Option(
+        "--for",
+        help="What it serves: service or all (istio.io/waypoint-for; weft serves "
+        "Services either way).",
+    ),
+]
+
+
+def _checked(name: str, namespace: str, for_: str) -> str:
+    """The Gateway's YAML, validated by the controller's model (a bad name is an error
+    here, not at the controller)."""
+    import yaml
+
+    from controller.model.base import parse_resource
+
+    doc = gateway_document(name, namespace, for_)
+    parse_resource(doc)  # InvalidConfig names what is wrong
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+@app.command()
+def generate(
+    name: WaypointName = "waypoint",
+    namespace: WaypointNamespace = "default",
+    for_: ForOption = "service",
+) -> None:
+    """Print the Gateway that declares a waypoint (as `istioctl waypoint generate`).
+
+    Example: weft waypoint generate --name ai-waypoint -n ai > waypoint.yaml
+    """
+    typer.echo(_checked(name, namespace, for_), nl=False)
+
+
+@app.command("apply")
+def apply_(
+    name: WaypointName = "waypoint",
+    namespace: WaypointNamespace = "default",
+    for_: ForOption = "service",
+    lab: LabOption = "weft",
+    controller_socket: ControllerSocketOption = None,
+) -> None:
+    """Declare a waypoint in the controller (as `istioctl waypoint apply`). Its pods are run
+    by the chart's waypoints value (or are lab pods labelled weft.dev/waypoint: NAME); until
+    one is ready, `weft waypoint list` says NoResources.
+
+    Example: weft waypoint apply --name ai-waypoint -n ai
+    """
+    from agent.cli.targets import admin_stub, call
+    from controller.api.gen import admin_pb2
+
+    text = _checked(name, namespace, for_)
+    stub = admin_stub(lab, controller_socket)
+    resp = call(
+        stub.Apply,
+        admin_pb2.ApplyRequest(
+            documents=[admin_pb2.ApplyRequest.Document(file="waypoint", text=text)]
+        ),
+    )
+    if resp.problems:
+        from controller.model.problems import InvalidConfig, Problem
+
+        raise InvalidConfig([Problem(p.reason, resource=p.resource or None) for p in resp.problems])
+    typer.echo(f"waypoint {namespace}/{name} applied")
+    for w in resp.warnings:
+        typer.echo(f"warning: {w.resource}: {w.reason}", err=True)
+
+
+@app.command("list")
+def list_(
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", help="Only this namespace.")
+    ] = None,
+    lab: LabOption = "weft",
+    controller_socket: ControllerSocketOption = None,
+    output: Format = OutputOption,
+) -> None:
+    """Waypoints: declared ones (Gateways) and ones that only run (labelled pods), with
+    their ready instances and status.
+
+    Example: weft waypoint list -n ai
+    """
+    import json
+
+    from agent.cli.targets import admin_stub, call
+    from controller.api.gen import admin_pb2
+    from controller.model.workloads import WAYPOINT_LABEL
+
+    stub = admin_stub(lab, controller_socket)
+    ns = namespace or ""
+    gateways = call(stub.Get, admin_pb2.GetRequest(kind="Gateway", namespace=ns, name=""))
+    pods = call(stub.Get, admin_pb2.GetRequest(kind="Workload", namespace=ns, name=""))
+    # (namespace, name) -> [class, status, message, ready, instances]
+    found: dict[tuple[str, str], list[Any]] = {}
+    for r in gateways.resources:
+        programmed = next((c for c in r.conditions if c.type == "Programmed"), None)
+        found[(r.namespace, r.name)] = [
+            json.loads(r.body)["spec"]["gatewayClassName"],
+            programmed.reason if programmed is not None else "-",
+            programmed.message if programmed is not None else "",
+            0,
+            0,
+        ]
+    for r in pods.resources:
+        doc = json.loads(r.body)
+        wp = (doc["metadata"].get("labels") or {}).get(WAYPOINT_LABEL)
+        if not wp:
+            continue
+        # A waypoint that runs but that no Gateway declares is listed too.
+        row = found.setdefault((r.namespace, wp), ["-", "Running", "no Gateway declares it", 0, 0])
+        spec = doc["spec"]
+        row[3] += bool(spec.get("ready", True) and spec.get("phase", "Running") == "Running")
+        row[4] += 1
+    rows = [
+        {
+            "namespace": ns_,
+            "name": name,
+            "class": cls,
+            "ready": f"{ready}/{n}",
+            "status": status,
+            "message": message,
+        }
+        for (ns_, name), (cls, status, message, ready, n) in sorted(found.items())
+    ]
+    emit(
+        rows,
+        output,
+        columns=[
+            ("NAMESPACE", "namespace"),
+            ("NAME", "name"),
+            ("CLASS", "class"),
+            ("READY", "ready"),
+            ("STATUS", "status"),
+        ],
     )

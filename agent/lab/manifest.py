@@ -24,6 +24,7 @@ from controller.model.problems import (
     line_of,
     problems_from_validation,
 )
+from controller.model.workloads import with_namespace_waypoint
 from controller.model.yamldoc import Document, load_documents
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -314,7 +315,7 @@ class _Planner:
         nodes = self._plan_nodes(spec, net)
         namespaces = self._namespaces(spec)
         pods = self._plan_pods(spec, nodes, namespaces)
-        services = self._plan_services(spec, net)
+        services = self._plan_services(spec, net, namespaces)
         quota_store = self._quota_store(spec)
         if self.problems:
             raise InvalidConfig(self.problems)
@@ -459,7 +460,9 @@ class _Planner:
             )
         return out
 
-    def _plan_services(self, spec: LabSpec, net: Network) -> list[ServicePlan]:
+    def _plan_services(
+        self, spec: LabSpec, net: Network, namespaces: dict[str, dict[str, str]]
+    ) -> list[ServicePlan]:
         seen: set[tuple[str, str]] = set()
         used = {s.cluster_ip for s in spec.services if s.cluster_ip}
         hosts = (h for h in net.service_cidr.hosts() if h not in used)
@@ -489,7 +492,8 @@ class _Planner:
                     dict(svc.selector),
                     tuple(svc.ports),
                     vip,
-                    dict(svc.labels),
+                    # Istio's precedence: the Service's own use-waypoint, else its namespace's.
+                    with_namespace_waypoint(dict(svc.labels), namespaces.get(svc.namespace)),
                 )
             )
         return out

@@ -177,6 +177,7 @@ def _load_all() -> None:
     # base.py stays importable from them without a cycle.
     from controller.model import (  # noqa: F401
         ai,
+        gateway,
         grpcroute,
         istio_networking,
         routing,
@@ -202,7 +203,15 @@ def describe(data: Any) -> str | None:
 
 # Kinds users bring from Istio, and what to write instead.
 INSTEAD_OF = {
-    "Gateway": "weft has no ingress gateway; a waypoint serves L7 inside the mesh",
+    "ServiceEntry": "weft has no egress registry: hosts outside the mesh are reached "
+    "directly, and in-cluster Services need no entry",
+    "Sidecar": "weft runs no sidecars; each node's agent serves every pod on its node",
+    "EnvoyFilter": "weft runs no Envoy; L7 behaviour comes from HTTPRoute and GRPCRoute "
+    "filters and the weft.dev policies",
+    "WorkloadEntry": "weft meshes Kubernetes pods (and lab pods) only",
+    "WorkloadGroup": "weft meshes Kubernetes pods (and lab pods) only",
+    "GatewayClass": "the chart installs weft's (weft-waypoint); declare a waypoint with a "
+    "Gateway of that class",
 }
 
 # What the Kubernetes API server adds to an object: accepted on input and dropped, so that

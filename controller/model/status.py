@@ -8,7 +8,11 @@ resource gets two conditions, computed from the whole config:
 - `ResolvedRefs`: every Service it references exists (reason `ServiceNotFound` or
   `BackendNotFound` otherwise);
 - `Accepted`: something enforces it (reason `NoWaypoint` when the L7 policy's Service has
-  no waypoint, so no proxy sees its requests).
+  no waypoint, so no proxy sees its requests; `WaypointNotReady` when its waypoint has no
+  ready pod, so its requests are refused).
+
+A waypoint declared as a Gateway (controller/model/gateway.py) gets `Accepted` and
+`Programmed` (reason `NoResources` while no pod of it runs, `Pending` while none is ready).
 
 `weft policy apply` prints the False ones as warnings, `weft policy get` shows them.
 """
@@ -26,7 +30,7 @@ _L7_TARGETED = ("TokenRateLimit", "ModelRoute", "LoadShedding", "ResponseCache",
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    type: str  # Accepted | ResolvedRefs
+    type: str  # Accepted | ResolvedRefs | Programmed (Gateway)
     status: bool
     reason: str
     message: str = ""
@@ -49,9 +53,7 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
 
     def waypoint_of(ns: str, name: str) -> str | None:
         svc = services.get((ns, name))
-        if svc is None:
-            return None
-        return svc.metadata.labels.get("weft.dev/use-waypoint") or None
+        return svc.waypoint if svc is not None else None  # type: ignore[attr-defined]
 
     # VirtualService and DestinationRule: what they cannot be derived into (a subset no
     # DestinationRule defines, a host that is no Service) is said on them.
@@ -64,7 +66,14 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
             f"{p.field}: {p.reason}" if p.field else p.reason
         )
     out: dict[ResourceKey, list[Condition]] = {}
+    instances = _waypoint_instances(res)
+    # Whether this is a running mesh's config (it has workloads) rather than files being
+    # validated on their own: only then does a waypoint without instances say anything.
+    live_config = any(r.KIND == "Workload" for r in res)
     for r in res:
+        if r.KIND == "Gateway":
+            out[r.key] = _gateway_conditions(r, instances.get((r.namespace, r.name), (0, 0)))
+            continue
         loosening = _loosening_in_istio_root(r)
         if loosening:
             out[r.key] = [
@@ -99,8 +108,9 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
                     "Accepted",
                     False,
                     "NoWaypoint",
-                    f"Service {', '.join(without)} has no waypoint (label weft.dev/use-waypoint)"
-                    f": no proxy sees its requests, so this {r.KIND} is enforced nowhere",
+                    f"Service {', '.join(without)} has no waypoint (label weft.dev/use-waypoint "
+                    f"on it or its namespace): no proxy sees its requests, so this {r.KIND} is "
+                    "enforced nowhere",
                 )
             )
         elif gone_targets:
@@ -109,10 +119,66 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
             conds.append(
                 Condition("Accepted", False, "Invalid", "; ".join(not_derived[str(r.key)]))
             )
+        elif idle := [
+            f"{ns}/{n} (waypoint {w})"
+            for ns, n in l7_targets
+            if (ns, n) in services
+            and (w := waypoint_of(ns, n))
+            and live_config
+            and not instances.get((ns, w), (0, 0))[1]
+        ]:
+            conds.append(
+                Condition(
+                    "Accepted",
+                    False,
+                    "WaypointNotReady",
+                    f"Service {', '.join(idle)} has no ready waypoint instance (pods labelled "
+                    "weft.dev/waypoint in its namespace): its L7 traffic is refused until one "
+                    "runs",
+                )
+            )
         else:
             conds.append(Condition("Accepted", True, "Accepted"))
         out[r.key] = conds
     return out
+
+
+def _waypoint_instances(res: list[Resource]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(namespace, waypoint name) -> (pods, ready pods) labelled weft.dev/waypoint."""
+    from controller.model.workloads import WAYPOINT_LABEL
+
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in res:
+        if r.KIND != "Workload":
+            continue
+        name = r.metadata.labels.get(WAYPOINT_LABEL)
+        if not name:
+            continue
+        spec = r.spec  # type: ignore[attr-defined]
+        n, ready = out.get((r.namespace, name), (0, 0))
+        out[(r.namespace, name)] = (n + 1, ready + (spec.ready and spec.phase == "Running"))
+    return out
+
+
+def _gateway_conditions(r: Resource, pods: tuple[int, int]) -> list[Condition]:
+    """A waypoint Gateway: Accepted (it validated), Programmed (instances are ready)."""
+    n, ready = pods
+    where = f"pods labelled weft.dev/waypoint={r.name} in namespace {r.namespace}"
+    if ready:
+        programmed = Condition("Programmed", True, "Programmed", f"{ready} of {n} {where} ready")
+    elif n:
+        programmed = Condition(
+            "Programmed", False, "Pending", f"none of the {n} {where} is ready yet"
+        )
+    else:
+        programmed = Condition(
+            "Programmed",
+            False,
+            "NoResources",
+            f"no {where}: deploy the waypoint (the chart's waypoints value, or a lab pod "
+            "with that label); until then its Services' L7 traffic is refused",
+        )
+    return [Condition("Accepted", True, "Accepted"), programmed]
 
 
 def _loosening_in_istio_root(r: Resource) -> str | None:

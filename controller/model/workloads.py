@@ -40,6 +40,29 @@ IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValid
 
 WEFT_API = "weft.dev/v1alpha1"
 USE_WAYPOINT_LABEL = "weft.dev/use-waypoint"  # on a Service or Namespace: route L7 via it
+# Istio's spelling of the same label, read as written (Istio users label namespaces with it).
+ISTIO_USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
+NO_WAYPOINT = "none"  # a Service's value that opts it out of its namespace's waypoint
+
+
+def use_waypoint(labels: dict[str, str]) -> str | None:
+    """The use-waypoint label's value in `labels` (weft's, else Istio's), None when neither
+    is set. `none` is a value: it opts a Service out of its namespace's waypoint."""
+    v = labels.get(USE_WAYPOINT_LABEL) or labels.get(ISTIO_USE_WAYPOINT_LABEL)
+    return v or None
+
+
+def with_namespace_waypoint(
+    labels: dict[str, str], namespace_labels: dict[str, str] | None
+) -> dict[str, str]:
+    """A Service's labels with its namespace's use-waypoint applied (Istio's precedence: the
+    Service's own label, `none` included, wins over the namespace's)."""
+    if use_waypoint(labels) is not None:
+        return labels
+    inherited = use_waypoint(namespace_labels or {})
+    return {**labels, USE_WAYPOINT_LABEL: inherited} if inherited else labels
+
+
 WAYPOINT_LABEL = "weft.dev/waypoint"  # on a waypoint's pods: the waypoint's name
 
 
@@ -170,7 +193,10 @@ class Service(Resource):
 
     @property
     def waypoint(self) -> str | None:
-        return self.metadata.labels.get(USE_WAYPOINT_LABEL)
+        """The waypoint this Service's L7 traffic goes through (weft.dev/use-waypoint or
+        istio.io/use-waypoint; sources apply the namespace's label), None for none."""
+        v = use_waypoint(self.metadata.labels)
+        return None if v == NO_WAYPOINT else v
 
     def selects(self, w: Workload) -> bool:
         sel = self.spec.selector

@@ -44,8 +44,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from controller.model.base import Resource, ResourceKey, kinds, parse_resource
+from controller.model.gateway import is_waypoint_gateway
 from controller.model.problems import InvalidConfig, Problem
-from controller.model.workloads import USE_WAYPOINT_LABEL, Workload, WorkloadSpec
+from controller.model.workloads import (
+    NO_WAYPOINT,
+    Workload,
+    WorkloadSpec,
+    use_waypoint,
+    with_namespace_waypoint,
+)
 from controller.sources.files import FileSource
 from controller.store import ConfigStore, Offer
 
@@ -215,6 +222,9 @@ HTTPROUTES = WatchedKind(
 GRPCROUTES = WatchedKind(
     "GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes", required=False
 )
+# Waypoints declared Istio's way (controller/model/gateway.py); Gateways of other classes
+# belong to other controllers and are skipped.
+GATEWAYS = WatchedKind("Gateway", "gateway.networking.k8s.io", "v1", "gateways", required=False)
 AUTHORIZATION_POLICIES = WatchedKind(
     "AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", required=False
 )
@@ -266,6 +276,7 @@ def watched_kinds() -> list[WatchedKind]:
         SERVICES,
         HTTPROUTES,
         GRPCROUTES,
+        GATEWAYS,
         AUTHORIZATION_POLICIES,
         PEER_AUTHENTICATIONS,
         VIRTUAL_SERVICES,
@@ -396,8 +407,9 @@ def pod_document(
         "ready": _ready(status),
         "phase": phase,
     }
-    if labels.get(USE_WAYPOINT_LABEL):
-        wspec["waypoint"] = labels[USE_WAYPOINT_LABEL]
+    own = use_waypoint(labels)
+    if own and own != NO_WAYPOINT:
+        wspec["waypoint"] = own
     md = user_metadata(meta, annotations=False)
     notes = {
         k: v
@@ -462,6 +474,20 @@ def object_document(obj: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def service_document(
+    obj: dict[str, Any], namespace_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A Service, with its namespace's use-waypoint label applied where it has none of its
+    own (weft.dev/use-waypoint or istio.io/use-waypoint; `none` opts it out)."""
+    doc = object_document(obj)
+    doc["metadata"]["labels"] = with_namespace_waypoint(
+        doc["metadata"].get("labels") or {}, namespace_labels
+    )
+    if not doc["metadata"]["labels"]:
+        del doc["metadata"]["labels"]
+    return doc
+
+
 def rollout_state_document(obj: dict[str, Any]) -> dict[str, Any] | None:
     """A Rollout's status.rollout (written by the leading controller) as a RolloutState
     document; None while it has none."""
@@ -498,6 +524,10 @@ def convert(
         doc = pod_document(obj, namespace_labels)
     elif wk.kind == "Node" and not wk.group:
         doc = node_document(obj)
+    elif wk is SERVICES:
+        doc = service_document(obj, namespace_labels)
+    elif wk is GATEWAYS and not is_waypoint_gateway(obj):
+        doc = None  # an ingress gateway: another controller's
     else:
         doc = object_document(obj)
         doc.setdefault("apiVersion", wk.api_version)
@@ -545,6 +575,8 @@ class KindView:
     resources: dict[ObjKey, Resource] = field(default_factory=dict)
     problems: dict[ObjKey, tuple[list[Problem], ResourceKey | None]] = field(default_factory=dict)
     pod_mesh: dict[ObjKey, str | None] = field(default_factory=dict)  # pods: own label
+    # Services as the API has them: re-derived when their namespace's use-waypoint changes.
+    raw: dict[ObjKey, dict[str, Any]] = field(default_factory=dict)
     resource_version: str | None = None
     synced: bool = False
 
@@ -601,6 +633,8 @@ class KubernetesSource:
             return self._set_namespace(key[1], dict(_meta(obj).get("labels") or {}))
         if wk is PODS:
             view.pod_mesh[key] = (_meta(obj).get("labels") or {}).get(MESH_LABEL)
+        elif wk is SERVICES:
+            view.raw[key] = obj
         try:
             res = convert(wk, obj, self.namespace_labels.get(key[0]))
         except InvalidConfig as e:
@@ -624,15 +658,26 @@ class KubernetesSource:
             return self._set_namespace(key[1], None)
         view = self._view(wk)
         view.pod_mesh.pop(key, None)
+        view.raw.pop(key, None)
         gone = view.resources.pop(key, None) is not None
         return view.problems.pop(key, None) is not None or gone
 
     def _set_namespace(self, name: str, labels: dict[str, str] | None) -> bool:
-        before = (self.namespace_labels.get(name) or {}).get(MESH_LABEL)
+        old = self.namespace_labels.get(name) or {}
+        before = old.get(MESH_LABEL)
         if labels is None:
             self.namespace_labels.pop(name, None)
         else:
             self.namespace_labels[name] = labels
+        if use_waypoint(old) != use_waypoint(labels or {}) and SERVICES in self.views:
+            # Its Services inherit the namespace's waypoint: derive them again.
+            services = self.views[SERVICES]
+            changed = False
+            for key, obj in list(services.raw.items()):
+                if key[0] == name:
+                    changed = self._set(SERVICES, obj) or changed
+            if changed:
+                self._mark(SERVICES)
         after = (labels or {}).get(MESH_LABEL)
         if before == after or PODS not in self.views:
             return False

@@ -148,6 +148,32 @@ def test_a_policy_enforced_nowhere_says_so(meshed: Mesh, tmp_path: Path) -> None
         weft(meshed, "policy", "delete", "authorizationpolicy/ai/ghost", ok=False)
 
 
+def test_a_declared_waypoint_without_pods_says_so(meshed: Mesh) -> None:
+    """`weft waypoint apply` (as istioctl's) declares a Gateway of class weft-waypoint; with
+    no pod labelled weft.dev/waypoint for it, `weft waypoint list` and `weft policy get`
+    say NoResources rather than showing a waypoint that exists."""
+    try:
+        gen = weft(meshed, "waypoint", "generate", "--name", "wp-ghost", "-n", "ai").stdout
+        assert "gatewayClassName: weft-waypoint" in gen and "protocol: HBONE" in gen
+        out = weft(meshed, "waypoint", "apply", "--name", "wp-ghost", "-n", "ai")
+        assert "waypoint ai/wp-ghost applied" in out.stdout
+        (row,) = [
+            r for r in weft_json(meshed, "waypoint", "list", "-n", "ai") if r["name"] == "wp-ghost"
+        ]
+        assert (row["class"], row["ready"], row["status"]) == (
+            "weft-waypoint",
+            "0/0",
+            "NoResources",
+        )
+        doc = weft_json(meshed, "policy", "get", "gateway", "wp-ghost", "-n", "ai")
+        conds = {c["type"]: (c["status"], c["reason"]) for c in doc["status"]["conditions"]}
+        assert conds == {"Accepted": ("True", "Accepted"), "Programmed": ("False", "NoResources")}
+        bad = weft(meshed, "waypoint", "apply", "--name", "wp-ghost", "--for", "workload", ok=False)
+        assert bad.returncode == 2 and "workload" in bad.stderr
+    finally:
+        weft(meshed, "policy", "delete", "gateway/ai/wp-ghost", ok=False)
+
+
 def test_inspect_commands(meshed: Mesh) -> None:
     meshed.start_server("ai/far", port=8100)
     out = meshed.run(

@@ -26,6 +26,9 @@ K8S_VERSION = "1.35.0"
 EXTERNAL_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    # Gateway API (checked by parsing them with the controller's own model instead).
+    ("gateway.networking.k8s.io/v1", "Gateway"),
+    ("gateway.networking.k8s.io/v1", "GatewayClass"),
 }
 
 pytestmark = pytest.mark.skipif(
@@ -270,7 +273,7 @@ def test_rendered_arguments_are_accepted_by_the_real_clis(
         assert params["prometheus_url"] == (
             None if docs is default else "http://prometheus.monitoring:9090"
         )
-    waypoint_run = typer.main.get_command(waypointcmd.app)  # its one command: run
+    waypoint_run = typer.main.get_command(waypointcmd.app).commands["run"]  # type: ignore[attr-defined]
     for d in custom:
         if d["kind"] == "Deployment" and d["metadata"]["labels"].get("weft.dev/waypoint"):
             c = d["spec"]["template"]["spec"]["containers"][0]
@@ -367,6 +370,7 @@ def test_controller_reads_what_it_converts_and_nothing_more(default: list[dict[s
         ("discovery.k8s.io", "endpointslices"): read,
         ("gateway.networking.k8s.io", "httproutes"): read,
         ("gateway.networking.k8s.io", "grpcroutes"): read,
+        ("gateway.networking.k8s.io", "gateways"): read,
         ("security.istio.io", "authorizationpolicies"): read,
         ("security.istio.io", "peerauthentications"): read,
         ("networking.istio.io", "virtualservices"): read,
@@ -376,6 +380,7 @@ def test_controller_reads_what_it_converts_and_nothing_more(default: list[dict[s
         **{("weft.dev", f"{p}/status"): ("patch",) for p in crd_plurals},
         ("gateway.networking.k8s.io", "httproutes/status"): ("patch",),
         ("gateway.networking.k8s.io", "grpcroutes/status"): ("patch",),
+        ("gateway.networking.k8s.io", "gateways/status"): ("patch",),
         ("security.istio.io", "authorizationpolicies/status"): ("patch",),
         ("security.istio.io", "peerauthentications/status"): ("patch",),
         ("networking.istio.io", "virtualservices/status"): ("patch",),
@@ -492,6 +497,31 @@ def test_waypoints_render_a_deployment_service_pdb_and_autoscaler(
     assert hpa["spec"]["scaleTargetRef"]["name"] == "batch-waypoint"
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     assert one(custom, "ServiceAccount", "batch-proxy")["metadata"]["namespace"] == "batch"
+
+
+def test_waypoints_are_gateway_api_gateways_where_the_cluster_has_the_api() -> None:
+    """Istio's model: a waypoint is a Gateway (class weft-waypoint) that the controller
+    reads and reports on; its pods carry Istio's gateway-name label. Rendered when the
+    cluster serves the Gateway API (or forced), parsed here by the controller's own model."""
+    from controller.model.base import parse_resource
+
+    wp = ("--set", "waypoints[0].name=wp", "--set", "waypoints[0].namespace=ai")
+    api = ("--api-versions", "gateway.networking.k8s.io/v1/Gateway")
+    without = render(*wp)
+    assert not [d for d in without if d["kind"] in ("Gateway", "GatewayClass")]
+    docs = render(*wp, *api)
+    gw = parse_resource(one(docs, "Gateway", "wp"))
+    assert (gw.namespace, gw.spec.gateway_class_name) == ("ai", "weft-waypoint")  # type: ignore[attr-defined]
+    assert one(docs, "GatewayClass", "weft-waypoint")["spec"]["controllerName"]
+    pod = one(docs, "Deployment", "wp")["spec"]["template"]["metadata"]["labels"]
+    assert pod["gateway.networking.k8s.io/gateway-name"] == "wp"
+    assert pod["weft.dev/waypoint"] == "wp"
+    off = render(*wp, *api, "--set", "gatewayAPI.waypointGateways=false")
+    assert not [d for d in off if d["kind"] in ("Gateway", "GatewayClass")]
+    forced = render(*wp, "--set", "gatewayAPI.waypointGateways=true")
+    assert one(forced, "Gateway", "wp") and one(forced, "GatewayClass")
+    # No waypoints, no class: nothing would use it.
+    assert not [d for d in render(*api) if d["kind"] == "GatewayClass"]
 
 
 def test_the_chart_deploys_a_redis_and_every_waypoint_counts_on_it(

@@ -144,7 +144,11 @@ def test_unknown_kind_lists_the_kinds_weft_reads():
 
 def test_istio_kinds_weft_does_not_read_say_what_to_write_instead():
     (msg,) = problems("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: x}\n")
-    assert "unknown kind 'Gateway'" in msg and "no ingress gateway" in msg
+    assert "ingress gateway" in msg and "weft-waypoint" in msg
+    (msg,) = problems(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\n"
+    )
+    assert "unknown kind 'ServiceEntry'" in msg and "egress" in msg
 
 
 def test_istio_virtualservice_without_spec_names_the_field():

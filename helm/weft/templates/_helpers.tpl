@@ -76,3 +76,16 @@ one generated for this release, the same in every template of one render. */}}
 {{- define "weft.quotaRedisURL" -}}
 {{- printf "redis://:%s@%s.%s.svc:6379/0" (include "weft.quotaRedisPassword" .) (include "weft.quotaRedisName" .) .Release.Namespace -}}
 {{- end -}}
+
+{{/*
+"true" when waypoints get a Gateway API Gateway (class weft-waypoint) and the chart its
+GatewayClass: gatewayAPI.waypointGateways true, or auto and the cluster serves the
+Gateway API (helm template: --api-versions gateway.networking.k8s.io/v1/Gateway).
+*/}}
+{{- define "weft.waypointGateways" -}}
+{{- $mode := toString .Values.gatewayAPI.waypointGateways -}}
+{{- if eq $mode "true" -}}true
+{{- else if and (eq $mode "auto") (.Capabilities.APIVersions.Has "gateway.networking.k8s.io/v1/Gateway") -}}true
+{{- else -}}false
+{{- end -}}
+{{- end }}
