@@ -370,14 +370,7 @@ class TokenLimiter:
         cur_start = int(now) - int(now) % WINDOW
         frac = (now - cur_start) / WINDOW
         op = Op([], conditional=False, now=now)
-        index: dict[tuple[str, int], int] = {}
-
-        def cell(c: tuple[str, int]) -> int:
-            i = index.get(c)
-            if i is None:
-                i = index[c] = len(op.cells)
-                op.cells.append(c)
-            return i
+        cell = op.cell
 
         for c in adm.charges:
             delta = total_tokens - c.reserved
@@ -434,14 +427,7 @@ def _admit_op(
     frac = (now - cur_start) / WINDOW
     op = Op([], now=now)
     meta: list[tuple[_Limit, str, float]] = []
-    index: dict[tuple[str, int], int] = {}
-
-    def cell(c: tuple[str, int]) -> int:
-        i = index.get(c)
-        if i is None:
-            i = index[c] = len(op.cells)
-            op.cells.append(c)
-        return i
+    cell = op.cell
 
     expires = cur_start + 2 * WINDOW
     for lim, key, n in plan:

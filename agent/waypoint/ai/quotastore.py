@@ -69,6 +69,15 @@ class Op:
     writes: list[Write] = field(default_factory=list)
     conditional: bool = True  # False: apply the writes whatever the checks say (charges)
     now: float = 0.0  # the decision's clock (epoch s): a write expires `expires - now` later
+    _index: dict[Cell, int] = field(default_factory=dict)
+
+    def cell(self, c: Cell) -> int:
+        """The index of counter `c` in `cells`, added on first use (one read per counter)."""
+        i = self._index.get(c)
+        if i is None:
+            i = self._index[c] = len(self.cells)
+            self.cells.append(c)
+        return i
 
 
 def passes(values: list[int], checks: list[Check]) -> bool:
