@@ -1,7 +1,8 @@
-"""Owning the node agent's background tasks: none started without a keeper, none lost.
+"""Owning a process's background tasks (the node agent's, a waypoint's): none started
+without a keeper, none lost.
 
-Every task the agent starts goes through a TaskOwner: it is named, kept until it ends,
-and awaited when cancelled. A task that ends with an exception is logged with its
+Every task the agent (or a waypoint) starts goes through a TaskOwner: it is named, kept
+until it ends, and awaited when cancelled. A task that ends with an exception is logged with its
 traceback at once. An *essential* one (the control loops: config stream, reconcile,
 readiness, certificate renewal, flow export) also calls `on_failure`, which for the
 agent means: not ready, stop as on SIGTERM (drain included), then exit non-zero. A loop
@@ -28,21 +29,26 @@ log = logging.getLogger("weft.agent")
 
 
 class TaskFailed(WeftError):
-    """An essential background task of the agent ended with an error."""
+    """An essential background task of the agent (or a waypoint) ended with an error."""
 
-    def __init__(self, name: str, error: BaseException) -> None:
+    def __init__(self, name: str, error: BaseException, process: str = "agent") -> None:
         super().__init__(
-            f"the agent stopped because its {name!r} task failed: {error!r}",
-            hint="the traceback is in the agent's log; the node keeps its data path, and "
-            "a restarted agent takes it over",
+            f"the {process} stopped because its {name!r} task failed: {error!r}",
+            hint=f"the traceback is in the {process}'s log; "
+            + (
+                "the node keeps its data path, and a restarted agent takes it over"
+                if process == "agent"
+                else "its replicas (or a restarted one) take its traffic"
+            ),
         )
         self.name = name
         self.error = error
 
 
 class TaskOwner:
-    def __init__(self, on_failure: Callable[[TaskFailed], None]) -> None:
+    def __init__(self, on_failure: Callable[[TaskFailed], None], process: str = "agent") -> None:
         self.on_failure = on_failure
+        self.process = process
         self._tasks: dict[asyncio.Task[Any], bool] = {}  # task -> essential
 
     def start(
@@ -81,4 +87,4 @@ class TaskOwner:
             return
         log.error("task %r failed", task.get_name(), exc_info=error)
         if essential:
-            self.on_failure(TaskFailed(task.get_name(), error))
+            self.on_failure(TaskFailed(task.get_name(), error, self.process))

@@ -35,6 +35,7 @@ from agent.aio import cache_running_loop
 from agent.httpserver import HttpRequest, HttpServer, Response
 from agent.policy.authz import Decision, Request, evaluate, principal_of, service_policies
 from agent.state import ConfigSnapshot
+from agent.tasks import TaskFailed, TaskOwner
 from agent.tunnel import h2 as hb
 from agent.tunnel.handoff import Handoff, socket_beside
 from agent.tunnel.hbone import HboneConnection
@@ -155,7 +156,11 @@ class Waypoint:
         self.traces = Exporter(s.otlp_endpoint, f"waypoint/{s.name}")
         self.inbound: set[HboneConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
-        self._tasks: list[asyncio.Task[Any]] = []
+        # Long-running tasks (timers, the agent link, the hand-off channel), owned: a crash
+        # of one makes the waypoint not ready and stop, instead of serving a stale config.
+        self.tasks = TaskOwner(self._failed, "waypoint")
+        self.failure: TaskFailed | None = None
+        self.stop_requested = asyncio.Event()
         self.prober = Prober(s.name)
         self.proxy = Proxy(self.upstream, self.endpoint, self.engine.backend)
         self.ai = AiFlow(self, s.quota_store, self.metrics.registry)
@@ -262,11 +267,11 @@ class Waypoint:
             self._servers += srv.servers
         self.tunnel_pool.start()
         self.traces.start()
-        self._tasks.append(asyncio.create_task(self._timers(), name="engine-timers"))
-        self._tasks.append(asyncio.create_task(self.ai.run_timers(), name="ai-timers"))
-        self._tasks.append(asyncio.create_task(self.link.run(), name="agent-link"))
+        self.tasks.start(self._timers(), "engine-timers")
+        self.tasks.start(self.ai.run_timers(), "ai-timers")
+        self.tasks.start(self.link.run(), "agent-link")
         if self.receiver is not None:
-            self._tasks.append(asyncio.create_task(self.receiver.run(), name="handoff"))
+            self.tasks.start(self.receiver.run(), "handoff")
         log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)
 
     async def drain(self) -> None:
@@ -293,16 +298,8 @@ class Waypoint:
     async def close(self) -> None:
         for srv in self._servers:
             srv.close()
-        for t in self._tasks:
-            t.cancel()
-        # Await what was cancelled: a task's error surfaces here instead of as "Task
-        # exception was never retrieved", and nothing runs after close returns.
-        for t, res in zip(
-            self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True), strict=True
-        ):
-            if isinstance(res, Exception):
-                log.error("waypoint task %s had failed: %r", t.get_name(), res)
-        self._tasks.clear()
+        # Awaited: nothing runs after close returns (a failure was reported as it ended).
+        await self.tasks.cancel()
         await self.traces.close()
         for c in list(self.inbound):
             c.abort_all()
@@ -341,7 +338,19 @@ class Waypoint:
         )
 
     def _ready(self) -> bool:
-        return self.svid is not None and self.snapshot.revision > 0 and not self.draining
+        return (
+            self.svid is not None
+            and self.snapshot.revision > 0
+            and not self.draining
+            and self.failure is None
+        )
+
+    def _failed(self, failure: TaskFailed) -> None:
+        """An essential task failed (its traceback is logged): not ready, and stop as on
+        SIGTERM (drain included); `run` then raises the failure (exit non-zero)."""
+        if self.failure is None:
+            self.failure = failure
+        self.stop_requested.set()
 
     async def _h_live(self, req: HttpRequest) -> Response:
         return 200, "live\n", "text/plain"
@@ -764,12 +773,13 @@ async def run(s: WaypointSettings) -> None:
     cache_running_loop(asyncio.get_running_loop())
     wp = Waypoint(s)
     await wp.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, wp.stop_requested.set)
+    await wp.stop_requested.wait()
     await wp.drain()
+    if wp.failure is not None:
+        raise wp.failure
 
 
 def main(s: WaypointSettings) -> None:

@@ -335,3 +335,27 @@ def test_model_route_streams_sse_and_a_request_limit_answers_429(tmp_path):
             assert r.status == 200, r  # another caller has its own budget
 
     uvloop.run(main())
+
+
+def test_a_dead_waypoint_loop_makes_it_not_ready_and_stop(tmp_path):
+    """The waypoint's long-running tasks are owned (agent/tasks.py): when one dies (here the
+    agent link, which keeps its config current), the waypoint says not ready and stops as on
+    SIGTERM, with the failure named, rather than serving a stale config while ready."""
+
+    async def main() -> None:
+        async with WaypointMesh(tmp_path) as m:
+            wp = m.waypoint
+            assert wp._ready() and not wp.stop_requested.is_set()
+
+            async def broken() -> None:
+                await asyncio.sleep(0)
+                raise RuntimeError("lost the plot")
+
+            wp.tasks.start(broken(), "agent-link")
+            await asyncio.wait_for(wp.stop_requested.wait(), 5)
+            status, _, _ = await wp._h_ready(None)  # type: ignore[arg-type]
+            assert status == 503
+            assert wp.failure is not None and "waypoint" in str(wp.failure)
+            assert "'agent-link'" in str(wp.failure)
+
+    asyncio.run(main())
