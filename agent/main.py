@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from agent import cgroups, restart
+from agent import cgroups, keeper, restart
 from agent.accesslog import AccessLog
 from agent.admin import AdminApi
 from agent.aio import cache_running_loop
@@ -404,6 +404,7 @@ class Agent:
                 inbound_port=s.inbound_port,
                 drain_timeout=s.drain_timeout,
                 mark=s.socket_mark,
+                keeper=s.keeper_socket,
             ),
             config=lambda: self.snapshot,
             identities=self.identities,
@@ -431,6 +432,10 @@ class Agent:
         if took_over:
             log.info("taking node %s over from the running agent process", s.node)
         self._start_datapath(lock_wait=HANDOVER_WAIT if took_over else 0.0)
+        if took_over:
+            # The predecessor has let go (it released the data path lock after having
+            # its socket keeper drop what it held): the keeper holds ours from now on.
+            self.tunnel.keep_listeners()
         if self.datapath is not None:
             self.datapath.set_tunnel_listener(self.tunnel.outbound_listener())
         if await self.config.load_cache():
@@ -511,6 +516,12 @@ class Agent:
         self.http.close()
         if self.tunnel is not None:
             self.tunnel.stop_accepting()
+            if self.superseded and self.s.keeper_socket is not None:
+                # Our listeners close for good (queued connects move to the successor's)
+                # unless the successor shares them; it gives the keeper its own again.
+                # On a plain SIGTERM the keeper keeps them: connects made until the next
+                # agent process starts wait in their backlog.
+                keeper.drop(self.s.keeper_socket)
             # Connections accepted before the listeners closed get their original
             # destination (data path maps) before those are released.
             await asyncio.sleep(0)

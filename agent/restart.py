@@ -19,8 +19,11 @@ the data path, and keeps relaying the connections it holds until they end or its
 deadline passes; asked by a successor, it then waits for SIGTERM rather than exit.
 
 Without a successor, SIGTERM is a plain drain. A SIGKILLed agent loses the connections it
-held; connects made before a new process listens are refused (no listener is registered
-then, and weft_tunnel_lookup gives them to no other socket).
+held. Connects made before a new process listens wait in the backlog of the listeners the
+node's socket keeper holds (agent/keeper.py), and the new process takes those sockets;
+without a keeper they are refused (no listener is registered then, and weft_tunnel_lookup
+gives them to no other socket). With a keeper, an agent asked to let go has it drop what
+it holds, and the successor gives it its own listeners once it holds the data path lock.
 """
 
 from __future__ import annotations

@@ -103,6 +103,11 @@ class AgentSettings(BaseModel):
         description="Last good config (restarts during a controller outage), and the "
         "handover socket a restarting agent asks its predecessor on.",
     )
+    keeper_socket: Path | None = Field(
+        None,
+        description="The socket keeper (agent/keeper.py) holding this node's tunnel "
+        "listeners across agent crashes; None: the agent holds them alone.",
+    )
     identity_dir: Path | None = Field(
         Path("/run/weft/agent/identities"),
         description="Memory-backed (tmpfs), root-only store of the node's certificates and "

@@ -64,6 +64,14 @@ def run(
             "wait for the next agent process; must not be on a disk."
         ),
     ] = Path("/run/weft/agent/identities"),
+    keeper_socket: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="WEFT_KEEPER_SOCKET",
+            help="The socket keeper (weft agent keeper) that holds the tunnel listeners "
+            "across a crash of this process, so connects wait instead of being refused.",
+        ),
+    ] = None,
     drain_timeout: Annotated[float, typer.Option(help="Seconds.")] = 20.0,
     flow_export_interval: Annotated[
         float,
@@ -115,6 +123,7 @@ def run(
         workload_socket=workload_socket,
         state_dir=state_dir,
         identity_dir=identity_dir,
+        keeper_socket=keeper_socket,
         drain_timeout=drain_timeout,
         flow_export_interval=flow_export_interval,
         access_log=access_log,
@@ -125,3 +134,31 @@ def run(
     from agent.main import main
 
     main(AgentSettings(**kw))
+
+
+@app.command()
+def keeper(
+    socket_path: Annotated[
+        Path,
+        typer.Option(
+            "--socket",
+            envvar="WEFT_KEEPER_SOCKET",
+            help="Where agents reach the keeper (a Unix socket, mode 0600).",
+        ),
+    ] = Path("/run/weft/keeper/keeper.sock"),
+    log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
+) -> None:
+    """Hold the node agent's listening sockets across its crashes and restarts (a process
+    that outlives the agent: a lab process, or a native sidecar container in the agent's
+    pod). A new agent takes them and accepts the connects that waited meanwhile.
+
+    Example: weft agent keeper --socket /run/weft/keeper/keeper.sock
+    """
+    import os
+    import sys
+
+    # The keeper runs beside every agent for the node's life: exec the lean module (the
+    # standard library and agent/unixsock.py, about 20 MB) rather than keep the CLI's
+    # imports (twice that) mapped.
+    os.environ["WEFT_LOG_LEVEL"] = log_level
+    os.execv(sys.executable, [sys.executable, "-m", "agent.keeper", "--socket", str(socket_path)])

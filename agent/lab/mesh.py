@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from agent.keeper import KEEPER_SOCKET
 from agent.lab.topology import SHM_ROOT, Lab, LabState, ProcessState, wait_exit
 from agent.netns import call_in
 from controller.errors import NotFound, WeftError
@@ -188,6 +189,7 @@ def install(
         tf = d / "token"
         tf.write_text(token)
         tf.chmod(0o600)
+        start_keeper(lab, state, n.name, env=env)
         start_agent(lab, state, n.name, fastpath=fastpath, datapath=datapath, env=env)
     for n in state.nodes:
         wait_ready(lab, state, n.name, wait)
@@ -387,6 +389,9 @@ def agent_argv(
         str(d / "state"),
         "--identity-dir",
         str(identity_dir(state, node)),
+        # Holds the tunnel listeners across a crash (weft lab restart agent --kill).
+        "--keeper-socket",
+        str(keeper_socket(state, node)),
         # A restarted agent's predecessor relays its connections until they end or this
         # passes (weft lab restart agent); lab down kills whatever is left.
         "--drain-timeout",
@@ -413,6 +418,27 @@ def access_log_args(state: LabState, process: str) -> list[str]:
         "--access-log-max-mb",
         str(ACCESS_LOG_MB),
     ]
+
+
+def keeper_socket(state: LabState, node: str) -> Path:
+    return node_dir(state, node) / KEEPER_SOCKET
+
+
+def start_keeper(
+    lab: Lab, state: LabState, node: str, env: dict[str, str] | None = None
+) -> ProcessState:
+    """The node's socket keeper (agent/keeper.py), which the lab never restarts: it holds
+    the agent's listeners while an agent process is replaced or has crashed."""
+    sock = keeper_socket(state, node)
+    proc = lab.start_process(
+        state,
+        f"keeper-{node}",
+        [sys.executable, "-m", "agent.keeper", "--socket", str(sock)],
+        node=node,
+        env=env,
+    )
+    _wait(sock.exists, 10.0, f"the socket keeper on {node}", lab, state, f"keeper-{node}")
+    return proc
 
 
 def start_agent(

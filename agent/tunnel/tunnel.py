@@ -29,8 +29,10 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent import keeper
 from agent.accesslog import AccessLog
 from agent.policy.authz import Request, evaluate, principal_of, workload_policies
 from agent.state import ConfigSnapshot
@@ -67,6 +69,7 @@ class TunnelSettings:
     drain_timeout: float = 20.0  # seconds streams get to finish on SIGTERM; the pod's
     # default terminationGracePeriodSeconds is 30, so 20 leaves time to close cleanly.
     mark: int = 0x57454654  # SO_MARK on the tunnel's own sockets ("WEFT"); never captured
+    keeper: Path | None = None  # the socket keeper holding the listeners (agent/keeper.py)
     h2: hb.Settings = field(default_factory=hb.Settings)
     pool: PoolSettings = field(default_factory=PoolSettings)
 
@@ -158,13 +161,16 @@ class Tunnel:
         if self._servers:
             return
         loop = asyncio.get_running_loop()
-        out = listener_socket(self.s.node_ip, self.s.outbound_port)
+        held = keeper.take(self.s.keeper) if self.s.keeper else {}
+        out = self._listener(held, "outbound", self.s.node_ip, self.s.outbound_port)
         self._servers.append(
             await loop.create_server(
                 lambda: _OutboundPod(self), sock=out, backlog=4096, start_serving=False
             )
         )
-        inb = listener_socket(self.s.inbound_host, self.s.inbound_port)
+        inb = self._listener(held, "inbound", self.s.inbound_host, self.s.inbound_port)
+        for s in held.values():  # names this agent does not use (any more)
+            s.close()
         self._servers.append(
             await loop.create_server(
                 self._inbound_protocol,
@@ -175,6 +181,28 @@ class Tunnel:
                 start_serving=False,
             )
         )
+
+    def _listener(
+        self, held: dict[str, socket.socket], name: str, host: str, port: int
+    ) -> socket.socket:
+        """The listener the keeper kept (connects made while no agent ran are queued on
+        it), else a new one, given to the keeper to hold."""
+        s = keeper.adopt(held, name, host, port)
+        if s is not None:
+            log.info("took the %s listener %s:%d from the socket keeper", name, host, port)
+            return s
+        s = listener_socket(host, port)
+        if self.s.keeper:
+            keeper.keep(self.s.keeper, name, s)
+        return s
+
+    def keep_listeners(self) -> None:
+        """Give the socket keeper this process's listeners (again: a predecessor that let
+        go had it drop what it held)."""
+        if not self.s.keeper:
+            return
+        for name, srv in zip(("outbound", "inbound"), self._servers, strict=False):
+            keeper.keep(self.s.keeper, name, srv.sockets[0])  # type: ignore[attr-defined]
 
     def outbound_listener(self) -> int:
         """The outbound listener's descriptor (the data path steers captured connects to

@@ -141,6 +141,34 @@ def test_rolling_restart_of_both_agents_fails_no_request(meshed: Mesh) -> None:
         assert health["pid"] == pid and health["ready"], health
 
 
+def test_a_crashed_agent_refuses_no_connect(meshed: Mesh) -> None:
+    """Each agent is SIGKILLed under load (`weft lab restart agent --kill`: a crash, then a
+    new process). Its listeners stay open in the node's socket keeper (agent/keeper.py), so
+    connects made while no agent runs wait in their backlog and the new agent accepts them:
+    none is refused. Only what the dead process held is lost (the connections open through
+    it at that moment)."""
+    load = start_load(meshed, 12)
+    time.sleep(2)
+    pids = {}
+    for node in ("node-1", "node-2"):
+        old, new = labmesh.restart_agent(meshed.lab, meshed.lab.state(), node, kill=True)
+        assert old != new
+        pids[node] = new
+        time.sleep(1.5)
+    stats = finish(load)
+    # What a killed process held is lost: at each kill, each of the 4 one-shot workers may
+    # have had its one connection open through it, and the 4 long-lived ones go through
+    # node-1. Nothing else: no connect refused or timed out while no agent ran.
+    errors = [str(e) for e in stats["errors"]]  # type: ignore[attr-defined]
+    assert not [e for e in errors if "Refused" in e or "timed out" in e], stats
+    assert int(stats["failed"]) <= 2 * 4, stats
+    assert int(stats["long_failed"]) <= 4, stats
+    assert int(stats["ok"]) > 100, stats
+    for node, pid in pids.items():
+        health = meshed.admin(node, "/healthz")
+        assert health["pid"] == pid and health["ready"], health
+
+
 def test_restarted_agent_serves_with_the_controller_down(meshed: Mesh) -> None:
     """An agent restarted while the controller is away serves its node with the cached
     config and the identities its predecessor kept in the memory-backed store: no request
@@ -310,8 +338,9 @@ print("echo", f.readline().strip().decode(), f"{time.monotonic() - t:.1f}s", flu
 
 
 def test_while_no_agent_listens_captured_connects_reach_nobody_else(meshed: Mesh) -> None:
-    """Issue 14: node-1's agent is SIGKILLed, and an unprivileged process of node-1's
-    network namespace binds the outbound port the capture sends pods to. A pod's connect
+    """Issue 14: node-1's agent is SIGKILLed (its socket keeper stopped first, so nothing
+    holds its listener), and an unprivileged process of node-1's network namespace binds
+    the outbound port the capture sends pods to. A pod's connect
     reaches nobody (the data path steers captured connects to the agent's registered
     listener only, bpf/weft.c weft_tunnel_lookup): the squatter gets nothing and the
     connect is refused. Once a new agent listens, connects go through the mesh again."""
@@ -320,6 +349,8 @@ def test_while_no_agent_listens_captured_connects_reach_nobody_else(meshed: Mesh
     state = meshed.lab.state()
     n1 = state.node("node-1")
     old = next(p for p in state.processes if p.name == "agent-node-1")
+    # Without the socket keeper (which would hold the listener and queue the connect).
+    meshed.lab.stop_process(state, "keeper-node-1")
     os.kill(old.pid, signal.SIGKILL)
     wait_exit(old.pid, 10)
     squatter = spawn(
@@ -346,6 +377,7 @@ def test_while_no_agent_listens_captured_connects_reach_nobody_else(meshed: Mesh
         assert "GOT" not in out.decode(), out.decode()
         assert out.decode().startswith("nothing"), (out + err).decode()
         # The squatter has exited; a new agent takes the port, and pods' connects with it.
+        labmesh.start_keeper(meshed.lab, meshed.lab.state(), "node-1")
         meshed.lab.start_process(meshed.lab.state(), "agent-node-1", old.argv, node="node-1")
         labmesh.wait_ready(meshed.lab, meshed.lab.state(), "node-1", 60)
         stats = finish(start_load(meshed, 2))

@@ -302,6 +302,34 @@ def rules_of(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [r for d in docs if d["kind"] == kind for r in d.get("rules") or []]
 
 
+def test_the_socket_keeper_is_a_native_sidecar_the_agent_finds(
+    default: list[dict[str, Any]],
+) -> None:
+    """agent/keeper.py in the agent's pod: a native sidecar (it outlives agent container
+    restarts), without capabilities, sharing a per-pod memory emptyDir with the agent at
+    the path the agent is told; its arguments parse with the real CLI."""
+    import typer.main
+
+    from agent.cli import agentcmd
+
+    spec = one(default, "DaemonSet")["spec"]["template"]["spec"]
+    (keeper,) = spec["initContainers"]
+    assert keeper["restartPolicy"] == "Always"
+    assert keeper["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    keeper_cmd = typer.main.get_command(agentcmd.app).commands["keeper"]  # type: ignore[attr-defined]
+    params = _parse(keeper_cmd, keeper["args"])
+    agent_args = agent_container(default)["args"]
+    assert f"--keeper-socket={params['socket_path']}" in agent_args
+    vol = {v["name"]: v for v in spec["volumes"]}["keeper"]
+    assert vol["emptyDir"]["medium"] == "Memory"  # per pod: a surge pod has its own
+    mount_dir = str(params["socket_path"].parent)
+    assert {"name": "keeper", "mountPath": mount_dir} in keeper["volumeMounts"]
+    assert {"name": "keeper", "mountPath": mount_dir} in agent_container(default)["volumeMounts"]
+    off = render("--set", "agent.socketKeeper.enabled=false")
+    assert "initContainers" not in one(off, "DaemonSet")["spec"]["template"]["spec"]
+    assert not [a for a in agent_container(off)["args"] if a.startswith("--keeper-socket")]
+
+
 def test_agent_has_no_kubernetes_api_access(
     default: list[dict[str, Any]], custom: list[dict[str, Any]]
 ) -> None:
