@@ -216,6 +216,40 @@ def adopt(held: dict[str, socket.socket], name: str, host: str, port: int) -> so
     return s
 
 
+def listener_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that a successor process can share (SO_REUSEPORT): during a
+    restart the new process listens beside the old one, and when the old one closes its
+    socket the kernel moves connections still queued on it to the new one
+    (net.ipv4.tcp_migrate_req, agent/restart.py). Only a process of the same user may join
+    a port's group."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    # Listen now: the event loop's server calls listen() only when it starts serving, and
+    # a bound socket that does not listen is not in the port's group (connects to it are
+    # refused).
+    s.listen(4096)
+    s.setblocking(False)
+    return s
+
+
+def listener(
+    path: Path | None, held: dict[str, socket.socket], name: str, host: str, port: int
+) -> socket.socket:
+    """The listener `name` on host:port: the one the keeper kept (connects made while no
+    process listened are queued on it), else a new one, given to the keeper to hold."""
+    s = adopt(held, name, host, port)
+    if s is not None:
+        log.info("took the %s listener %s:%d from the socket keeper", name, host, port)
+        return s
+    s = listener_socket(host, port)
+    if path is not None:
+        keep(path, name, s)
+    return s
+
+
 async def serve(path: Path) -> None:
     """Run a keeper at `path` until SIGTERM or SIGINT."""
     import asyncio

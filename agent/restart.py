@@ -2,7 +2,7 @@
 refused connection (issue 18, Envoy's hot-restart model without a shared-memory parent).
 
 The new process (the successor):
-  1. listens on the tunnel ports beside the old one (SO_REUSEPORT, tunnel.listener_socket)
+  1. listens on the tunnel ports beside the old one (SO_REUSEPORT, keeper.listener_socket)
      without accepting yet: connections the kernel gives it wait in its backlog;
   2. does everything that can fail (identity store, build, admin listeners), registers its
      listener for captured connects (bpf/weft.c weft_tunnel_lookup), and asks the old

@@ -88,6 +88,14 @@ def run(
             "(no HBONE hop).",
         ),
     ] = True,
+    keeper_socket: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="WEFT_KEEPER_SOCKET",
+            help="The pod's socket keeper (weft agent keeper): holds the HBONE listener "
+            "across a crash, so connects wait for the next process instead of being refused.",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run a waypoint. It gets its identity and config from the node agent.
@@ -129,6 +137,7 @@ def run(
             access_log_max_mb=access_log_max_mb,
             handoff=handoff,
             escaped_slashes=escaped_slashes,  # type: ignore[arg-type]
+            keeper_socket=keeper_socket,
         )
     )
 

@@ -195,6 +195,7 @@ def install(
         wait_ready(lab, state, n.name, wait)
     waypoint_pods = [pod.key for pod in state.pods if WAYPOINT_LABEL in pod.labels]
     for key in waypoint_pods:
+        start_keeper(lab, state, pod=key, env=env)
         start_waypoint(lab, state, key, env=env)
     for key in waypoint_pods:
         wait_waypoint(lab, state, key, wait)
@@ -280,6 +281,8 @@ def start_waypoint(lab: Lab, state: LabState, pod: str, env: dict[str, str] | No
             f"{p.ip}:15020",
             "--quota-store",
             quota_store(state, p.node),
+            "--keeper-socket",
+            str(pod_keeper_socket(state, pod)),
             *access_log_args(state, f"waypoint-{p.namespace}-{p.name}"),
         ],
         pod=pod,
@@ -424,20 +427,37 @@ def keeper_socket(state: LabState, node: str) -> Path:
     return node_dir(state, node) / KEEPER_SOCKET
 
 
+def pod_keeper_socket(state: LabState, pod: str) -> Path:
+    p = state.pod(pod)
+    return Path(state.run_dir) / "keepers" / f"{p.namespace}_{p.name}.sock"
+
+
 def start_keeper(
-    lab: Lab, state: LabState, node: str, env: dict[str, str] | None = None
+    lab: Lab,
+    state: LabState,
+    node: str | None = None,
+    *,
+    pod: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> ProcessState:
-    """The node's socket keeper (agent/keeper.py), which the lab never restarts: it holds
-    the agent's listeners while an agent process is replaced or has crashed."""
-    sock = keeper_socket(state, node)
+    """The socket keeper (agent/keeper.py) of a node's agent, or of a waypoint `pod`, which
+    the lab never restarts: it holds the listeners while the process is replaced or has
+    crashed (in Kubernetes, a native sidecar in the agent's or the waypoint's pod)."""
+    if pod is not None:
+        p = state.pod(pod)
+        name, sock = f"keeper-{p.namespace}-{p.name}", pod_keeper_socket(state, pod)
+    else:
+        assert node is not None
+        name, sock = f"keeper-{node}", keeper_socket(state, node)
     proc = lab.start_process(
         state,
-        f"keeper-{node}",
+        name,
         [sys.executable, "-m", "agent.keeper", "--socket", str(sock)],
         node=node,
+        pod=pod,
         env=env,
     )
-    _wait(sock.exists, 10.0, f"the socket keeper on {node}", lab, state, f"keeper-{node}")
+    _wait(sock.exists, 10.0, f"the socket keeper {name}", lab, state, name)
     return proc
 
 

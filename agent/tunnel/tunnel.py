@@ -162,13 +162,15 @@ class Tunnel:
             return
         loop = asyncio.get_running_loop()
         held = keeper.take(self.s.keeper) if self.s.keeper else {}
-        out = self._listener(held, "outbound", self.s.node_ip, self.s.outbound_port)
+        out = keeper.listener(self.s.keeper, held, "outbound", self.s.node_ip, self.s.outbound_port)
         self._servers.append(
             await loop.create_server(
                 lambda: _OutboundPod(self), sock=out, backlog=4096, start_serving=False
             )
         )
-        inb = self._listener(held, "inbound", self.s.inbound_host, self.s.inbound_port)
+        inb = keeper.listener(
+            self.s.keeper, held, "inbound", self.s.inbound_host, self.s.inbound_port
+        )
         for s in held.values():  # names this agent does not use (any more)
             s.close()
         self._servers.append(
@@ -181,20 +183,6 @@ class Tunnel:
                 start_serving=False,
             )
         )
-
-    def _listener(
-        self, held: dict[str, socket.socket], name: str, host: str, port: int
-    ) -> socket.socket:
-        """The listener the keeper kept (connects made while no agent ran are queued on
-        it), else a new one, given to the keeper to hold."""
-        s = keeper.adopt(held, name, host, port)
-        if s is not None:
-            log.info("took the %s listener %s:%d from the socket keeper", name, host, port)
-            return s
-        s = listener_socket(host, port)
-        if self.s.keeper:
-            keeper.keep(self.s.keeper, name, s)
-        return s
 
     def keep_listeners(self) -> None:
         """Give the socket keeper this process's listeners (again: a predecessor that let
@@ -807,25 +795,6 @@ class Tunnel:
             flow.pods = (pod,)
             self._flows[id(pod)] = flow
         self._watch(labels, f"{target[0]}:{target[1]}", pod, extra=extra)
-
-
-def listener_socket(host: str, port: int) -> socket.socket:
-    """A listening socket that a successor process can share (SO_REUSEPORT): during a
-    restart the new process listens beside the old one, and when the old one closes its
-    socket the kernel moves connections still queued on it to the new one
-    (net.ipv4.tcp_migrate_req, agent/restart.py). Only a process of the same user may join
-    a port's group."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind((host, port))
-    # Listen now: the event loop's server calls listen() only when it starts serving, and
-    # a bound socket that does not listen is not in the port's group (connects to it are
-    # refused).
-    s.listen(4096)
-    s.setblocking(False)
-    return s
 
 
 def parse_authority(a: str) -> tuple[str, int] | None:

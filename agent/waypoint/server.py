@@ -30,6 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from agent import keeper
 from agent.accesslog import AccessLog
 from agent.aio import cache_running_loop
 from agent.httpserver import HttpRequest, HttpServer, Response
@@ -41,7 +42,7 @@ from agent.tunnel.handoff import Handoff, socket_beside
 from agent.tunnel.hbone import HboneConnection
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.pool import ConnectionPool, PoolSettings
-from agent.tunnel.tunnel import caller_address, forwarded_for, listener_socket, parse_authority
+from agent.tunnel.tunnel import caller_address, forwarded_for, parse_authority
 from agent.waypoint.aiflow import AiFlow
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.codec.http2 import Http2Connection
@@ -105,6 +106,8 @@ class WaypointSettings:
     # A request path with %2F or %5C: refused with 400 (reject), decoded to / (decode), or
     # forwarded as it is (keep); see agent/waypoint/pathnorm.py.
     escaped_slashes: EscapedSlashes = "reject"
+    # The pod's socket keeper (agent/keeper.py): holds the HBONE listener across a crash.
+    keeper_socket: Path | None = None
 
 
 @dataclass
@@ -243,10 +246,16 @@ class Waypoint:
                 await asyncio.sleep(0.5)
         host, _, port = self.s.listen.rpartition(":")
         loop = asyncio.get_running_loop()
+        # With a socket keeper in the pod, a crashed predecessor's listener (and the
+        # connects queued on it meanwhile) is taken over; ours is kept for a successor.
+        held = keeper.take(self.s.keeper_socket) if self.s.keeper_socket else {}
+        hbone = keeper.listener(self.s.keeper_socket, held, "hbone", host, int(port))
+        for extra in held.values():
+            extra.close()
         self._servers.append(
             await loop.create_server(
                 self._accept,
-                sock=listener_socket(host, int(port)),
+                sock=hbone,
                 ssl=self._server_context(),
                 backlog=4096,
                 ssl_handshake_timeout=10,

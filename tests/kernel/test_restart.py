@@ -485,3 +485,29 @@ def test_rolling_restart_of_the_waypoint_and_its_nodes_agent_fails_no_request(wp
     assert stats["failed"] == 0, stats
     assert stats["long_failed"] == 0, stats
     assert int(stats["ok"]) > 50, stats
+
+
+def test_a_crashed_waypoint_refuses_no_connect(wp: Mesh) -> None:
+    """The waypoint is SIGKILLed under load (`weft lab restart waypoint --kill`). Its HBONE
+    listener stays open in the pod's socket keeper (agent/keeper.py), so the agent's
+    connects to it, made while no waypoint runs, wait for the new process: no request is
+    refused. Only requests in flight in the killed process are lost."""
+    from agent.netns import spawn
+
+    client = wp.state.pod("apps/client")
+    load = spawn(
+        [sys.executable, "-c", HTTP_LOAD, wp.vip("llm"), "8000", "10", "3", "2"],
+        netns=client.netns,
+        cgroup=Path(client.cgroup),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(2)
+    old, new = labmesh.restart_waypoint(wp.lab, wp.lab.state(), "ai/waypoint", kill=True)
+    assert old != new
+    stats = finish(load)
+    errors = [str(e) for e in stats["errors"]]  # type: ignore[attr-defined]
+    assert not [e for e in errors if "Refused" in e or "timed out" in e], stats
+    # At most what each worker had in flight through the killed process.
+    assert int(stats["failed"]) <= 3 and int(stats["long_failed"]) <= 2, stats
+    assert int(stats["ok"]) > 50, stats

@@ -325,6 +325,11 @@ def test_the_socket_keeper_is_a_native_sidecar_the_agent_finds(
     mount_dir = str(params["socket_path"].parent)
     assert {"name": "keeper", "mountPath": mount_dir} in keeper["volumeMounts"]
     assert {"name": "keeper", "mountPath": mount_dir} in agent_container(default)["volumeMounts"]
+    wp = render("--set", "waypoints[0].name=wp", "--set", "waypoints[0].namespace=ai")
+    wspec = one(wp, "Deployment", "wp")["spec"]["template"]["spec"]
+    (wkeeper,) = wspec["initContainers"]
+    assert wkeeper["args"] == keeper["args"] and wkeeper["restartPolicy"] == "Always"
+    assert f"--keeper-socket={params['socket_path']}" in wspec["containers"][0]["args"]
     off = render("--set", "agent.socketKeeper.enabled=false")
     assert "initContainers" not in one(off, "DaemonSet")["spec"]["template"]["spec"]
     assert not [a for a in agent_container(off)["args"] if a.startswith("--keeper-socket")]
@@ -513,8 +518,9 @@ def test_waypoints_render_a_deployment_service_pdb_and_autoscaler(
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c)
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
     assert c["resources"]["requests"]["cpu"] == "500m"  # from waypointDefaults
-    (vol,) = spec["volumes"]
-    assert vol["hostPath"]["path"] == "/var/run/weft"
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert set(vols) == {"weft-run", "keeper"}  # the agent's sockets; the pod's keeper
+    assert vols["weft-run"]["hostPath"]["path"] == "/var/run/weft"
     svc = one(custom, "Service", "ai-waypoint")
     assert svc["metadata"]["namespace"] == "inference"
     assert {p["port"] for p in svc["spec"]["ports"]} == {15008}  # not /config, /rollouts

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent import keeper
-from agent.tunnel.tunnel import listener_socket
+from agent.keeper import listener_socket
 
 
 @pytest.fixture

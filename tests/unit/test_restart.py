@@ -15,7 +15,7 @@ import uvloop
 
 from agent import restart
 from agent.identity.store import IdentityStore, filesystem_of, workload_entry
-from agent.tunnel.tunnel import listener_socket
+from agent.keeper import listener_socket
 
 SHM = Path("/dev/shm")
 

@@ -89,3 +89,35 @@ Gateway API (helm template: --api-versions gateway.networking.k8s.io/v1/Gateway)
 {{- else -}}false
 {{- end -}}
 {{- end }}
+
+{{/*
+The socket keeper (agent/keeper.py) as a native sidecar: it holds the pod's listening
+sockets across a crash or an in-place restart of the main container. No capabilities: it
+only keeps descriptors. Mounts the pod's "keeper" emptyDir at /run/weft-keeper.
+Call with (dict "root" $ "resources" RESOURCES).
+*/}}
+{{- define "weft.socketKeeper" -}}
+- name: socket-keeper
+  image: {{ include "weft.image" .root | quote }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  restartPolicy: Always
+  command: ["weft", "agent", "keeper"]
+  args:
+    - --socket=/run/weft-keeper/keeper.sock
+  env:
+    - name: WEFT_LOG_LEVEL
+      value: {{ .root.Values.logLevel | quote }}
+  securityContext:
+    privileged: false
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+    seccompProfile:
+      type: RuntimeDefault
+  resources:
+    {{- toYaml .resources | nindent 4 }}
+  volumeMounts:
+    - name: keeper
+      mountPath: /run/weft-keeper
+{{- end }}
