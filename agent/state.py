@@ -25,7 +25,7 @@ from controller.model.base import Resource, ResourceKey
 from controller.model.derived import derive
 from controller.model.routing import HTTPRoute
 from controller.model.security import AuthorizationPolicy, PeerAuthentication
-from controller.model.workloads import Node, Service, Workload
+from controller.model.workloads import Node, Service, Workload, ip_text
 
 R = TypeVar("R", bound=Resource)
 
@@ -76,8 +76,9 @@ class ConfigSnapshot:
         by_ns: dict[str, list[Workload]] = {}
         for w in workloads:
             for a in w.spec.addresses:
-                by_ip[str(a)] = w
-                holders.setdefault(str(a), []).append(w)
+                ip = ip_text(a)
+                by_ip[ip] = w
+                holders.setdefault(ip, []).append(w)
             by_node.setdefault(w.spec.node, []).append(w)
             by_ns.setdefault(w.namespace, []).append(w)
         services: dict[NsName, Service] = {}
@@ -164,12 +165,12 @@ class ConfigSnapshot:
         touched_ips: set[str] = set()
         for w in gone:
             for a in w.spec.addresses:
-                ip = str(a)
+                ip = ip_text(a)
                 touched_ips.add(ip)
                 holders[ip] = tuple(x for x in holders.get(ip, ()) if x.key != w.key)
         for w in came:
             for a in w.spec.addresses:
-                ip = str(a)
+                ip = ip_text(a)
                 touched_ips.add(ip)
                 rest = [x for x in holders.get(ip, ()) if x.key != w.key]
                 bisect.insort(rest, w, key=_order)

@@ -122,8 +122,10 @@ class Resource(Model):
             raise ValueError(f"{cls.KIND} supports apiVersion {', '.join(cls.API_VERSIONS)}")
         return v
 
-    @property
+    @functools.cached_property
     def key(self) -> ResourceKey:
+        # Cached (the model is frozen): indexing a snapshot asks each resource for its key
+        # several times. pydantic leaves cached properties out of ==, dumps and copies.
         ns = (self.metadata.namespace or self.DEFAULT_NAMESPACE) if self.NAMESPACED else ""
         return ResourceKey(self.KIND, ns, self.metadata.name)
 
@@ -172,9 +174,11 @@ def kind_named(name: str) -> type[Resource] | None:
     return None
 
 
+@functools.cache
 def _load_all() -> None:
     # The kind modules register themselves on import; import them once, lazily, so that
-    # base.py stays importable from them without a cycle.
+    # base.py stays importable from them without a cycle. (Cached: a snapshot's decode
+    # calls this per resource, and an import statement is not free even when cached.)
     from controller.model import (  # noqa: F401
         ai,
         gateway,
