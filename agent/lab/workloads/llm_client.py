@@ -8,8 +8,10 @@ answered, usage, time to first token, total time, and the response headers of in
     python -m agent.lab.workloads.llm_client http://10.244.2.4:8000 -n 20 -c 4 \\
         --model llama-8b --max-tokens 32 --stream --include-usage -H 'x-user: alice'
 
-Blocking sockets, one thread and one keep-alive connection per unit of concurrency; no
-dependencies beyond the standard library, so it runs anywhere in a lab pod. Exit status:
+Blocking sockets, one thread and one keep-alive connection per unit of concurrency.
+Responses are parsed by llhttp through httptools (a weft dependency the model server
+parses its requests with), not by the waypoint's codec: this client tests the waypoint,
+so it reads HTTP as an independent peer would. Exit status:
 0 when every request got an HTTP response (whatever its status), 1 when any failed at the
 transport level (refused, reset, timed out, malformed), 2 for bad arguments.
 """
@@ -23,10 +25,13 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import httptools
 
 DEFAULT_PATHS = {
     "chat": "/v1/chat/completions",
@@ -39,66 +44,96 @@ class ProtocolError(Exception):
     pass
 
 
-class Conn:
-    """One HTTP/1.1 client connection with a read buffer."""
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-        self.used = False  # has answered a request (a stale keep-alive may then be retried)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    def read_line(self) -> bytes:
-        while True:
-            i = self.buf.find(b"\r\n")
-            if i >= 0:
-                line = bytes(self.buf[:i])
-                del self.buf[: i + 2]
-                return line
-            if len(self.buf) > 65536:
-                raise ProtocolError("header line too long")
-            if not self._fill():
-                raise ConnectionError("connection closed by the server")
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not self._fill():
-                raise ConnectionError("connection closed mid-body")
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
-
-    def read_some(self) -> bytes:
-        """What is buffered, or the next recv; b"" at EOF."""
-        if not self.buf and not self._fill():
-            return b""
-        data = bytes(self.buf)
-        self.buf.clear()
-        return data
+HEAD_LIMIT = 65536  # bytes of a response head still incomplete: the server is not speaking HTTP
 
 
 @dataclass
 class Response:
-    status: int
-    headers: list[tuple[str, str]]
-    keep_alive: bool
-    t_headers: float
+    status: int = 0
+    headers: list[tuple[str, str]] = field(default_factory=list)  # names lower case
+    keep_alive: bool = False
+    t_headers: float = 0.0  # perf_counter when the head was parsed
+    head_done: bool = False
+    until_close: bool = False  # neither length nor chunks: the body ends when the server closes
+    complete: bool = False
+    pieces: list[bytes] = field(default_factory=list, repr=False)  # body not yet read
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
             if k == name:
                 return v
         return None
+
+
+class Conn:
+    """One HTTP/1.1 client connection; llhttp (httptools) parses what the server sends.
+
+    llhttp keeps its state across reads and responses, so a keep-alive connection has one
+    parser for its life; its callbacks fill in the Response being read (a queue, so bytes
+    of a next response arriving with the end of one are parsed, not lost)."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.used = False  # has answered a request (a stale keep-alive may then be retried)
+        self._parser = httptools.HttpResponseParser(self)
+        self.incoming: deque[Response] = deque()  # responses begun, oldest first
+        self._head_bytes = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def fill(self) -> bool:
+        """Read once and parse what came; False at EOF."""
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise ProtocolError(
+                "the server switched protocols; this client speaks HTTP/1.1 only"
+            ) from None
+        except httptools.HttpParserError as e:
+            raise ProtocolError(f"malformed response: {e}") from None
+        if self.incoming and not self.incoming[-1].head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_LIMIT:
+                raise ProtocolError(f"response head longer than {HEAD_LIMIT} bytes")
+        return True
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.incoming.append(Response())
+        self._head_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        resp = self.incoming[-1]
+        if not resp.head_done:  # trailer fields after the last chunk are not reported
+            resp.headers.append((name.decode("latin-1").lower(), value.decode("latin-1").strip()))
+
+    def on_headers_complete(self) -> None:
+        resp = self.incoming[-1]
+        resp.status = self._parser.get_status_code()
+        resp.keep_alive = self._parser.should_keep_alive()
+        resp.t_headers = time.perf_counter()
+        resp.head_done = True
+        te = (resp.header("transfer-encoding") or "").lower()
+        resp.until_close = "chunked" not in te and resp.header("content-length") is None
+
+    def on_body(self, body: bytes) -> None:
+        self.incoming[-1].pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        self.incoming[-1].complete = True
+
+    def restart(self) -> None:
+        """Parse what follows as a new response: llhttp cannot be told that a response to
+        HEAD has no body (httptools does not expose it), and requests go one at a time,
+        so nothing follows that head."""
+        self.incoming.clear()
+        self._parser = httptools.HttpResponseParser(self)
 
 
 def send_request(
@@ -114,55 +149,37 @@ def send_request(
 
 
 def read_head(conn: Conn) -> Response:
+    """The head of the next final response (1xx skipped)."""
     while True:
-        line = conn.read_line()
-        parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolError(f"bad status line {line[:80]!r}")
-        status = int(parts[1])
-        headers: list[tuple[str, str]] = []
-        while True:
-            h = conn.read_line()
-            if not h:
-                break
-            k, _, v = h.decode("latin-1").partition(":")
-            headers.append((k.strip().lower(), v.strip()))
-        if 100 <= status < 200:
-            continue  # 100 Continue and friends
-        conn_hdr = ",".join(v for k, v in headers if k == "connection").lower()
-        keep = "close" not in conn_hdr and parts[0] == b"HTTP/1.1"
-        return Response(status, headers, keep, time.perf_counter())
+        while not (conn.incoming and conn.incoming[0].head_done):
+            if not conn.fill():
+                raise ConnectionError("connection closed by the server")
+        resp = conn.incoming[0]
+        if not 100 <= resp.status < 200:
+            return resp
+        conn.incoming.popleft()  # 100 Continue and friends: llhttp ends them at the head
 
 
-def iter_body(conn: Conn, resp: Response, method: str) -> Any:
-    """Yield the body in pieces as they arrive (chunked, content-length, or until close)."""
-    if method == "HEAD" or resp.status in (204, 304):
+def iter_body(conn: Conn, resp: Response, method: str) -> Iterator[bytes]:
+    """Yield the body in pieces as they arrive, framed by llhttp (content-length, chunked,
+    or until the server closes; none for 204 and 304)."""
+    if method == "HEAD":
+        conn.restart()
         return
-    te = (resp.header("transfer-encoding") or "").lower()
-    if "chunked" in te:
-        while True:
-            size_line = conn.read_line().split(b";")[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise ProtocolError(f"bad chunk size {size_line[:20]!r}") from None
-            if size == 0:
-                while conn.read_line():  # trailers
-                    pass
-                return
-            data = conn.read_exact(size)
-            conn.read_exact(2)
+    while True:
+        if resp.pieces:
+            data = b"".join(resp.pieces)
+            resp.pieces.clear()
             yield data
-    cl = resp.header("content-length")
-    if cl is not None:
-        yield conn.read_exact(int(cl))
-        return
-    resp.keep_alive = False
-    while True:
-        data = conn.read_some()
-        if not data:
+        if resp.complete:
+            conn.incoming.popleft()
             return
-        yield data
+        if not conn.fill():
+            if not resp.until_close:
+                raise ConnectionError("connection closed mid-body")
+            resp.keep_alive = False
+            conn.incoming.popleft()
+            return
 
 
 @dataclass
