@@ -10,7 +10,9 @@ AI workloads send an OpenAI chat completion body to a model server). Only a 200 
 Open loop at `--rate` (requests scheduled every 1/R across all connections; latency counts
 from the scheduled time, so a stall is charged to every request it delayed: the
 coordinated-omission correction wrk2 makes) or closed loop with `--rate 0`.
-The same scheduling as agent.lab.workloads.loadgen, which does this for raw TCP echo.
+The same scheduling as agent.lab.workloads.loadgen, which does this for raw TCP echo (both
+from agent.lab.workloads.loadrun; the request loops stay here, inline, so that nothing but
+the request is timed).
 
 `connrate`: N workers each open a connection, send one 1 KB request, read the whole answer
 and close, as fast as they can (closed loop): new connections per second, and the latency of
@@ -28,10 +30,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
-from benchmarks.stats import summarize_us
+from agent.lab.workloads.loadrun import (
+    Outcome,
+    run_threads,
+    run_workers,
+    summarize,
+    tight_timer_slack,
+)
 
 SIZE = 1024
 
@@ -50,17 +57,6 @@ def post_request(
     if close:
         head += "connection: close\r\n"
     return head.encode() + b"\r\n" + body
-
-
-@dataclass
-class Outcome:
-    latencies_ns: list[int] = field(default_factory=list)
-    errors: int = 0
-    first_error: str = ""
-
-    def fail(self, e: BaseException | str) -> None:
-        self.errors += 1
-        self.first_error = self.first_error or str(e)
 
 
 class HttpReader:
@@ -195,15 +191,6 @@ def _http_warmup(host: str, port: int, req: bytes, n: int) -> None:
                 raise ConnectionError(f"warm-up request answered HTTP {status}")
 
 
-def schedules(rate: float, duration: float, connections: int, t0: int) -> list[list[int]]:
-    """Due times (perf_counter ns) of an open loop at `rate`, dealt round robin."""
-    total = int(rate * duration)
-    interval = 1e9 / rate
-    return [
-        [t0 + int(i * interval) for i in range(c, total, connections)] for c in range(connections)
-    ]
-
-
 def run_http(
     host: str,
     port: int,
@@ -214,7 +201,7 @@ def run_http(
     warmup: int,
     request: bytes | None = None,
 ) -> tuple[dict[str, object], list[int]]:
-    _tight_timer_slack()
+    tight_timer_slack()
     req = request if request is not None else http_request(host)
     if warmup:
         _http_warmup(host, port, req, warmup)
@@ -228,34 +215,6 @@ def run_http(
         ),
     )
     return _result(outs, elapsed)
-
-
-Worker = Callable[[int, "list[int] | None", int, threading.Barrier], None]
-
-
-def run_workers(connections: int, rate: float, duration: float, work: Worker) -> float:
-    """Run `work(c, schedule, deadline, barrier)` in a thread per connection: `schedule` is
-    connection c's send times (perf_counter ns) at `rate` requests/s over all of them, or
-    None for a closed loop; `deadline` is monotonic ns; each worker waits on `barrier`
-    before its first request. Returns the seconds from the common start to the last
-    worker's end."""
-    barrier = threading.Barrier(connections + 1)
-    t0 = time.perf_counter_ns() + 50_000_000
-    plan: list[list[int] | None] = (
-        list(schedules(rate, duration, connections, t0)) if rate > 0 else [None] * connections
-    )
-    deadline = time.monotonic_ns() + int(duration * 1e9)
-    threads = [
-        threading.Thread(target=work, args=(c, plan[c], deadline, barrier), daemon=True)
-        for c in range(connections)
-    ]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    begin = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - begin
 
 
 def _conn_worker(
@@ -294,48 +253,19 @@ def run_connrate(
     host: str, port: int, *, http: bool, connections: int, duration: float
 ) -> tuple[dict[str, object], list[int]]:
     outs = [Outcome() for _ in range(connections)]
-    barrier = threading.Barrier(connections + 1)
     deadline = time.monotonic_ns() + int(duration * 1e9)
-    threads = [
-        threading.Thread(
-            target=_conn_worker, args=(host, port, http, deadline, outs[c], barrier), daemon=True
-        )
-        for c in range(connections)
-    ]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    begin = time.perf_counter()
-    for t in threads:
-        t.join()
-    return _result(outs, time.perf_counter() - begin)
+    elapsed = run_threads(
+        connections, lambda c, start: _conn_worker(host, port, http, deadline, outs[c], start)
+    )
+    return _result(outs, elapsed)
 
 
 def _result(outs: list[Outcome], elapsed: float) -> tuple[dict[str, object], list[int]]:
-    lat = [x for o in outs for x in o.latencies_ns]
+    """The run's summary with the client's own CPU seconds (a saturated client shows)."""
+    out, lat = summarize(outs, elapsed)
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    out: dict[str, object] = {
-        "requests": len(lat),
-        "errors": sum(o.errors for o in outs),
-        "seconds": elapsed,
-        "rps": len(lat) / elapsed if elapsed > 0 else 0.0,
-        "latency_us": summarize_us(x / 1000.0 for x in lat),
-        "client_cpu_s": ru.ru_utime + ru.ru_stime,
-    }
-    first = next((o.first_error for o in outs if o.first_error), "")
-    if first:
-        out["first_error"] = first
+    out["client_cpu_s"] = ru.ru_utime + ru.ru_stime
     return out, lat
-
-
-def _tight_timer_slack() -> None:
-    """1 ns timer slack: the default 50 µs would show up as open-loop latency."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK
-    except (OSError, AttributeError):
-        pass
 
 
 def emit(out: dict[str, object], lat: Iterable[int], samples: str | None) -> int:

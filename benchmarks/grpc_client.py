@@ -32,8 +32,8 @@ from collections.abc import Callable
 import grpc
 
 from agent.lab.workloads.grpc_echo import MESSAGES_KEY, SERVER_STREAM, UNARY
-from benchmarks.clients import SIZE, Outcome, _result, _tight_timer_slack, emit, run_workers
-from benchmarks.stats import summarize_us
+from agent.lab.workloads.loadrun import Outcome, run_workers, summarize_us, tight_timer_slack
+from benchmarks.clients import SIZE, _result, emit
 
 CHANNEL_OPTIONS = (
     ("grpc.use_local_subchannel_pool", 1),  # one connection per channel, never shared
@@ -131,7 +131,7 @@ def run(
     size: int = SIZE,
     messages: int = 10,
 ) -> tuple[dict[str, object], list[int]]:
-    _tight_timer_slack()
+    tight_timer_slack()
     payload = b"x" * size
     channels = [
         grpc.insecure_channel(f"{host}:{port}", options=CHANNEL_OPTIONS) for _ in range(connections)

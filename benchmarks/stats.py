@@ -1,9 +1,9 @@
 """Latency statistics for the benchmarks: pure functions, no I/O (unit-tested).
 
-Percentiles are nearest-rank over every sample (the load generators keep all of them), so
-p99.9 of 5,000 samples is the 4,995th smallest value, not an interpolation. Histograms are
-logarithmic (HdrHistogram-style: a fixed number of buckets per power of two) so a run's
-whole distribution fits in results.json in a few hundred numbers.
+Percentiles are nearest-rank over every sample, by the rule of the load clients that take
+the samples (agent.lab.workloads.loadrun). Histograms are logarithmic (HdrHistogram-style:
+a fixed number of buckets per power of two) so a run's whole distribution fits in
+results.json in a few hundred numbers.
 """
 
 from __future__ import annotations
@@ -11,32 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
+# One percentile rule for the lab's load clients and the benchmarks: theirs. summarize_us
+# is named here too for the reports, which take their statistics from this module.
+from agent.lab.workloads.loadrun import (  # noqa: F401
+    PERCENTILES,
+    percentile,
+    percentile_key,
+    summarize_us,
+)
+
 SUB_BUCKETS = 16  # buckets per power of two: at most 1/16 (6.25 %) relative error
-
-
-def percentile_key(p: float) -> str:
-    """99.9 -> 'p99_9' (the key loadgen uses; no dots, so keys work as dotted paths)."""
-    return "p" + f"{p:g}".replace(".", "_")
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of already-sorted values; NaN when there are none."""
-    if not sorted_values:
-        return math.nan
-    n = len(sorted_values)
-    rank = max(0, min(n - 1, math.ceil(p / 100.0 * n) - 1))
-    return float(sorted_values[rank])
-
-
-def summarize_us(samples_us: Iterable[float]) -> dict[str, float]:
-    """p50/p90/p99/p99.9, mean and max of latencies in µs (NaN when empty)."""
-    s = sorted(samples_us)
-    out = {percentile_key(p): percentile(s, p) for p in PERCENTILES}
-    out["mean"] = sum(s) / len(s) if s else math.nan
-    out["max"] = s[-1] if s else math.nan
-    out["count"] = float(len(s))
-    return out
 
 
 def added(scenario: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:

@@ -11,8 +11,9 @@ import socket
 import pytest
 import yaml
 
+from agent.lab.workloads.loadrun import schedules
 from benchmarks import controller_scale, lab_suite, proxies, report, stats
-from benchmarks.clients import HttpReader, http_request, post_request, schedules
+from benchmarks.clients import HttpReader, http_request, post_request
 from benchmarks.httpecho import parse_head, response
 
 # --------------------------------------------------------------------------- stats

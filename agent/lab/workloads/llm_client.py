@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import socket
 import sys
 import threading
@@ -32,6 +31,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+
+from agent.lab.workloads.loadrun import percentile, run_threads
 
 DEFAULT_PATHS = {
     "chat": "/v1/chat/completions",
@@ -394,11 +395,9 @@ def build_body(args: argparse.Namespace) -> bytes:
     return json.dumps(body).encode()
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
+def _p(values: list[float], p: float) -> float | None:
+    """Rounded percentile of the values; None (JSON null) when there are none."""
+    return _r(percentile(sorted(values), p)) if values else None
 
 
 def summarize(results: list[Result], seconds: float) -> dict[str, Any]:
@@ -415,10 +414,10 @@ def summarize(results: list[Result], seconds: float) -> dict[str, Any]:
         "models": dict(Counter(r.model or "" for r in results if r.status is not None)),
         "prompt_tokens": sum(int(u.get("prompt_tokens") or 0) for u in usage),
         "completion_tokens": sum(int(u.get("completion_tokens") or 0) for u in usage),
-        "ttft_p50_s": _r(percentile(ttft, 50)),
-        "ttft_p99_s": _r(percentile(ttft, 99)),
-        "total_p50_s": _r(percentile(total, 50)),
-        "total_p99_s": _r(percentile(total, 99)),
+        "ttft_p50_s": _p(ttft, 50),
+        "ttft_p99_s": _p(ttft, 99),
+        "total_p50_s": _p(total, 50),
+        "total_p99_s": _p(total, 99),
         "seconds": round(seconds, 6),
         "rps": round(len(results) / seconds, 2) if seconds > 0 else None,
     }
@@ -455,7 +454,8 @@ def run(args: argparse.Namespace, out: Any = None) -> list[Result]:
             next_i[0] += 1
             return next_i[0] - 1
 
-    def worker() -> None:
+    def worker(_: int, start: threading.Barrier) -> None:
+        start.wait()
         conn: Conn | None = None
         while (i := take()) is not None:
             if i and args.interval > 0:
@@ -484,16 +484,9 @@ def run(args: argparse.Namespace, out: Any = None) -> list[Result]:
         if conn is not None:
             conn.close()
 
-    t0 = time.perf_counter()
-    threads = [
-        threading.Thread(target=worker, daemon=True) for _ in range(max(1, args.concurrency))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    seconds = run_threads(max(1, args.concurrency), worker)
     if args.summary:
-        out.write(json.dumps(summarize(results, time.perf_counter() - t0)) + "\n")
+        out.write(json.dumps(summarize(results, seconds)) + "\n")
         out.flush()
     return results
 

@@ -16,58 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
-PERCENTILES = (50.0, 90.0, 99.0, 99.9)
-
-
-@dataclass
-class Result:
-    latencies_ns: list[int] = field(default_factory=list)
-    errors: int = 0
-    first_error: str = ""
-
-
-def percentile(sorted_values: list[int], p: float) -> float:
-    """Nearest-rank percentile of already-sorted values."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(p / 100.0 * len(sorted_values)) - 1))
-    return float(sorted_values[rank])
-
-
-def percentile_key(p: float) -> str:
-    """99.9 -> 'p99_9' (no dots: keys are also used as dotted paths)."""
-    return "p" + f"{p:g}".replace(".", "_")
-
-
-def _tight_timer_slack() -> None:
-    """Ask for 1 ns timer slack: the default 50 µs would show up as open-loop latency."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK
-    except (OSError, AttributeError):
-        pass
-
-
-def summarize(lat_ns: list[int], errors: int, elapsed: float) -> dict[str, object]:
-    s = sorted(lat_ns)
-    us = {percentile_key(p): percentile(s, p) / 1000.0 for p in PERCENTILES}
-    us["max"] = s[-1] / 1000.0 if s else float("nan")
-    us["mean"] = sum(s) / len(s) / 1000.0 if s else float("nan")
-    return {
-        "requests": len(s),
-        "errors": errors,
-        "seconds": elapsed,
-        "rps": len(s) / elapsed if elapsed > 0 else 0.0,
-        "latency_us": us,
-    }
+from agent.lab.workloads.loadrun import Outcome, run_workers, summarize, tight_timer_slack
 
 
 def _recv_exact(sock: socket.socket, n: int, buf: bytearray) -> None:
@@ -88,7 +42,7 @@ def _worker(
     schedule: list[int] | None,
     count: int,
     deadline_ns: int,
-    out: Result,
+    out: Outcome,
     start: threading.Barrier,
 ) -> None:
     payload = b"x" * size
@@ -97,8 +51,7 @@ def _worker(
         sock = socket.create_connection((host, port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as e:
-        out.errors += 1
-        out.first_error = out.first_error or f"connect {host}:{port}: {e}"
+        out.fail(f"connect {host}:{port}: {e}")
         start.wait()
         return
     start.wait()
@@ -112,8 +65,7 @@ def _worker(
                     sock.sendall(payload)
                     _recv_exact(sock, size, buf)
                 except OSError as e:
-                    out.errors += 1
-                    out.first_error = out.first_error or str(e)
+                    out.fail(e)
                     return
                 out.latencies_ns.append(time.perf_counter_ns() - t0)
             return
@@ -125,8 +77,7 @@ def _worker(
                 sock.sendall(payload)
                 _recv_exact(sock, size, buf)
             except OSError as e:
-                out.errors += 1
-                out.first_error = out.first_error or str(e)
+                out.fail(e)
                 return
             out.latencies_ns.append(time.perf_counter_ns() - due)
 
@@ -144,57 +95,31 @@ def run(
     keep_samples: bool = False,
 ) -> dict[str, object]:
     """Drive the server and return the summary (also used in-process by benchmarks)."""
-    _tight_timer_slack()
+    tight_timer_slack()
     if warmup:
         run(
             host, port, size=size, connections=1, rate=0.0, duration=10.0, requests=warmup, warmup=0
         )
-    results = [Result() for _ in range(connections)]
-    barrier = threading.Barrier(connections + 1)
-    # Leave 50 ms for every connection to be established before the first due time.
-    t0 = time.perf_counter_ns() + 50_000_000
-    schedules: list[list[int] | None]
-    if rate > 0:
-        total = int(rate * duration)
-        interval = 1e9 / rate
-        schedules = [
-            [t0 + int(i * interval) for i in range(c, total, connections)]
-            for c in range(connections)
-        ]
-        count = 0
-    else:
-        schedules = [None] * connections
-        count = requests if requests else 10**12
-    deadline = time.monotonic_ns() + int(duration * 1e9) if not requests else 2**62
-    threads = [
-        threading.Thread(
-            target=_worker,
-            args=(host, port),
-            kwargs={
-                "size": size,
-                "schedule": schedules[c],
-                "count": count // connections if requests else count,
-                "deadline_ns": deadline,
-                "out": results[c],
-                "start": barrier,
-            },
-            daemon=True,
-        )
-        for c in range(connections)
-    ]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    begin = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - begin
-    lat = [x for r in results for x in r.latencies_ns]
-    out = summarize(lat, sum(r.errors for r in results), elapsed)
+    outs = [Outcome() for _ in range(connections)]
+    # Closed loop: `requests` in all (then no time limit), or as many as fit in `duration`.
+    count = requests // connections if requests else 10**12
+    elapsed = run_workers(
+        connections,
+        rate,
+        duration,
+        lambda c, schedule, deadline, start: _worker(
+            host,
+            port,
+            size=size,
+            schedule=schedule,
+            count=count,
+            deadline_ns=deadline if not requests else 2**62,
+            out=outs[c],
+            start=start,
+        ),
+    )
+    out, lat = summarize(outs, elapsed)
     out.update({"size": size, "connections": connections, "rate": rate})
-    first = next((r.first_error for r in results if r.first_error), "")
-    if first:
-        out["first_error"] = first
     if keep_samples:
         out["samples_ns"] = lat
     return out
