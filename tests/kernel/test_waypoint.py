@@ -541,3 +541,97 @@ spec:
     rs = chat(clean, "apps/client", n=5)
     assert {r["served_by"] for r in rs} == {"ai/llm-v2"}, rs
     assert rs[0]["headers"]["x-ratelimit-limit-requests"] == "1000"
+
+
+ISTIO_TUTORIAL = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: llm, namespace: ai}
+spec:
+  hosts: [llm]
+  http:
+  - route:
+    - destination: {host: llm, subset: v1}
+      weight: 90
+    - destination: {host: llm, subset: v2}
+      weight: 10
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: llm, namespace: ai}
+spec:
+  host: llm
+  trafficPolicy:
+    connectionPool:
+      http: {http1MaxPendingRequests: 64, maxRequestsPerConnection: 100}
+    outlierDetection:
+      consecutive5xxErrors: 2
+      interval: 1s
+      baseEjectionTime: 1m
+      maxEjectionPercent: 50
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+"""
+
+
+def test_istios_tutorial_virtualservice_and_destinationrule_act_in_the_lab(
+    clean: Mesh, tmp_path: Path
+) -> None:
+    """Issue 17, as a newcomer from Istio does it: `weft policy apply -f` the tutorial's
+    VirtualService (90/10 between subsets) and DestinationRule (subsets, connection pool,
+    outlier detection); the split holds, a failing v1 replica is ejected after
+    consecutive5xxErrors, and `weft policy get` shows both Accepted."""
+    import os
+
+    f = tmp_path / "istio.yaml"
+    f.write_text(ISTIO_TUTORIAL)
+    env = {**os.environ, "WEFT_LAB": clean.lab.name}
+
+    def weft(*args: str) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out
+
+    try:
+        out = weft("policy", "apply", "-f", str(f))
+        revision = int(out.stdout.split("revision ")[-1].split()[0])
+        wait_until(
+            lambda: (
+                all(
+                    clean.admin(n.name, "/config")["revision"] >= revision
+                    for n in clean.state.nodes
+                )
+                and all(r >= revision for r in clean.waypoint_revisions())
+            ),
+            "agents and the waypoint to apply it",
+            15,
+        )
+        r = hits(clean, 1000, 8)
+        assert r["status"] == {"200": 1000}, r
+        assert abs(v1_share(r["served"]) - 0.90) <= 0.035, r["served"]
+        for kind in ("virtualservice", "destinationrule"):
+            doc = json.loads(weft("policy", "get", kind, "llm", "-n", "ai", "-o", "json").stdout)
+            conds = {c["type"]: c["status"] for c in doc["status"]["conditions"]}
+            assert conds.get("Accepted") == "True", doc["status"]
+        control(clean, "ai/llm-v1-a", {"error_rate": 1.0, "error_status": 503})
+        r = hits(clean, 60, 1)
+        failed = r["status"].get("503", 0)
+        assert failed <= 2, r  # ejected after consecutive5xxErrors: 2
+        assert "ai/llm-v1-a" not in hits(clean, 40, 1)["served"]  # the outlier gets nothing
+    finally:
+        for ref in ("virtualservice/ai/llm", "destinationrule/ai/llm"):
+            subprocess.run(
+                [sys.executable, "-m", "agent.cli", "policy", "delete", ref],
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
