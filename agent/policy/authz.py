@@ -232,17 +232,26 @@ def workload_policies(
 
 
 def service_policies(
-    policies: Sequence[AuthorizationPolicy], namespace: str, service: str
+    policies: Sequence[AuthorizationPolicy],
+    namespace: str,
+    service: str,
+    waypoint: str | None = None,
 ) -> list[AuthorizationPolicy]:
-    """Policies a waypoint enforces for traffic to Service namespace/service."""
+    """Policies a waypoint enforces for traffic to Service namespace/service: those that
+    target the Service, and those that target the waypoint itself (a Gateway named
+    `waypoint`, which serves the Services of its own namespace), as in Istio."""
     return [
         p
         for p in policies
-        if any(
-            t.kind == "Service" and t.name == service and (t.namespace or p.namespace) == namespace
+        if p.namespace == namespace
+        and any(
+            (t.namespace or p.namespace) == namespace
+            and (
+                (t.kind == "Service" and t.name == service)
+                or (t.kind == "Gateway" and waypoint is not None and t.name == waypoint)
+            )
             for t in p.spec.targets()
         )
-        and p.namespace == namespace
     ]
 
 

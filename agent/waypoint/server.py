@@ -510,7 +510,7 @@ class Waypoint:
         policies = self._authz.get((svc.namespace, svc.name))
         if policies is None:
             policies = self._authz[(svc.namespace, svc.name)] = service_policies(
-                snap.authorization, svc.namespace, svc.name
+                snap.authorization, svc.namespace, svc.name, self.s.name
             )
         decision = (
             ALLOWED

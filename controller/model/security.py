@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from controller.model.base import LabelSelector, Model, Resource, register
 
@@ -147,10 +147,26 @@ class Rule(Model):
 
 
 class TargetRef(Model):
+    """A Service (the policy applies at its waypoint) or a waypoint Gateway (it applies to
+    everything that waypoint serves), in the policy's own namespace, as in Istio."""
+
     group: str = ""
     kind: Literal["Service", "Gateway", "ServiceEntry"]
     name: str
     namespace: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> TargetRef:
+        if self.kind == "ServiceEntry":
+            raise ValueError(
+                "kind ServiceEntry: weft has no ServiceEntry (no egress registry); target a "
+                "Service or a waypoint Gateway"
+            )
+        if self.kind == "Gateway" and self.group not in ("", "gateway.networking.k8s.io"):
+            raise ValueError(f"group {self.group!r}: a Gateway is gateway.networking.k8s.io's")
+        if self.kind == "Service" and self.group not in ("", "core"):
+            raise ValueError(f"group {self.group!r}: a Service is in the core group ('')")
+        return self
 
 
 class AuthorizationPolicySpec(Model):
@@ -193,6 +209,16 @@ class AuthorizationPolicy(Resource):
         out: list[tuple[tuple[str | int, ...], str]] = []
         if self.spec.selector and self.spec.targets():
             out.append((("spec", "targetRefs"), "set either selector or targetRefs, not both"))
+        for t in self.spec.targets():
+            if t.namespace and t.namespace != self.namespace:
+                # Istio refuses it too: a policy applies in its own namespace only.
+                out.append(
+                    (
+                        ("spec", "targetRefs"),
+                        f"{t.kind} {t.namespace}/{t.name} is in another namespace: a policy "
+                        f"targets only what is in its own ({self.namespace})",
+                    )
+                )
         return out
 
     @property

@@ -70,6 +70,7 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
     # Whether this is a running mesh's config (it has workloads) rather than files being
     # validated on their own: only then does a waypoint without instances say anything.
     live_config = any(r.KIND == "Workload" for r in res)
+    declared = {(r.namespace, r.name) for r in res if r.KIND == "Gateway"}
     for r in res:
         if r.KIND == "Gateway":
             out[r.key] = _gateway_conditions(r, instances.get((r.namespace, r.name), (0, 0)))
@@ -80,6 +81,10 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
                 Condition("ResolvedRefs", True, "ResolvedRefs"),
                 Condition("Accepted", False, "NotMeshWide", loosening),
             ]
+            continue
+        gateways = _gateway_targets(r)
+        if gateways:
+            out[r.key] = _gateway_target_conditions(r, gateways, declared, instances, live_config)
             continue
         l7_targets, backends = _references(r)
         if not l7_targets and not backends and str(r.key) not in not_derived:
@@ -158,6 +163,57 @@ def _waypoint_instances(res: list[Resource]) -> dict[tuple[str, str], tuple[int,
         n, ready = out.get((r.namespace, name), (0, 0))
         out[(r.namespace, name)] = (n + 1, ready + (spec.ready and spec.phase == "Running"))
     return out
+
+
+def _gateway_targets(r: Resource) -> list[tuple[str, str]]:
+    """Waypoint Gateways an AuthorizationPolicy targets (it applies to all they serve)."""
+    spec = getattr(r, "spec", None)
+    if r.KIND != "AuthorizationPolicy" or spec is None:
+        return []
+    return [(t.namespace or r.namespace, t.name) for t in spec.targets() if t.kind == "Gateway"]
+
+
+def _gateway_target_conditions(
+    r: Resource,
+    gateways: list[tuple[str, str]],
+    declared: set[tuple[str, str]],
+    instances: dict[tuple[str, str], tuple[int, int]],
+    live: bool,
+) -> list[Condition]:
+    """A policy on waypoints: resolved when each is declared (a Gateway) or runs (pods);
+    accepted when each has a ready instance (a live config only)."""
+    unknown = [
+        f"{ns}/{n}" for ns, n in gateways if (ns, n) not in declared and (ns, n) not in instances
+    ]
+    if unknown:
+        return [
+            Condition(
+                "ResolvedRefs",
+                False,
+                "GatewayNotFound",
+                f"no waypoint {', '.join(unknown)} (a Gateway of class weft-waypoint, or pods "
+                "labelled weft.dev/waypoint)",
+            ),
+            Condition(
+                "Accepted", False, "GatewayNotFound", "its waypoint is missing: enforced nowhere"
+            ),
+        ]
+    idle = [f"{ns}/{n}" for ns, n in gateways if live and not instances.get((ns, n), (0, 0))[1]]
+    if idle:
+        return [
+            Condition("ResolvedRefs", True, "ResolvedRefs"),
+            Condition(
+                "Accepted",
+                False,
+                "WaypointNotReady",
+                f"waypoint {', '.join(idle)} has no ready instance: the traffic it serves is "
+                "refused until one runs",
+            ),
+        ]
+    return [
+        Condition("ResolvedRefs", True, "ResolvedRefs"),
+        Condition("Accepted", True, "Accepted"),
+    ]
 
 
 def _gateway_conditions(r: Resource, pods: tuple[int, int]) -> list[Condition]:

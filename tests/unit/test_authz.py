@@ -194,3 +194,22 @@ spec:
     )
     assert decide(text, req()).allowed
     assert not decide(text, req(port=8001)).allowed
+
+
+def test_waypoint_gateway_targets_apply_to_the_services_it_serves() -> None:
+    from controller.model.loader import parse_text
+
+    text = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: on-waypoint, namespace: ai}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]
+  action: DENY
+  rules: [{to: [{operation: {methods: [DELETE]}}]}]
+"""
+    ps = parse_text(text, "p.yaml").resources
+    assert service_policies(ps, "ai", "llm", "wp") == ps  # type: ignore[arg-type]
+    assert service_policies(ps, "ai", "llm", "other") == []  # type: ignore[arg-type]
+    assert service_policies(ps, "ai", "llm") == []  # type: ignore[arg-type]
+    assert service_policies(ps, "apps", "llm", "wp") == []  # type: ignore[arg-type]

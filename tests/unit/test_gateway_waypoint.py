@@ -249,3 +249,43 @@ def test_invalid_gateway_from_the_api_names_the_object() -> None:
     with pytest.raises(InvalidConfig) as e:
         k8s.convert(k8s.GATEWAYS, doc)
     assert "Gateway default/waypoint" in str(e.value.problems[0])
+
+
+POLICY_ON = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: p, namespace: default}}
+spec:
+  targetRefs: [{target}]
+  action: DENY
+  rules: [{{to: [{{operation: {{methods: [DELETE]}}}}]}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("{kind: ServiceEntry, group: networking.istio.io, name: x}", "ServiceEntry"),
+        ("{kind: Service, name: llm, namespace: other}", "another namespace"),
+        ("{kind: Gateway, group: example.com, name: waypoint}", "group"),
+    ],
+)
+def test_policy_targets_weft_cannot_honour_are_refused(target: str, says: str) -> None:
+    offer = parse_text(POLICY_ON.format(target=target), "p.yaml")
+    assert offer.problems and says in str(offer.problems[0]), offer.problems
+
+
+def test_a_policy_on_a_waypoint_gateway_says_whether_the_waypoint_exists_and_runs() -> None:
+    (pol,) = parse(POLICY_ON.format(target="{kind: Gateway, name: waypoint}"))
+    (gw,) = parse(yaml.safe_dump(recorded()))
+    caller = parse(workload("client", "default", {"app": "client"}))
+    c = by_type(conditions([pol])[pol.key])
+    assert (c["ResolvedRefs"].reason, c["Accepted"].reason) == (
+        "GatewayNotFound",
+        "GatewayNotFound",
+    )
+    c = by_type(conditions([pol, gw, *caller])[pol.key])
+    assert c["ResolvedRefs"].status and c["Accepted"].reason == "WaypointNotReady"
+    ready = parse(workload("wp-b", "default", {"weft.dev/waypoint": "waypoint"}))
+    c = by_type(conditions([pol, gw, *caller, *ready])[pol.key])
+    assert c["Accepted"].status

@@ -359,3 +359,27 @@ def test_a_dead_waypoint_loop_makes_it_not_ready_and_stop(tmp_path):
             assert "'agent-link'" in str(wp.failure)
 
     asyncio.run(main())
+
+
+def test_a_policy_on_the_waypoint_gateway_applies_to_what_it_serves(tmp_path):
+    """Istio's way of putting L7 policy on a waypoint: targetRefs to its Gateway (kind
+    Gateway, the waypoint's name) applies to every Service the waypoint serves."""
+    chat = json.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+    on_gateway = DENY_BATCH_CHAT.replace(
+        'targetRefs: [{kind: Service, group: "", name: llm}]',
+        "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ai-waypoint}]",
+    )
+    other_waypoint = on_gateway.replace("name: ai-waypoint", "name: another-waypoint")
+
+    async def main() -> None:
+        async with WaypointMesh(tmp_path) as m:
+            await m.apply("l7.yaml", on_gateway)
+            r = await m.http("POST", "/v1/chat/completions", chat, src="batch")
+            assert r.status == 403, r
+            r = await m.http("POST", "/v1/chat/completions", chat, src="client")
+            assert r.status == 200, r
+            await m.apply("l7.yaml", other_waypoint)  # not this waypoint: not enforced here
+            r = await m.http("POST", "/v1/chat/completions", chat, src="batch")
+            assert r.status == 200, r
+
+    uvloop.run(main())
