@@ -117,7 +117,13 @@ class Keeper:
         if verb != "keep" or not _NAME.match(name) or len(fds) != 1:
             conn.sendall(b"error: expected 'take' or 'keep NAME' with one descriptor")
             return
-        s = socket.socket(fileno=os.dup(fds[0]))
+        fd = os.dup(fds[0])
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:  # not a socket at all
+            os.close(fd)
+            conn.sendall(b"error: not a listening TCP socket")
+            return
         if not _is_listening_tcp(s):
             s.close()
             conn.sendall(b"error: not a listening TCP socket")
@@ -236,16 +242,25 @@ def listener_socket(host: str, port: int) -> socket.socket:
 
 
 def listener(
-    path: Path | None, held: dict[str, socket.socket], name: str, host: str, port: int
+    path: Path | None,
+    held: dict[str, socket.socket],
+    name: str,
+    host: str,
+    port: int,
+    *,
+    keep_new: bool = True,
 ) -> socket.socket:
     """The listener `name` on host:port: the one the keeper kept (connects made while no
-    process listened are queued on it), else a new one, given to the keeper to hold."""
+    process listened are queued on it), else a new one, given to the keeper to hold unless
+    `keep_new` is False (a node agent gives it only once it has taken the node over: a
+    successor that fails to start must not leave a listener in its port group that nobody
+    accepts on)."""
     s = adopt(held, name, host, port)
     if s is not None:
         log.info("took the %s listener %s:%d from the socket keeper", name, host, port)
         return s
     s = listener_socket(host, port)
-    if path is not None:
+    if path is not None and keep_new:
         keep(path, name, s)
     return s
 

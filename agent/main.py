@@ -61,6 +61,7 @@ FASTPATH_ANNOTATION = "weft.dev/fastpath"
 
 
 HANDOVER_WAIT = 30.0  # seconds a new agent waits for its predecessor to release the data path
+KEEPER_REFRESH = 30.0  # seconds between giving the socket keeper our listeners again
 
 
 class Agent:
@@ -432,10 +433,9 @@ class Agent:
         if took_over:
             log.info("taking node %s over from the running agent process", s.node)
         self._start_datapath(lock_wait=HANDOVER_WAIT if took_over else 0.0)
-        if took_over:
-            # The predecessor has let go (it released the data path lock after having
-            # its socket keeper drop what it held): the keeper holds ours from now on.
-            self.tunnel.keep_listeners()
+        # This agent holds the node now (a predecessor let go: it released the data path
+        # lock after having the keeper drop what it held): the keeper holds our listeners.
+        self.tunnel.keep_listeners()
         if self.datapath is not None:
             self.datapath.set_tunnel_listener(self.tunnel.outbound_listener())
         if await self.config.load_cache():
@@ -456,10 +456,16 @@ class Agent:
             self.tasks.start(self.flows.run(), "flow-export")
 
     async def _reconcile_loop(self) -> None:
+        kept = time.monotonic()
         while True:
             await asyncio.sleep(self.s.reconcile_interval)
             if self.datapath is not None and self.tunnel is not None:
                 self._keep_listener_registered()
+            if self.tunnel is not None and time.monotonic() - kept >= KEEPER_REFRESH:
+                # A restarted keeper holds nothing: give it our listeners again (in a
+                # thread: a wedged keeper must not stall the loop).
+                kept = time.monotonic()
+                await asyncio.to_thread(self.tunnel.keep_listeners)
             if self.datapath is not None and self._unresolved:
                 self._reconcile_datapath(self.snapshot, self.local_workloads(self.snapshot))
             self.refresh_gauges()

@@ -162,14 +162,22 @@ class Tunnel:
             return
         loop = asyncio.get_running_loop()
         held = keeper.take(self.s.keeper) if self.s.keeper else {}
-        out = keeper.listener(self.s.keeper, held, "outbound", self.s.node_ip, self.s.outbound_port)
+        # New listeners go to the keeper once this agent holds the node (keep_listeners).
+        out = keeper.listener(
+            self.s.keeper, held, "outbound", self.s.node_ip, self.s.outbound_port, keep_new=False
+        )
         self._servers.append(
             await loop.create_server(
                 lambda: _OutboundPod(self), sock=out, backlog=4096, start_serving=False
             )
         )
         inb = keeper.listener(
-            self.s.keeper, held, "inbound", self.s.inbound_host, self.s.inbound_port
+            self.s.keeper,
+            held,
+            "inbound",
+            self.s.inbound_host,
+            self.s.inbound_port,
+            keep_new=False,
         )
         for s in held.values():  # names this agent does not use (any more)
             s.close()
@@ -185,9 +193,11 @@ class Tunnel:
         )
 
     def keep_listeners(self) -> None:
-        """Give the socket keeper this process's listeners (again: a predecessor that let
-        go had it drop what it held)."""
-        if not self.s.keeper:
+        """Give the socket keeper this process's listeners: once this agent holds the node,
+        and again now and then (a predecessor that let go had it drop what it held; a
+        restarted keeper holds nothing). Never while draining: a superseded agent's
+        listeners must close for good."""
+        if not self.s.keeper or self.draining:
             return
         for name, srv in zip(("outbound", "inbound"), self._servers, strict=False):
             keeper.keep(self.s.keeper, name, srv.sockets[0])  # type: ignore[attr-defined]

@@ -139,7 +139,13 @@ def conditions(resources: Iterable[Resource]) -> dict[ResourceKey, list[Conditio
                     "WaypointNotReady",
                     f"Service {', '.join(idle)} has no ready waypoint instance (pods labelled "
                     "weft.dev/waypoint in its namespace): its L7 traffic is refused until one "
-                    "runs",
+                    "runs"
+                    + (
+                        "; a waypoint in another namespace (istio.io/use-waypoint-namespace) "
+                        "is not implemented by weft"
+                        if any("/" in x.split("(waypoint ", 1)[1] for x in idle)
+                        else ""
+                    ),
                 )
             )
         else:

@@ -55,6 +55,11 @@ USE_WAYPOINT_LABEL = "weft.dev/use-waypoint"  # on a Service or Namespace: route
 # Istio's spelling of the same label, read as written (Istio users label namespaces with it).
 ISTIO_USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
 NO_WAYPOINT = "none"  # a Service's value that opts it out of its namespace's waypoint
+# Istio's label naming the namespace of the waypoint (cross-namespace use, Istio 1.23+).
+# weft waypoints serve their own namespace: a Service that names another gets a waypoint
+# name no instance can have ("ns/name"), so its L7 traffic is refused, and its policies'
+# conditions say why, rather than it silently using a same-named waypoint of its own.
+ISTIO_USE_WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
 
 
 def use_waypoint(labels: dict[str, str]) -> str | None:
@@ -71,8 +76,14 @@ def with_namespace_waypoint(
     Service's own label, `none` included, wins over the namespace's)."""
     if use_waypoint(labels) is not None:
         return labels
-    inherited = use_waypoint(namespace_labels or {})
-    return {**labels, USE_WAYPOINT_LABEL: inherited} if inherited else labels
+    ns_labels = namespace_labels or {}
+    inherited = use_waypoint(ns_labels)
+    if not inherited:
+        return labels
+    out = {**labels, USE_WAYPOINT_LABEL: inherited}
+    if ISTIO_USE_WAYPOINT_NAMESPACE_LABEL in ns_labels:
+        out[ISTIO_USE_WAYPOINT_NAMESPACE_LABEL] = ns_labels[ISTIO_USE_WAYPOINT_NAMESPACE_LABEL]
+    return out
 
 
 WAYPOINT_LABEL = "weft.dev/waypoint"  # on a waypoint's pods: the waypoint's name
@@ -208,7 +219,12 @@ class Service(Resource):
         """The waypoint this Service's L7 traffic goes through (weft.dev/use-waypoint or
         istio.io/use-waypoint; sources apply the namespace's label), None for none."""
         v = use_waypoint(self.metadata.labels)
-        return None if v == NO_WAYPOINT else v
+        if v is None or v == NO_WAYPOINT:
+            return None
+        elsewhere = self.metadata.labels.get(ISTIO_USE_WAYPOINT_NAMESPACE_LABEL)
+        if elsewhere and elsewhere != self.namespace:
+            return f"{elsewhere}/{v}"  # matches no instance: refused, and said (status)
+        return v
 
     def selects(self, w: Workload) -> bool:
         sel = self.spec.selector

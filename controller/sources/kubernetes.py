@@ -47,6 +47,7 @@ from controller.model.base import Resource, ResourceKey, kinds, parse_resource
 from controller.model.gateway import is_waypoint_gateway
 from controller.model.problems import InvalidConfig, Problem
 from controller.model.workloads import (
+    ISTIO_USE_WAYPOINT_NAMESPACE_LABEL,
     NO_WAYPOINT,
     Workload,
     WorkloadSpec,
@@ -474,6 +475,11 @@ def object_document(obj: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _waypoint_labels(labels: dict[str, str]) -> tuple[str | None, str | None]:
+    """What a Namespace's labels give its Services: the waypoint and Istio's namespace."""
+    return use_waypoint(labels), labels.get(ISTIO_USE_WAYPOINT_NAMESPACE_LABEL)
+
+
 def service_document(
     obj: dict[str, Any], namespace_labels: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -669,7 +675,7 @@ class KubernetesSource:
             self.namespace_labels.pop(name, None)
         else:
             self.namespace_labels[name] = labels
-        if use_waypoint(old) != use_waypoint(labels or {}) and SERVICES in self.views:
+        if _waypoint_labels(old) != _waypoint_labels(labels or {}) and SERVICES in self.views:
             # Its Services inherit the namespace's waypoint: derive them again.
             services = self.views[SERVICES]
             changed = False

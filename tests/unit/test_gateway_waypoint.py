@@ -289,3 +289,28 @@ def test_a_policy_on_a_waypoint_gateway_says_whether_the_waypoint_exists_and_run
     ready = parse(workload("wp-b", "default", {"weft.dev/waypoint": "waypoint"}))
     c = by_type(conditions([pol, gw, *caller, *ready])[pol.key])
     assert c["Accepted"].status
+
+
+def test_a_waypoint_in_another_namespace_is_refused_and_said_not_a_same_named_one_used() -> None:
+    """istio.io/use-waypoint-namespace (Istio's cross-namespace waypoints) is not
+    implemented: the Service's L7 traffic must not silently go to a waypoint of the same
+    name in its own namespace. It gets a waypoint no instance can be (refused, fail
+    closed), and its policies' condition names the label."""
+    text = SERVICE.replace(
+        '{"istio.io/use-waypoint": waypoint}',
+        '{"istio.io/use-waypoint": waypoint, "istio.io/use-waypoint-namespace": infra}',
+    )
+    (svc,) = parse(text)
+    assert svc.waypoint == "infra/waypoint"  # type: ignore[attr-defined]
+    (pol,) = parse(POLICY_ON.format(target="{kind: Service, name: llm}").replace("DELETE", "PUT"))
+    own = parse(workload("wp-b", "default", {"weft.dev/waypoint": "waypoint"}))  # same name
+    c = by_type(conditions([svc, pol, *own])[pol.key])
+    assert c["Accepted"].reason == "WaypointNotReady", c
+    assert "istio.io/use-waypoint-namespace" in c["Accepted"].message
+    ns_labels = {"istio.io/use-waypoint": "waypoint", "istio.io/use-waypoint-namespace": "infra"}
+    from controller.model.workloads import with_namespace_waypoint
+
+    assert with_namespace_waypoint({}, ns_labels) == {
+        "weft.dev/use-waypoint": "waypoint",
+        "istio.io/use-waypoint-namespace": "infra",
+    }

@@ -112,3 +112,38 @@ def test_no_keeper_is_no_sockets(tmp_path: Path) -> None:
     with s:
         assert not keeper.keep(tmp_path / "absent.sock", "outbound", s)
     assert os.path.exists(tmp_path)
+
+
+def test_a_descriptor_that_is_no_socket_is_refused_without_a_leak(keeper_path: Path) -> None:
+    """A `keep` carrying a file or a pipe is refused, and the keeper keeps no copy of it
+    (it runs in this process, in a thread: its descriptors are ours to count)."""
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{os.getpid()}/fd"))
+
+    r, w = os.pipe()
+    try:
+        with tempfile.TemporaryFile() as f:
+            assert not keeper._ask(keeper_path, "keep outbound", [f.fileno()], 2.0)
+            before = fds()
+            for _ in range(20):
+                assert not keeper._ask(keeper_path, "keep outbound", [f.fileno()], 2.0)
+                assert not keeper._ask(keeper_path, "keep outbound", [r], 2.0)
+            assert fds() - before < 3
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_new_listener_is_kept_only_when_asked(keeper_path: Path) -> None:
+    """A node agent makes its listeners with keep_new=False and gives them to the keeper
+    only once it holds the node: a successor that fails to start leaves nothing in its
+    keeper (a kept listener nobody accepts on would take a share of the port's connects)."""
+    s = keeper.listener(keeper_path, {}, "outbound", "127.0.0.1", 0, keep_new=False)
+    with s:
+        assert keeper.take(keeper_path) == {}
+        assert keeper.keep(keeper_path, "outbound", s)
+        (held,) = keeper.take(keeper_path).values()
+        held.close()
+        assert keeper.drop(keeper_path)
+        assert keeper.take(keeper_path) == {}
