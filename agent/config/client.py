@@ -29,6 +29,7 @@ from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
 from agent.state import ConfigSnapshot
 from controller.api.gen import config_pb2, config_pb2_grpc
 from controller.model.base import Resource, ResourceKey, resource_from_json
+from controller.model.bulk import collector_paused
 from controller.model.problems import InvalidConfig, Problem
 
 log = logging.getLogger("weft.config")
@@ -109,15 +110,21 @@ class ConfigClient:
     async def apply_response(self, resp: config_pb2.ConfigResponse) -> None:
         """Validate and apply one response; raises ConfigRejected (nothing applied). A delta
         costs what it changes (ConfigSnapshot.with_changes), not the size of the mesh."""
-        upserts, removed = self._decode(resp)
         td = resp.trust_domain or self.snapshot.trust_domain
         try:
-            if resp.full:
-                snap = ConfigSnapshot.build(
-                    resp.epoch, resp.revision, td, {r.key: r for r in upserts}
-                )
-            else:
-                snap = self.snapshot.with_changes(resp.epoch, resp.revision, upserts, removed)
+            # A full snapshot is a mesh's worth of objects that all survive: decoded and
+            # indexed without the cyclic collector walking the heap again and again
+            # (controller/model/bulk.py).
+            with collector_paused():
+                upserts, removed = self._decode(resp)
+                if resp.full:
+                    snap = ConfigSnapshot.build(
+                        resp.epoch, resp.revision, td, {r.key: r for r in upserts}
+                    )
+                else:
+                    snap = self.snapshot.with_changes(resp.epoch, resp.revision, upserts, removed)
+        except ConfigRejected:
+            raise
         except Exception as e:  # NACKed, the previous snapshot serves: never a dead stream
             log.exception("config revision %d could not be indexed", resp.revision)
             raise ConfigRejected(
@@ -217,14 +224,15 @@ class ConfigClient:
         if self.cache is None or not self.cache.exists():
             return False
         try:
-            doc = json.loads(self.cache.read_text())
-            resources = {}
-            for item in doc["resources"]:
-                res = resource_from_json(item["kind"], json.dumps(item["body"]))
-                resources[res.key] = res
-            snap = ConfigSnapshot.build(
-                doc["epoch"], doc["revision"], doc["trustDomain"], resources
-            )
+            with collector_paused():
+                doc = json.loads(self.cache.read_text())
+                resources = {}
+                for item in doc["resources"]:
+                    res = resource_from_json(item["kind"], json.dumps(item["body"]))
+                    resources[res.key] = res
+                snap = ConfigSnapshot.build(
+                    doc["epoch"], doc["revision"], doc["trustDomain"], resources
+                )
             result = self._apply(snap)
             if asyncio.iscoroutine(result):
                 await result

@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from controller.model.bulk import collector_paused
 from controller.model.loader import parse_text
 from controller.store import ConfigStore, Offer
 
@@ -47,6 +48,11 @@ class FileSource:
 
     def scan(self) -> int:
         """One pass; returns how many files changed."""
+        # The first pass over a large config is a mesh's worth of surviving objects.
+        with collector_paused():
+            return self._scan()
+
+    def _scan(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
         present = set()
         changed = 0

@@ -423,3 +423,41 @@ def test_apply_with_a_namespace_puts_documents_without_one_there(tmp_path):
             assert p.namespace == "team-a"
 
     run(tmp_path, body)
+
+
+def test_a_full_snapshot_is_the_store_at_each_agents_connect(tmp_path):
+    """Full snapshots are built once per revision and shared by every agent connecting at
+    it: an agent connecting after a change must still get the new revision, and two
+    agents at one revision the same resources (each with its own stream fields)."""
+
+    async def body(c: Controller) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        creds: list[NodeCredential] = []
+
+        async def connect(node: str) -> ConfigClient:
+            trust = TrustBundle()
+            cred = node_cred(c, node, trust)
+            client = ConfigClient(cred, trust, lambda snap: None)
+            creds.append(cred)
+            tasks.extend([asyncio.create_task(cred.run()), asyncio.create_task(client.run())])
+            await eventually(lambda: client.snapshot.revision == c.store.revision > 0, node)
+            return client
+
+        first = await connect("node-1")
+        second = await connect("node-2")
+        assert first.snapshot.revision == second.snapshot.revision
+        assert dict(first.snapshot.resources) == dict(second.snapshot.resources)
+        assert first.snapshot.trust_domain == second.snapshot.trust_domain == "cluster.local"
+        (tmp_path / "config" / "policy.yaml").write_text(POLICY)
+        await eventually(lambda: len(first.snapshot.authorization) == 1, "delta to node-1")
+        third = await connect("node-3")
+        assert third.snapshot.revision == first.snapshot.revision
+        assert [p.key for p in third.snapshot.authorization] == [
+            p.key for p in first.snapshot.authorization
+        ]
+        for t in tasks:
+            t.cancel()
+        for cred in creds:
+            await cred.close()
+
+    run(tmp_path, body)

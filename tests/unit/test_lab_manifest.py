@@ -197,3 +197,33 @@ def test_a_probe_without_a_valid_port_is_refused_where_it_is():
         )
     )
     assert any("readinessProbe" in m and "port" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("a: &x 1\nb: *x\n", 2),
+        ("a: &x {q: 1}\nb:\n  <<: *x\n", 3),
+        ("a: &x [1]\nb:\n  - *x\n", 3),
+        ("&k a: 1\n*k : 2\n", 1),
+        # billion laughs: refused at the first reuse, nothing expanded
+        (
+            "l0: &a [x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"l{i}: &{chr(97 + i)} [{', '.join(['*' + chr(96 + i)] * 9)}]\n"
+                for i in range(1, 9)
+            ),
+            2,
+        ),
+    ],
+)
+def test_every_alias_is_refused_with_where_it_is_used(text, line):
+    with pytest.raises(InvalidConfig, match="aliases are not allowed") as e:
+        load_documents(text, "f.yaml")
+    assert e.value.problems[0].line == line
+
+
+def test_anchors_without_aliases_and_many_documents_load_with_lines():
+    docs = load_documents("a: &x 1\nb: [1, 2]\n---\n---\nc: {d: 3}\n", "f.yaml")
+    assert [d.data for d in docs] == [{"a": 1, "b": [1, 2]}, {"c": {"d": 3}}]
+    assert docs[1].lines[("c", "d")] == 5

@@ -1,0 +1,61 @@
+"""controller/model/bulk.py: the cyclic collector paused around bulk decoding."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+from controller.model.bulk import collector_paused
+
+
+@pytest.fixture(autouse=True)
+def _collector_restored():
+    was = gc.isenabled()
+    yield
+    (gc.enable if was else gc.disable)()
+
+
+def test_the_collector_is_off_inside_and_back_on_after_nested_use():
+    gc.enable()
+    with collector_paused():
+        assert not gc.isenabled()
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer user still holds it
+    assert gc.isenabled()
+
+
+def test_a_collector_switched_off_by_someone_else_stays_off():
+    gc.disable()
+    with collector_paused():
+        pass
+    assert not gc.isenabled()
+
+
+def test_an_exception_inside_still_switches_it_back_on():
+    gc.enable()
+    with pytest.raises(ValueError), collector_paused():
+        raise ValueError("bad resource")
+    assert gc.isenabled()
+
+
+def test_threads_overlapping_leave_it_on_only_when_the_last_one_leaves():
+    gc.enable()
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with collector_paused():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(5)
+    with collector_paused():
+        pass
+    assert not gc.isenabled()  # the other thread is still decoding
+    release.set()
+    t.join(5)
+    assert gc.isenabled()
