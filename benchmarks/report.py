@@ -597,6 +597,11 @@ def controller_section(cs: Mapping[str, Any]) -> list[str]:
             f"{sign.get('grpc_in_flight')} in flight each)",
             fmt(sign.get("grpc_per_s"), 0),
         ],
+        [
+            f"controller CPU per certificate over gRPC (its process and "
+            f"{sign.get('signer_processes')} signer processes)",
+            _unit(sign.get("controller_cpu_us_per_cert"), "us"),
+        ],
     ]
     return [
         "## Controller scale\n",

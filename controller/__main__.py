@@ -85,6 +85,15 @@ def run(
             "prometheus are judged from it, once for every replica."
         ),
     ] = None,
+    signer_processes: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=64,
+            help="Processes that sign certificates beside the event loop (default: one per "
+            "CPU beyond the first, 1 to 4; 0 signs in the controller's own process).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
 ) -> None:
     """Run the weft controller: CA, config store, and the gRPC services agents use."""
@@ -116,6 +125,7 @@ def run(
         leader_elect=leader_elect,
         lease=lease,
         prometheus_url=prometheus_url,
+        signer_processes=signer_processes,
         **kw,
     )
     if leader_elect and config_source != "kubernetes":

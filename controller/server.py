@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from controller.api import keepalive
 from controller.api.gen import admin_pb2_grpc, config_pb2_grpc, identity_pb2_grpc
 from controller.ca.authority import CertificateAuthority, FileCAStore
+from controller.ca.signer import Signer
 from controller.ca.spiffe import key_pem, make_csr, new_key, parse_node_id, spiffe_id_of
 from controller.model.workloads import Workload
 from controller.services import Abort
@@ -85,6 +86,12 @@ class ControllerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.signers = Gauge(
+            "weft_controller_signer_processes",
+            "Signer processes ready to sign certificates (0: the controller's own process "
+            "signs, slower).",
+            registry=registry,
+        )
         self.rejected = Gauge(
             "weft_controller_rejected_resources",
             "Resources whose latest version failed validation.",
@@ -92,10 +99,10 @@ class ControllerMetrics:
         )
 
 
-def _peer_certificate(context: grpc.aio.ServicerContext) -> x509.Certificate | None:
+def _peer_pem(context: grpc.aio.ServicerContext) -> bytes | None:
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert") or []
-    return x509.load_pem_x509_certificate(pems[0]) if pems else None
+    return pems[0] if pems else None
 
 
 class Controller:
@@ -123,6 +130,8 @@ class Controller:
             settings.trust_domain,
             workload_ttl=settings.workload_cert_ttl,
         )
+        self.signer = Signer(self.ca, settings.signer_processes)
+        self.metrics.signers.set_function(lambda: self.signer.ready_children)
         self.tokens = TokenStore(settings.state_dir / "node-tokens.json")
         self.sa_auth: Any = None
         files = FileSource(settings.config_dir, self.store, interval=settings.poll_interval)
@@ -152,6 +161,7 @@ class Controller:
         # while it leads; without leader election the one replica always does.
         self.leading = not settings.leader_elect
         self._workloads_rev = -1
+        self._peer_ids: dict[bytes, str] = {}  # peer certificate PEM -> its SPIFFE ID
         self._identities_by_node: dict[str, set[tuple[str, str]]] = {}
         self.store.subscribe(self._on_change)
 
@@ -174,6 +184,7 @@ class Controller:
         self._write_bundle()
         await asyncio.to_thread(self.source.scan)
         self._refresh_metrics()
+        await self.signer.start()
         main = grpc.aio.server(options=keepalive.SERVER_OPTIONS)
         identity_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self), main)
         config_pb2_grpc.add_ConfigDiscoveryServicer_to_server(ConfigService(self), main)
@@ -275,6 +286,7 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        await self.signer.stop()
         with contextlib.suppress(FileNotFoundError):
             self.settings.admin_socket.unlink()
         log.info("controller stopped")
@@ -358,8 +370,15 @@ class Controller:
     # ---- node authentication -----------------------------------------------------------
 
     def node_of(self, context: grpc.aio.ServicerContext) -> str:
-        cert = _peer_certificate(context)
-        uri = spiffe_id_of(cert) if cert else None
+        # The certificate gRPC verified in the handshake; parsed once per certificate
+        # (an agent calls with the same one until it renews it).
+        pem = _peer_pem(context)
+        uri = self._peer_ids.get(pem) if pem else None
+        if pem and uri is None:
+            uri = spiffe_id_of(x509.load_pem_x509_certificate(pem)) or ""
+            if len(self._peer_ids) >= 4096:
+                self._peer_ids.clear()
+            self._peer_ids[pem] = uri
         parsed = parse_node_id(uri) if uri else None
         if parsed is None or parsed[0] != self.settings.trust_domain:
             self.metrics.refused.labels("not_a_node").inc()

@@ -74,6 +74,14 @@ class ControllerSettings(BaseModel):
         "enough that a leaked key expires soon, long enough to ride out a controller outage "
         "of half a day (agents renew at half-life).",
     )
+    signer_processes: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Processes that sign certificates beside the event loop (controller/ca/"
+        "signer.py). None: one per CPU beyond the first, 1 to 4; 0: sign in the "
+        "controller's own process.",
+    )
     server_names: list[str] = Field(
         default_factory=lambda: ["weft-controller.weft-system.svc", "localhost"],
         description="DNS names in the controller's serving certificate.",

@@ -134,6 +134,104 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+@dataclass(frozen=True)
+class SigningRequest:
+    """One certificate to issue: the CSR (its key is proven by its signature) and what the
+    caller is authorized for."""
+
+    csr_pem: bytes
+    spiffe_id: str
+    ttl: int
+    dns_names: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
+
+
+# Extensions every issued certificate carries (built once: they are immutable values).
+_LEAF = x509.BasicConstraints(ca=False, path_length=None)
+_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
+def _key_usage(key_encipherment: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+_KEY_USAGE = {True: _key_usage(True), False: _key_usage(False)}
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """The active root as signing needs it; `der` is what a signer process is sent."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    aki: x509.AuthorityKeyIdentifier
+    der: tuple[bytes, bytes]  # (PKCS#8 key, certificate)
+
+    @classmethod
+    def of(cls, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> SigningKey:
+        der = (
+            key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            cert.public_bytes(serialization.Encoding.DER),
+        )
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+        return cls(key, cert, aki, der)
+
+    @classmethod
+    def from_der(cls, key_der: bytes, cert_der: bytes) -> SigningKey:
+        key = serialization.load_der_private_key(key_der, None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("the signing key is not an ECDSA key")
+        return cls.of(key, x509.load_der_x509_certificate(cert_der))
+
+
+def issue(root: SigningKey, req: SigningRequest) -> Issued:
+    """Check the CSR and sign its key for `req.spiffe_id` under `root`: the one signing
+    function, run by the CA in-process and by the signer processes."""
+    csr = check_csr(req.csr_pem, req.spiffe_id)
+    now = _now().replace(microsecond=0)  # X.509 times are whole seconds; Issued says the same
+    not_after = min(now + dt.timedelta(seconds=req.ttl), root.cert.not_valid_after_utc)
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(req.spiffe_id)]
+    sans += [x509.DNSName(d) for d in req.dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in req.ips]
+    serial = _serial()
+    public_key = csr.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(root.cert.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(now - dt.timedelta(seconds=CLOCK_SKEW))
+        .not_valid_after(not_after)
+        .add_extension(_LEAF, critical=True)
+        .add_extension(_KEY_USAGE[isinstance(public_key, rsa.RSAPublicKey)], critical=True)
+        .add_extension(_EKU, critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+        .add_extension(root.aki, critical=False)
+        .sign(root.key, hashes.SHA256())
+    )
+    return Issued(
+        chain_pem=_pem(cert),
+        not_after=not_after.timestamp(),
+        serial_hex=f"{serial:x}",
+        spiffe_id=req.spiffe_id,
+    )
+
+
 class CertificateAuthority:
     def __init__(
         self,
@@ -152,6 +250,8 @@ class CertificateAuthority:
         self.roots: list[Root] = []
         self._lock = threading.Lock()
         self.issued = 0
+        self._signing_key: SigningKey | None = None
+        self._bundle_pem: tuple[list[Root], float, bytes] | None = None  # (roots, until, PEM)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -288,7 +388,16 @@ class CertificateAuthority:
         ]
 
     def bundle_pem(self) -> bytes:
-        return b"".join(_pem(c) for c in self.bundle())
+        """The bundle as PEM; every answer to an agent carries it, so it is made again only
+        when the roots change or one of them leaves it (its retirement or expiry)."""
+        now = self.clock()
+        cached = self._bundle_pem
+        if cached is not None and cached[0] is self.roots and now < cached[1]:
+            return cached[2]
+        pem = b"".join(_pem(c) for c in self.bundle())
+        ends = [t for r in self.roots for t in (r.retire_after, r.not_after) if t and t > now]
+        self._bundle_pem = (self.roots, min(ends, default=now), pem)
+        return pem
 
     def rotate(self, overlap: float = DEFAULT_OVERLAP) -> None:
         """Make a new active root; keep the old ones trusted for `overlap` seconds."""
@@ -320,114 +429,80 @@ class CertificateAuthority:
     def node_id(self, node: str) -> str:
         return f"spiffe://{self.trust_domain}/weft/node/{node}"
 
+    def workload_request(
+        self, csr_pem: bytes, namespace: str, service_account: str, ttl: int = 0
+    ) -> SigningRequest:
+        """What signing a workload's CSR means: its SPIFFE ID, and the TTL it asked for
+        within this CA's cap."""
+        ttl = min(ttl or self.workload_ttl, self.max_ttl)
+        return SigningRequest(csr_pem, self.workload_id(namespace, service_account), ttl)
+
+    def node_request(self, csr_pem: bytes, node: str) -> SigningRequest:
+        return SigningRequest(csr_pem, self.node_id(node), NODE_CERT_TTL)
+
     def sign_workload(
         self, csr_pem: bytes, namespace: str, service_account: str, ttl: int = 0
     ) -> Issued:
-        ttl = min(ttl or self.workload_ttl, self.max_ttl)
-        return self._sign(csr_pem, self.workload_id(namespace, service_account), ttl)
+        return self.sign(self.workload_request(csr_pem, namespace, service_account, ttl))
 
     def sign_node(self, csr_pem: bytes, node: str) -> Issued:
-        return self._sign(csr_pem, self.node_id(node), NODE_CERT_TTL)
+        return self.sign(self.node_request(csr_pem, node))
 
     def sign_server(
         self, csr_pem: bytes, spiffe_id: str, dns_names: list[str], ips: list[str], ttl: int
     ) -> Issued:
         """The controller's own serving certificate (DNS/IP SANs for gRPC clients)."""
-        return self._sign(csr_pem, spiffe_id, ttl, dns_names=dns_names, ips=ips)
+        return self.sign(SigningRequest(csr_pem, spiffe_id, ttl, tuple(dns_names), tuple(ips)))
 
-    def _sign(
-        self,
-        csr_pem: bytes,
-        spiffe_id: str,
-        ttl: int,
-        *,
-        dns_names: list[str] | None = None,
-        ips: list[str] | None = None,
-    ) -> Issued:
-        csr = self._check_csr(csr_pem, spiffe_id)
+    def signing_key(self) -> SigningKey:
+        """The active root's key and certificate, as the signer processes take them (DER,
+        made once per root)."""
         root = self.active
-        assert root.key is not None
-        now = _now()
-        not_after = min(now + dt.timedelta(seconds=ttl), root.cert.not_valid_after_utc)
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
-        sans += [x509.DNSName(d) for d in dns_names or []]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or []]
-        serial = _serial()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(root.cert.subject)
-            .public_key(csr.public_key())
-            .serial_number(serial)
-            .not_valid_before(now - dt.timedelta(seconds=CLOCK_SKEW))
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=isinstance(csr.public_key(), rsa.RSAPublicKey),
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()),
-                critical=False,
-            )
-            .sign(root.key, hashes.SHA256())
-        )
-        self.issued += 1
-        return Issued(
-            chain_pem=_pem(cert),
-            not_after=not_after.timestamp(),
-            serial_hex=f"{serial:x}",
-            spiffe_id=spiffe_id,
-        )
+        cached = self._signing_key
+        if cached is None or cached.cert is not root.cert:
+            assert root.key is not None
+            cached = SigningKey.of(root.key, root.cert)
+            self._signing_key = cached
+        return cached
 
-    @staticmethod
-    def _check_csr(csr_pem: bytes, spiffe_id: str) -> x509.CertificateSigningRequest:
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as e:
-            raise CertificateRequestRejected(f"CSR for {spiffe_id} is not valid PEM: {e}") from None
-        try:
-            if not csr.is_signature_valid:
-                raise CertificateRequestRejected(f"CSR for {spiffe_id} has a bad signature")
-        except InvalidSignature:
-            raise CertificateRequestRejected(f"CSR for {spiffe_id} has a bad signature") from None
-        key = csr.public_key()
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            if key.curve.name not in ("secp256r1", "secp384r1"):
-                raise CertificateRequestRejected(
-                    f"CSR key curve {key.curve.name} is not allowed (use P-256 or P-384)"
-                )
-        elif isinstance(key, rsa.RSAPublicKey):
-            if key.key_size < 2048:
-                raise CertificateRequestRejected(
-                    f"CSR RSA key of {key.key_size} bits is too small (2048 minimum)"
-                )
-        else:
-            raise CertificateRequestRejected("CSR key type must be ECDSA or RSA")
-        try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-            if uris and uris != [spiffe_id]:
-                raise CertificateRequestRejected(
-                    f"CSR asks for {', '.join(uris)} but the caller is authorized for {spiffe_id}"
-                )
-        except x509.ExtensionNotFound:
-            pass
-        return csr
+    def sign(self, req: SigningRequest) -> Issued:
+        """Sign in this thread (controller/ca/signer.py signs in worker processes with the
+        same function)."""
+        issued = issue(self.signing_key(), req)
+        self.issued += 1
+        return issued
+
+
+def check_csr(csr_pem: bytes, spiffe_id: str) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise CertificateRequestRejected(f"CSR for {spiffe_id} is not valid PEM: {e}") from None
+    try:
+        if not csr.is_signature_valid:
+            raise CertificateRequestRejected(f"CSR for {spiffe_id} has a bad signature")
+    except InvalidSignature:
+        raise CertificateRequestRejected(f"CSR for {spiffe_id} has a bad signature") from None
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1"):
+            raise CertificateRequestRejected(
+                f"CSR key curve {key.curve.name} is not allowed (use P-256 or P-384)"
+            )
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise CertificateRequestRejected(
+                f"CSR RSA key of {key.key_size} bits is too small (2048 minimum)"
+            )
+    else:
+        raise CertificateRequestRejected("CSR key type must be ECDSA or RSA")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+        if uris and uris != [spiffe_id]:
+            raise CertificateRequestRejected(
+                f"CSR asks for {', '.join(uris)} but the caller is authorized for {spiffe_id}"
+            )
+    except x509.ExtensionNotFound:
+        pass
+    return csr

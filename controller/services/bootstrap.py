@@ -52,7 +52,7 @@ class BootstrapService(identity_pb2_grpc.NodeBootstrapServicer):
                 f"bootstrap credential is not valid for node {request.node!r}",
             )
         try:
-            issued = c.ca.sign_node(request.csr_pem, request.node)
+            issued = await c.signer.sign(c.ca.node_request(request.csr_pem, request.node))
         except CertificateRequestRejected as e:
             c.metrics.refused.labels("bad_csr").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

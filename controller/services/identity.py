@@ -47,11 +47,13 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
                 f"{request.service_account!r}",
             )
         try:
-            issued = c.ca.sign_workload(
-                request.csr_pem,
-                request.namespace,
-                request.service_account,
-                int(request.ttl_seconds),
+            issued = await c.signer.sign(
+                c.ca.workload_request(
+                    request.csr_pem,
+                    request.namespace,
+                    request.service_account,
+                    int(request.ttl_seconds),
+                )
             )
         except CertificateRequestRejected as e:
             c.metrics.refused.labels("bad_csr").inc()
@@ -72,7 +74,7 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
     ) -> identity_pb2.BootstrapResponse:
         node = await caller_node(self.c, context)
         try:
-            issued = self.c.ca.sign_node(request.csr_pem, node)
+            issued = await self.c.signer.sign(self.c.ca.node_request(request.csr_pem, node))
         except CertificateRequestRejected as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.c.metrics.certs.labels("node").inc()
