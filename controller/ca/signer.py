@@ -55,8 +55,13 @@ _LEN = struct.Struct("!I")
 
 
 def default_processes() -> int:
-    """One signer per CPU beyond the one the event loop needs (at least one, at most 4)."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    """One signer per CPU this process may run on beyond the one the event loop needs (at
+    least one, at most 4)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus - 1))
 
 
 def _frame(obj: object) -> bytes:

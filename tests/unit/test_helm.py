@@ -273,6 +273,7 @@ def test_rendered_arguments_are_accepted_by_the_real_clis(
         assert params["prometheus_url"] == (
             None if docs is default else "http://prometheus.monitoring:9090"
         )
+        assert params["signer_processes"] == (None if docs is default else 2)
     waypoint_run = typer.main.get_command(waypointcmd.app).commands["run"]  # type: ignore[attr-defined]
     for d in custom:
         if d["kind"] == "Deployment" and d["metadata"]["labels"].get("weft.dev/waypoint"):
