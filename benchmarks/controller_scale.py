@@ -89,16 +89,23 @@ def config_docs(node: int, workloads: range, rev: int = 0, changed: int | None =
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
-def _controller_cpu(c: Any) -> float:
-    """CPU seconds of this process and the controller's signer processes so far."""
+def _cpu_of(pid: int) -> float:
+    """CPU seconds a live process has used (0 if it is gone)."""
     import psutil
 
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
+
+
+def _controller_cpu(c: Any) -> float:
+    """CPU seconds of this process and the controller's signer processes so far."""
     total = time.process_time()
     for child in c.signer._children:
         if child.proc is not None and child.proc.returncode is None:
-            with contextlib.suppress(psutil.Error):
-                t = psutil.Process(child.proc.pid).cpu_times()
-                total += t.user + t.system
+            total += _cpu_of(child.proc.pid)
     return total
 
 
@@ -320,6 +327,7 @@ async def _run(
         try:
             per_worker = spread(agents, workers)
             t_start = time.monotonic()
+            cpu_start = _controller_cpu(c)
             for idx in per_worker:
                 p = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -352,10 +360,17 @@ async def _run(
                     synced[ev["node"]] = ev["t"]
             out["initial_sync_s"] = max(synced.values()) - t_start
             out["initial_sync_first_s"] = min(synced.values()) - t_start
+            # CPU spent meanwhile (a machine's speed varies from run to run; CPU less so).
+            out["initial_sync_cpu_s"] = {
+                "controller": _controller_cpu(c) - cpu_start,
+                "agents": sum(_cpu_of(w.proc.pid) for w in procs),
+            }
             out["resources_per_snapshot"] = workloads + agents
             progress(
                 f"{agents} agents synced in {out['initial_sync_s']:.1f}s (the first after "
-                f"{out['initial_sync_first_s']:.1f}s)"
+                f"{out['initial_sync_first_s']:.1f}s); CPU: controller "
+                f"{out['initial_sync_cpu_s']['controller']:.1f}s, agents "
+                f"{out['initial_sync_cpu_s']['agents']:.1f}s"
             )
             # Let the initial burst settle (ACKs, the last "applied" events).
             await asyncio.sleep(1.0)

@@ -570,6 +570,11 @@ def controller_section(cs: Mapping[str, Any]) -> list[str]:
             "initial sync: every agent has the full snapshot",
             _unit(cs.get("initial_sync_s"), "s", 2),
         ],
+        [
+            "initial sync: CPU of the controller / of all agents",
+            f"{fmt((cs.get('initial_sync_cpu_s') or {}).get('controller'), 1)} / "
+            f"{fmt((cs.get('initial_sync_cpu_s') or {}).get('agents'), 1)} s",
+        ],
         ["one-pod change: file written -> controller revision", _unit(prop.get("detect_ms"), "ms")],
         ["one-pod change: revision -> every agent applied", _unit(prop.get("fanout_ms"), "ms")],
         [

@@ -24,7 +24,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from controller.api import keepalive
-from controller.api.gen import admin_pb2_grpc, config_pb2_grpc, identity_pb2_grpc
+from controller.api.gen import admin_pb2_grpc, identity_pb2_grpc
 from controller.ca.authority import CertificateAuthority, FileCAStore
 from controller.ca.signer import Signer
 from controller.ca.spiffe import key_pem, make_csr, new_key, parse_node_id, spiffe_id_of
@@ -33,6 +33,7 @@ from controller.services import Abort
 from controller.services.admin import ADMIN_MAX_MESSAGE, AdminService
 from controller.services.bootstrap import BootstrapService
 from controller.services.config import ConfigService, NodeSession
+from controller.services.config import add_to_server as add_config_service
 from controller.services.identity import IdentityService
 from controller.settings import ControllerSettings
 from controller.sources.files import FileSource
@@ -187,7 +188,7 @@ class Controller:
         await self.signer.start()
         main = grpc.aio.server(options=keepalive.SERVER_OPTIONS)
         identity_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self), main)
-        config_pb2_grpc.add_ConfigDiscoveryServicer_to_server(ConfigService(self), main)
+        add_config_service(ConfigService(self), main)
         self.ports: dict[str, int] = {}
         self.ports["main"] = main.add_secure_port(
             self.settings.listen, self._credentials(require_client=True)

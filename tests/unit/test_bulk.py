@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 
 import pytest
 
+from controller.model import bulk
 from controller.model.bulk import collector_paused
 
 
@@ -59,3 +61,77 @@ def test_threads_overlapping_leave_it_on_only_when_the_last_one_leaves():
     release.set()
     t.join(5)
     assert gc.isenabled()
+
+
+class Node:
+    """A cycle's member, weakly referenceable."""
+
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def _cycle() -> weakref.ref[Node]:
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    gc.collect()
+    gc.unfreeze()
+    monkeypatch.setattr(bulk, "_pause", bulk._Pause())
+    monkeypatch.setattr(bulk, "MIN_SWEEP_BASE", 1_000)
+    monkeypatch.setattr(bulk, "SWEEP_EVERY", 0.0)
+    yield bulk._pause
+    gc.unfreeze()
+    gc.collect()
+
+
+def test_keep_moves_what_is_alive_out_of_later_collections(fresh):
+    gc.enable()
+    with collector_paused(keep=True):
+        kept = [Node() for _ in range(2_000)]
+    assert gc.get_freeze_count() >= len(kept)
+    assert gc.isenabled()
+    # Frozen objects are still freed by reference counting (a replaced snapshot is).
+    ref = weakref.ref(kept[0])
+    kept.clear()
+    assert ref() is None
+
+
+def test_a_failed_block_freezes_nothing(fresh):
+    with pytest.raises(ValueError), collector_paused(keep=True):
+        raise ValueError("a bad snapshot")
+    assert gc.get_freeze_count() == 0
+
+
+def test_cycles_frozen_and_dropped_are_swept_once_the_frozen_set_doubles(fresh):
+    gc.enable()
+    with collector_paused(keep=True):
+        leaked = _cycle()  # alive when frozen, dropped right after: a leak while frozen
+    base = fresh.swept
+    assert base is not None and base >= 2
+    gc.collect()
+    assert leaked() is not None  # frozen: the collector does not see it
+    grow: list[Node] = []
+    while gc.get_freeze_count() <= 2 * max(base, bulk.MIN_SWEEP_BASE):
+        with collector_paused(keep=True):
+            grow += [Node() for _ in range(5_000)]
+        assert fresh.sweeps == 0 or gc.get_freeze_count() > 2 * max(base, bulk.MIN_SWEEP_BASE)
+    with collector_paused(keep=True):
+        pass
+    assert fresh.sweeps == 1
+    assert leaked() is None  # swept
+    assert fresh.swept is not None and fresh.swept >= len(grow)
+
+
+def test_sweeps_are_at_most_one_per_interval(fresh, monkeypatch):
+    monkeypatch.setattr(bulk, "SWEEP_EVERY", 3600.0)
+    with collector_paused(keep=True):
+        leaked = _cycle()
+    grow = []
+    for _ in range(8):
+        with collector_paused(keep=True):
+            grow += [Node() for _ in range(5_000)]
+    assert fresh.sweeps == 0 and leaked() is not None
