@@ -30,6 +30,7 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 CONTROLLER_SCALE = "controller-scale"
+AGENT_PODS = "agent-pods"
 
 
 def _first_line(argv: list[str]) -> str:
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="SCENARIO",
         default=[],
-        help=f"run only these scenarios (their baselines are added) and/or {CONTROLLER_SCALE}",
+        help=f"run only these scenarios (their baselines are added) and/or {CONTROLLER_SCALE}, "
+        f"{AGENT_PODS}",
     )
     ap.add_argument(
         "--workloads",
@@ -131,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="results directory (default: results/<timestamp>)")
     args = ap.parse_args(argv)
 
-    known = set(lab_suite.SCENARIOS) | {CONTROLLER_SCALE}
+    known = set(lab_suite.SCENARIOS) | {CONTROLLER_SCALE, AGENT_PODS}
     if args.list:
         for s in lab_suite.SCENARIOS.values():
             print(f"{s.name:22} {s.title}  [baseline: {s.baseline or '-'}]")
         print(f"{CONTROLLER_SCALE:22} controller: 10,000 workloads, 100 agents, certs/s")
+        print(f"{AGENT_PODS:22} an agent's memory with 10 and 200 pods on its node")
         print()
         for w in lab_suite.workloads(args.quick):
             print(f"{w.key:22} {w.title}")
@@ -148,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown scenario(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
     only = set(args.only)
-    lab_only = only - {CONTROLLER_SCALE}
+    lab_only = only - {CONTROLLER_SCALE, AGENT_PODS}
     for name in list(lab_only):
         base = lab_suite.SCENARIOS[name].baseline
         if base:
             lab_only.add(base)
     run_lab = not only or bool(lab_only)
     run_scale = not only or CONTROLLER_SCALE in only
-    if run_lab and os.geteuid() != 0:
+    run_pods = not only or AGENT_PODS in only
+    if (run_lab or run_pods) and os.geteuid() != 0:
         ap.error("the lab scenarios need root (network namespaces); run as root")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -201,6 +205,18 @@ def main(argv: list[str] | None = None) -> int:
             doc["controller_scale"] = {"error": f"{type(e).__name__}: {e}"}
             failed = True
             progress(f"controller scale failed: {e}")
+    if run_pods:
+        from benchmarks import agent_pods
+
+        progress("agent memory with 10 and 200 pods")
+        try:
+            doc["agent_pods"] = agent_pods.run(
+                (10, 50) if args.quick else (10, 200), progress=progress
+            )
+        except Exception as e:  # reported; the other results are still worth writing
+            doc["agent_pods"] = {"error": f"{type(e).__name__}: {e}"}
+            failed = True
+            progress(f"agent pods benchmark failed: {e}")
     doc["seconds"] = time.monotonic() - t0
     doc = _clean(doc)
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -253,6 +253,11 @@ def markdown(doc: Mapping[str, Any]) -> str:
     cs = doc.get("controller_scale")
     if cs:
         out += controller_section(cs)
+    pods = doc.get("agent_pods")
+    if pods:
+        from benchmarks import agent_pods
+
+        out += agent_pods.report(pods)
     return "\n".join(out)
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from agent.lab.workloads.loadrun import schedules
-from benchmarks import controller_scale, lab_suite, proxies, report, stats
+from benchmarks import agent_pods, controller_scale, lab_suite, proxies, report, stats
 from benchmarks.clients import HttpReader, http_request, post_request
 from benchmarks.httpecho import parse_head, response
 
@@ -442,6 +442,43 @@ def test_spread_and_config_docs():
     assert labels["w-00006"][controller_scale.LABEL] == "3"
     assert controller_scale.LABEL not in labels["w-00005"]
     assert all(d["spec"]["node"] == "n-002" for d in docs[1:])
+
+
+# --------------------------------------------------------------------------- agent pods
+
+
+def test_the_pods_manifest_is_a_valid_lab_with_shared_service_accounts():
+    from agent.lab.manifest import plan
+    from controller.model.yamldoc import load_documents
+
+    lab = plan(load_documents(agent_pods.manifest(10), "pods.yaml")[0])
+    callers = [p for p in lab.pods if p.namespace == "apps"]
+    assert len(callers) == 10 and all(p.node == "node-1" for p in callers)
+    assert len({p.service_account for p in callers}) == 3  # four pods to an account
+    assert [s.name for s in lab.services] == ["echo"]
+
+
+def test_the_pods_report_gives_both_counts_and_the_growth_per_pod():
+    def mem(rss: float) -> dict:
+        return {"rss_mb": rss, "pss_mb": rss - 30, "uss_mb": rss - 40, "threads": 13, "fds": 60}
+
+    runs = [
+        {
+            "pods": n,
+            "identities": n // 4,
+            "requests_ok": 3 * n,
+            "requests_failed": 0,
+            "agent_idle": mem(80.0),
+            "agent_after_traffic": mem(rss),
+        }
+        for n, rss in ((10, 82.0), (200, 87.0))
+    ]
+    doc = {"requests_per_pod": 3, "runs": runs, "growth_per_pod_kb": agent_pods.growth(*runs)}
+    assert doc["growth_per_pod_kb"] == {"rss_mb": 26.9, "pss_mb": 26.9, "uss_mb": 26.9}
+    text = "\n".join(agent_pods.report(doc))
+    assert "| 200 | 50 | 600 / 0 | 80.0 | 87.0 / 57.0 / 47.0 | 13 | 60 |" in text
+    assert "Growth per pod: RSS 26.9 KB, PSS 26.9 KB, USS 26.9 KB" in text
+    assert "Failed: boom" in "\n".join(agent_pods.report({"error": "boom"}))
 
 
 # --------------------------------------------------------------------------- report
