@@ -130,6 +130,17 @@ def _serial() -> int:
     return secrets.randbits(127) | 1
 
 
+MAX_CSR_BYTES = 64 * 1024  # a P-384 or RSA-4096 CSR is 1-2 KB of PEM
+
+
+def _sized(csr_pem: bytes, spiffe_id: str) -> bytes:
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CertificateRequestRejected(
+            f"CSR for {spiffe_id} is {len(csr_pem)} bytes, over the {MAX_CSR_BYTES} limit"
+        )
+    return csr_pem
+
+
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -389,14 +400,21 @@ class CertificateAuthority:
 
     def bundle_pem(self) -> bytes:
         """The bundle as PEM; every answer to an agent carries it, so it is made again only
-        when the roots change or one of them leaves it (its retirement or expiry)."""
+        when the roots change or one of them leaves it (its retirement or expiry). One
+        read of `roots` serves the PEM, its expiry and the cache key: a rotation on another
+        thread replaces the list, and must not leave the old bundle cached under the new."""
+        roots = self.roots
         now = self.clock()
         cached = self._bundle_pem
-        if cached is not None and cached[0] is self.roots and now < cached[1]:
+        if cached is not None and cached[0] is roots and now < cached[1]:
             return cached[2]
-        pem = b"".join(_pem(c) for c in self.bundle())
-        ends = [t for r in self.roots for t in (r.retire_after, r.not_after) if t and t > now]
-        self._bundle_pem = (self.roots, min(ends, default=now), pem)
+        pem = b"".join(
+            _pem(r.cert)
+            for r in roots
+            if (r.retire_after is None or r.retire_after > now) and r.not_after > now
+        )
+        ends = [t for r in roots for t in (r.retire_after, r.not_after) if t and t > now]
+        self._bundle_pem = (roots, min(ends, default=now), pem)
         return pem
 
     def rotate(self, overlap: float = DEFAULT_OVERLAP) -> None:
@@ -433,12 +451,17 @@ class CertificateAuthority:
         self, csr_pem: bytes, namespace: str, service_account: str, ttl: int = 0
     ) -> SigningRequest:
         """What signing a workload's CSR means: its SPIFFE ID, and the TTL it asked for
-        within this CA's cap."""
+        within this CA's cap (0: the default). Raises CertificateRequestRejected for a
+        negative TTL or an oversized CSR."""
+        spiffe_id = self.workload_id(namespace, service_account)
+        if ttl < 0:
+            raise CertificateRequestRejected(f"ttl_seconds {ttl} for {spiffe_id} is negative")
         ttl = min(ttl or self.workload_ttl, self.max_ttl)
-        return SigningRequest(csr_pem, self.workload_id(namespace, service_account), ttl)
+        return SigningRequest(_sized(csr_pem, spiffe_id), spiffe_id, ttl)
 
     def node_request(self, csr_pem: bytes, node: str) -> SigningRequest:
-        return SigningRequest(csr_pem, self.node_id(node), NODE_CERT_TTL)
+        spiffe_id = self.node_id(node)
+        return SigningRequest(_sized(csr_pem, spiffe_id), spiffe_id, NODE_CERT_TTL)
 
     def sign_workload(
         self, csr_pem: bytes, namespace: str, service_account: str, ttl: int = 0

@@ -19,13 +19,13 @@ without that, the first full collection after a snapshot walks all of it (about 
 at 10,000 workloads), and so does every later one; in the controller benchmark, where
 one process holds 25 agents' snapshots, the agents used 30-34 s of CPU for the initial
 sync instead of 22-25 s. Frozen objects are still freed by reference counting (the
-snapshot a later one replaces is). What freezing would cost is a reference cycle alive
-at that moment and dropped later: it is not collected while frozen. That is bounded:
-when the frozen population has doubled since the last sweep, and SWEEP_EVERY has passed,
-the next `keep` unfreezes, collects once, and freezes what is left. (Not at every
-doubling: a process holding many snapshots, as the benchmark's agent workers do, would
-then walk them all again and again; with the time bound the agents' CPU for the initial
-sync stayed at 22-25 s where sweeping at each doubling took 42 s.)
+snapshot a later one replaces is). What freezing costs is a reference cycle alive at
+that moment and dropped later (an asyncio task, a connection's objects): it is not
+collected while frozen. So a `keep` first sweeps -- unfreezes, collects, then freezes
+what is left -- when SWEEP_EVERY has passed since the last sweep: what can be held back
+is what was alive at the full snapshots of the last ten minutes. (Sweeping at every
+snapshot would walk everything each time: the benchmark's 25-agent workers then took
+42 s of CPU.)
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-MIN_SWEEP_BASE = 50_000  # frozen objects: below twice this, no sweep
-SWEEP_EVERY = 600.0  # seconds: at most one sweep of the frozen objects this often
+SWEEP_EVERY = 600.0  # seconds: a keep sweeps the frozen objects if this long has passed
 
 
 class _Pause:
@@ -48,8 +47,7 @@ class _Pause:
         self.users = 0
         self.reenable = False
         self.keep = False
-        self.swept: int | None = None  # frozen objects right after the first or last sweep
-        self.swept_at = 0.0
+        self.swept_at: float | None = None  # monotonic time of the last sweep
         self.sweeps = 0
 
 
@@ -84,15 +82,9 @@ def collector_paused(*, keep: bool = False) -> Iterator[None]:
 
 def _freeze(p: _Pause) -> None:
     now = time.monotonic()
-    if (
-        p.swept is not None
-        and gc.get_freeze_count() > 2 * max(p.swept, MIN_SWEEP_BASE)
-        and now - p.swept_at >= SWEEP_EVERY
-    ):
+    if p.swept_at is None or now - p.swept_at >= SWEEP_EVERY:
         gc.unfreeze()
         gc.collect()
         p.sweeps += 1
-        p.swept = None
+        p.swept_at = now
     gc.freeze()
-    if p.swept is None:
-        p.swept, p.swept_at = gc.get_freeze_count(), now

@@ -7,6 +7,7 @@ the user has to edit.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,25 +35,15 @@ class Document:
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _refuse_alias(node: yaml.Node, loc: Loc, used_at: Any) -> None:
-    where = ".".join(str(p) for p in loc) or "the document"
-    raise yaml.composer.ComposerError(
-        None,
-        None,
-        f"YAML aliases are not allowed in weft manifests ({where} repeats the node anchored "
-        f"at line {node.start_mark.line + 1})",
-        used_at,
-    )
+class _AliasFound(Exception):
+    """A node met twice while indexing: an alias (reported where it is used)."""
 
 
-def _index_lines(
-    node: yaml.Node, loc: Loc, out: dict[Loc, int], seen: set[int], used_at: Any = None
-) -> None:
-    # An alias composes to the node of its anchor, so a node met twice is one. They are
-    # refused before anything is constructed (billion-laughs expansion never happens),
-    # at the line that uses the alias as near as it is known (the key's, the list's).
+def _index_lines(node: yaml.Node, loc: Loc, out: dict[Loc, int], seen: set[int]) -> None:
+    # An alias composes to the node of its anchor, so a node met twice is one. It is
+    # refused before anything is constructed (billion-laughs expansion never happens).
     if id(node) in seen:
-        _refuse_alias(node, loc, used_at or node.start_mark)
+        raise _AliasFound
     seen.add(id(node))
     out[loc] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
@@ -60,16 +51,28 @@ def _index_lines(
             if isinstance(k, yaml.ScalarNode):
                 key = (*loc, k.value)
                 if id(k) in seen:
-                    _refuse_alias(k, key, k.end_mark)
+                    raise _AliasFound
                 seen.add(id(k))
-                _index_lines(v, key, out, seen, k.start_mark)
+                _index_lines(v, key, out, seen)
                 out[key] = k.start_mark.line + 1
             else:
                 _index_lines(k, (*loc, "<key>"), {}, seen)
                 _index_lines(v, (*loc, "<value>"), {}, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_lines(item, (*loc, i), out, seen, node.start_mark)
+            _index_lines(item, (*loc, i), out, seen)
+
+
+def _first_alias_line(text: str | bytes) -> int | None:
+    """The line of the stream's first alias (the error path only: events carry it)."""
+    with contextlib.suppress(yaml.YAMLError):
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.AliasEvent) and event.start_mark is not None:
+                return event.start_mark.line + 1
+    return None
+
+
+ALIASES_REFUSED = "YAML syntax: YAML aliases are not allowed in weft manifests"
 
 
 def load_documents(text: str | bytes, file: str) -> list[Document]:
@@ -92,10 +95,17 @@ def load_documents(text: str | bytes, file: str) -> list[Document]:
             if data is not None:
                 docs.append(Document(data, file, index, node.start_mark.line + 1, lines))
             index += 1
+    except _AliasFound:
+        line = _first_alias_line(text)
+        raise InvalidConfig([Problem(ALIASES_REFUSED, file=file, line=line)]) from None
+    except RecursionError:
+        raise InvalidConfig([Problem("YAML: nested too deeply", file=file)]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
-        reason = f"YAML syntax: {e.problem or e.context}"
+        problem = e.problem or e.context or ""
+        # LibYAML resolves aliases while composing: one naming no anchor is still an alias.
+        reason = ALIASES_REFUSED if "alias" in problem else f"YAML syntax: {problem}"
         raise InvalidConfig([Problem(reason, file=file, line=line)]) from None
     except yaml.YAMLError as e:
         raise InvalidConfig([Problem(f"YAML: {e}", file=file)]) from None

@@ -204,8 +204,9 @@ def test_a_probe_without_a_valid_port_is_refused_where_it_is():
     [
         ("a: &x 1\nb: *x\n", 2),
         ("a: &x {q: 1}\nb:\n  <<: *x\n", 3),
-        ("a: &x [1]\nb:\n  - *x\n", 3),
-        ("&k a: 1\n*k : 2\n", 1),
+        ("a: &x [1]\nb:\n  - 1\n  - 2\n  - *x\n", 5),
+        ("&k a: 1\nb: 2\nc: 3\n*k : 4\n", 4),
+        ("a: 1\nb: *nowhere\n", 2),
         # billion laughs: refused at the first reuse, nothing expanded
         (
             "l0: &a [x, x, x, x, x, x, x, x, x]\n"
@@ -221,6 +222,12 @@ def test_every_alias_is_refused_with_where_it_is_used(text, line):
     with pytest.raises(InvalidConfig, match="aliases are not allowed") as e:
         load_documents(text, "f.yaml")
     assert e.value.problems[0].line == line
+
+
+def test_nesting_too_deep_is_a_clean_error():
+    for depth in (995, 5000):
+        with pytest.raises(InvalidConfig, match=r"nested too deeply|YAML syntax"):
+            load_documents("a: " + "[" * depth + "]" * depth + "\n", "f.yaml")
 
 
 def test_anchors_without_aliases_and_many_documents_load_with_lines():

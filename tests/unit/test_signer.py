@@ -4,6 +4,7 @@ when a child is not there, dies, or the root rotates."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -11,8 +12,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from controller.ca.authority import CertificateAuthority, CertificateRequestRejected, FileCAStore
-from controller.ca.signer import Signer
+from controller.ca import signer as signer_module
+from controller.ca.authority import (
+    MAX_CSR_BYTES,
+    CertificateAuthority,
+    CertificateRequestRejected,
+    FileCAStore,
+)
+from controller.ca.signer import Signer, _answer, available_cpus
 from controller.ca.spiffe import load_chain, make_csr, new_key, spiffe_id_of
 from tests.unit.test_ca import verify
 
@@ -141,3 +148,90 @@ def test_without_children_or_before_one_is_ready_the_controller_signs(ca):
         assert signer.in_process == 1 and signer.ready_children == 0
 
     run(ca, 0, body)
+
+
+def test_what_the_controller_refuses_never_reaches_a_child(ca):
+    """An oversized CSR (over a child's frame limit it would have ended the child) and a
+    negative TTL are refused when the request is made, before any process sees them."""
+    with pytest.raises(CertificateRequestRejected, match="over the 65536 limit"):
+        ca.workload_request(b"x" * (MAX_CSR_BYTES + 1), "a", "b")
+    with pytest.raises(CertificateRequestRejected, match="over the 65536 limit"):
+        ca.node_request(b"x" * (2 << 20), "node-1")
+    with pytest.raises(CertificateRequestRejected, match="negative"):
+        ca.workload_request(make_csr(new_key(), None), "a", "b", ttl=-1)
+
+
+def test_a_child_answers_what_it_cannot_read_instead_of_exiting():
+    rid, status, text = _answer({}, b"not a pickle")
+    assert (rid, status) == (0, "error") and "unreadable request" in text
+
+
+def test_a_busy_child_that_keeps_answering_is_not_taken_for_hung(ca, monkeypatch):
+    monkeypatch.setattr(signer_module, "STALL_TIMEOUT", 0.4)
+
+    async def body(signer: Signer) -> None:
+        await ready(signer)
+        csr = make_csr(new_key(), None)
+        reqs = [ca.workload_request(csr, "a", f"s{i % 50}") for i in range(1_500)]
+        got = await asyncio.gather(*(signer.sign(r) for r in reqs))
+        assert len({g.serial_hex for g in got}) == 1_500
+        assert signer.restarts == 0 and signer.in_process == 0
+
+    run(ca, 1, body)
+
+
+def test_a_hung_child_is_killed_and_its_requests_signed_anyway(ca, monkeypatch):
+    monkeypatch.setattr(signer_module, "STALL_TIMEOUT", 0.4)
+
+    async def body(signer: Signer) -> None:
+        await ready(signer)
+        pid = child_pid(signer)
+        os.kill(pid, signal.SIGSTOP)  # alive, answering nothing
+        try:
+            csr = make_csr(new_key(), None)
+            got = await asyncio.gather(
+                *(signer.sign(ca.workload_request(csr, "a", f"h{i}")) for i in range(5))
+            )
+            assert [g.spiffe_id for g in got] == [
+                f"spiffe://cluster.local/ns/a/sa/h{i}" for i in range(5)
+            ]
+            assert signer.in_process == 5
+            await ready(signer)  # a new one
+            assert child_pid(signer) != pid
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    run(ca, 1, body)
+
+
+def test_a_child_does_not_import_from_the_working_directory(ca, tmp_path, monkeypatch):
+    """`python -m` would put the working directory first on the child's path; a planted
+    package there must not run inside the process that is sent the CA key."""
+    planted = tmp_path / "cwd" / "controller"
+    (planted / "ca").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('planted')\n")
+    (planted / "ca" / "__init__.py").write_text("")
+    (planted / "ca" / "signer.py").write_text("")
+    monkeypatch.chdir(tmp_path / "cwd")
+
+    async def body(signer: Signer) -> None:
+        await ready(signer)
+        await signer.sign(ca.workload_request(make_csr(new_key(), None), "a", "b"))
+        assert signer.in_process == 0
+
+    run(ca, 1, body)
+    assert not marker.exists()
+
+
+def test_the_default_signer_count_follows_the_cpu_quota(tmp_path):
+    mine = available_cpus(tmp_path / "absent")
+    assert mine >= 1
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert available_cpus(quota) == mine
+    quota.write_text("10000 100000\n")  # 100m: one CPU, rounded up
+    assert available_cpus(quota) == 1
+    quota.write_text("250000 100000\n")
+    assert available_cpus(quota) == min(mine, 3)
