@@ -113,9 +113,9 @@ class ConfigClient:
         td = resp.trust_domain or self.snapshot.trust_domain
         try:
             # A full snapshot is a mesh's worth of objects that all survive: decoded and
-            # indexed without the cyclic collector walking the heap again and again, and
-            # kept out of its later walks (controller/model/bulk.py).
-            with collector_paused(keep=resp.full):
+            # indexed without the cyclic collector walking the heap again and again
+            # (controller/model/bulk.py).
+            with collector_paused():
                 upserts, removed = self._decode(resp)
                 if resp.full:
                     snap = ConfigSnapshot.build(
@@ -224,7 +224,7 @@ class ConfigClient:
         if self.cache is None or not self.cache.exists():
             return False
         try:
-            with collector_paused(keep=True):
+            with collector_paused():
                 doc = json.loads(self.cache.read_text())
                 resources = {}
                 for item in doc["resources"]:

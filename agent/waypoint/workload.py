@@ -20,7 +20,8 @@ from urllib.parse import quote
 from agent.identity.tls import client_context, server_context
 from agent.state import ConfigSnapshot
 from agent.waypoint.codec import client
-from controller.model.base import Resource, ResourceKey, resource_from_json
+from controller.model.base import ResourceKey, resource_from_json
+from controller.model.bulk import collector_paused
 
 log = logging.getLogger("weft.waypoint.workload")
 
@@ -60,6 +61,8 @@ class AgentLink:
         self.svid: Svid | None = None
         self.revision = -1
         self.epoch = ""
+        self.snapshot: ConfigSnapshot | None = None  # the last config applied
+        self.deltas = 0  # configs applied as a delta from the previous one
 
     async def fetch_svid(self) -> Svid:
         status, doc = await _get(self.sock, "/v1/svid", 15)
@@ -79,21 +82,48 @@ class AgentLink:
         return svid
 
     async def fetch_config(self) -> ConfigSnapshot:
-        query = f"after={self.revision}&epoch={quote(self.epoch)}"
+        """The next config: a delta from the one applied when the agent has one (a one-pod
+        change costs what it changes), else all of it."""
+        query = f"after={self.revision}&epoch={quote(self.epoch)}&delta=1"
         status, doc = await _get(self.sock, f"/v1/config?{query}", 40)
         if status != 200:
             raise ConnectionError(
                 f"the node agent refused the config ({status}): {doc.get('error') if doc else ''}"
             )
-        resources: dict[ResourceKey, Resource] = {}
-        for item in doc["resources"]:
-            r = resource_from_json(item["kind"], json.dumps(item["body"]))
-            resources[r.key] = r
-        snap = ConfigSnapshot.build(doc["epoch"], doc["revision"], doc["trustDomain"], resources)
+        base = doc.get("base")
+        prev = self.snapshot
+        if base is not None and (prev is None or prev.revision != base or base != self.revision):
+            # Never applied over what it was not computed from: ask for everything.
+            self.epoch, self.revision = "", -1
+            raise ConnectionError(f"the node agent sent a delta from revision {base}")
+        unchanged = base is not None and not doc["resources"] and not doc.get("removed")
+        if (
+            prev is not None
+            and unchanged
+            and (doc["epoch"], doc["revision"])
+            == (
+                prev.epoch,
+                prev.revision,
+            )
+        ):
+            return prev  # the long poll ran out with nothing new
+        with collector_paused():
+            upserts = [
+                resource_from_json(i["kind"], json.dumps(i["body"])) for i in doc["resources"]
+            ]
+            if prev is not None and base is not None:
+                removed = [ResourceKey(*k) for k in doc.get("removed", [])]
+                snap = prev.with_changes(doc["epoch"], doc["revision"], upserts, removed)
+            else:
+                snap = ConfigSnapshot.build(
+                    doc["epoch"], doc["revision"], doc["trustDomain"], {r.key: r for r in upserts}
+                )
         if (snap.epoch, snap.revision) != (self.epoch, self.revision):
             self.on_config(snap)
             # Only once applied: a revision that failed to apply is fetched and tried again.
             self.epoch, self.revision = snap.epoch, snap.revision
+            self.snapshot = snap
+            self.deltas += base is not None
         return snap
 
     async def run(self) -> None:

@@ -13,19 +13,16 @@ back on after it (nested and multi-threaded use count; it is only re-enabled by 
 user, and only if it was on). Garbage made meanwhile is still freed by reference counting;
 any cycle among it waits for the next collection, which runs as usual after the pause.
 
-With `keep=True` (a full snapshot that now serves) what is alive at the end is moved out
-of the collector's reach (`gc.freeze()`), so that later collections stop walking it:
-without that, the first full collection after a snapshot walks all of it (about 0.1 s
-at 10,000 workloads), and so does every later one; in the controller benchmark, where
-one process holds 25 agents' snapshots, the agents used 30-34 s of CPU for the initial
-sync instead of 22-25 s. Frozen objects are still freed by reference counting (the
-snapshot a later one replaces is). What freezing costs is a reference cycle alive at
-that moment and dropped later (an asyncio task, a connection's objects): it is not
-collected while frozen. So a `keep` first sweeps -- unfreezes, collects, then freezes
-what is left -- when SWEEP_EVERY has passed since the last sweep: what can be held back
-is what was alive at the full snapshots of the last ten minutes. (Sweeping at every
-snapshot would walk everything each time: the benchmark's 25-agent workers then took
-42 s of CPU.)
+Nothing is frozen afterwards. `gc.freeze()` would keep later collections from walking a
+snapshot (in the controller benchmark, whose worker processes hold 25 agents' snapshots
+each, the agents spent 25-26 s of CPU on the initial sync frozen, 30-34 s not), but it
+also keeps every reference cycle alive at that moment from being collected once
+dropped: tried, it held a gRPC poller thread of a channel alive at a waypoint's first
+config for good (a test that counts threads caught it), and an attack pass counted an
+asyncio task and ~75 objects kept per agent reconnect. A process holding one snapshot
+pays one full collection after a full snapshot (about 0.1 s at 10,000 workloads), and
+full snapshots are rare (start, a reconnect to a new controller epoch); later ones only
+when the long-lived heap has grown by a quarter.
 """
 
 from __future__ import annotations
@@ -33,10 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import threading
-import time
 from collections.abc import Iterator
-
-SWEEP_EVERY = 600.0  # seconds: a keep sweeps the frozen objects if this long has passed
 
 
 class _Pause:
@@ -46,45 +40,24 @@ class _Pause:
         self.lock = threading.Lock()
         self.users = 0
         self.reenable = False
-        self.keep = False
-        self.swept_at: float | None = None  # monotonic time of the last sweep
-        self.sweeps = 0
 
 
 _pause = _Pause()
 
 
 @contextlib.contextmanager
-def collector_paused(*, keep: bool = False) -> Iterator[None]:
-    """No cyclic garbage collection while the block runs (reference counting goes on);
-    with `keep`, what is alive when the last pause ends is kept out of later collections."""
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while the block runs (reference counting goes on)."""
     p = _pause
     with p.lock:
         if p.users == 0:
             p.reenable = gc.isenabled()
             gc.disable()
         p.users += 1
-    ok = False
     try:
         yield
-        ok = True
     finally:
         with p.lock:
             p.users -= 1
-            p.keep = p.keep or (keep and ok)
-            if p.users == 0:
-                if p.keep:
-                    p.keep = False
-                    _freeze(p)
-                if p.reenable:
-                    gc.enable()
-
-
-def _freeze(p: _Pause) -> None:
-    now = time.monotonic()
-    if p.swept_at is None or now - p.swept_at >= SWEEP_EVERY:
-        gc.unfreeze()
-        gc.collect()
-        p.sweeps += 1
-        p.swept_at = now
-    gc.freeze()
+            if p.users == 0 and p.reenable:
+                gc.enable()

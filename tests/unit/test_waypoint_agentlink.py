@@ -49,8 +49,8 @@ def test_a_config_that_fails_to_apply_is_fetched_again_and_the_link_lives_on(
     asyncio.run(main())
     assert applied == [-1, 7]
     # The failed revision was asked for again from the start, not skipped.
-    assert asked[:2] == ["/v1/config?after=-1&epoch=", "/v1/config?after=-1&epoch="]
-    assert asked[2] == "/v1/config?after=7&epoch=e"
+    assert asked[:2] == ["/v1/config?after=-1&epoch=&delta=1", "/v1/config?after=-1&epoch=&delta=1"]
+    assert asked[2] == "/v1/config?after=7&epoch=e&delta=1"
 
 
 def test_a_new_controller_epoch_is_new_config_even_with_a_lower_revision(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_a_new_controller_epoch_is_new_config_even_with_a_lower_revision(tmp_pat
 
     asyncio.run(main())
     assert applied[:2] == [("e1", 7), ("e2", 2)]
-    assert asked[1] == "/v1/config?after=7&epoch=e1"
+    assert asked[1] == "/v1/config?after=7&epoch=e1&delta=1"
 
 
 def test_an_agent_that_drops_the_answer_is_a_connection_error_not_a_crash(tmp_path: Path) -> None:
@@ -116,3 +116,58 @@ def test_an_agent_that_drops_the_answer_is_a_connection_error_not_a_crash(tmp_pa
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_a_delta_from_a_revision_the_waypoint_does_not_have_is_never_applied(
+    tmp_path: Path,
+) -> None:
+    """The agent answers with a delta only from the revision the waypoint asked from; if
+    one ever came from another, the waypoint drops it and asks for everything."""
+    sock = tmp_path / "workload.sock"
+    workload = {
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": "Workload",
+        "metadata": {"name": "w", "namespace": "apps"},
+        "spec": {"node": "node-1", "addresses": ["10.244.1.9"]},
+    }
+    answers = [
+        {"epoch": "e", "revision": 7, "trustDomain": "td", "resources": []},
+        {"epoch": "e", "revision": 9, "trustDomain": "td", "base": 5,
+         "resources": [{"kind": "Workload", "body": workload}], "removed": []},
+        {"epoch": "e", "revision": 9, "trustDomain": "td",
+         "resources": [{"kind": "Workload", "body": workload}]},
+    ]  # fmt: skip
+    asked: list[str] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = (await r.readuntil(b"\r\n\r\n")).decode()
+        asked.append(head.split(" ")[1])
+        body = json.dumps(answers[min(len(asked), len(answers)) - 1])
+        w.write(f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n\r\n{body}".encode())
+        await w.drain()
+        w.close()
+
+    applied: list[ConfigSnapshot] = []
+
+    async def main() -> None:
+        import pytest
+
+        server = await asyncio.start_unix_server(serve, path=str(sock))
+        link = AgentLink(sock, applied.append, lambda s: None)
+        try:
+            assert (await link.fetch_config()).revision == 7
+            with pytest.raises(ConnectionError, match="delta from revision 5"):
+                await link.fetch_config()
+            snap = await link.fetch_config()
+        finally:
+            server.close()
+        assert snap.revision == 9 and "10.244.1.9" in snap.workloads_by_ip
+        assert link.deltas == 0
+
+    asyncio.run(main())
+    assert asked == [
+        "/v1/config?after=-1&epoch=&delta=1",
+        "/v1/config?after=7&epoch=e&delta=1",
+        "/v1/config?after=-1&epoch=&delta=1",  # everything again
+    ]
+    assert [s.revision for s in applied] == [7, 9]

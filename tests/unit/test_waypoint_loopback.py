@@ -15,7 +15,7 @@ import threading
 import pytest
 import uvloop
 
-from agent.waypoint.workload import AgentLink
+from agent.waypoint.workload import AgentLink, _get
 from tests.unit.waypoint_mesh import (
     GRPC_STREAM,
     GRPC_UNARY,
@@ -381,5 +381,61 @@ def test_a_policy_on_the_waypoint_gateway_applies_to_what_it_serves(tmp_path):
             await m.apply("l7.yaml", other_waypoint)  # not this waypoint: not enforced here
             r = await m.http("POST", "/v1/chat/completions", chat, src="batch")
             assert r.status == 200, r
+
+    uvloop.run(main())
+
+
+EXTRA_POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-batch, namespace: ai}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/apps/sa/batch]}}]}]
+"""
+
+
+def test_config_changes_reach_the_waypoint_as_deltas_through_the_workload_api(tmp_path):
+    """After its first config the waypoint gets only what changed (the real Workload API
+    diffs what it served against the new snapshot); what it builds is what a full rebuild
+    gives, for an added resource and for a removed one."""
+    from agent.state import ConfigSnapshot
+
+    def same(a: ConfigSnapshot, b: ConfigSnapshot) -> None:
+        assert dict(a.sources) == dict(b.sources)
+        assert dict(a.workloads_by_ip) == dict(b.workloads_by_ip)
+        assert a.authorization == b.authorization and dict(a.endpoints) == dict(b.endpoints)
+
+    async def main() -> None:
+        async with WaypointMesh(tmp_path) as m:
+            link = m.waypoint.link
+            assert link.deltas == 0
+            published = await m.apply("deny", EXTRA_POLICY)
+            assert link.deltas == 1
+            same(m.waypoint.snapshot, published)
+            assert [p.name for p in m.waypoint.snapshot.authorization] == ["deny-batch"]
+            published = await m.remove("deny")
+            assert link.deltas == 2
+            same(m.waypoint.snapshot, published)
+            assert m.waypoint.snapshot.authorization == ()
+            # Only the change travels: every other resource was rebuilt by the harness
+            # (new objects), and equal ones are not sent again.
+            sock = m.waypoint.s.workload_socket
+            q = f"/v1/config?after={published.revision - 1}&epoch=loopback&delta=1"
+            status, doc = await _get(sock, q, 5)
+            assert status == 200 and doc["base"] == published.revision - 1
+            assert doc["resources"] == []
+            assert doc["removed"] == [["AuthorizationPolicy", "ai", "deny-batch"]]
+            # A waypoint that asks without the opt-in (an older one) gets everything.
+            old = AgentLink(m.waypoint.s.workload_socket, lambda s: None, lambda s: None)
+            status, doc = await _get(
+                m.waypoint.s.workload_socket, "/v1/config?after=1&epoch=loopback", 5
+            )
+            assert (
+                status == 200
+                and "base" not in doc
+                and len(doc["resources"]) == len(published.sources)
+            )
+            assert (await old.fetch_config()).revision == published.revision
 
     uvloop.run(main())
