@@ -88,7 +88,6 @@ class WorkloadApi:
         self.agent = agent
         self.changed = asyncio.Condition()
         self._served: OrderedDict[tuple[str, int], Sources] = OrderedDict()
-        self._full: tuple[str, int, bytes] | None = None  # the newest full answer
 
     def routes(self) -> dict[str, Any]:
         return {"/v1/svid": self.svid, "/v1/config": self.config}
@@ -186,14 +185,10 @@ class WorkloadApi:
             return 200, self._delta(snap, after, base), "application/json"
         return 200, self._everything(snap), "application/json"
 
-    def _everything(self, snap: Any) -> bytes:
-        cached = self._full
-        if cached is not None and cached[:2] == (snap.epoch, snap.revision):
-            return cached[2]
+    @staticmethod
+    def _everything(snap: Any) -> bytes:
         body = ",".join(_resource(k, r) for k, r in snap.sources.items())
-        doc = f'{{{_head(snap)},"resources":[{body}]}}'.encode()
-        self._full = (snap.epoch, snap.revision, doc)
-        return doc
+        return f'{{{_head(snap)},"resources":[{body}]}}'.encode()
 
     @staticmethod
     def _delta(snap: Any, after: int, base: Sources) -> bytes:
