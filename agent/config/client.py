@@ -113,9 +113,9 @@ class ConfigClient:
         td = resp.trust_domain or self.snapshot.trust_domain
         try:
             # A full snapshot is a mesh's worth of objects that all survive: decoded and
-            # indexed without the cyclic collector walking the heap again and again
-            # (controller/model/bulk.py).
-            with collector_paused():
+            # indexed without the cyclic collector walking the heap again and again, and
+            # then tenured: it is long-lived (controller/model/bulk.py).
+            with collector_paused(tenure=resp.full):
                 upserts, removed = self._decode(resp)
                 if resp.full:
                     snap = ConfigSnapshot.build(
@@ -224,7 +224,7 @@ class ConfigClient:
         if self.cache is None or not self.cache.exists():
             return False
         try:
-            with collector_paused():
+            with collector_paused(tenure=True):
                 doc = json.loads(self.cache.read_text())
                 resources = {}
                 for item in doc["resources"]:

@@ -13,16 +13,19 @@ back on after it (nested and multi-threaded use count; it is only re-enabled by 
 user, and only if it was on). Garbage made meanwhile is still freed by reference counting;
 any cycle among it waits for the next collection, which runs as usual after the pause.
 
-Nothing is frozen afterwards. `gc.freeze()` would keep later collections from walking a
-snapshot (in the controller benchmark, whose worker processes hold 25 agents' snapshots
-each, the agents spent 25-26 s of CPU on the initial sync frozen, 30-34 s not), but it
-also keeps every reference cycle alive at that moment from being collected once
-dropped: tried, it held a gRPC poller thread of a channel alive at a waypoint's first
-config for good (a test that counts threads caught it), and an attack pass counted an
-asyncio task and ~75 objects kept per agent reconnect. A process holding one snapshot
-pays one full collection after a full snapshot (about 0.1 s at 10,000 workloads), and
-full snapshots are rare (start, a reconnect to a new controller epoch); later ones only
-when the long-lived heap has grown by a quarter.
+With `tenure=True` (a full snapshot that now serves), what is alive when the pause ends
+is moved straight into the oldest generation (`gc.freeze()` then `gc.unfreeze()`, which
+puts the frozen objects back "into the oldest generation", as the gc module documents).
+Otherwise the new snapshot is walked by a young collection, then by a middle one, and
+counted as newly long-lived, which starts a full collection of the whole heap (about
+0.1 s at 10,000 workloads; in the controller benchmark, whose worker processes hold 25
+agents' snapshots each, those full collections walked all of them again and again).
+Tenured objects stay collectable: a cycle among them is found by the next full
+collection, which the process's other allocations start as usual. (Leaving them frozen
+was tried and taken out: a cycle alive at that moment and dropped later was never
+collected; a test counting threads caught a gRPC poller thread held for good.) The
+freeze/unfreeze pair would also unfreeze anything someone else froze: nothing in weft
+freezes.
 """
 
 from __future__ import annotations
@@ -40,24 +43,38 @@ class _Pause:
         self.lock = threading.Lock()
         self.users = 0
         self.reenable = False
+        self.tenure = False
 
 
 _pause = _Pause()
 
 
 @contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while the block runs (reference counting goes on)."""
+def collector_paused(*, tenure: bool = False) -> Iterator[None]:
+    """No cyclic garbage collection while the block runs (reference counting goes on).
+    With `tenure`, what is alive when the last pause ends goes straight to the oldest
+    generation (a snapshot that now serves is long-lived)."""
     p = _pause
     with p.lock:
         if p.users == 0:
             p.reenable = gc.isenabled()
             gc.disable()
         p.users += 1
+    ok = False
     try:
         yield
+        ok = True
     finally:
         with p.lock:
             p.users -= 1
-            if p.users == 0 and p.reenable:
-                gc.enable()
+            p.tenure = p.tenure or (tenure and ok)
+            if p.users == 0:
+                if p.tenure:
+                    p.tenure = False
+                    # freeze moves every tracked object to the permanent generation,
+                    # unfreeze puts them all in the oldest one (documented), without
+                    # counting them as newly long-lived.
+                    gc.freeze()
+                    gc.unfreeze()
+                if p.reenable:
+                    gc.enable()
