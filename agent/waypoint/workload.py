@@ -59,8 +59,6 @@ class AgentLink:
         self.on_config = on_config
         self.on_svid = on_svid
         self.svid: Svid | None = None
-        self.revision = -1
-        self.epoch = ""
         self.snapshot: ConfigSnapshot | None = None  # the last config applied
         self.deltas = 0  # configs applied as a delta from the previous one
 
@@ -81,6 +79,14 @@ class AgentLink:
         self.on_svid(svid)
         return svid
 
+    @property
+    def revision(self) -> int:
+        return self.snapshot.revision if self.snapshot is not None else -1
+
+    @property
+    def epoch(self) -> str:
+        return self.snapshot.epoch if self.snapshot is not None else ""
+
     async def fetch_config(self) -> ConfigSnapshot:
         """The next config: a delta from the one applied when the agent has one (a one-pod
         change costs what it changes), else all of it."""
@@ -92,21 +98,14 @@ class AgentLink:
             )
         base = doc.get("base")
         prev = self.snapshot
-        if base is not None and (prev is None or prev.revision != base or base != self.revision):
-            # Never applied over what it was not computed from: ask for everything.
-            self.epoch, self.revision = "", -1
-            raise ConnectionError(f"the node agent sent a delta from revision {base}")
-        unchanged = base is not None and not doc["resources"] and not doc.get("removed")
-        if (
-            prev is not None
-            and unchanged
-            and (doc["epoch"], doc["revision"])
-            == (
-                prev.epoch,
-                prev.revision,
-            )
-        ):
-            return prev  # the long poll ran out with nothing new
+        if base is not None:
+            if prev is None or base != prev.revision:
+                # Never applied over what it was not computed from: ask for everything.
+                self.snapshot = None
+                raise ConnectionError(f"the node agent sent a delta from revision {base}")
+            same = (doc["epoch"], doc["revision"]) == (prev.epoch, prev.revision)
+            if same and not doc["resources"] and not doc.get("removed"):
+                return prev  # the long poll ran out with nothing new
         with collector_paused():
             upserts = [
                 resource_from_json(i["kind"], json.dumps(i["body"])) for i in doc["resources"]
@@ -121,7 +120,6 @@ class AgentLink:
         if (snap.epoch, snap.revision) != (self.epoch, self.revision):
             self.on_config(snap)
             # Only once applied: a revision that failed to apply is fetched and tried again.
-            self.epoch, self.revision = snap.epoch, snap.revision
             self.snapshot = snap
             self.deltas += base is not None
         return snap
