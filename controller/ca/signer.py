@@ -101,6 +101,11 @@ class _Child:
         self.pending: dict[int, asyncio.Future[tuple[str, Any]]] = {}
         self.answered_at = 0.0  # loop time of its last answer, or of work given to it idle
 
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
     def fail_pending(self, why: str) -> None:
         for fut in self.pending.values():
             if not fut.done():
@@ -204,9 +209,7 @@ class Signer:
                 writer.close()
             else:
                 ours.close()
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+            child.kill()
             with contextlib.suppress(Exception):
                 await asyncio.shield(proc.wait())
 
@@ -225,9 +228,7 @@ class Signer:
                     len(child.pending),
                 )
                 child.ready = False  # no new work goes to it
-                if child.proc is not None and child.proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        child.proc.kill()
+                child.kill()
                 return
 
     async def _read(self, child: _Child, reader: asyncio.StreamReader) -> None:
