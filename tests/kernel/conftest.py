@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -223,6 +225,26 @@ def build_mesh(
                     sys.stderr.write(f"\n==== {head} ====\n")
                     sys.stderr.write(rest[-6000:])
         lab.down()
+
+
+def weft(m: Mesh, *args: str, ok: bool = True, stdin: str | None = None) -> Any:
+    """Run the `weft` CLI against the lab of `m`; with `ok`, it must succeed."""
+    env = {**os.environ, "WEFT_LAB": m.lab.name}
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=stdin,
+    )
+    if ok:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def weft_json(m: Mesh, *args: str) -> Any:
+    return json.loads(weft(m, *args, "-o", "json").stdout)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.kernel.conftest import Mesh, wait_until
+from tests.kernel.conftest import Mesh, wait_until, weft, weft_json
 
 pytestmark = pytest.mark.kernel
-
-
-def weft(m: Mesh, *args: str, ok: bool = True, stdin: str | None = None) -> Any:
-    env = {**os.environ, "WEFT_LAB": m.lab.name}
-    out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        input=stdin,
-    )
-    if ok:
-        assert out.returncode == 0, out.stderr
-    return out
-
-
-def weft_json(m: Mesh, *args: str) -> Any:
-    return json.loads(weft(m, *args, "-o", "json").stdout)
 
 
 POLICY = textwrap.dedent("""\

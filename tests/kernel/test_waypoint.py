@@ -17,7 +17,7 @@ import pytest
 from agent.lab import mesh as labmesh
 from agent.lab.topology import Lab, LabState
 from agent.netns import call_in
-from tests.kernel.conftest import Mesh, build_mesh, metric, wait_until
+from tests.kernel.conftest import Mesh, build_mesh, metric, wait_until, weft, weft_json
 
 pytestmark = pytest.mark.kernel
 
@@ -584,25 +584,10 @@ def test_istios_tutorial_virtualservice_and_destinationrule_act_in_the_lab(
     VirtualService (90/10 between subsets) and DestinationRule (subsets, connection pool,
     outlier detection); the split holds, a failing v1 replica is ejected after
     consecutive5xxErrors, and `weft policy get` shows both Accepted."""
-    import os
-
     f = tmp_path / "istio.yaml"
     f.write_text(ISTIO_TUTORIAL)
-    env = {**os.environ, "WEFT_LAB": clean.lab.name}
-
-    def weft(*args: str) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run(
-            [sys.executable, "-m", "agent.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
-        return out
-
     try:
-        out = weft("policy", "apply", "-f", str(f))
+        out = weft(clean, "policy", "apply", "-f", str(f))
         revision = int(out.stdout.split("revision ")[-1].split()[0])
         wait_until(
             lambda: (
@@ -619,7 +604,7 @@ def test_istios_tutorial_virtualservice_and_destinationrule_act_in_the_lab(
         assert r["status"] == {"200": 1000}, r
         assert abs(v1_share(r["served"]) - 0.90) <= 0.035, r["served"]
         for kind in ("virtualservice", "destinationrule"):
-            doc = json.loads(weft("policy", "get", kind, "llm", "-n", "ai", "-o", "json").stdout)
+            doc = weft_json(clean, "policy", "get", kind, "llm", "-n", "ai")
             conds = {c["type"]: c["status"] for c in doc["status"]["conditions"]}
             assert conds.get("Accepted") == "True", doc["status"]
         control(clean, "ai/llm-v1-a", {"error_rate": 1.0, "error_status": 503})
@@ -629,9 +614,4 @@ def test_istios_tutorial_virtualservice_and_destinationrule_act_in_the_lab(
         assert "ai/llm-v1-a" not in hits(clean, 40, 1)["served"]  # the outlier gets nothing
     finally:
         for ref in ("virtualservice/ai/llm", "destinationrule/ai/llm"):
-            subprocess.run(
-                [sys.executable, "-m", "agent.cli", "policy", "delete", ref],
-                env=env,
-                capture_output=True,
-                timeout=60,
-            )
+            weft(clean, "policy", "delete", ref, ok=False)
