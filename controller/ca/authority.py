@@ -130,6 +130,15 @@ def _serial() -> int:
     return secrets.randbits(127) | 1
 
 
+def _in_bundle(roots: list[Root], now: float) -> list[x509.Certificate]:
+    """The roots trusted at `now`: neither retired nor expired."""
+    return [
+        r.cert
+        for r in roots
+        if (r.retire_after is None or r.retire_after > now) and r.not_after > now
+    ]
+
+
 MAX_CSR_BYTES = 64 * 1024  # a P-384 or RSA-4096 CSR is 1-2 KB of PEM
 
 
@@ -391,12 +400,7 @@ class CertificateAuthority:
         return self.roots[0]
 
     def bundle(self) -> list[x509.Certificate]:
-        now = self.clock()
-        return [
-            r.cert
-            for r in self.roots
-            if (r.retire_after is None or r.retire_after > now) and r.not_after > now
-        ]
+        return _in_bundle(self.roots, self.clock())
 
     def bundle_pem(self) -> bytes:
         """The bundle as PEM; every answer to an agent carries it, so it is made again only
@@ -408,11 +412,7 @@ class CertificateAuthority:
         cached = self._bundle_pem
         if cached is not None and cached[0] is roots and now < cached[1]:
             return cached[2]
-        pem = b"".join(
-            _pem(r.cert)
-            for r in roots
-            if (r.retire_after is None or r.retire_after > now) and r.not_after > now
-        )
+        pem = b"".join(_pem(c) for c in _in_bundle(roots, now))
         ends = [t for r in roots for t in (r.retire_after, r.not_after) if t and t > now]
         self._bundle_pem = (roots, min(ends, default=now), pem)
         return pem
