@@ -67,31 +67,24 @@ def process_sample(pid: int) -> dict[str, float]:
     }
 
 
+def _bpftool(*args: str) -> Any:
+    """bpftool's JSON answer, or None when it refuses (a pin that is not a map)."""
+    out = subprocess.run(["bpftool", "-j", *args], check=False, capture_output=True, text=True)
+    return json.loads(out.stdout or "null") if out.returncode == 0 else None
+
+
 def map_entries(pin_root: str) -> dict[str, int]:
     """Entries of every pinned hash map under the node's pin root (bpftool)."""
     out: dict[str, int] = {}
     for f in sorted(Path(pin_root).rglob("*")):
         if not f.is_file():
             continue
-        show = subprocess.run(
-            ["bpftool", "-j", "map", "show", "pinned", str(f)],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        if show.returncode != 0:
-            continue  # a program or a link
-        info = json.loads(show.stdout)
-        if "hash" not in str(info.get("type", "")):
-            continue
-        dump = subprocess.run(
-            ["bpftool", "-j", "map", "dump", "pinned", str(f)],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        if dump.returncode == 0:
-            out[info.get("name") or f.name] = len(json.loads(dump.stdout or "[]"))
+        info = _bpftool("map", "show", "pinned", str(f))
+        if info is None or "hash" not in str(info.get("type", "")):
+            continue  # a program, a link, or not a hash map
+        dump = _bpftool("map", "dump", "pinned", str(f))
+        if dump is not None:
+            out[info.get("name") or f.name] = len(dump)
     return out
 
 
