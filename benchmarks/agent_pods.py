@@ -28,6 +28,7 @@ import psutil
 from agent.lab import mesh
 from agent.lab.manifest import plan
 from agent.lab.topology import Lab, spawn
+from benchmarks.lab_suite import memory_mb
 from controller.model.yamldoc import load_documents
 
 Progress = Callable[[str], None]
@@ -68,11 +69,8 @@ def _agent_pid(state: Any, node: str) -> int:
 
 def _memory(pid: int) -> dict[str, float]:
     p = psutil.Process(pid)
-    m = p.memory_full_info()
     return {
-        "rss_mb": round(m.rss / 2**20, 1),
-        "pss_mb": round(m.pss / 2**20, 1),
-        "uss_mb": round(m.uss / 2**20, 1),
+        **{k: round(v, 1) for k, v in memory_mb(p).items()},
         "threads": p.num_threads(),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }

@@ -557,6 +557,12 @@ class Measurement:
         return out
 
 
+def memory_mb(p: psutil.Process) -> dict[str, float]:
+    """A process's RSS, PSS and USS in MB (PSS and USS read its smaps)."""
+    m = p.memory_full_info()
+    return {"rss_mb": m.rss / 2**20, "pss_mb": m.pss / 2**20, "uss_mb": m.uss / 2**20}
+
+
 class Bench:
     def __init__(
         self,
@@ -864,10 +870,9 @@ class Bench:
             if p is None:
                 continue
             with contextlib.suppress(psutil.Error):
-                m = p.memory_full_info()
                 cur = self.rss.setdefault(n, {"rss_mb": 0.0, "pss_mb": 0.0, "uss_mb": 0.0})
-                for k, v in (("rss_mb", m.rss), ("pss_mb", m.pss), ("uss_mb", m.uss)):
-                    cur[k] = max(cur[k], v / 2**20)
+                for k, v in memory_mb(p).items():
+                    cur[k] = max(cur[k], v)
                 cur["threads"] = float(p.num_threads())
 
     def pin(self, pinned: bool) -> None:
