@@ -37,7 +37,13 @@ from agent.waypoint.engine.outcome import Failure
 from agent.waypoint.engine.pool import OVERFLOW_RESPONSE, Admission
 from agent.waypoint.engine.respond import Respond, plain
 from agent.waypoint.errors import Style
-from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
+from agent.waypoint.upstream import (
+    Endpoint,
+    StreamEvents,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+)
 
 if TYPE_CHECKING:
     from agent.waypoint.engine.backend import Attempt, Backend, Picker
@@ -144,7 +150,7 @@ class TryResult:
     up: UpstreamConnection | None = None
     sid: int = 0
     head: ev.ResponseHead | None = None
-    events: Any = None  # the async iterator, positioned after the head
+    events: StreamEvents | None = None  # the stream's events, positioned after the head
     pump: asyncio.Task[None] | None = None  # still sending a streaming request body
 
 
@@ -509,7 +515,8 @@ class Proxy:
     async def _stream(
         self, x: Exchange, fwd: Forward, r: TryResult, stage: Stage | None, target: Any
     ) -> None:
-        assert r.head is not None and r.up is not None
+        assert r.head is not None and r.up is not None and r.events is not None
+        events = r.events
         h = r.head.headers.copy()
         h.strip_hop_by_hop()
         fwd.rewrite_response(h)
@@ -523,7 +530,7 @@ class Proxy:
         try:
             async with asyncio.timeout(idle) as deadline:
                 while not r.head.end_stream:
-                    e = await anext(r.events, None)
+                    e = await events.next()
                     # A stream's timeouts count from the last byte received, not the start.
                     # Moved once it has slipped by a tenth of the timeout, not on every
                     # event: rescheduling cancels and allocates a timer each time.
@@ -577,6 +584,7 @@ class Proxy:
             x.abort()
         finally:
             x.on_reset = None
+            events.close()
             if r.pump is not None and not r.pump.done():
                 r.pump.cancel()
             self.upstream.release_conn(r.up)
@@ -653,8 +661,8 @@ class Proxy:
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
 
-async def _next_head(events: Any) -> ev.ResponseHead | None:
-    async for e in events:
+async def _next_head(events: StreamEvents) -> ev.ResponseHead | None:
+    while (e := await events.next()) is not None:
         if isinstance(e, ev.ResponseHead):
             if e.informational:
                 continue

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -190,34 +190,12 @@ class UpstreamConnection(asyncio.Protocol):
             return UpstreamError("reset", "backend connection already closed")
         return UpstreamError("refused-stream", "backend sent GOAWAY; request not sent")
 
-    async def events(self, sid: int) -> AsyncIterator[ev.Event]:
+    def events(self, sid: int) -> StreamEvents:
+        """The events of stream `sid`, to iterate with `async for` or `await .next()`."""
         q = self.queues.get(sid)
         if q is None:
             raise UpstreamError("reset", "backend connection already closed")
-        try:
-            while True:
-                e = await q.get()
-                if isinstance(e, BaseException):
-                    raise e
-                if isinstance(e, ev.Data):
-                    self._write(self.codec.consumed(sid, len(e.data)))
-                last = isinstance(e, ev.Trailers | ev.StreamReset) or (
-                    isinstance(e, ev.Data | ev.ResponseHead)
-                    and e.end_stream
-                    and not getattr(e, "informational", False)
-                )
-                if last:
-                    # Done with this exchange *before* handing out its last event: the
-                    # caller releases the connection right after it, and a suspended
-                    # generator would still hold the stream and make it look busy.
-                    self.queues.pop(sid, None)
-                    self.last_used = time.monotonic()
-                yield e
-                if last:
-                    return
-        finally:
-            self.queues.pop(sid, None)
-            self.last_used = time.monotonic()
+        return StreamEvents(self, sid, q)
 
     def cancel(self, sid: int) -> None:
         """Abandon stream `sid`: reset it toward the backend, and wake whoever waits for
@@ -236,6 +214,65 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed_once()
         if self.transport is not None:
             self.transport.close()
+
+
+class StreamEvents:
+    """The events of one request's stream, in order; the last one (the end of the
+    response, trailers or a reset) finishes the exchange on the connection before it is
+    handed out, so the caller can release the connection right after it.
+
+    A class rather than an async generator: a generator left suspended after the last
+    event (the caller stops reading there) is finalized by the event loop, which costs a
+    thread-safe wake-up of the loop (an eventfd write and read) and a Task running its
+    aclose() for every request (seen with strace on the lab's waypoint)."""
+
+    __slots__ = ("conn", "done", "q", "sid")
+
+    def __init__(self, conn: UpstreamConnection, sid: int, q: Channel[ev.Event | BaseException]):
+        self.conn = conn
+        self.sid = sid
+        self.q = q
+        self.done = False
+
+    def __aiter__(self) -> StreamEvents:
+        return self
+
+    async def __anext__(self) -> ev.Event:
+        e = await self.next()
+        if e is None:
+            raise StopAsyncIteration
+        return e
+
+    async def next(self) -> ev.Event | None:
+        """The next event; None once the stream has ended. Raises what broke it."""
+        if self.done:
+            return None
+        try:
+            e = await self.q.get()
+        except BaseException:
+            self.close()  # cancelled while waiting: the exchange is over for this reader
+            raise
+        if isinstance(e, BaseException):
+            self.close()
+            raise e
+        conn = self.conn
+        if isinstance(e, ev.Data):
+            conn._write(conn.codec.consumed(self.sid, len(e.data)))
+        if isinstance(e, ev.Trailers | ev.StreamReset) or (
+            isinstance(e, ev.Data | ev.ResponseHead)
+            and e.end_stream
+            and not getattr(e, "informational", False)
+        ):
+            self.close()
+        return e
+
+    def close(self) -> None:
+        """Done with this exchange (read to its end, or abandoned): the stream no longer
+        holds the connection."""
+        if not self.done:
+            self.done = True
+            self.conn.queues.pop(self.sid, None)
+            self.conn.last_used = time.monotonic()
 
 
 @dataclass(frozen=True)
