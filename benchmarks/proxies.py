@@ -99,7 +99,10 @@ def stunnel_config(role: str, routes: Sequence[Route], certs: CertFiles) -> str:
 
 def haproxy_config(role: str, routes: Sequence[Route], certs: CertFiles) -> str:
     """haproxy.cfg: HTTP mode, one thread; the client side originates mTLS to the server
-    side, which terminates it and forwards plaintext to the app on loopback."""
+    side, which terminates it and forwards plaintext to the app on loopback. Each side
+    logs every request (HTTP log format, to stdout: the lab's process log), as weft's
+    waypoint writes an access log line per request and Istio's sidecars do with access
+    logging on: both sides of the comparison do that work."""
     if role not in ("client", "server"):
         raise ValueError(f"role must be client or server, not {role!r}")
     tls = f"crt {certs.bundle} ca-file {certs.root} verify required ssl-min-ver TLSv1.3"
@@ -107,9 +110,12 @@ def haproxy_config(role: str, routes: Sequence[Route], certs: CertFiles) -> str:
         "global",
         "    nbthread 1",
         "    maxconn 4000",
+        "    log stdout format raw local0 info",
         "",
         "defaults",
         "    mode http",
+        "    log global",
+        "    option httplog",
         "    timeout connect 5s",
         "    timeout client 60s",
         "    timeout server 60s",

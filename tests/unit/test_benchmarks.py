@@ -279,6 +279,8 @@ def test_haproxy_configs(tmp_path):
     routes = [proxies.Route("http", "127.0.0.1:28080", "10.244.2.2:29080")]
     client = proxies.haproxy_config("client", routes, certs)
     assert "mode http" in client and "nbthread 1" in client
+    # Every request is logged, as the waypoint logs it (same work on both sides).
+    assert "log stdout format raw" in client and "option httplog" in client
     assert "server up 10.244.2.2:29080 ssl crt" in client and "verify required" in client
     assert "bind 127.0.0.1:28080\n" in client
     server = proxies.haproxy_config("server", routes, certs)
