@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent.waypoint.ai.router import failure_kind
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
+from agent.waypoint.deadline import Deadline
 from agent.waypoint.downstream import Exchange
 from agent.waypoint.engine.engine import Forward
 from agent.waypoint.engine.outcome import Failure
@@ -152,6 +153,7 @@ class TryResult:
     head: ev.ResponseHead | None = None
     events: StreamEvents | None = None  # the stream's events, positioned after the head
     pump: asyncio.Task[None] | None = None  # still sending a streaming request body
+    deadline: Deadline | None = None  # the try's timer (disarmed until the stream arms it)
 
 
 class Stage(Protocol):
@@ -449,23 +451,32 @@ class Proxy:
         if x.reset:  # gone while the try was being set up
             up.cancel(sid)
         events = up.events(sid)
+        # One timer for the try: the head's timeout here, the stream's idle timeout later.
+        dl = Deadline()
+        dl.arm(dl.now() + (_min(limit, DEFAULT_HEAD_TIMEOUT) or DEFAULT_HEAD_TIMEOUT))
         try:
-            async with asyncio.timeout(_min(limit, DEFAULT_HEAD_TIMEOUT)):
-                head = await _next_head(events)
-        except TimeoutError:
+            head = await _next_head(events)
+        except asyncio.CancelledError:
+            timed_out = dl.expired()
+            dl.close()
+            if not timed_out:
+                raise
             if pump is not None:
                 pump.cancel()
             up.cancel(sid)
             return TryResult(Failure.TIMEOUT)
         except UpstreamError as e:
+            dl.close()
             if pump is not None:
                 pump.cancel()
             return TryResult(_FAILURE_OF.get(e.kind, Failure.RESET))
         if head is None:
+            dl.close()
             if pump is not None:
                 pump.cancel()
             return TryResult(Failure.RESET)
-        r = TryResult(head.status, up, sid, head, events, pump)
+        dl.arm(None)  # the stream arms it again
+        r = TryResult(head.status, up, sid, head, events, pump, dl)
         up.served += 1
         if fwd.backend.pool.retire_after(up.served):
             up.retire = True
@@ -524,53 +535,52 @@ class Proxy:
             stage.response_head(target, r.head.status, r.head.headers, h)
         x.respond_head(r.head.status, h, r.head.end_stream)
         idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
-        slack = idle / 10
+        dl = r.deadline or Deadline()
         loop = asyncio.get_running_loop()
         ok = 200 <= r.head.status < 300
         try:
-            async with asyncio.timeout(idle) as deadline:
-                while not r.head.end_stream:
-                    e = await events.next()
-                    # A stream's timeouts count from the last byte received, not the start.
-                    # Moved once it has slipped by a tenth of the timeout, not on every
-                    # event: rescheduling cancels and allocates a timer each time.
-                    now = loop.time()
-                    if now + idle - (deadline.when() or now) > slack:
-                        deadline.reschedule(now + idle)
-                    if x.reset:  # the caller left: not a finished answer, whatever came
-                        r.up.cancel(r.sid)
-                        ok = False
-                        break
-                    if e is None:
-                        break
-                    if isinstance(e, ev.Data):
-                        data = bytes(e.data)
-                        if stage is not None:
-                            data = stage.feed(data)
-                            if e.end_stream:
-                                data += stage.end()
-                            elif (tail := stage.cut()) is not None:
-                                # The stage ends the answer here (a token limit reached
-                                # while streaming, onExceed: truncate).
-                                await x.writable()
-                                x.respond_data(data + tail, True)
-                                r.up.cancel(r.sid)
-                                ok = False
-                                break
-                        await x.writable()
-                        x.respond_data(data, e.end_stream)
+            dl.arm(loop.time() + idle)
+            while not r.head.end_stream:
+                e = await events.next()
+                # A stream's timeouts count from the last byte received, not the start
+                # (moving the deadline later is an assignment: Deadline re-arms lazily).
+                dl.arm(loop.time() + idle)
+                if x.reset:  # the caller left: not a finished answer, whatever came
+                    r.up.cancel(r.sid)
+                    ok = False
+                    break
+                if e is None:
+                    break
+                if isinstance(e, ev.Data):
+                    data = bytes(e.data)
+                    if stage is not None:
+                        data = stage.feed(data)
                         if e.end_stream:
+                            data += stage.end()
+                        elif (tail := stage.cut()) is not None:
+                            # The stage ends the answer here (a token limit reached
+                            # while streaming, onExceed: truncate).
+                            await x.writable()
+                            x.respond_data(data + tail, True)
+                            r.up.cancel(r.sid)
+                            ok = False
                             break
-                    elif isinstance(e, ev.Trailers):
-                        if stage is not None and (rest := stage.end()):
-                            x.respond_data(rest)
-                        x.respond_trailers(e.headers)
+                    await x.writable()
+                    x.respond_data(data, e.end_stream)
+                    if e.end_stream:
                         break
-                    elif isinstance(e, ev.StreamReset):
-                        ok = False
-                        x.abort()
-                        break
-        except TimeoutError:
+                elif isinstance(e, ev.Trailers):
+                    if stage is not None and (rest := stage.end()):
+                        x.respond_data(rest)
+                    x.respond_trailers(e.headers)
+                    break
+                elif isinstance(e, ev.StreamReset):
+                    ok = False
+                    x.abort()
+                    break
+        except asyncio.CancelledError:
+            if not dl.expired():
+                raise
             ok = False
             r.up.cancel(r.sid)
             if x.style is Style.GRPC and x.responded:
@@ -583,6 +593,7 @@ class Proxy:
             ok = False
             x.abort()
         finally:
+            dl.close()
             x.on_reset = None
             events.close()
             if r.pump is not None and not r.pump.done():
@@ -592,6 +603,8 @@ class Proxy:
                 stage.finish(ok)
 
     def _discard(self, r: TryResult) -> None:
+        if r.deadline is not None:
+            r.deadline.close()
         if r.pump is not None and not r.pump.done():
             r.pump.cancel()
         if r.up is not None:

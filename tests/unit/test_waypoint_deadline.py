@@ -1,0 +1,143 @@
+"""Deadline (agent/waypoint/deadline.py): asyncio.timeout's behaviour with one lazy timer.
+
+Each test runs a task under a deadline on a real event loop with short times; they assert
+what happened (expired or not, which cancellation reached whom), never how long it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.waypoint.deadline import Deadline
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_wait_past_the_deadline_is_cancelled_and_reported_as_expired():
+    """The timer cancels the waiting task; expired() says it was the deadline and consumes
+    the cancellation (the task is not left cancelling)."""
+
+    async def main():
+        dl = Deadline()
+        dl.arm(dl.now() + 0.01)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            assert dl.expired()
+            task = asyncio.current_task()
+            assert task is not None and task.cancelling() == 0
+            return "timed out"
+        finally:
+            dl.close()
+        return "finished"
+
+    assert run(main()) == "timed out"
+
+
+def test_moving_the_deadline_later_keeps_a_busy_stream_alive():
+    """Re-arming later on every event (an idle timeout) never fires while events come
+    faster than the timeout, although the first timer was set for the first deadline."""
+
+    async def main():
+        dl = Deadline()
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(20):
+                dl.arm(loop.time() + 0.05)
+                await asyncio.sleep(0.01)  # 0.2 s in all, four times the idle timeout
+        except asyncio.CancelledError:
+            if dl.expired():
+                return "cut"
+            raise
+        finally:
+            dl.close()
+        return "kept"
+
+    assert run(main()) == "kept"
+
+
+def test_an_idle_stream_expires_after_the_last_move():
+    async def main():
+        dl = Deadline()
+        loop = asyncio.get_running_loop()
+        dl.arm(loop.time() + 0.05)
+        await asyncio.sleep(0.01)
+        dl.arm(loop.time() + 0.05)  # moved later: stored, the first timer re-arms itself
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return dl.expired()
+        finally:
+            dl.close()
+        return False
+
+    assert run(main()) is True
+
+
+def test_an_earlier_deadline_re_arms_the_timer():
+    async def main():
+        dl = Deadline()
+        loop = asyncio.get_running_loop()
+        dl.arm(loop.time() + 60)
+        dl.arm(loop.time() + 0.01)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return dl.expired()
+        finally:
+            dl.close()
+        return False
+
+    assert run(main()) is True
+
+
+def test_a_disarmed_or_closed_deadline_never_cancels():
+    """arm(None) (between the response head and the stream) and close() leave the task
+    alone even when the old timer comes due."""
+
+    async def main():
+        dl = Deadline()
+        loop = asyncio.get_running_loop()
+        dl.arm(loop.time() + 0.01)
+        dl.arm(None)
+        await asyncio.sleep(0.05)
+        dl.arm(loop.time() + 0.01)
+        dl.close()
+        await asyncio.sleep(0.05)
+        return "alive"
+
+    assert run(main()) == "alive"
+
+
+def test_a_cancellation_from_elsewhere_is_not_taken_for_a_timeout():
+    """The caller's own cancel (the connection went away) passes through: expired() is
+    False and the task ends cancelled, as with asyncio.timeout."""
+
+    async def victim():
+        dl = Deadline()
+        dl.arm(dl.now() + 60)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            assert not dl.expired()
+            raise
+        finally:
+            dl.close()
+
+    async def main():
+        t = asyncio.get_running_loop().create_task(victim())
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+
+    run(main())
+
+
+def test_a_deadline_needs_a_task():
+    with pytest.raises(RuntimeError):
+        Deadline()
