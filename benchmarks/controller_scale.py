@@ -127,6 +127,7 @@ async def worker_main() -> None:
     import grpc
 
     from agent.config.client import ConfigClient
+    from agent.identity.manager import SignBatcher, SignRefused
     from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
     from controller.api.gen import identity_pb2, identity_pb2_grpc
     from controller.ca.spiffe import make_csr, new_key
@@ -205,10 +206,14 @@ async def worker_main() -> None:
             (ns, sa, make_csr(key, f"spiffe://cluster.local/ns/{ns}/sa/{sa}")) for ns, sa in ids
         ]
 
-    async def sign(n: int, in_flight: int) -> None:
+    async def sign(n: int, in_flight: int, batched: bool) -> None:
+        """n certificates with `in_flight` requests outstanding: one SignWorkloadCertificate
+        call each, or (batched) through the agent's own SignBatcher, which puts what is
+        asked in the same turn into one SignWorkloadCertificates call."""
         await asyncio.gather(*(c.ready.wait() for c in creds.values()))
         nodes = list(creds)
         stubs = {nd: identity_pb2_grpc.IdentityStub(creds[nd].channel()) for nd in nodes}
+        batchers = {nd: SignBatcher(creds[nd]) for nd in nodes}
         counter = iter(range(n))
         errors = 0
         first_error = ""
@@ -216,14 +221,17 @@ async def worker_main() -> None:
         async def one_worker() -> None:
             nonlocal errors, first_error
             for i in counter:
-                nd = nodes[i % len(nodes)]
+                # `in_flight` requests in a row from one node, as an agent with that many
+                # certificates due at once; then the next node.
+                nd = nodes[(i // in_flight) % len(nodes)]
                 ns, sa, csr = csrs[nd][i % len(csrs[nd])]
+                req = identity_pb2.SignRequest(namespace=ns, service_account=sa, csr_pem=csr)
                 try:
-                    await stubs[nd].SignWorkloadCertificate(
-                        identity_pb2.SignRequest(namespace=ns, service_account=sa, csr_pem=csr),
-                        timeout=30,
-                    )
-                except grpc.aio.AioRpcError as e:
+                    if batched:
+                        await batchers[nd].sign(req)
+                    else:
+                        await stubs[nd].SignWorkloadCertificate(req, timeout=30)
+                except (grpc.aio.AioRpcError, SignRefused) as e:
                     errors += 1
                     first_error = first_error or f"{e.code().name}: {e.details()}"
 
@@ -239,7 +247,7 @@ async def worker_main() -> None:
             break
         cmd = json.loads(line)
         if cmd["cmd"] == "sign":
-            await sign(int(cmd["n"]), int(cmd["in_flight"]))
+            await sign(int(cmd["n"]), int(cmd["in_flight"]), bool(cmd.get("batched")))
         elif cmd["cmd"] == "stats":
             emit(event="stats", apply_s=apply_s)
         elif cmd["cmd"] == "exit":
@@ -434,36 +442,45 @@ async def _run(
             }
             # Signing through gRPC, every worker at once; the CPU the controller's processes
             # (this one, which runs nothing else meanwhile, and its signers) spend on it.
-            cpu0 = _controller_cpu(c)
-            per = sign_n // len(procs)
-            for w in procs:
-                await w.send(cmd="sign", n=per, in_flight=in_flight)
-            done: list[dict[str, Any]] = []
-            while len(done) < len(procs):
-                ev = await asyncio.wait_for(queue.get(), 300)
-                if ev.get("event") == "signed":
-                    done.append(ev)
-            span = max(e["t1"] for e in done) - min(e["t0"] for e in done)
-            total = sum(e["n"] - e["errors"] for e in done)
-            errors = sum(e["errors"] for e in done)
-            cpu = _controller_cpu(c) - cpu0
-            signing: dict[str, Any] = {
-                "grpc_per_s": total / span if span > 0 else None,
-                "controller_cpu_us_per_cert": cpu / total * 1e6 if total else None,
+            # Once with a call per certificate, once batched as agents batch.
+            signing: dict[str, Any] = {}
+            for batched in (False, True):
+                cpu0 = _controller_cpu(c)
+                per = sign_n // len(procs)
+                for w in procs:
+                    await w.send(cmd="sign", n=per, in_flight=in_flight, batched=batched)
+                done: list[dict[str, Any]] = []
+                while len(done) < len(procs):
+                    ev = await asyncio.wait_for(queue.get(), 300)
+                    if ev.get("event") == "signed":
+                        done.append(ev)
+                span = max(e["t1"] for e in done) - min(e["t0"] for e in done)
+                total = sum(e["n"] - e["errors"] for e in done)
+                errors = sum(e["errors"] for e in done)
+                cpu = _controller_cpu(c) - cpu0
+                pre = "grpc_batched" if batched else "grpc"
+                signing |= {
+                    f"{pre}_per_s": total / span if span > 0 else None,
+                    f"{pre}_controller_cpu_us_per_cert": cpu / total * 1e6 if total else None,
+                    f"{pre}_requests": total,
+                    f"{pre}_errors": errors,
+                }
+                if errors:
+                    signing[f"{pre}_first_error"] = next(
+                        e["first_error"] for e in done if e["errors"]
+                    )
+                progress(
+                    f"gRPC signing{' (batched)' if batched else ''}: "
+                    f"{signing[f'{pre}_per_s']:.0f} certificates/s ({errors} errors), "
+                    f"controller CPU {signing[f'{pre}_controller_cpu_us_per_cert']:.0f} us each"
+                )
+            signing |= {
+                "controller_cpu_us_per_cert": signing["grpc_controller_cpu_us_per_cert"],
                 "signer_processes": c.signer.ready_children,
                 "signed_in_controller_process": c.signer.in_process,
-                "grpc_requests": total,
-                "grpc_errors": errors,
                 "grpc_clients": len(procs),
                 "grpc_in_flight": in_flight,
             }
-            if errors:
-                signing["grpc_first_error"] = next(e["first_error"] for e in done if e["errors"])
-            progress(
-                f"gRPC signing: {signing['grpc_per_s']:.0f} certificates/s ({errors} errors), "
-                f"controller CPU {signing['controller_cpu_us_per_cert']:.0f} us each, "
-                f"{signing['signer_processes']} signer process(es)"
-            )
         finally:
             for w in procs:
                 with contextlib.suppress(Exception):

@@ -612,6 +612,15 @@ def controller_section(cs: Mapping[str, Any]) -> list[str]:
             f"{sign.get('signer_processes')} signer processes)",
             _unit(sign.get("controller_cpu_us_per_cert"), "us"),
         ],
+        [
+            "certificates/s over gRPC, batched as agents batch (SignWorkloadCertificates, "
+            f"up to {sign.get('grpc_in_flight')} per call)",
+            fmt(sign.get("grpc_batched_per_s"), 0),
+        ],
+        [
+            "controller CPU per certificate over gRPC, batched",
+            _unit(sign.get("grpc_batched_controller_cpu_us_per_cert"), "us"),
+        ],
     ]
     return [
         "## Controller scale\n",

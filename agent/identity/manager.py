@@ -21,6 +21,7 @@ import random
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
 
@@ -33,6 +34,125 @@ from controller.ca.spiffe import key_pem, load_chain, make_csr, new_key
 log = logging.getLogger("weft.identity")
 
 DROP_GRACE = 60.0  # seconds an unwanted identity's certificate is kept for draining
+MAX_BATCH = 64  # CSRs in one SignWorkloadCertificates call (the controller's limit too)
+_STATUS = {s.value[0]: s for s in grpc.StatusCode}
+
+
+class SignRefused(Exception):
+    """The controller refused one CSR of a batch (the others are answered on their own);
+    code() and details() read as an AioRpcError's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class SignBatcher:
+    """Certificate requests made at the same moment (a node starting, pods scheduled
+    together, renewals due together) go to the controller in one SignWorkloadCertificates
+    call: the gRPC exchange is most of the controller's cost per certificate, and it is
+    paid once per batch. A request alone, or a controller without the batch call
+    (UNIMPLEMENTED: an older version), gets one SignWorkloadCertificate call each."""
+
+    def __init__(self, node: NodeCredential) -> None:
+        self.node = node
+        self.batch_rpc = True
+        self.calls = 0  # calls made to the controller (batches and single requests)
+        self._pending: list[tuple[identity_pb2.SignRequest, asyncio.Future[_Signed]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def sign(self, req: identity_pb2.SignRequest) -> _Signed:
+        """The signed certificate and the trust bundle that came with it; raises
+        AioRpcError (the call failed) or SignRefused (this request was refused)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_Signed] = loop.create_future()
+        self._pending.append((req, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)  # what else is asked this turn joins the batch
+        return await fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), MAX_BATCH):
+            t = asyncio.get_running_loop().create_task(self._send(pending[i : i + MAX_BATCH]))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _send(
+        self, batch: list[tuple[identity_pb2.SignRequest, asyncio.Future[_Signed]]]
+    ) -> None:
+        stub = identity_pb2_grpc.IdentityStub(self.node.channel())
+        try:
+            if self.batch_rpc and len(batch) > 1:
+                self.calls += 1
+                try:
+                    resp = await stub.SignWorkloadCertificates(
+                        identity_pb2.SignBatchRequest(requests=[r for r, _ in batch]), timeout=10
+                    )
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    self.batch_rpc = False
+                    log.info("the controller signs one certificate per call (no batch call)")
+                else:
+                    if len(resp.results) != len(batch):
+                        raise RuntimeError(
+                            f"controller answered {len(resp.results)} of {len(batch)} requests"
+                        )
+                    for (_, fut), res in zip(batch, resp.results, strict=True):
+                        if fut.done():
+                            continue  # its identity was dropped meanwhile
+                        if res.HasField("response"):
+                            fut.set_result(_Signed(res.response, resp.trust_bundle_pem))
+                        else:
+                            code = _STATUS.get(res.code, grpc.StatusCode.UNKNOWN)
+                            fut.set_exception(SignRefused(code, res.message))
+                    return
+            self.calls += len(batch)
+            await asyncio.gather(*(self._one(stub, r, f) for r, f in batch))
+        except Exception as e:  # the call failed: every request of it learns why
+            err = (
+                e
+                if isinstance(e, grpc.aio.AioRpcError)
+                else SignRefused(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
+            )
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+
+    @staticmethod
+    async def _one(
+        stub: identity_pb2_grpc.IdentityStub,
+        req: identity_pb2.SignRequest,
+        fut: asyncio.Future[_Signed],
+    ) -> None:
+        try:
+            resp = await stub.SignWorkloadCertificate(req, timeout=10)
+        except grpc.aio.AioRpcError as e:
+            if not fut.done():
+                fut.set_exception(e)
+            return
+        if not fut.done():
+            fut.set_result(_Signed(resp, resp.trust_bundle_pem))
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+
+
+class _Signed(NamedTuple):
+    response: identity_pb2.SignResponse
+    trust_bundle_pem: bytes
 
 
 @dataclass
@@ -94,6 +214,7 @@ class IdentityManager:
         self._drops: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.failures = 0
         self.store: IdentityStore | None = None
+        self.signer = SignBatcher(node)
 
     def restore(self, store: IdentityStore | None) -> int:
         """Take the workload certificates a previous agent process kept (unexpired ones),
@@ -202,18 +323,16 @@ class IdentityManager:
         await self.node.ready.wait()
         key = new_key()
         spiffe = f"spiffe://{self.trust_domain}/ns/{ident[0]}/sa/{ident[1]}"
-        stub = identity_pb2_grpc.IdentityStub(self.node.channel())
-        resp = await stub.SignWorkloadCertificate(
+        resp, bundle = await self.signer.sign(
             identity_pb2.SignRequest(
                 namespace=ident[0],
                 service_account=ident[1],
                 csr_pem=make_csr(key, spiffe),
                 ttl_seconds=self.ttl,
-            ),
-            timeout=10,
+            )
         )
         chain = load_chain(resp.certificate_chain_pem)
-        self.trust.update(resp.trust_bundle_pem)
+        self.trust.update(bundle)
         return WorkloadCert(
             spiffe_id=resp.spiffe_id,
             namespace=ident[0],
@@ -239,7 +358,7 @@ class IdentityManager:
                 cert = await self._fetch(ident)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, SignRefused) as e:
                 self.failures += 1
                 current = self._certs.get(ident)
                 wait = delay()
@@ -273,6 +392,7 @@ class IdentityManager:
             await asyncio.sleep(max(1.0, _renew_at(cert) - time.time()))
 
     async def close(self) -> None:
+        self.signer.close()
         for h in self._drops.values():
             h.cancel()
         for t in self._tasks.values():

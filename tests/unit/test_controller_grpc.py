@@ -461,3 +461,113 @@ def test_a_full_snapshot_is_the_store_at_each_agents_connect(tmp_path):
             await cred.close()
 
     run(tmp_path, body)
+
+
+MORE_ON_NODE_1 = textwrap.dedent("""\
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: embed-a, namespace: ai, labels: {app: embed}}
+    spec: {serviceAccount: embed, node: node-1, addresses: [10.244.1.3]}
+    ---
+    apiVersion: weft.dev/v1alpha1
+    kind: Workload
+    metadata: {name: rank-a, namespace: ai, labels: {app: rank}}
+    spec: {serviceAccount: rank, node: node-1, addresses: [10.244.1.4]}
+    """)
+NODE_1_IDENTITIES = {("ai", "llm"), ("ai", "embed"), ("ai", "rank")}
+
+
+async def _certs_for(c: Controller, wanted: set[tuple[str, str]]) -> IdentityManager:
+    trust = TrustBundle()
+    node = node_cred(c, "node-1", trust)
+    task = asyncio.create_task(node.run())
+    ids = IdentityManager(node, trust, trust_domain="cluster.local")
+    ids.want(wanted)
+    for ns, sa in sorted(wanted):
+        cert = await ids.wait_for(ns, sa)
+        assert cert is not None and cert.spiffe_id == f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+        (leaf,) = load_chain(cert.chain_pem)
+        assert spiffe_id_of(leaf) == cert.spiffe_id
+    await ids.close()
+    task.cancel()
+    await node.close()
+    return ids
+
+
+def test_identities_wanted_together_are_signed_in_one_call(tmp_path):
+    """A node that needs several certificates at once (it starts, pods land together)
+    asks for them in one SignWorkloadCertificates call; each comes back for its own
+    identity."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "more.yaml").write_text(MORE_ON_NODE_1)
+
+    async def body(c: Controller) -> None:
+        ids = await _certs_for(c, NODE_1_IDENTITIES)
+        assert ids.signer.calls == 1 and ids.signer.batch_rpc
+
+    run(tmp_path, body)
+
+
+def test_a_refused_item_does_not_fail_the_rest_of_its_batch(tmp_path):
+    """Each item is checked as the single call would check it: another node's workload is
+    PERMISSION_DENIED, a broken CSR INVALID_ARGUMENT, and the good one is signed."""
+
+    async def body(c: Controller) -> None:
+        node = node_cred(c, "node-1")
+        task = asyncio.create_task(node.run())
+        await node.ready.wait()
+        stub = identity_pb2_grpc.IdentityStub(node.channel())
+        good = make_csr(new_key(), "spiffe://cluster.local/ns/ai/sa/llm")
+        resp = await stub.SignWorkloadCertificates(
+            identity_pb2.SignBatchRequest(
+                requests=[
+                    identity_pb2.SignRequest(namespace="ai", service_account="llm", csr_pem=good),
+                    identity_pb2.SignRequest(
+                        namespace="apps", service_account="client", csr_pem=good
+                    ),
+                    identity_pb2.SignRequest(
+                        namespace="ai", service_account="llm", csr_pem=b"not a CSR"
+                    ),
+                ]
+            )
+        )
+        ok, other_node, broken = resp.results
+        assert ok.response.spiffe_id == "spiffe://cluster.local/ns/ai/sa/llm"
+        assert load_chain(ok.response.certificate_chain_pem)
+        assert other_node.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "node node-1 hosts no workload with namespace 'apps'" in other_node.message
+        assert not other_node.HasField("response")
+        assert broken.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and broken.message
+        assert load_chain(resp.trust_bundle_pem)
+        too_many = identity_pb2.SignBatchRequest(
+            requests=[identity_pb2.SignRequest(namespace="ai", service_account="llm")] * 65
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.SignWorkloadCertificates(too_many)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 64" in e.value.details()
+        task.cancel()
+        await node.close()
+
+    run(tmp_path, body)
+
+
+def test_a_controller_without_the_batch_call_signs_one_per_call(tmp_path, monkeypatch):
+    """An older controller answers the batch call UNIMPLEMENTED (the generated servicer's
+    default): the agent signs each identity with its own call from then on."""
+    from controller.services.identity import IdentityService
+
+    monkeypatch.setattr(
+        IdentityService,
+        "SignWorkloadCertificates",
+        identity_pb2_grpc.IdentityServicer.SignWorkloadCertificates,
+    )
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "more.yaml").write_text(MORE_ON_NODE_1)
+
+    async def body(c: Controller) -> None:
+        ids = await _certs_for(c, NODE_1_IDENTITIES)
+        assert not ids.signer.batch_rpc
+        assert ids.signer.calls == 1 + len(NODE_1_IDENTITIES)
+
+    run(tmp_path, body)
