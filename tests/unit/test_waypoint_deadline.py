@@ -17,6 +17,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def expires(dl: Deadline) -> bool:
+    """Wait far longer than any deadline here: True when `dl` ended the wait."""
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        return dl.expired()
+    finally:
+        dl.close()
+    return False
+
+
 def test_a_wait_past_the_deadline_is_cancelled_and_reported_as_expired():
     """The timer cancels the waiting task; expired() says it was the deadline and consumes
     the cancellation (the task is not left cancelling)."""
@@ -67,13 +78,7 @@ def test_an_idle_stream_expires_after_the_last_move():
         dl.arm(loop.time() + 0.05)
         await asyncio.sleep(0.01)
         dl.arm(loop.time() + 0.05)  # moved later: stored, the first timer re-arms itself
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            return dl.expired()
-        finally:
-            dl.close()
-        return False
+        return await expires(dl)
 
     assert run(main()) is True
 
@@ -84,13 +89,7 @@ def test_an_earlier_deadline_re_arms_the_timer():
         loop = asyncio.get_running_loop()
         dl.arm(loop.time() + 60)
         dl.arm(loop.time() + 0.01)
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            return dl.expired()
-        finally:
-            dl.close()
-        return False
+        return await expires(dl)
 
     assert run(main()) is True
 
