@@ -42,5 +42,9 @@ class Channel(Generic[T]):
                     self._waiter = None
         return items.popleft()
 
+    def get_nowait(self) -> T:
+        """The oldest item; IndexError when there is none (check qsize first)."""
+        return self._items.popleft()
+
     def qsize(self) -> int:
         return len(self._items)

@@ -541,7 +541,8 @@ class Proxy:
         try:
             dl.arm(loop.time() + idle)
             while not r.head.end_stream:
-                e = await events.next()
+                # Usually the body came with the head (one read): take it without awaiting.
+                e = events.ready() or await events.next()
                 # A stream's timeouts count from the last byte received, not the start
                 # (moving the deadline later is an assignment: Deadline re-arms lazily).
                 dl.arm(loop.time() + idle)
@@ -565,7 +566,8 @@ class Proxy:
                             r.up.cancel(r.sid)
                             ok = False
                             break
-                    await x.writable()
+                    if not x.conn.write_ready.is_set():
+                        await x.writable()
                     x.respond_data(data, e.end_stream)
                     if e.end_stream:
                         break

@@ -252,6 +252,15 @@ class StreamEvents:
         except BaseException:
             self.close()  # cancelled while waiting: the exchange is over for this reader
             raise
+        return self._took(e)
+
+    def ready(self) -> ev.Event | None:
+        """The next event if one is queued already (no waiting), else None."""
+        if self.done or not self.q.qsize():
+            return None
+        return self._took(self.q.get_nowait())
+
+    def _took(self, e: ev.Event | BaseException) -> ev.Event:
         if isinstance(e, BaseException):
             self.close()
             raise e
@@ -283,10 +292,10 @@ class Endpoint:
     node_host: str
     node_port: int
     h2: bool = False
+    key: str = field(init=False, compare=False)  # "ip:port", made once (looked up per try)
 
-    @property
-    def key(self) -> str:
-        return f"{self.ip}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.ip}:{self.port}")
 
 
 class UpstreamPool:
