@@ -32,6 +32,7 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPE_RE = re.compile(r"%(..)?", re.DOTALL)
 _SLASHES_RE = re.compile(r"/{2,}")
+_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")  # controls, space and DEL
 
 
 class BadPath(ValueError):
@@ -48,7 +49,7 @@ def normalize(target: str, escaped_slashes: EscapedSlashes = "reject") -> str:
         raise BadPath(f"request path {path[:64]!r} does not start with /")
     if "\\" in path:
         raise BadPath("request path contains a backslash")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
+    if _CONTROL_RE.search(path):
         raise BadPath("request path contains a control character or space")
     if "%" in path:
         path = _unescape(path, escaped_slashes)
