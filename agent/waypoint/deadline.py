@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 
+RESOLUTION = 0.001  # seconds: a deadline this close is due (uvloop's clock is in ms)
+
 
 class Deadline:
-    __slots__ = ("_cancelling", "_fired", "_handle", "_loop", "_task", "when")
+    __slots__ = ("_at", "_cancelling", "_fired", "_handle", "_loop", "_task", "when")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -40,7 +42,10 @@ class Deadline:
             raise RuntimeError("Deadline must be used inside a task")
         self._task = task
         self._cancelling = task.cancelling()
-        self._handle: asyncio.TimerHandle | None = None
+        # The armed timer and the loop time it was set for (kept here: for a delay under
+        # half a millisecond uvloop returns a plain Handle, which has no when()).
+        self._handle: asyncio.Handle | None = None
+        self._at = 0.0
         self._fired = False
         self.when: float | None = None  # loop time of the deadline; None: disarmed
 
@@ -54,9 +59,10 @@ class Deadline:
         if when is None:
             return
         h = self._handle
-        if h is None or h.when() > when:
+        if h is None or self._at > when:
             if h is not None:
                 h.cancel()
+            self._at = when
             self._handle = self._loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
@@ -64,9 +70,13 @@ class Deadline:
         when = self.when
         if when is None or self._fired:
             return
-        if when > self._loop.time():
+        if when - self._loop.time() > RESOLUTION:
+            self._at = when
             self._handle = self._loop.call_at(when, self._fire)
             return
+        # Due, or due within the loop's timer resolution: uvloop keeps time in whole
+        # milliseconds and may fire up to half of one early; re-arming for the rest would
+        # spin through call_soon until the clock ticks.
         self._fired = True
         self._task.cancel()
 
@@ -81,9 +91,10 @@ class Deadline:
         return False
 
     def close(self) -> None:
-        """Done waiting under this deadline: the timer is cancelled. A cancellation it
-        requested that was not seen (the wait ended at the same turn) is withdrawn, as
-        asyncio.timeout withdraws it."""
+        """Done waiting under this deadline: the timer is cancelled. If it had cancelled
+        the task and no one took that as a timeout (expired()), its count is taken back
+        with uncancel(), as asyncio.timeout does on exit (on 3.11 a cancellation not yet
+        delivered still arrives at the next await, with asyncio.timeout too)."""
         self.when = None
         if self._fired:
             self._fired = False

@@ -351,43 +351,59 @@ class Proxy:
             if isinstance(chosen, Respond):
                 return chosen, None
             att = chosen
-            ep = self.endpoint_of(att.endpoint.workload, att.endpoint.port)
-            if ep is None:
-                att.observe(Failure.CONNECT_FAILURE)
-                last = TryResult(Failure.CONNECT_FAILURE)
-                if (wait := fwd.retry_after(Failure.CONNECT_FAILURE, att)) is None:
-                    return last, att
-                await asyncio.sleep(wait)
-                continue
-            admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
-            while admission is Admission.QUEUE:
-                # Wait for a connection to be released or closed, then ask again: reuse it,
-                # or open one in the slot a closed one left (counted like any other).
-                if not await self._wait_for_connection(fwd, att):
-                    att.abandon()  # waiting says nothing about the endpoint
-                    return OVERFLOW_RESPONSE, None
-                att.dequeued()
+            try:
+                ep = self.endpoint_of(att.endpoint.workload, att.endpoint.port)
+                if ep is None:
+                    att.observe(Failure.CONNECT_FAILURE)
+                    last = TryResult(Failure.CONNECT_FAILURE)
+                    if (wait := fwd.retry_after(Failure.CONNECT_FAILURE, att)) is None:
+                        return last, att
+                    await asyncio.sleep(wait)
+                    continue
                 admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
-            if admission is Admission.OVERFLOW:
-                return OVERFLOW_RESPONSE, None
-            if stage is not None:
-                stage.try_started(ep.key)
-            token = before_try(ep, headers) if before_try is not None else None
-            last = await self._try(
-                x, fwd, att, ep, target, authority, headers, body, fresh=admission is Admission.OPEN
-            )
-            if after_try is not None:
-                after_try(token, last.outcome)
-            if x.reset:
-                att.observed = True  # the caller left: says nothing about the endpoint
-            att.observe(last.outcome)
-            replay = body.replayable and not x.reset
-            wait = fwd.retry_after(last.outcome, att) if replay else None
-            if wait is None:
-                return last, att
-            self._discard(last)
-            self._notify(fwd)
-            await asyncio.sleep(wait)
+                while admission is Admission.QUEUE:
+                    # Wait for a connection to be released or closed, then ask again: reuse it,
+                    # or open one in the slot a closed one left (counted like any other).
+                    if not await self._wait_for_connection(fwd, att):
+                        att.abandon()  # waiting says nothing about the endpoint
+                        return OVERFLOW_RESPONSE, None
+                    att.dequeued()
+                    admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
+                if admission is Admission.OVERFLOW:
+                    return OVERFLOW_RESPONSE, None
+                if stage is not None:
+                    stage.try_started(ep.key)
+                token = before_try(ep, headers) if before_try is not None else None
+                last = await self._try(
+                    x,
+                    fwd,
+                    att,
+                    ep,
+                    target,
+                    authority,
+                    headers,
+                    body,
+                    fresh=admission is Admission.OPEN,
+                )
+                if after_try is not None:
+                    after_try(token, last.outcome)
+                if x.reset:
+                    att.observed = True  # the caller left: says nothing about the endpoint
+                att.observe(last.outcome)
+                replay = body.replayable and not x.reset
+                wait = fwd.retry_after(last.outcome, att) if replay else None
+                if wait is None:
+                    return last, att
+                self._discard(last)
+                self._notify(fwd)
+                await asyncio.sleep(wait)
+            except BaseException:
+                # Cancelled (the caller's connection went away) or broken mid-try: the
+                # attempt is released unjudged, and whoever waits for a connection
+                # is told, as a finished try would.
+                att.abandon()
+                self._notify(fwd)
+                raise
 
     # ---- one try -----------------------------------------------------------------------
 
@@ -450,26 +466,34 @@ class Proxy:
         x.on_reset = lambda: up.cancel(sid)
         if x.reset:  # gone while the try was being set up
             up.cancel(sid)
-        events = up.events(sid)
         # One timer for the try: the head's timeout here, the stream's idle timeout later.
         dl = Deadline()
         dl.arm(dl.now() + (_min(limit, DEFAULT_HEAD_TIMEOUT) or DEFAULT_HEAD_TIMEOUT))
         try:
+            # Inside the try: a stream already gone (the caller reset it during set-up,
+            # the connection failed) is this try's RESET, not the handler's error.
+            events = up.events(sid)
             head = await _next_head(events)
         except asyncio.CancelledError:
             timed_out = dl.expired()
             dl.close()
-            if not timed_out:
-                raise
             if pump is not None:
                 pump.cancel()
             up.cancel(sid)
+            if not timed_out:
+                raise
             return TryResult(Failure.TIMEOUT)
         except UpstreamError as e:
             dl.close()
             if pump is not None:
                 pump.cancel()
             return TryResult(_FAILURE_OF.get(e.kind, Failure.RESET))
+        except BaseException:
+            dl.close()
+            if pump is not None:
+                pump.cancel()
+            up.cancel(sid)
+            raise
         if head is None:
             dl.close()
             if pump is not None:
@@ -528,18 +552,19 @@ class Proxy:
     ) -> None:
         assert r.head is not None and r.up is not None and r.events is not None
         events = r.events
-        h = r.head.headers.copy()
-        h.strip_hop_by_hop()
-        fwd.rewrite_response(h)
-        if stage is not None:
-            stage.response_head(target, r.head.status, r.head.headers, h)
-        x.respond_head(r.head.status, h, r.head.end_stream)
         idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
         dl = r.deadline or Deadline()
         loop = asyncio.get_running_loop()
         ok = 200 <= r.head.status < 300
         try:
-            dl.arm(loop.time() + idle)
+            h = r.head.headers.copy()
+            h.strip_hop_by_hop()
+            fwd.rewrite_response(h)
+            if stage is not None:
+                stage.response_head(target, r.head.status, r.head.headers, h)
+            x.respond_head(r.head.status, h, r.head.end_stream)
+            if not r.head.end_stream:
+                dl.arm(loop.time() + idle)
             while not r.head.end_stream:
                 # Usually the body came with the head (one read): take it without awaiting.
                 e = events.ready() or await events.next()

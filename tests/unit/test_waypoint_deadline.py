@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import uvloop
 
 from agent.waypoint.deadline import Deadline
 
 
-def run(coro):
-    return asyncio.run(coro)
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request):
+    """Each test on the stdlib loop and on uvloop (the waypoint's), whose timers differ:
+    millisecond clock, and a plain Handle for a delay under half a millisecond."""
+    return asyncio.run if request.param == "asyncio" else uvloop.run
 
 
 async def expires(dl: Deadline) -> bool:
@@ -28,7 +32,7 @@ async def expires(dl: Deadline) -> bool:
     return False
 
 
-def test_a_wait_past_the_deadline_is_cancelled_and_reported_as_expired():
+def test_a_wait_past_the_deadline_is_cancelled_and_reported_as_expired(run):
     """The timer cancels the waiting task; expired() says it was the deadline and consumes
     the cancellation (the task is not left cancelling)."""
 
@@ -49,7 +53,7 @@ def test_a_wait_past_the_deadline_is_cancelled_and_reported_as_expired():
     assert run(main()) == "timed out"
 
 
-def test_moving_the_deadline_later_keeps_a_busy_stream_alive():
+def test_moving_the_deadline_later_keeps_a_busy_stream_alive(run):
     """Re-arming later on every event (an idle timeout) never fires while events come
     faster than the timeout, although the first timer was set for the first deadline."""
 
@@ -71,7 +75,7 @@ def test_moving_the_deadline_later_keeps_a_busy_stream_alive():
     assert run(main()) == "kept"
 
 
-def test_an_idle_stream_expires_after_the_last_move():
+def test_an_idle_stream_expires_after_the_last_move(run):
     async def main():
         dl = Deadline()
         loop = asyncio.get_running_loop()
@@ -83,7 +87,7 @@ def test_an_idle_stream_expires_after_the_last_move():
     assert run(main()) is True
 
 
-def test_an_earlier_deadline_re_arms_the_timer():
+def test_an_earlier_deadline_re_arms_the_timer(run):
     async def main():
         dl = Deadline()
         loop = asyncio.get_running_loop()
@@ -94,7 +98,7 @@ def test_an_earlier_deadline_re_arms_the_timer():
     assert run(main()) is True
 
 
-def test_a_disarmed_or_closed_deadline_never_cancels():
+def test_a_disarmed_or_closed_deadline_never_cancels(run):
     """arm(None) (between the response head and the stream) and close() leave the task
     alone even when the old timer comes due."""
 
@@ -112,7 +116,7 @@ def test_a_disarmed_or_closed_deadline_never_cancels():
     assert run(main()) == "alive"
 
 
-def test_a_cancellation_from_elsewhere_is_not_taken_for_a_timeout():
+def test_a_cancellation_from_elsewhere_is_not_taken_for_a_timeout(run):
     """The caller's own cancel (the connection went away) passes through: expired() is
     False and the task ends cancelled, as with asyncio.timeout."""
 
@@ -140,3 +144,29 @@ def test_a_cancellation_from_elsewhere_is_not_taken_for_a_timeout():
 def test_a_deadline_needs_a_task():
     with pytest.raises(RuntimeError):
         Deadline()
+
+
+def test_a_deadline_already_spent_can_be_moved_and_expires_without_spinning(run):
+    """A response head that arrives when the route's time is used up arms the deadline in
+    the past (uvloop schedules that as a plain Handle, without when()); moving it again
+    must work, and it expires once rather than re-arming itself while the millisecond
+    clock catches up."""
+
+    class Counting(Deadline):
+        fired = 0
+
+        def _fire(self) -> None:
+            self.fired += 1
+            super()._fire()
+
+    async def main():
+        dl = Counting()
+        loop = asyncio.get_running_loop()
+        dl.arm(loop.time() - 0.001)
+        dl.arm(loop.time() + 0.0004)  # moved: within the clock's resolution
+        expired = await expires(dl)
+        return expired, dl.fired
+
+    expired, fired = run(main())
+    assert expired
+    assert fired <= 2
