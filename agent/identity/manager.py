@@ -82,7 +82,9 @@ class SignBatcher:
 
     def _flush(self) -> None:
         self._scheduled = False
-        pending, self._pending = self._pending, []
+        # A request whose identity was dropped meanwhile (its future cancelled) is not sent.
+        pending = [(r, f) for r, f in self._pending if not f.done()]
+        self._pending = []
         for i in range(0, len(pending), MAX_BATCH):
             t = asyncio.get_running_loop().create_task(self._send(pending[i : i + MAX_BATCH]))
             self._tasks.add(t)
@@ -91,8 +93,8 @@ class SignBatcher:
     async def _send(
         self, batch: list[tuple[identity_pb2.SignRequest, asyncio.Future[_Signed]]]
     ) -> None:
-        stub = identity_pb2_grpc.IdentityStub(self.node.channel())
         try:
+            stub = identity_pb2_grpc.IdentityStub(self.node.channel())
             if self.batch_rpc and len(batch) > 1:
                 self.calls += 1
                 try:
@@ -129,6 +131,12 @@ class SignBatcher:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)
+        finally:
+            # Cancelled (the manager is closing) or anything else: no request is left
+            # waiting for an answer that will not come.
+            for _, fut in batch:
+                if not fut.done():
+                    fut.cancel()
 
     @staticmethod
     async def _one(

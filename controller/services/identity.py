@@ -60,10 +60,27 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{n} requests in one batch; at most {MAX_BATCH}",
             )
-        results = await asyncio.gather(*(self._sign(node, r) for r in request.requests))
+        results = await asyncio.gather(
+            *(self._sign(node, r) for r in request.requests), return_exceptions=True
+        )
         out = identity_pb2.SignBatchResponse(trust_bundle_pem=self.c.ca.bundle_pem())
-        for r in results:
-            if isinstance(r, Refusal):
+        for req, r in zip(request.requests, results, strict=True):
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+            if isinstance(r, BaseException):
+                # One item's failure is that item's: the others are signed and answered.
+                log.error(
+                    "signing ns/%s/sa/%s for node %s failed: %s",
+                    req.namespace,
+                    req.service_account,
+                    node,
+                    r,
+                )
+                out.results.add(
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message="signing failed in the controller",
+                )
+            elif isinstance(r, Refusal):
                 out.results.add(code=r.code.value[0], message=r.message)
             else:
                 out.results.add(response=r)
