@@ -35,6 +35,7 @@ log = logging.getLogger("weft.identity")
 
 DROP_GRACE = 60.0  # seconds an unwanted identity's certificate is kept for draining
 MAX_BATCH = 64  # CSRs in one SignWorkloadCertificates call (the controller's limit too)
+BATCH_RETRY = 600.0  # seconds before asking a controller without the batch call again
 _STATUS = {s.value[0]: s for s in grpc.StatusCode}
 
 
@@ -59,15 +60,22 @@ class SignBatcher:
     together, renewals due together) go to the controller in one SignWorkloadCertificates
     call: the gRPC exchange is most of the controller's cost per certificate, and it is
     paid once per batch. A request alone, or a controller without the batch call
-    (UNIMPLEMENTED: an older version), gets one SignWorkloadCertificate call each."""
+    (UNIMPLEMENTED: an older version), gets one SignWorkloadCertificate call each; the
+    batch call is tried again BATCH_RETRY seconds later (the controller may have been
+    upgraded since)."""
 
     def __init__(self, node: NodeCredential) -> None:
         self.node = node
-        self.batch_rpc = True
+        self._unbatched_until = 0.0  # monotonic time until which batches go one by one
         self.calls = 0  # calls made to the controller (batches and single requests)
         self._pending: list[tuple[identity_pb2.SignRequest, asyncio.Future[_Signed]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def batch_rpc(self) -> bool:
+        """Whether requests made together go in one call now."""
+        return time.monotonic() >= self._unbatched_until
 
     async def sign(self, req: identity_pb2.SignRequest) -> _Signed:
         """The signed certificate and the trust bundle that came with it; raises
@@ -104,8 +112,12 @@ class SignBatcher:
                 except grpc.aio.AioRpcError as e:
                     if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                         raise
-                    self.batch_rpc = False
-                    log.info("the controller signs one certificate per call (no batch call)")
+                    self._unbatched_until = time.monotonic() + BATCH_RETRY
+                    log.info(
+                        "the controller has no batch signing call: one certificate per call"
+                        " for the next %.0f s",
+                        BATCH_RETRY,
+                    )
                 else:
                     if len(resp.results) != len(batch):
                         raise RuntimeError(
