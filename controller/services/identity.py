@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("weft.controller")
 
 MAX_BATCH = 64  # CSRs in one SignWorkloadCertificates call
+# Certificate requests one node may have in progress at once, single calls and batch items
+# alike: a node cannot fill the signers' queue (and starve the other nodes) by sending
+# many batches at once. A node renews one certificate per service account it hosts.
+MAX_IN_FLIGHT_PER_NODE = 256
 
 
 class Refusal(NamedTuple):
@@ -30,6 +34,7 @@ class Refusal(NamedTuple):
 class IdentityService(identity_pb2_grpc.IdentityServicer):
     def __init__(self, c: Controller) -> None:
         self.c = c
+        self._in_flight: dict[str, int] = {}  # node -> certificate requests in progress
 
     async def SignWorkloadCertificate(
         self,
@@ -107,6 +112,15 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
                 f"{request.namespace!r} and service account "
                 f"{request.service_account!r}",
             )
+        busy = self._in_flight.get(node, 0)
+        if busy >= MAX_IN_FLIGHT_PER_NODE:
+            c.metrics.refused.labels("too_many_in_flight").inc()
+            return Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"node {node} has {busy} certificate requests in progress; "
+                f"at most {MAX_IN_FLIGHT_PER_NODE}",
+            )
+        self._in_flight[node] = busy + 1
         try:
             issued = await c.signer.sign(
                 c.ca.workload_request(
@@ -119,6 +133,12 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
         except CertificateRequestRejected as e:
             c.metrics.refused.labels("bad_csr").inc()
             return Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            left = self._in_flight[node] - 1
+            if left:
+                self._in_flight[node] = left
+            else:
+                del self._in_flight[node]
         c.metrics.certs.labels("workload").inc()
         return identity_pb2.SignResponse(
             certificate_chain_pem=issued.chain_pem,

@@ -571,3 +571,42 @@ def test_a_controller_without_the_batch_call_signs_one_per_call(tmp_path, monkey
         assert ids.signer.calls == 1 + len(NODE_1_IDENTITIES)
 
     run(tmp_path, body)
+
+
+def test_a_node_cannot_have_more_than_its_share_of_signing_in_progress(tmp_path, monkeypatch):
+    """Batches do not let one node fill the signers' queue: past the per-node limit of
+    requests in progress an item is answered RESOURCE_EXHAUSTED (the agent retries it),
+    the others are signed, and the count goes back down once they are done."""
+    from controller.services import identity as svc
+
+    monkeypatch.setattr(svc, "MAX_IN_FLIGHT_PER_NODE", 2)
+
+    async def body(c: Controller) -> None:
+        # Signing takes a while (as in the signer processes under load): the three items
+        # are in progress together.
+        sign = c.signer.sign
+
+        async def slow_sign(req):
+            await asyncio.sleep(0.05)
+            return await sign(req)
+
+        monkeypatch.setattr(c.signer, "sign", slow_sign)
+        node = node_cred(c, "node-1")
+        task = asyncio.create_task(node.run())
+        await node.ready.wait()
+        stub = identity_pb2_grpc.IdentityStub(node.channel())
+        csr = make_csr(new_key(), "spiffe://cluster.local/ns/ai/sa/llm")
+        one = identity_pb2.SignRequest(namespace="ai", service_account="llm", csr_pem=csr)
+        resp = await stub.SignWorkloadCertificates(
+            identity_pb2.SignBatchRequest(requests=[one, one, one])
+        )
+        first, second, third = resp.results
+        assert first.HasField("response") and second.HasField("response")
+        assert third.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "node node-1 has 2 certificate requests in progress" in third.message
+        again = await stub.SignWorkloadCertificate(one)  # the count went back down
+        assert again.spiffe_id == "spiffe://cluster.local/ns/ai/sa/llm"
+        task.cancel()
+        await node.close()
+
+    run(tmp_path, body)
