@@ -53,6 +53,7 @@ log = logging.getLogger("weft.waypoint.proxy")
 
 RETRY_BUFFER = 64 << 10  # request bodies up to this size are held so they can be replayed
 DEFAULT_HEAD_TIMEOUT = 300.0  # seconds to a response head when no route timeout is set
+MIRROR_TIMEOUT = 30.0  # seconds a mirrored copy may take from dial to the end of its answer
 
 _FAILURE_OF = {
     "connect-failure": Failure.CONNECT_FAILURE,
@@ -682,19 +683,28 @@ class Proxy:
 
         async def send() -> None:
             outcome: int = Failure.RESET
+            up: UpstreamConnection | None = None
+            sid = 0
+            done = False
             try:
-                up = await asyncio.wait_for(self.upstream.acquire(ep, x.caller.client_ip), 10)
-                sid = up.start(x.head.method, target, authority, h, end_stream=not body.held)
-                if body.held:
-                    await up.send(sid, bytes(body.held), True)
-                async for e in up.events(sid):
-                    if isinstance(e, ev.ResponseHead) and not e.informational:
-                        outcome = e.status
+                # The whole copy within MIRROR_TIMEOUT: a mirror backend that never answers
+                # must not hold a task, an attempt and a connection for good.
+                async with asyncio.timeout(MIRROR_TIMEOUT):
+                    up = await self.upstream.acquire(ep, x.caller.client_ip)
+                    sid = up.start(x.head.method, target, authority, h, end_stream=not body.held)
+                    if body.held:
+                        await up.send(sid, bytes(body.held), True)
+                    async for e in up.events(sid):
+                        if isinstance(e, ev.ResponseHead) and not e.informational:
+                            outcome = e.status
+                done = True
                 self.upstream.release_conn(up)
                 self.mirrors_sent += 1
             except (UpstreamError, TimeoutError, OSError):
                 self.mirrors_failed += 1
             finally:
+                if up is not None and not done:
+                    up.cancel(sid)  # abandoned: reset toward the backend, never reused
                 att.finish(outcome)
 
         task = asyncio.get_running_loop().create_task(send())
