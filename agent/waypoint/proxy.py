@@ -426,6 +426,7 @@ class Proxy:
         limit = _min(per_try, None if deadline is None else deadline - self.clock())
         if limit is not None and limit <= 0:
             return TryResult(Failure.TIMEOUT)
+        started = asyncio.get_running_loop().time()  # the try's time runs from here, dial included
         up = None if fresh else self.upstream.take(ep, x.caller.client_ip)
         if up is None:
             if not fresh:
@@ -469,7 +470,7 @@ class Proxy:
             up.cancel(sid)
         # One timer for the try: the head's timeout here, the stream's idle timeout later.
         dl = Deadline()
-        dl.arm(dl.now() + (_min(limit, DEFAULT_HEAD_TIMEOUT) or DEFAULT_HEAD_TIMEOUT))
+        dl.arm(started + (_min(limit, DEFAULT_HEAD_TIMEOUT) or DEFAULT_HEAD_TIMEOUT))
         try:
             # Inside the try: a stream already gone (the caller reset it during set-up,
             # the connection failed) is this try's RESET, not the handler's error.
