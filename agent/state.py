@@ -16,12 +16,13 @@ the affected Services' endpoints, not to the size of the mesh; any other change 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from controller.model.base import Resource, ResourceKey
+from controller.model.base import Resource, ResourceKey, resource_from_json
 from controller.model.derived import derive
 from controller.model.routing import HTTPRoute
 from controller.model.security import AuthorizationPolicy, PeerAuthentication
@@ -51,6 +52,28 @@ class ConfigSnapshot:
     # Every workload that lists an address (by_ip holds the last by key): a delta that
     # removes one holder finds the next.
     ip_holders: Mapping[str, tuple[Workload, ...]] = field(default_factory=dict)
+
+    # ---- as JSON: what the Workload API serves to waypoints and the agent's disk cache ----
+    #     {"epoch", "revision", "trustDomain", "resources": [{"kind", "body"}, ...]}
+
+    def to_json(self) -> bytes:
+        """The snapshot's `sources` as one JSON document (from_json reads it back)."""
+        body = ",".join(resource_json(k, r) for k, r in self.sources.items())
+        return f'{{{self.json_head()},"resources":[{body}]}}'.encode()
+
+    def json_head(self) -> str:
+        """The document's epoch, revision and trust domain members (a delta has them too)."""
+        return (
+            f'"epoch":{json.dumps(self.epoch)},"revision":{int(self.revision)},'
+            f'"trustDomain":{json.dumps(self.trust_domain)}'
+        )
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ConfigSnapshot:
+        """A snapshot from a parsed to_json document; raises InvalidConfig naming a bad
+        resource, KeyError for a missing member."""
+        resources = {r.key: r for r in resources_from_json(doc["resources"])}
+        return cls.build(doc["epoch"], doc["revision"], doc["trustDomain"], resources)
 
     @classmethod
     def empty(cls, trust_domain: str = "cluster.local") -> ConfigSnapshot:
@@ -250,3 +273,13 @@ def _order(w: Workload) -> ResourceKey:
 
 def _of(by_kind: dict[str, list[Resource]], kind: str, cls: type[R]) -> list[R]:
     return [r for r in by_kind.get(kind, []) if isinstance(r, cls)]
+
+
+def resource_json(key: ResourceKey, r: Resource) -> str:
+    """One resource as an item of a snapshot document: {"kind", "body"}."""
+    return f'{{"kind":{json.dumps(key.kind)},"body":{r.to_json()}}}'
+
+
+def resources_from_json(items: Iterable[Mapping[str, Any]]) -> list[Resource]:
+    """The resources of a snapshot document's items (validated as the controller's)."""
+    return [resource_from_json(i["kind"], json.dumps(i["body"])) for i in items]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.httpserver import HttpRequest, Response, json_response
+from agent.state import ConfigSnapshot, resource_json
 from agent.unixsock import peer_cred
 from controller.model.base import Resource, ResourceKey
 from controller.model.workloads import WAYPOINT_LABEL, Workload
@@ -51,17 +52,6 @@ LONG_POLL = 30.0  # seconds a config request waits for a change before answering
 RECENT = 4  # configs served lately that a waypoint may get a delta from
 
 Sources = Mapping[ResourceKey, Resource]
-
-
-def _resource(k: ResourceKey, r: Resource) -> str:
-    return f'{{"kind":{json.dumps(k.kind)},"body":{r.to_json()}}}'
-
-
-def _head(snap: Any) -> str:
-    return (
-        f'"epoch":{json.dumps(snap.epoch)},"revision":{int(snap.revision)},'
-        f'"trustDomain":{json.dumps(snap.trust_domain)}'
-    )
 
 
 def peer_pid(transport: Any) -> int | None:
@@ -183,23 +173,18 @@ class WorkloadApi:
             self._served.popitem(last=False)
         if base is not None:
             return 200, self._delta(snap, after, base), "application/json"
-        return 200, self._everything(snap), "application/json"
+        return 200, snap.to_json(), "application/json"
 
     @staticmethod
-    def _everything(snap: Any) -> bytes:
-        body = ",".join(_resource(k, r) for k, r in snap.sources.items())
-        return f'{{{_head(snap)},"resources":[{body}]}}'.encode()
-
-    @staticmethod
-    def _delta(snap: Any, after: int, base: Sources) -> bytes:
+    def _delta(snap: ConfigSnapshot, after: int, base: Sources) -> bytes:
         now: Sources = snap.sources
         changed = []
         for k, r in now.items():
             old = base.get(k)
             if old is not r and old != r:
-                changed.append(_resource(k, r))
+                changed.append(resource_json(k, r))
         removed = [[k.kind, k.namespace, k.name] for k in base if k not in now]
         return (
-            f'{{{_head(snap)},"base":{int(after)},"resources":[{",".join(changed)}],'
+            f'{{{snap.json_head()},"base":{int(after)},"resources":[{",".join(changed)}],'
             f'"removed":{json.dumps(removed)}}}'
         ).encode()

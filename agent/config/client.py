@@ -204,19 +204,11 @@ class ConfigClient:
 
     def _write(self, snap: ConfigSnapshot) -> None:
         assert self.cache is not None
-        doc = {
-            "epoch": snap.epoch,
-            "revision": snap.revision,
-            "trustDomain": snap.trust_domain,
-            "resources": [
-                {"kind": k.kind, "body": json.loads(r.to_json())} for k, r in snap.sources.items()
-            ],
-        }
         self.cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(snap.to_json())  # the Workload API's document (ConfigSnapshot.to_json)
         tmp.replace(self.cache)
 
     async def load_cache(self) -> bool:
@@ -225,14 +217,7 @@ class ConfigClient:
             return False
         try:
             with collector_paused(tenure=True):
-                doc = json.loads(self.cache.read_text())
-                resources = {}
-                for item in doc["resources"]:
-                    res = resource_from_json(item["kind"], json.dumps(item["body"]))
-                    resources[res.key] = res
-                snap = ConfigSnapshot.build(
-                    doc["epoch"], doc["revision"], doc["trustDomain"], resources
-                )
+                snap = ConfigSnapshot.from_json(json.loads(self.cache.read_bytes()))
             result = self._apply(snap)
             if asyncio.iscoroutine(result):
                 await result

@@ -18,9 +18,9 @@ from typing import Any
 from urllib.parse import quote
 
 from agent.identity.tls import client_context, server_context
-from agent.state import ConfigSnapshot
+from agent.state import ConfigSnapshot, resources_from_json
 from agent.waypoint.codec import client
-from controller.model.base import ResourceKey, resource_from_json
+from controller.model.base import ResourceKey
 from controller.model.bulk import collector_paused
 
 log = logging.getLogger("weft.waypoint.workload")
@@ -107,16 +107,12 @@ class AgentLink:
             if same and not doc["resources"] and not doc.get("removed"):
                 return prev  # the long poll ran out with nothing new
         with collector_paused():
-            upserts = [
-                resource_from_json(i["kind"], json.dumps(i["body"])) for i in doc["resources"]
-            ]
             if prev is not None and base is not None:
+                upserts = resources_from_json(doc["resources"])
                 removed = [ResourceKey(*k) for k in doc.get("removed", [])]
                 snap = prev.with_changes(doc["epoch"], doc["revision"], upserts, removed)
             else:
-                snap = ConfigSnapshot.build(
-                    doc["epoch"], doc["revision"], doc["trustDomain"], {r.key: r for r in upserts}
-                )
+                snap = ConfigSnapshot.from_json(doc)
         if (snap.epoch, snap.revision) != (self.epoch, self.revision):
             self.on_config(snap)
             # Only once applied: a revision that failed to apply is fetched and tried again.
