@@ -49,9 +49,6 @@ class Deadline:
         self._fired = False
         self.when: float | None = None  # loop time of the deadline; None: disarmed
 
-    def now(self) -> float:
-        return self._loop.time()
-
     def arm(self, when: float | None) -> None:
         """Expire at loop time `when` (None: not at all, until armed again). A later time
         costs an assignment; an earlier one re-arms the timer."""

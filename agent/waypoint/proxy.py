@@ -471,35 +471,27 @@ class Proxy:
         # One timer for the try: the head's timeout here, the stream's idle timeout later.
         dl = Deadline()
         dl.arm(started + (_min(limit, DEFAULT_HEAD_TIMEOUT) or DEFAULT_HEAD_TIMEOUT))
+        head: ev.ResponseHead | None = None
         try:
             # Inside the try: a stream already gone (the caller reset it during set-up,
             # the connection failed) is this try's RESET, not the handler's error.
             events = up.events(sid)
             head = await _next_head(events)
-        except asyncio.CancelledError:
-            timed_out = dl.expired()
-            dl.close()
-            if pump is not None:
-                pump.cancel()
-            up.cancel(sid)
-            if not timed_out:
-                raise
-            return TryResult(Failure.TIMEOUT)
-        except UpstreamError as e:
-            dl.close()
-            if pump is not None:
-                pump.cancel()
-            return TryResult(_FAILURE_OF.get(e.kind, Failure.RESET))
-        except BaseException:
-            dl.close()
-            if pump is not None:
-                pump.cancel()
-            up.cancel(sid)
+        except BaseException as e:
+            timed_out = isinstance(e, asyncio.CancelledError) and dl.expired()
+            if not isinstance(e, UpstreamError):
+                up.cancel(sid)  # abandoned here (a broken stream is over already)
+            if timed_out:
+                return TryResult(Failure.TIMEOUT)
+            if isinstance(e, UpstreamError):
+                return TryResult(_FAILURE_OF.get(e.kind, Failure.RESET))
             raise
+        finally:
+            if head is None:  # no answer to stream: the try's timer and body pump end here
+                dl.close()
+                if pump is not None:
+                    pump.cancel()
         if head is None:
-            dl.close()
-            if pump is not None:
-                pump.cancel()
             return TryResult(Failure.RESET)
         dl.arm(None)  # the stream arms it again
         r = TryResult(head.status, up, sid, head, events, pump, dl)
@@ -553,9 +545,9 @@ class Proxy:
         self, x: Exchange, fwd: Forward, r: TryResult, stage: Stage | None, target: Any
     ) -> None:
         assert r.head is not None and r.up is not None and r.events is not None
-        events = r.events
+        assert r.deadline is not None  # _try hands a head over with its (disarmed) timer
+        events, dl = r.events, r.deadline
         idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
-        dl = r.deadline or Deadline()
         loop = asyncio.get_running_loop()
         ok = 200 <= r.head.status < 300
         try:
