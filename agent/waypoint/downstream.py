@@ -191,7 +191,13 @@ class Downstream(asyncio.Protocol):
         self._first = b""
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
+        # The connection's one timer (head or idle timeout), re-armed lazily: a keep-alive
+        # connection moves its idle deadline on every request, and a new loop timer per
+        # request (and its cancellation) cost more than the rest of the timeout handling.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # loop time the armed timer fires
+        self._due = 0.0  # loop time the current timeout expires
+        self._on_due: Callable[[], None] | None = None  # None: no timeout running
         self.closed = False
         self.draining = False
         self._out: list[bytes] | None = None  # written this loop turn, not yet flushed
@@ -203,9 +209,38 @@ class Downstream(asyncio.Protocol):
         self._arm(self.head_timeout, self._head_timed_out)
 
     def _arm(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run `fn` after `delay` s unless re-armed or disarmed first. A later deadline than
+        the armed timer's is only stored; the timer, when it fires, re-arms for the rest."""
+        loop = self._loop or asyncio.get_running_loop()
+        self._due = due = loop.time() + delay
+        self._on_due = fn
+        if self._timer is None or self._timer_at > due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = due
+            self._timer = loop.call_at(due, self._fire)
+
+    def _disarm(self) -> None:
+        self._on_due = None  # the timer, if armed, finds nothing to do and stops
+
+    def _fire(self) -> None:
+        self._timer = None
+        fn = self._on_due
+        if fn is None or self.closed:
+            return
+        loop = self._loop
+        if self._due - loop.time() > 0.001:  # moved later meanwhile (uvloop: ms clock)
+            self._timer_at = self._due
+            self._timer = loop.call_at(self._due, self._fire)
+            return
+        self._on_due = None
+        fn()
+
+    def _stop_timer(self) -> None:
+        self._on_due = None
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, fn)
+            self._timer = None
 
     def _head_timed_out(self) -> None:
         if isinstance(self.codec, Http1Connection) or self.codec is None:
@@ -256,8 +291,7 @@ class Downstream(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self._flush()
             self.closed = True
-            if self._timer is not None:
-                self._timer.cancel()
+            self._stop_timer()
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -294,8 +328,7 @@ class Downstream(asyncio.Protocol):
     def _dispatch(self, events: list[ev.Event]) -> None:
         for e in events:
             if isinstance(e, ev.RequestHead):
-                if self._timer is not None:
-                    self._timer.cancel()
+                self._disarm()
                 x = Exchange(self, e.stream_id, e, self.caller)
                 self.exchanges[e.stream_id] = x
                 if e.end_stream:
@@ -415,8 +448,7 @@ class Downstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._stop_timer()
         for x in list(self.exchanges.values()):
             x.caller_gone()
             x.body.put_nowait(None)

@@ -718,6 +718,8 @@ async def _next_head(events: StreamEvents) -> ev.ResponseHead | None:
     return None
 
 
-def _min(*xs: float | None) -> float | None:
-    vals = [v for v in xs if v is not None]
-    return min(vals) if vals else None
+def _min(a: float | None, b: float | None) -> float | None:
+    """The smaller of two optional limits (None: no limit)."""
+    if a is None:
+        return b
+    return a if b is None or a <= b else b

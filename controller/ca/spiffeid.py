@@ -8,6 +8,7 @@ the agent's CSRs is in controller/ca/spiffe.py.
 
 from __future__ import annotations
 
+import functools
 import re
 import ssl
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ class WorkloadId:
         return str(self)[len("spiffe://") :]
 
 
+@functools.lru_cache(maxsize=4096)  # per request in the waypoint; a few callers per node
 def parse_workload_id(uri: str) -> WorkloadId | None:
     m = _WORKLOAD.match(uri)
     return WorkloadId(*m.groups()) if m else None

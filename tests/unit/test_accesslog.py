@@ -147,3 +147,16 @@ def test_a_file_log_is_rotated_past_its_size(tmp_path):
     assert old and len(path.read_bytes()) < 2048
     assert json.loads(new[-1])["i"] == 99  # nothing lost across a rotation but older files
     assert not list(tmp_path.glob("access.log.2"))
+
+
+def test_template_helpers_escape_as_the_encoder_does() -> None:
+    """quote() and members() (for hot paths that render fixed fields from a template)
+    write what the record's own encoding writes: escapes, non-ASCII, None."""
+    from agent.accesslog import _encode, members, quote
+
+    for v in ['/x\n{"forged":1}', "caf\u00e9 \u2028", '\\"', "", None]:
+        assert quote(v) == _encode({"k": v})[5:-1]
+        assert json.loads(quote(v)) == v
+    rec = {"traceId": "ab", "fallbacks": ["m1", None], "tokens": 3, "ttftMs": 1.5}
+    assert json.loads("{" + members(rec) + "}") == rec
+    assert members({}) == ""

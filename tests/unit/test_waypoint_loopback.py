@@ -75,6 +75,76 @@ def test_a_forged_xfcc_is_replaced(tmp_path):
     uvloop.run(main())
 
 
+def test_each_request_has_one_access_log_record_with_every_field(tmp_path):
+    """The waypoint's request record (rendered from a template on the hot path): each field
+    with its JSON type, a path with characters JSON must escape written back exactly, the
+    request's annotations (trace id, normalized path) after the fixed fields."""
+
+    async def main() -> None:
+        log = tmp_path / "access.log"
+        async with WaypointMesh(tmp_path, settings={"access_log": str(log)}) as m:
+            ok = await m.http("GET", "/debug/headers")
+            assert ok.status == 200, ok
+            odd = await m.http("GET", "/a/./b/%22q?x=%22\\")
+            assert odd.status in (200, 404), odd
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        reqs = [r for r in records if r.get("kind") == "request"]
+        assert len(reqs) == 2, records
+        first, second = reqs
+        assert first["reporter"] == "waypoint" and first["source"] == CLIENT, first
+        assert first["method"] == "GET" and first["path"] == "/debug/headers", first
+        assert first["status"] == 200 and first["flags"] == "-", first
+        assert first["destinationService"] == "llm.ai.svc.cluster.local", first
+        assert first["destination"] in ("ai/llm-v1", "ai/llm-v2"), first
+        assert type(first["bytesIn"]) is int and first["bytesOut"] > 0, first
+        assert type(first["durationMs"]) is float and first["durationMs"] > 0, first
+        assert len(first["traceId"]) == 32 and first["time"].endswith("Z"), first
+        assert second["path"] == "/a/./b/%22q?x=%22\\", second
+        assert second["normalizedPath"] == "/a/b/%22q?x=%22\\", second
+
+    uvloop.run(main())
+
+
+def test_keep_alive_idle_timeout_restarts_with_each_request_and_a_slow_head_gets_408(tmp_path):
+    """The connection's one timer (downstream.py, re-armed lazily): requests spaced closer
+    than idle_timeout keep a connection open for longer than idle_timeout in all, it is
+    closed once idle for idle_timeout, and a head that never completes gets 408 after
+    head_timeout."""
+
+    async def main() -> None:
+        settings = {"idle_timeout": 0.6, "head_timeout": 0.4}
+        async with WaypointMesh(tmp_path, settings=settings) as m:
+            port = await m.listen("llm")
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for _ in range(4):  # 4 x 0.35 s: longer than idle_timeout in all
+                w.write(b"GET /debug/headers HTTP/1.1\r\nhost: llm\r\n\r\n")
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                n = int(
+                    next(
+                        ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")
+                    ).split(b":")[1]
+                )
+                await r.readexactly(n)
+                await asyncio.sleep(0.35)
+            assert loop.time() - start > 1.2
+            last = loop.time()
+            assert await asyncio.wait_for(r.read(), 5) == b""  # closed by the waypoint
+            idle = loop.time() - last
+            assert 0.15 < idle < 2.0, idle  # 0.6 s after the last response, less the sleep
+            w.close()
+
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /debug/headers HTTP/1.1\r\nhost: ll")
+            answer = await asyncio.wait_for(r.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            w.close()
+
+    uvloop.run(main())
+
+
 def test_post_with_a_json_body_reaches_the_model_server(tmp_path):
     """A POST body is forwarded whole: the model server parses the OpenAI request and
     answers with usage counted from it."""
