@@ -124,12 +124,11 @@ def spread(total: int, parts: int) -> list[range]:
 
 async def worker_main() -> None:
     """One worker process: its share of agents; commands and events as JSON lines."""
-    import grpc
-
     from agent.config.client import ConfigClient
-    from agent.identity.manager import SignBatcher, SignRefused
+    from agent.identity.manager import SignBatcher
     from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
-    from controller.api.gen import identity_pb2, identity_pb2_grpc
+    from agent.identity.rpc import IDENTITY, RpcError
+    from controller.api.gen import identity_pb2
     from controller.ca.spiffe import make_csr, new_key
 
     loop = asyncio.get_running_loop()
@@ -212,7 +211,7 @@ async def worker_main() -> None:
         asked in the same turn into one SignWorkloadCertificates call."""
         await asyncio.gather(*(c.ready.wait() for c in creds.values()))
         nodes = list(creds)
-        stubs = {nd: identity_pb2_grpc.IdentityStub(creds[nd].channel()) for nd in nodes}
+        channels = {nd: creds[nd].channel() for nd in nodes}
         batchers = {nd: SignBatcher(creds[nd]) for nd in nodes}
         counter = iter(range(n))
         errors = 0
@@ -230,8 +229,13 @@ async def worker_main() -> None:
                     if batched:
                         await batchers[nd].sign(req)
                     else:
-                        await stubs[nd].SignWorkloadCertificate(req, timeout=30)
-                except (grpc.aio.AioRpcError, SignRefused) as e:
+                        await channels[nd].unary(
+                            IDENTITY + "SignWorkloadCertificate",
+                            req,
+                            identity_pb2.SignResponse,
+                            deadline=30,
+                        )
+                except RpcError as e:  # SignRefused too
                     errors += 1
                     first_error = first_error or f"{e.code().name}: {e.details()}"
 

@@ -19,15 +19,14 @@ import logging
 import os
 import random
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-
-import grpc
 
 from agent import __version__
 from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
+from agent.identity.rpc import CONFIG_STREAM, RpcError, Status
 from agent.state import ConfigSnapshot
-from controller.api.gen import config_pb2, config_pb2_grpc
+from controller.api.gen import config_pb2
 from controller.model.base import Resource, ResourceKey, resource_from_json
 from controller.model.bulk import collector_paused
 from controller.model.problems import InvalidConfig, Problem
@@ -238,17 +237,17 @@ class ConfigClient:
                 delay = backoff_delays(base=0.5, cap=30.0)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as e:
+            except RpcError as e:
                 log.warning(
                     "config stream to the controller ended: %s: %s; serving revision %d meanwhile",
                     e.code().name,
                     e.details(),
                     self.snapshot.revision,
                 )
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    # The controller is away (refusing, restarting): the channel redials
-                    # it at most a second apart (keepalive.RECONNECT_MAX_MS); ask again as
-                    # soon as that can have succeeded, not after a growing backoff.
+                if e.code() == Status.UNAVAILABLE:
+                    # The controller is away (refusing, restarting): the next call dials
+                    # it again; ask again about a second later (jittered), not after a
+                    # growing backoff.
                     self.connected = False
                     await asyncio.sleep(unavailable_delay())
                     continue
@@ -260,7 +259,7 @@ class ConfigClient:
 
     async def _stream(self) -> None:
         await self.node.ready.wait()
-        stub = config_pb2_grpc.ConfigDiscoveryStub(self.node.channel())
+        ch = self.node.channel()
         outbox: asyncio.Queue[config_pb2.ConfigRequest] = asyncio.Queue()
         snap = self.snapshot
         await outbox.put(
@@ -274,11 +273,7 @@ class ConfigClient:
             )
         )
 
-        async def requests() -> AsyncIterator[config_pb2.ConfigRequest]:
-            while True:
-                yield await outbox.get()
-
-        call = stub.Stream(requests())
+        call = ch.stream(CONFIG_STREAM, config_pb2.ConfigRequest, config_pb2.ConfigResponse, outbox)
         async for resp in call:
             self.connected = True
             try:

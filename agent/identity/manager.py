@@ -23,12 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import grpc
-
 from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
+from agent.identity.rpc import IDENTITY, ControllerChannel, RpcError, Status
 from agent.identity.store import IdentityStore, workload_entry
 from agent.identity.tls import client_context, server_context
-from controller.api.gen import identity_pb2, identity_pb2_grpc
+from controller.api.gen import identity_pb2
 from controller.ca.spiffe import key_pem, load_chain, make_csr, new_key
 
 log = logging.getLogger("weft.identity")
@@ -36,23 +35,18 @@ log = logging.getLogger("weft.identity")
 DROP_GRACE = 60.0  # seconds an unwanted identity's certificate is kept for draining
 MAX_BATCH = 64  # CSRs in one SignWorkloadCertificates call (the controller's limit too)
 BATCH_RETRY = 600.0  # seconds before asking a controller without the batch call again
-_STATUS = {s.value[0]: s for s in grpc.StatusCode}
 
 
-class SignRefused(Exception):
-    """The controller refused one CSR of a batch (the others are answered on their own);
-    code() and details() read as an AioRpcError's."""
+class SignRefused(RpcError):
+    """The controller refused one CSR of a batch (the others are answered on their own),
+    with the status a call of its own would have failed with."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
 
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+def _status(code: int) -> Status:
+    try:
+        return Status(code)
+    except ValueError:
+        return Status.UNKNOWN
 
 
 class SignBatcher:
@@ -79,7 +73,7 @@ class SignBatcher:
 
     async def sign(self, req: identity_pb2.SignRequest) -> _Signed:
         """The signed certificate and the trust bundle that came with it; raises
-        AioRpcError (the call failed) or SignRefused (this request was refused)."""
+        RpcError (the call failed) or SignRefused (this request was refused)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_Signed] = loop.create_future()
         self._pending.append((req, fut))
@@ -102,15 +96,18 @@ class SignBatcher:
         self, batch: list[tuple[identity_pb2.SignRequest, asyncio.Future[_Signed]]]
     ) -> None:
         try:
-            stub = identity_pb2_grpc.IdentityStub(self.node.channel())
+            ch = self.node.channel()
             if self.batch_rpc and len(batch) > 1:
                 self.calls += 1
                 try:
-                    resp = await stub.SignWorkloadCertificates(
-                        identity_pb2.SignBatchRequest(requests=[r for r, _ in batch]), timeout=10
+                    resp = await ch.unary(
+                        IDENTITY + "SignWorkloadCertificates",
+                        identity_pb2.SignBatchRequest(requests=[r for r, _ in batch]),
+                        identity_pb2.SignBatchResponse,
+                        deadline=10,
                     )
-                except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                except RpcError as e:
+                    if e.code() != Status.UNIMPLEMENTED:
                         raise
                     self._unbatched_until = time.monotonic() + BATCH_RETRY
                     log.info(
@@ -129,16 +126,15 @@ class SignBatcher:
                         if res.HasField("response"):
                             fut.set_result(_Signed(res.response, resp.trust_bundle_pem))
                         else:
-                            code = _STATUS.get(res.code, grpc.StatusCode.UNKNOWN)
-                            fut.set_exception(SignRefused(code, res.message))
+                            fut.set_exception(SignRefused(_status(res.code), res.message))
                     return
             self.calls += len(batch)
-            await asyncio.gather(*(self._one(stub, r, f) for r, f in batch))
+            await asyncio.gather(*(self._one(ch, r, f) for r, f in batch))
         except Exception as e:  # the call failed: every request of it learns why
             err = (
                 e
-                if isinstance(e, grpc.aio.AioRpcError)
-                else SignRefused(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
+                if isinstance(e, RpcError)
+                else SignRefused(Status.UNKNOWN, f"{type(e).__name__}: {e}")
             )
             for _, fut in batch:
                 if not fut.done():
@@ -152,13 +148,15 @@ class SignBatcher:
 
     @staticmethod
     async def _one(
-        stub: identity_pb2_grpc.IdentityStub,
+        ch: ControllerChannel,
         req: identity_pb2.SignRequest,
         fut: asyncio.Future[_Signed],
     ) -> None:
         try:
-            resp = await stub.SignWorkloadCertificate(req, timeout=10)
-        except grpc.aio.AioRpcError as e:
+            resp = await ch.unary(
+                IDENTITY + "SignWorkloadCertificate", req, identity_pb2.SignResponse, deadline=10
+            )
+        except RpcError as e:
             if not fut.done():
                 fut.set_exception(e)
             return
@@ -378,11 +376,11 @@ class IdentityManager:
                 cert = await self._fetch(ident)
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, SignRefused) as e:
+            except RpcError as e:  # SignRefused too
                 self.failures += 1
                 current = self._certs.get(ident)
                 wait = delay()
-                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                if e.code() == Status.PERMISSION_DENIED:
                     wait = max(wait, 5.0)  # config may not have reached the controller yet
                 log.warning(
                     "certificate for ns/%s/sa/%s: %s: %s; %s, retrying in %.1fs",

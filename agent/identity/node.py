@@ -16,13 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.identity.rpc import (
+    BOOTSTRAP,
+    IDENTITY,
+    ControllerChannel,
+    RpcError,
+    Status,
+    server_auth_context,
+)
 from agent.identity.store import NODE, IdentityStore
-from controller.api import keepalive
-from controller.api.gen import identity_pb2, identity_pb2_grpc
+from agent.identity.tls import client_context
+from controller.api.gen import identity_pb2
 from controller.ca.spiffe import key_pem, make_csr, new_key
 from controller.errors import EnvironmentProblem, RemoteRefused
 
@@ -90,7 +97,7 @@ class NodeCredential:
         self.chain_pem = b""
         self.not_after = 0.0
         self.spiffe_id = ""
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: ControllerChannel | None = None
         self._channel_key: tuple[bytes, bytes] | None = None
         self.ready = asyncio.Event()
         self.store: IdentityStore | None = None
@@ -191,31 +198,34 @@ class NodeCredential:
 
     async def _bootstrap(self) -> None:
         # The CSR names no ID: the controller decides the node's ID from the credential.
-        creds = grpc.ssl_channel_credentials(root_certificates=self._initial_trust())
-        opts = [("grpc.ssl_target_name_override", self.endpoint.server_name)]
-        async with grpc.aio.secure_channel(
-            self.endpoint.bootstrap_address, creds, options=opts
-        ) as ch:
-            stub = identity_pb2_grpc.NodeBootstrapStub(ch)
-            try:
-                resp = await stub.Bootstrap(
-                    identity_pb2.BootstrapRequest(
-                        node=self.node,
-                        csr_pem=make_csr(self._key, None),
-                        **self._credential(),
-                    ),
-                    timeout=10,
-                )
-            except grpc.aio.AioRpcError as e:
-                if e.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ):
-                    raise RemoteRefused(
-                        f"controller refused to bootstrap node {self.node}: {e.details()}"
-                    ) from None
-                raise
+        ch = ControllerChannel(
+            self.endpoint.bootstrap_address,
+            self.endpoint.server_name,
+            server_auth_context(self._initial_trust()),
+        )
+        try:
+            resp = await ch.unary(
+                BOOTSTRAP,
+                identity_pb2.BootstrapRequest(
+                    node=self.node,
+                    csr_pem=make_csr(self._key, None),
+                    **self._credential(),
+                ),
+                identity_pb2.BootstrapResponse,
+                deadline=10,
+            )
+        except RpcError as e:
+            if e.code() in (
+                Status.UNAUTHENTICATED,
+                Status.PERMISSION_DENIED,
+                Status.INVALID_ARGUMENT,
+            ):
+                raise RemoteRefused(
+                    f"controller refused to bootstrap node {self.node}: {e.details()}"
+                ) from None
+            raise
+        finally:
+            ch.close()
         self._accept(resp)
         log.info(
             "node %s bootstrapped: %s valid until %s",
@@ -234,9 +244,11 @@ class NodeCredential:
 
     async def _renew(self) -> None:
         key = new_key()
-        stub = identity_pb2_grpc.IdentityStub(self.channel())
-        resp = await stub.RenewNodeCertificate(
-            identity_pb2.RenewNodeRequest(csr_pem=make_csr(key, None)), timeout=10
+        resp = await self.channel().unary(
+            IDENTITY + "RenewNodeCertificate",
+            identity_pb2.RenewNodeRequest(csr_pem=make_csr(key, None)),
+            identity_pb2.BootstrapResponse,
+            deadline=10,
         )
         self._key = key
         self._accept(resp)
@@ -245,30 +257,21 @@ class NodeCredential:
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.not_after)),
         )
 
-    def channel(self) -> grpc.aio.Channel:
-        """An mTLS channel with the current node certificate (rebuilt when it changes)."""
+    def channel(self) -> ControllerChannel:
+        """An mTLS channel with the current node certificate (rebuilt when it changes):
+        the controller's certificate must chain to the trust bundle and name the
+        endpoint's server name."""
         want = (self.chain_pem, self.trust.pem)
         if self._channel is None or self._channel_key != want:
             old = self._channel
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=self.trust.pem,
-                private_key=key_pem(self._key),
-                certificate_chain=self.chain_pem,
-            )
-            self._channel = grpc.aio.secure_channel(
-                self.endpoint.address,
-                creds,
-                options=[
-                    ("grpc.ssl_target_name_override", self.endpoint.server_name),
-                    *keepalive.CLIENT_OPTIONS,
-                ],
-            )
+            ctx = client_context(self.chain_pem, key_pem(self._key), self.trust.pem)
+            ctx.check_hostname = True
+            self._channel = ControllerChannel(self.endpoint.address, self.endpoint.server_name, ctx)
             self._channel_key = want
             if old is not None:
-                # Let streams on the old channel finish on their own; it closes when idle.
-                asyncio.get_running_loop().call_later(
-                    60, lambda: asyncio.ensure_future(old.close())
-                )
+                # Streams on the old channel (the config stream) end within a minute: the
+                # caller reopens them on the new one.
+                asyncio.get_running_loop().call_later(60, old.close)
         return self._channel
 
     async def run(self) -> None:
@@ -279,16 +282,16 @@ class NodeCredential:
                 await self._bootstrap()
             except RemoteRefused:
                 raise
-            except (grpc.aio.AioRpcError, OSError) as e:
+            except (RpcError, OSError) as e:
                 wait = delay()
-                if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+                if isinstance(e, RpcError) and e.code() == Status.UNAVAILABLE:
                     # The controller is away: without a node credential this node serves
                     # nothing, so ask again soon (jittered) rather than after a growing wait.
                     wait = random.uniform(0.5, 1.5)
                 log.warning(
                     "bootstrap of node %s failed (%s); retrying in %.1fs",
                     self.node,
-                    e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
+                    e.details() if isinstance(e, RpcError) else e,
                     wait,
                 )
                 await asyncio.sleep(wait)
@@ -305,7 +308,7 @@ class NodeCredential:
                         await self._renew()
                     delay = backoff_delays()
                     break
-                except (grpc.aio.AioRpcError, OSError, RemoteRefused) as e:
+                except (RpcError, OSError, RemoteRefused) as e:
                     wait = delay()
                     log.warning(
                         "node certificate renewal failed (%s); keeping the current "
@@ -317,4 +320,4 @@ class NodeCredential:
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            self._channel.close()

@@ -19,6 +19,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from agent.config.client import ConfigClient
 from agent.identity.manager import IdentityManager
 from agent.identity.node import ControllerEndpoint, NodeCredential, TrustBundle
+from agent.identity.rpc import IDENTITY, RpcError, Status
 from agent.state import ConfigSnapshot
 from controller.api.gen import admin_pb2, admin_pb2_grpc, identity_pb2, identity_pb2_grpc
 from controller.ca.spiffe import load_chain, make_csr, new_key, spiffe_id_of
@@ -130,14 +131,16 @@ def test_a_node_asking_for_another_nodes_workload_is_refused(tmp_path, caplog):
         node = node_cred(c, "node-1")
         task = asyncio.create_task(node.run())
         await node.ready.wait()
-        stub = identity_pb2_grpc.IdentityStub(node.channel())
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await stub.SignWorkloadCertificate(
+        with pytest.raises(RpcError) as e:
+            await node.channel().unary(
+                IDENTITY + "SignWorkloadCertificate",
                 identity_pb2.SignRequest(
                     namespace="apps", service_account="client", csr_pem=make_csr(new_key(), None)
-                )
+                ),
+                identity_pb2.SignResponse,
+                deadline=10,
             )
-        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.code() == Status.PERMISSION_DENIED
         assert "node node-1 hosts no workload with namespace 'apps'" in e.value.details()
         task.cancel()
         await node.close()
@@ -291,9 +294,9 @@ def test_wrong_node_subscription_is_refused(tmp_path):
         await node.ready.wait()
         node.node = "node-2"  # the certificate still says node-1
         client = ConfigClient(node, trust, lambda s: None)
-        with pytest.raises(grpc.aio.AioRpcError) as e:
+        with pytest.raises(RpcError) as e:
             await client._stream()
-        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.code() == Status.PERMISSION_DENIED
         task.cancel()
         await node.close()
 
@@ -508,6 +511,9 @@ def test_identities_wanted_together_are_signed_in_one_call(tmp_path):
     run(tmp_path, body)
 
 
+BATCH = IDENTITY + "SignWorkloadCertificates"
+
+
 def test_a_refused_item_does_not_fail_the_rest_of_its_batch(tmp_path):
     """Each item is checked as the single call would check it: another node's workload is
     PERMISSION_DENIED, a broken CSR INVALID_ARGUMENT, and the good one is signed."""
@@ -516,9 +522,10 @@ def test_a_refused_item_does_not_fail_the_rest_of_its_batch(tmp_path):
         node = node_cred(c, "node-1")
         task = asyncio.create_task(node.run())
         await node.ready.wait()
-        stub = identity_pb2_grpc.IdentityStub(node.channel())
+        ch = node.channel()
         good = make_csr(new_key(), "spiffe://cluster.local/ns/ai/sa/llm")
-        resp = await stub.SignWorkloadCertificates(
+        resp = await ch.unary(
+            BATCH,
             identity_pb2.SignBatchRequest(
                 requests=[
                     identity_pb2.SignRequest(namespace="ai", service_account="llm", csr_pem=good),
@@ -529,22 +536,24 @@ def test_a_refused_item_does_not_fail_the_rest_of_its_batch(tmp_path):
                         namespace="ai", service_account="llm", csr_pem=b"not a CSR"
                     ),
                 ]
-            )
+            ),
+            identity_pb2.SignBatchResponse,
+            deadline=10,
         )
         ok, other_node, broken = resp.results
         assert ok.response.spiffe_id == "spiffe://cluster.local/ns/ai/sa/llm"
         assert load_chain(ok.response.certificate_chain_pem)
-        assert other_node.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert other_node.code == Status.PERMISSION_DENIED.value
         assert "node node-1 hosts no workload with namespace 'apps'" in other_node.message
         assert not other_node.HasField("response")
-        assert broken.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and broken.message
+        assert broken.code == Status.INVALID_ARGUMENT.value and broken.message
         assert load_chain(resp.trust_bundle_pem)
         too_many = identity_pb2.SignBatchRequest(
             requests=[identity_pb2.SignRequest(namespace="ai", service_account="llm")] * 65
         )
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await stub.SignWorkloadCertificates(too_many)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(RpcError) as e:
+            await ch.unary(BATCH, too_many, identity_pb2.SignBatchResponse, deadline=10)
+        assert e.value.code() == Status.INVALID_ARGUMENT
         assert "at most 64" in e.value.details()
         task.cancel()
         await node.close()
@@ -594,17 +603,22 @@ def test_a_node_cannot_have_more_than_its_share_of_signing_in_progress(tmp_path,
         node = node_cred(c, "node-1")
         task = asyncio.create_task(node.run())
         await node.ready.wait()
-        stub = identity_pb2_grpc.IdentityStub(node.channel())
+        ch = node.channel()
         csr = make_csr(new_key(), "spiffe://cluster.local/ns/ai/sa/llm")
         one = identity_pb2.SignRequest(namespace="ai", service_account="llm", csr_pem=csr)
-        resp = await stub.SignWorkloadCertificates(
-            identity_pb2.SignBatchRequest(requests=[one, one, one])
+        resp = await ch.unary(
+            BATCH,
+            identity_pb2.SignBatchRequest(requests=[one, one, one]),
+            identity_pb2.SignBatchResponse,
+            deadline=10,
         )
         first, second, third = resp.results
         assert first.HasField("response") and second.HasField("response")
-        assert third.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert third.code == Status.RESOURCE_EXHAUSTED.value
         assert "node node-1 has 2 certificate requests in progress" in third.message
-        again = await stub.SignWorkloadCertificate(one)  # the count went back down
+        again = await ch.unary(  # the count went back down
+            IDENTITY + "SignWorkloadCertificate", one, identity_pb2.SignResponse, deadline=10
+        )
         assert again.spiffe_id == "spiffe://cluster.local/ns/ai/sa/llm"
         task.cancel()
         await node.close()

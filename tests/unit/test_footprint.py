@@ -50,3 +50,17 @@ def test_the_agent_does_not_load_bcc_to_know_whether_its_artifact_is_cached():
         assert version == "absent"
     else:
         assert version == real
+
+
+def test_the_agent_talks_to_the_controller_without_grpcio():
+    """grpcio's C core (cygrpc's mapped code, libstdc++ and six threads, about 17 MB of RSS
+    in a lab agent) is not loaded by `weft agent run`: the agent's calls to the controller
+    go through grpclib (agent/identity/rpc.py). The generated *_pb2_grpc stubs import
+    grpcio, so the agent must not import them either."""
+    code = (
+        "import sys, agent.cli, agent.main\n"
+        "import agent.config.client, agent.identity.manager, agent.identity.node\n"
+        "print(','.join(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')"
+        " or m.endswith('_pb2_grpc')))"
+    )
+    assert _run(code) == ""

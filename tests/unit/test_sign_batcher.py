@@ -1,6 +1,6 @@
 """SignBatcher (agent/identity/manager.py) on its own: what it sends and that every
 request gets an answer. The controller's side, over real mTLS gRPC, is in
-test_controller_grpc.py; here the stub is replaced to drive the failure paths."""
+test_controller_grpc.py; here the node's channel is replaced to drive the failure paths."""
 
 from __future__ import annotations
 
@@ -28,30 +28,26 @@ def test_a_broken_channel_fails_the_request_instead_of_leaving_it_waiting():
     asyncio.run(main())
 
 
-def test_a_request_dropped_before_the_flush_is_not_sent(monkeypatch):
+def test_a_request_dropped_before_the_flush_is_not_sent():
     """An identity dropped while its request waits for the batch (its renewal task is
     cancelled) is left out of the call: the controller signs nothing nobody uses."""
     sent: list[list[str]] = []
 
-    class Stub:
-        def __init__(self, channel: object) -> None:
-            pass
+    class Channel:
+        """The node's channel, answering as the controller would."""
 
-        async def SignWorkloadCertificates(self, req, **kw):  # timeout= as grpc takes it
-            sent.append([r.namespace for r in req.requests])
-            ok = identity_pb2.SignResponse(spiffe_id="spiffe://cluster.local/ns/kept/sa/x")
-            return identity_pb2.SignBatchResponse(
-                results=[identity_pb2.SignResult(response=ok)] * len(req.requests)
-            )
-
-        async def SignWorkloadCertificate(self, req, **kw):
+        async def unary(self, method, req, reply_type, *, deadline):
+            if method.endswith("/SignWorkloadCertificates"):
+                sent.append([r.namespace for r in req.requests])
+                ok = identity_pb2.SignResponse(spiffe_id="spiffe://cluster.local/ns/kept/sa/x")
+                return identity_pb2.SignBatchResponse(
+                    results=[identity_pb2.SignResult(response=ok)] * len(req.requests)
+                )
             sent.append([req.namespace])
             return identity_pb2.SignResponse(spiffe_id="spiffe://cluster.local/ns/kept/sa/x")
 
-    monkeypatch.setattr(M.identity_pb2_grpc, "IdentityStub", Stub)
-
     async def main():
-        b = M.SignBatcher(types.SimpleNamespace(channel=lambda: None))
+        b = M.SignBatcher(types.SimpleNamespace(channel=Channel))
         names = ("dropped", "kept-1", "kept-2")
         tasks = [asyncio.create_task(b.sign(identity_pb2.SignRequest(namespace=n))) for n in names]
         await asyncio.sleep(0)  # all three queued, the flush not run yet
