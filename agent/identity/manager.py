@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from agent.identity import keys
 from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
 from agent.identity.rpc import IDENTITY, ControllerChannel, RpcError, Status
 from agent.identity.store import IdentityStore, workload_entry
 from agent.identity.tls import client_context, server_context
 from controller.api.gen import identity_pb2
-from controller.ca.spiffe import key_pem, load_chain, make_csr, new_key
 
 log = logging.getLogger("weft.identity")
 
@@ -339,25 +339,26 @@ class IdentityManager:
 
     async def _fetch(self, ident: tuple[str, str]) -> WorkloadCert:
         await self.node.ready.wait()
-        key = new_key()
         spiffe = f"spiffe://{self.trust_domain}/ns/{ident[0]}/sa/{ident[1]}"
+        key_pem, csr = keys.new_key_and_csr(spiffe)
+        asked = time.time()
         resp, bundle = await self.signer.sign(
             identity_pb2.SignRequest(
                 namespace=ident[0],
                 service_account=ident[1],
-                csr_pem=make_csr(key, spiffe),
+                csr_pem=csr,
                 ttl_seconds=self.ttl,
             )
         )
-        chain = load_chain(resp.certificate_chain_pem)
         self.trust.update(bundle)
         return WorkloadCert(
             spiffe_id=resp.spiffe_id,
             namespace=ident[0],
             service_account=ident[1],
             chain_pem=resp.certificate_chain_pem,
-            key_pem=key_pem(key),
-            not_before=chain[0].not_valid_before_utc.timestamp(),
+            key_pem=key_pem,
+            # From the controller (an older one does not say: the time it was asked).
+            not_before=float(resp.not_before_unix) or asked,
             not_after=float(resp.not_after_unix),
             serial_hex=resp.serial_hex,
         )

@@ -16,9 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from agent.identity import keys
 from agent.identity.rpc import (
     BOOTSTRAP,
     IDENTITY,
@@ -30,7 +28,6 @@ from agent.identity.rpc import (
 from agent.identity.store import NODE, IdentityStore
 from agent.identity.tls import client_context
 from controller.api.gen import identity_pb2
-from controller.ca.spiffe import key_pem, make_csr, new_key
 from controller.errors import EnvironmentProblem, RemoteRefused
 
 log = logging.getLogger("weft.identity.node")
@@ -93,7 +90,7 @@ class NodeCredential:
         self.endpoint = endpoint
         self.trust = trust
         self._token = token
-        self._key = new_key()
+        self._key_pem = keys.new_key()  # PEM: agent/identity/keys.py
         self.chain_pem = b""
         self.not_after = 0.0
         self.spiffe_id = ""
@@ -110,7 +107,8 @@ class NodeCredential:
         if record is None:
             return False
         try:
-            key = serialization.load_pem_private_key(record["key"].encode(), None)
+            key_pem = record["key"].encode()
+            keys.check_key(key_pem)  # an EC P-256 key, or KeyError_ (a ValueError)
             chain = record["chain"].encode()
             not_after = float(record["notAfter"])
             spiffe_id = str(record["spiffeId"])
@@ -118,9 +116,7 @@ class NodeCredential:
         except (AttributeError, KeyError, ValueError, TypeError) as e:
             log.warning("identity store: node credential unusable (%s); bootstrapping", e)
             return False
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            return False
-        self._key = key
+        self._key_pem = key_pem
         self.chain_pem, self.not_after, self.spiffe_id = chain, not_after, spiffe_id
         if trust:
             self.trust.update(trust)
@@ -134,7 +130,7 @@ class NodeCredential:
         self.store.save(
             NODE,
             {
-                "key": key_pem(self._key).decode(),
+                "key": self._key_pem.decode(),
                 "chain": self.chain_pem.decode(),
                 "notAfter": self.not_after,
                 "spiffeId": self.spiffe_id,
@@ -208,7 +204,7 @@ class NodeCredential:
                 BOOTSTRAP,
                 identity_pb2.BootstrapRequest(
                     node=self.node,
-                    csr_pem=make_csr(self._key, None),
+                    csr_pem=keys.make_csr(self._key_pem, None),
                     **self._credential(),
                 ),
                 identity_pb2.BootstrapResponse,
@@ -243,14 +239,14 @@ class NodeCredential:
         self.ready.set()
 
     async def _renew(self) -> None:
-        key = new_key()
+        key_pem, csr = keys.new_key_and_csr(None)
         resp = await self.channel().unary(
             IDENTITY + "RenewNodeCertificate",
-            identity_pb2.RenewNodeRequest(csr_pem=make_csr(key, None)),
+            identity_pb2.RenewNodeRequest(csr_pem=csr),
             identity_pb2.BootstrapResponse,
             deadline=10,
         )
-        self._key = key
+        self._key_pem = key_pem
         self._accept(resp)
         log.info(
             "node certificate renewed, valid until %s",
@@ -264,7 +260,7 @@ class NodeCredential:
         want = (self.chain_pem, self.trust.pem)
         if self._channel is None or self._channel_key != want:
             old = self._channel
-            ctx = client_context(self.chain_pem, key_pem(self._key), self.trust.pem)
+            ctx = client_context(self.chain_pem, self._key_pem, self.trust.pem)
             ctx.check_hostname = True
             self._channel = ControllerChannel(self.endpoint.address, self.endpoint.server_name, ctx)
             self._channel_key = want

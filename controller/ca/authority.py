@@ -119,6 +119,7 @@ class Issued:
     not_after: float
     serial_hex: str
     spiffe_id: str
+    not_before: float = 0.0  # backdated by CLOCK_SKEW
 
 
 def _now() -> dt.datetime:
@@ -249,6 +250,7 @@ def issue(root: SigningKey, req: SigningRequest) -> Issued:
         not_after=not_after.timestamp(),
         serial_hex=f"{serial:x}",
         spiffe_id=req.spiffe_id,
+        not_before=(now - dt.timedelta(seconds=CLOCK_SKEW)).timestamp(),
     )
 
 

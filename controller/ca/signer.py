@@ -265,9 +265,9 @@ class Signer:
                 except ConnectionError:
                     continue  # that child ended (or was killed as hung): another, or here
                 if status == "ok":
-                    chain_pem, not_after, serial_hex = payload
+                    chain_pem, not_after, serial_hex, not_before = payload
                     self.ca.issued += 1
-                    return Issued(chain_pem, not_after, serial_hex, req.spiffe_id)
+                    return Issued(chain_pem, not_after, serial_hex, req.spiffe_id, not_before)
                 if status == "rejected":
                     raise CertificateRequestRejected(payload)
                 log.error("signer process %d failed a request: %s", child.index, payload)
@@ -348,7 +348,11 @@ def _answer(keys: dict[tuple[bytes, bytes], SigningKey], data: bytes) -> tuple[A
         raise
     except BaseException as e:  # said to the controller (a Rust panic included)
         return (rid, "error", f"{type(e).__name__}: {e}")
-    return (rid, "ok", (issued.chain_pem, issued.not_after, issued.serial_hex))
+    return (
+        rid,
+        "ok",
+        (issued.chain_pem, issued.not_after, issued.serial_hex, issued.not_before),
+    )
 
 
 def main(argv: list[str]) -> None:

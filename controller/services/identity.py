@@ -143,6 +143,7 @@ class IdentityService(identity_pb2_grpc.IdentityServicer):
         return identity_pb2.SignResponse(
             certificate_chain_pem=issued.chain_pem,
             not_after_unix=int(issued.not_after),
+            not_before_unix=int(issued.not_before),
             spiffe_id=issued.spiffe_id,
             serial_hex=issued.serial_hex,
         )
