@@ -158,7 +158,7 @@ class AdminApi:
         owned: list[tuple[Flow, Workload | None]] = [(f, by_cg.get(f.cgroup_id)) for f in flows]
         if self.agent.flows is not None:
             cookies = {f.cookie for f in flows}
-            owned += [(f, w) for f, w in self.agent.flows.recent if f.cookie not in cookies]
+            owned += [(f, w) for f, w in self.agent.flows.recent() if f.cookie not in cookies]
         for f, owner in owned:
             peer_ip = (f.original_dst or f.remote)[0]
             peer = snap.workloads_by_ip.get(peer_ip)

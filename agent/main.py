@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from agent import cgroups, keeper, restart
+from agent import cgroups, keeper, memtrim, restart
 from agent.accesslog import AccessLog
 from agent.admin import AdminApi
 from agent.aio import cache_running_loop
@@ -454,6 +454,7 @@ class Agent:
             self.tasks.start(coro, name)
         if self.flows is not None:
             self.tasks.start(self.flows.run(), "flow-export")
+        self.tasks.start(memtrim.run(), "memory-trim", essential=False)
 
     async def _reconcile_loop(self) -> None:
         kept = time.monotonic()

@@ -28,6 +28,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -184,6 +185,46 @@ class Flow:
     def closed(self) -> bool:
         return self.end_ns != 0
 
+    def pack(self) -> bytes:
+        """The record in 83 bytes, for keeping many (the agent's ring of recently closed
+        flows): as Flow objects they cost about 860 bytes each."""
+        odst = self.original_dst
+        return _PACKED.pack(
+            self.cookie,
+            self.cgroup_id,
+            self.direction == "outbound",
+            abi.ip_bytes(self.local[0]),
+            self.local[1],
+            abi.ip_bytes(self.remote[0]),
+            self.remote[1],
+            odst is not None,
+            abi.ip_bytes(odst[0]) if odst else bytes(4),
+            odst[1] if odst else 0,
+            self.bytes_sent,
+            self.bytes_received,
+            self.fastpath_bytes_sent,
+            self.srtt_us,
+            self.total_retrans,
+            self.start_ns,
+            self.end_ns,
+            self.redirected,
+            self.fastpath,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Flow:
+        v = _PACKED.unpack(raw)
+        cookie, cg, out, lip, lport, rip, rport, has_odst, oip, oport = v[:10]
+        return cls(
+            cookie,
+            cg,
+            "outbound" if out else "inbound",
+            (abi.ip_str(lip), lport),
+            (abi.ip_str(rip), rport),
+            (abi.ip_str(oip), oport) if has_odst else None,
+            *v[10:],
+        )
+
     @property
     def started_at(self) -> float:
         return unix_time(self.start_ns)
@@ -191,6 +232,11 @@ class Flow:
     @property
     def ended_at(self) -> float | None:
         return unix_time(self.end_ns) if self.end_ns else None
+
+
+# Flow.pack: cookie, cgroup, outbound, local, remote, original destination (present, ip,
+# port), bytes sent / received / by the fast path, srtt, retransmits, start, end, flags.
+_PACKED = struct.Struct("=QQ?4sH4sH?4sHQQQIIQQ??")
 
 
 def unix_time(monotonic_ns: int) -> float:

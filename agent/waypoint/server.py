@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from agent import keeper
+from agent import keeper, memtrim
 from agent.accesslog import AccessLog, members, quote
 from agent.aio import cache_running_loop
 from agent.httpserver import HttpRequest, HttpServer, Response
@@ -280,6 +280,7 @@ class Waypoint:
         self.tasks.start(self._timers(), "engine-timers")
         self.tasks.start(self.ai.run_timers(), "ai-timers")
         self.tasks.start(self.link.run(), "agent-link")
+        self.tasks.start(memtrim.run(), "memory-trim", essential=False)
         if self.receiver is not None:
             self.tasks.start(self.receiver.run(), "handoff")
         log.info("waypoint %s listening on %s as %s", self.s.name, self.s.listen, self.identity)

@@ -132,8 +132,8 @@ def test_each_closed_flow_is_observed_once_and_open_ones_are_counted() -> None:
     assert metric(text, "weft_flow_srtt_seconds_sum", workload="client") == pytest.approx(360e-6)
     assert metric(text, "weft_flow_duration_seconds_sum", workload="client") == 5.0
     assert metric(text, "weft_flows_open", path="tunnel") == 1
-    assert [f.cookie for f, _ in exp.recent] == [1, 3]
-    assert all(w is CLIENT for _, w in exp.recent)
+    assert [f.cookie for f, _ in exp.recent()] == [1, 3]
+    assert all(w is CLIENT for _, w in exp.recent())
 
 
 def test_fast_path_flows_count_their_bytes_and_skip_rtt() -> None:
@@ -155,3 +155,30 @@ def test_drops_are_summed_by_workload_and_reason_at_scrape_time() -> None:
         metric(text, "weft_datapath_drops_total", workload="client", reason="not_from_tunnel") == 5
     )
     assert metric(text, "weft_datapath_drops_total", workload="unknown", reason="malformed") == 2
+
+
+def test_a_packed_flow_reads_back_the_same_and_is_small():
+    """The ring of recently closed flows keeps them packed (Flow.pack): every field,
+    including large counters and an absent original destination, comes back as it was."""
+    from agent.datapath.loader import Flow
+
+    for odst in (("10.96.0.10", 8080), None):
+        f = Flow(
+            cookie=2**63 + 5,
+            cgroup_id=2**40 + 1,
+            direction="inbound" if odst is None else "outbound",
+            local=("10.244.1.2", 41234),
+            remote=("10.0.0.12", 15008),
+            original_dst=odst,
+            bytes_sent=2**50,
+            bytes_received=7,
+            fastpath_bytes_sent=2**33,
+            srtt_us=1234,
+            total_retrans=3,
+            start_ns=10**15,
+            end_ns=10**15 + 99,
+            redirected=odst is not None,
+            fastpath=True,
+        )
+        raw = f.pack()
+        assert Flow.unpack(raw) == f and len(raw) < 100

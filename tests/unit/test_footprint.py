@@ -52,15 +52,35 @@ def test_the_agent_does_not_load_bcc_to_know_whether_its_artifact_is_cached():
         assert version == real
 
 
-def test_the_agent_talks_to_the_controller_without_grpcio():
-    """grpcio's C core (cygrpc's mapped code, libstdc++ and six threads, about 17 MB of RSS
-    in a lab agent) is not loaded by `weft agent run`: the agent's calls to the controller
-    go through grpclib (agent/identity/rpc.py). The generated *_pb2_grpc stubs import
-    grpcio, so the agent must not import them either."""
+def test_the_agent_loads_neither_grpcio_nor_cryptography():
+    """`weft agent run` leaves out grpcio's C core (cygrpc's mapped code, libstdc++ and six
+    threads: about 17 MB of RSS in a lab agent) and cryptography (its own OpenSSL: about
+    8 MB). The agent's calls to the controller go through grpclib (agent/identity/rpc.py;
+    the generated *_pb2_grpc stubs import grpcio, so they are left out too), its keys and
+    CSRs through the libcrypto the ssl module already maps (agent/identity/keys.py)."""
     code = (
         "import sys, agent.cli, agent.main\n"
         "import agent.config.client, agent.identity.manager, agent.identity.node\n"
-        "print(','.join(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')"
+        "print(','.join(m for m in sys.modules if m.split('.')[0] in ('grpc', 'cryptography')"
         " or m.endswith('_pb2_grpc')))"
     )
     assert _run(code) == ""
+
+
+def test_freed_heap_is_given_back_where_the_libc_can():
+    """agent/memtrim.py: malloc_trim is found on glibc (the images and this machine) and
+    the periodic task gives freed heap back without failing."""
+    out = _run(
+        "import asyncio, platform\n"
+        "from agent import memtrim\n"
+        "junk = [bytearray(4096) for _ in range(20000)]\n"
+        "del junk\n"
+        "print(memtrim.trim() or platform.libc_ver()[0] != 'glibc')\n"
+        "async def main():\n"
+        "    t = asyncio.ensure_future(memtrim.run(0.01))\n"
+        "    await asyncio.sleep(0.05)\n"
+        "    print(not t.done())\n"
+        "    t.cancel()\n"
+        "asyncio.run(main())\n"
+    )
+    assert out.split() == ["True", "True"]

@@ -1,0 +1,53 @@
+"""Giving freed heap memory back to the kernel, for long-running processes.
+
+glibc's malloc returns memory to the kernel on its own only from the top of the heap and
+when a large mmap'd block is freed. After a burst (connections opened by the thousand, a
+bulk transfer's buffers, a full config snapshot parsed) the pages freed in the middle of
+the heap stay resident: the process keeps its peak. `malloc_trim(0)` hands every whole
+free page back (madvise DONTNEED), which is what allocators with background purging
+(jemalloc, tcmalloc) do on their own. Measured on a lab agent after the benchmark's
+connection-rate workloads: 64.0 -> 62.3 MB RSS; the call took 0.1-0.4 ms.
+
+On a libc without malloc_trim (musl) this does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+
+log = logging.getLogger("weft.memtrim")
+
+INTERVAL = 30.0  # seconds
+
+
+def _malloc_trim() -> object | None:
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_trim = _malloc_trim()
+
+
+def trim() -> bool:
+    """Release free heap pages now; False where the libc cannot."""
+    if _trim is None:
+        return False
+    _trim(0)  # type: ignore[operator]
+    return True
+
+
+async def run(interval: float = INTERVAL) -> None:
+    """Trim every `interval` seconds, for the life of the process."""
+    if _trim is None:
+        log.info("this libc has no malloc_trim: freed heap memory is not given back early")
+        return
+    while True:
+        await asyncio.sleep(interval)
+        trim()
