@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -218,8 +219,13 @@ class FlowExporter:
         for f in flows:
             if f.closed:
                 owner = owners.get(f.cgroup_id)
+                try:
+                    packed = f.pack()
+                except (ValueError, struct.error) as e:  # a record the ring cannot keep
+                    log.warning("flow %d not kept for inspection: %s", f.cookie, e)
+                else:
+                    self._recent.append((packed, owner))
                 self.metrics.observe(classify(f, owner, snap, nodes), f)
-                self._recent.append((f.pack(), owner))
                 n += 1
             else:
                 open_by_path[flow_path(f, nodes)] += 1

@@ -6,7 +6,8 @@ bulk transfer's buffers, a full config snapshot parsed) the pages freed in the m
 the heap stay resident: the process keeps its peak. `malloc_trim(0)` hands every whole
 free page back (madvise DONTNEED), which is what allocators with background purging
 (jemalloc, tcmalloc) do on their own. Measured on a lab agent after the benchmark's
-connection-rate workloads: 64.0 -> 62.3 MB RSS; the call took 0.1-0.4 ms.
+connection-rate workloads: 64.0 -> 62.3 MB RSS; the call took 0.1-0.4 ms there and 4-6 ms on
+a fragmented 284 MB heap, so it runs in a thread.
 
 On a libc without malloc_trim (musl) this does nothing.
 """
@@ -50,4 +51,6 @@ async def run(interval: float = INTERVAL) -> None:
         return
     while True:
         await asyncio.sleep(interval)
-        trim()
+        # In a thread (ctypes lets go of the GIL): on a large fragmented heap one call takes
+        # milliseconds, which the event loop's requests would otherwise wait for.
+        await asyncio.to_thread(trim)

@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 from agent import __version__
@@ -273,7 +273,18 @@ class ConfigClient:
             )
         )
 
-        call = ch.stream(CONFIG_STREAM, config_pb2.ConfigRequest, config_pb2.ConfigResponse, outbox)
+        # Closed here whatever ends the loop (a cancel, a rejected apply): the stream and
+        # its sender task end now, not when the generator is collected.
+        async with contextlib.aclosing(
+            ch.stream(CONFIG_STREAM, config_pb2.ConfigRequest, config_pb2.ConfigResponse, outbox)
+        ) as call:
+            await self._consume(call, outbox)
+
+    async def _consume(
+        self,
+        call: AsyncGenerator[config_pb2.ConfigResponse, None],
+        outbox: asyncio.Queue[config_pb2.ConfigRequest],
+    ) -> None:
         async for resp in call:
             self.connected = True
             try:

@@ -40,18 +40,30 @@ class KeyError_(ValueError):
 
 
 def _load() -> ctypes.CDLL:
-    """The libcrypto already mapped by the ssl module (found in /proc/self/maps), else
-    the system's."""
-    assert ssl.OPENSSL_VERSION_INFO >= (3, 0)
+    """The libcrypto the ssl module is linked against (found in /proc/self/maps, so no
+    second copy is mapped), else the system's; either way the same OpenSSL version as
+    ssl's, or ImportError (a second OpenSSL would be loaded into the agent, or an older one
+    without these calls)."""
+    path = None
     with open("/proc/self/maps") as maps:
         for line in maps:
-            path = line.rstrip().rpartition(" ")[2]
-            if "/libcrypto.so" in path:
-                return ctypes.CDLL(path)
-    found = ctypes.util.find_library("crypto")
-    if found is None:
-        raise OSError("libcrypto not found")
-    return ctypes.CDLL(found)
+            name = line.rstrip().removesuffix(" (deleted)").rpartition(" ")[2]
+            if "/libcrypto.so" in name:
+                path = name
+                break
+    path = path or ctypes.util.find_library("crypto")
+    if path is None:
+        raise ImportError("libcrypto not found")
+    lib = ctypes.CDLL(path)
+    version = lib.OpenSSL_version_num
+    version.restype = ctypes.c_ulong
+    version.argtypes = []
+    if version() != ssl.OPENSSL_VERSION_NUMBER or ssl.OPENSSL_VERSION_INFO < (3, 0):
+        raise ImportError(
+            f"{path} is OpenSSL {version():#x}, the ssl module's {ssl.OPENSSL_VERSION_NUMBER:#x}"
+            " (3.0 or later is needed, and the same library)"
+        )
+    return lib
 
 
 _lib = _load()

@@ -95,6 +95,7 @@ class NodeCredential:
         self.not_after = 0.0
         self.spiffe_id = ""
         self._channel: ControllerChannel | None = None
+        self._retired: list[ControllerChannel] = []  # replaced, closed a minute later
         self._channel_key: tuple[bytes, bytes] | None = None
         self.ready = asyncio.Event()
         self.store: IdentityStore | None = None
@@ -267,7 +268,8 @@ class NodeCredential:
             if old is not None:
                 # Streams on the old channel (the config stream) end within a minute: the
                 # caller reopens them on the new one.
-                asyncio.get_running_loop().call_later(60, old.close)
+                self._retired.append(old)
+                asyncio.get_running_loop().call_later(60, self._retire, old)
         return self._channel
 
     async def run(self) -> None:
@@ -314,6 +316,14 @@ class NodeCredential:
                     )
                     await asyncio.sleep(wait)
 
+    def _retire(self, old: ControllerChannel) -> None:
+        if old in self._retired:
+            self._retired.remove(old)
+            old.close()
+
     async def close(self) -> None:
+        for old in self._retired:
+            old.close()
+        self._retired.clear()
         if self._channel is not None:
             self._channel.close()

@@ -22,14 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any, TypeVar
 
 import h2.exceptions
-from grpclib.client import Channel
+from grpclib.client import Channel, Handler
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 
 from controller.api import keepalive
 
@@ -38,6 +39,7 @@ BOOTSTRAP = "/weft.identity.v1.NodeBootstrap/Bootstrap"
 CONFIG_STREAM = "/weft.config.v1.ConfigDiscovery/Stream"
 
 Reply = TypeVar("Reply")
+CONNECT_TIMEOUT = 10.0  # seconds for a stream's connection (a unary call has its deadline)
 
 __all__ = ["ControllerChannel", "RpcError", "Status", "split_address"]
 
@@ -61,12 +63,23 @@ class RpcError(Exception):
 def _as_rpc_errors() -> Iterator[None]:
     try:
         yield
+    except RpcError:
+        raise
     except GRPCError as e:
         raise RpcError(Status(e.status), e.message or Status(e.status).name) from None
-    except TimeoutError:  # the call's deadline (before OSError: TimeoutError is one)
-        raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+    except TimeoutError as e:  # before OSError, which TimeoutError is
+        if e.errno is None:  # the call's deadline (grpclib's)
+            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        # the kernel's ETIMEDOUT: a connection not made or lost, not a deadline
+        raise RpcError(Status.UNAVAILABLE, f"{type(e).__name__}: {e}") from None
     except (OSError, StreamTerminatedError, ProtocolError, h2.exceptions.H2Error) as e:
         raise RpcError(Status.UNAVAILABLE, f"{type(e).__name__}: {e}") from None
+    except Exception as e:
+        # Anything else from the client (a reply that does not parse, a message cut short,
+        # a compressed one, a response without :status) is still a failed call, as grpcio
+        # reported it: the callers' retry loops must see an RpcError, never something that
+        # ends their task.
+        raise RpcError(Status.INTERNAL, f"{type(e).__name__}: {e}") from None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -97,12 +110,35 @@ def client_config(
     )
 
 
+class _Protocol(H2Protocol):
+    """grpclib's client protocol with a connection that is dropped as soon as it is closed.
+    grpclib closes a connection whose keepalive ping went unanswered, but over TLS asyncio
+    then waits up to 30 s for the dead peer's close_notify before reporting it lost; until
+    then grpclib neither ends the connection's streams (a config stream hung on for a
+    minute more) nor dials again (new calls failed with AttributeError)."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        close = self.connection.close
+
+        def close_now() -> None:
+            close()
+            transport.abort()  # connection_lost at once: streams ended, the next call redials
+
+        self.connection.close = close_now  # type: ignore[method-assign]
+
+
+class _Channel(Channel):
+    def _protocol_factory(self) -> H2Protocol:
+        return _Protocol(Handler(), self._config, self._h2_config)
+
+
 class ControllerChannel:
     """One HTTP/2 connection over TLS to the controller, dialled on demand."""
 
     def __init__(self, address: str, server_name: str, context: ssl.SSLContext) -> None:
         host, port = split_address(address)
-        self._channel = Channel(host, port, ssl=context, config=client_config(server_name))
+        self._channel = _Channel(host, port, ssl=context, config=client_config(server_name))
 
     async def unary(
         self, method: str, request: Any, reply_type: type[Reply], *, deadline: float
@@ -125,14 +161,20 @@ class ControllerChannel:
         request_type: type[Any],
         reply_type: type[Reply],
         outbox: asyncio.Queue[Any],
-    ) -> AsyncIterator[Reply]:
+    ) -> AsyncGenerator[Reply, None]:
         """A bidirectional stream: what is put in `outbox` is sent, replies are yielded
         until the controller ends the stream; failures raise RpcError."""
         with _as_rpc_errors():
             async with self._channel.request(
                 method, Cardinality.STREAM_STREAM, request_type, reply_type
             ) as stream:
-                await stream.send_request()
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT):
+                        await stream.send_request()  # dials if needed
+                except TimeoutError:
+                    raise RpcError(
+                        Status.UNAVAILABLE, f"no connection within {CONNECT_TIMEOUT:.0f} s"
+                    ) from None
 
                 async def send() -> None:
                     while True:
@@ -145,8 +187,7 @@ class ControllerChannel:
                     await stream.recv_trailing_metadata()
                 finally:
                     sender.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await sender
+                    await asyncio.wait([sender])  # ended; a cancel of ours still propagates
 
     def close(self) -> None:
         self._channel.close()

@@ -85,3 +85,218 @@ def test_the_production_intervals_keep_the_same_relation():
     """The real intervals keep what the scaled test shows: clients ping less often than
     the server's minimum, with room for timer jitter."""
     assert CLIENT_PING_MS >= SERVER_MIN_PING_MS * 1.25
+
+
+# ---- a controller host that dies without closing anything --------------------------------
+
+
+def _tls_material() -> tuple[bytes, bytes, bytes]:
+    """A CA and a server certificate for "controller.weft" (PEM: CA, certificate, key)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("controller.weft")]), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
+
+
+class _FreezableProxy:
+    """TCP forwarding that can stop forwarding both ways without closing anything: a host
+    that died, or a network that dropped it."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.thawed = asyncio.Event()
+        self.thawed.set()
+        self.port = 0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> asyncio.Server:
+        srv = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = srv.sockets[0].getsockname()[1]
+        return srv
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            await self.thawed.wait()
+            w.write(data)
+
+    async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+        self.tasks += [asyncio.current_task()]  # type: ignore[list-item]
+        await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w), return_exceptions=True)
+
+
+def test_a_dead_controller_ends_the_stream_within_a_ping_and_calls_fail_as_rpc_errors():
+    """Over TLS, with pings scaled to 1 s / 0.5 s: once the controller's host stops
+    answering, the config stream ends (UNAVAILABLE) within a ping interval and its timeout,
+    not after asyncio's 30 s wait for a TLS close_notify; calls made meanwhile fail with
+    RpcError only (an AttributeError from grpclib's half-closed connection used to escape
+    and end the agent's node-credential task); once the host answers again, calls work."""
+    import functools
+
+    from agent.identity import rpc
+    from controller.api.gen import config_pb2
+
+    async def stream_forever(it, ctx):  # type: ignore[no-untyped-def]
+        await anext(aiter(it))
+        yield config_pb2.ConfigResponse(revision=1)
+        await asyncio.sleep(3600)
+
+    async def unary(req, ctx):  # type: ignore[no-untyped-def]
+        return config_pb2.ConfigResponse(revision=2)
+
+    async def main() -> None:
+        ca, cert, key = _tls_material()
+        server = grpc.aio.server(options=server_options(min_ping_ms=100))
+        codec = (config_pb2.ConfigRequest.FromString, config_pb2.ConfigResponse.SerializeToString)
+        handlers = {
+            "Stream": grpc.stream_stream_rpc_method_handler(stream_forever, *codec),
+            "Unary": grpc.unary_unary_rpc_method_handler(unary, *codec),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("weft.config.v1.ConfigDiscovery", handlers),)
+        )
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+        await server.start()
+        proxy = _FreezableProxy(port)
+        psrv = await proxy.start()
+        orig = rpc.client_config
+        rpc.client_config = functools.partial(orig, ping_ms=1000, timeout_ms=500)  # type: ignore[assignment]
+        try:
+            ch = rpc.ControllerChannel(
+                f"127.0.0.1:{proxy.port}", "controller.weft", rpc.server_auth_context(ca)
+            )
+        finally:
+            rpc.client_config = orig  # type: ignore[assignment]
+        method = "/weft.config.v1.ConfigDiscovery/Unary"
+        outbox: asyncio.Queue[config_pb2.ConfigRequest] = asyncio.Queue()
+        await outbox.put(config_pb2.ConfigRequest())
+        ended: list[tuple[float, BaseException | None]] = []
+        loop = asyncio.get_running_loop()
+
+        async def consume() -> None:
+            try:
+                async for _ in ch.stream(
+                    rpc.CONFIG_STREAM, config_pb2.ConfigRequest, config_pb2.ConfigResponse, outbox
+                ):
+                    pass
+                ended.append((loop.time(), None))
+            except rpc.RpcError as e:
+                ended.append((loop.time(), e))
+
+        reader = asyncio.ensure_future(consume())
+        try:
+            reply = await ch.unary(
+                method, config_pb2.ConfigRequest(), config_pb2.ConfigResponse, deadline=5
+            )
+            assert reply.revision == 2
+            await asyncio.sleep(0.2)
+            proxy.thawed.clear()
+            frozen_at = loop.time()
+            others: list[BaseException] = []
+            for _ in range(8):  # 4 s of calls while the host is dead
+                try:
+                    await ch.unary(
+                        method, config_pb2.ConfigRequest(), config_pb2.ConfigResponse, deadline=0.3
+                    )
+                except rpc.RpcError:
+                    pass
+                except Exception as e:  # what must not happen
+                    others.append(e)
+                await asyncio.sleep(0.2)
+            assert others == []
+            assert ended, "the config stream did not end"
+            when, err = ended[0]
+            assert isinstance(err, rpc.RpcError) and err.code() == rpc.Status.UNAVAILABLE, err
+            assert when - frozen_at < 3.0, when - frozen_at
+            proxy.thawed.set()  # the host is back: new connections work
+            reply = await ch.unary(
+                method, config_pb2.ConfigRequest(), config_pb2.ConfigResponse, deadline=5
+            )
+            assert reply.revision == 2
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            ch.close()
+            for t in proxy.tasks:
+                t.cancel()
+            psrv.close()
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_a_reply_that_does_not_parse_is_an_rpc_error_not_a_crash():
+    """A controller answering with bytes that are not the expected message (a proto
+    mismatch during an upgrade): the call fails with RpcError INTERNAL, which the agent's
+    retry loops handle, instead of protobuf's DecodeError ending their task."""
+    from agent.identity import rpc
+    from controller.api.gen import config_pb2
+
+    async def garbage(req, ctx):  # type: ignore[no-untyped-def]
+        return b"\xff\xff\xff"
+
+    async def main() -> None:
+        ca, cert, key = _tls_material()
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            garbage, request_deserializer=None, response_serializer=None
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("weft.test.Bad", {"Call": handler}),)
+        )
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+        await server.start()
+        ch = rpc.ControllerChannel(
+            f"127.0.0.1:{port}", "controller.weft", rpc.server_auth_context(ca)
+        )
+        try:
+            with pytest.raises(rpc.RpcError) as e:
+                await ch.unary(
+                    "/weft.test.Bad/Call",
+                    config_pb2.ConfigRequest(),
+                    config_pb2.ConfigResponse,
+                    deadline=5,
+                )
+            assert e.value.code() == rpc.Status.INTERNAL, e.value
+            assert "DecodeError" in e.value.details()
+        finally:
+            ch.close()
+            await server.stop(0)
+
+    asyncio.run(main())
