@@ -40,6 +40,9 @@ CONFIG_STREAM = "/weft.config.v1.ConfigDiscovery/Stream"
 
 Reply = TypeVar("Reply")
 CONNECT_TIMEOUT = 10.0  # seconds for a stream's connection (a unary call has its deadline)
+# The largest message taken from the controller: a full snapshot is about 3.4 MB at 10,000
+# workloads. grpclib has no receive limit of its own (grpcio's client default was 4 MiB).
+MAX_MESSAGE = 64 * 1024 * 1024
 
 __all__ = ["ControllerChannel", "RpcError", "Status", "split_address"]
 
@@ -111,34 +114,71 @@ def client_config(
 
 
 class _Protocol(H2Protocol):
-    """grpclib's client protocol with a connection that is dropped as soon as it is closed.
-    grpclib closes a connection whose keepalive ping went unanswered, but over TLS asyncio
-    then waits up to 30 s for the dead peer's close_notify before reporting it lost; until
-    then grpclib neither ends the connection's streams (a config stream hung on for a
-    minute more) nor dials again (new calls failed with AttributeError)."""
+    """grpclib's client protocol with two changes (grpclib is pinned below 0.5):
+
+    - A connection is dropped as soon as it is closed. grpclib closes a connection whose
+      keepalive ping went unanswered, but over TLS asyncio then waits up to 30 s for the
+      dead peer's close_notify before reporting it lost; until then grpclib neither ends
+      the connection's streams (a config stream hung on for a minute more) nor dials again
+      (new calls failed with AttributeError).
+    - A message longer than `max_message` is refused (RESOURCE_EXHAUSTED, as grpcio does)
+      when its length prefix arrives, before any of it is buffered: a stream's reads of a
+      message's bytes are bounded."""
+
+    def __init__(self, *args: Any, max_message: int) -> None:
+        super().__init__(*args)
+        self.max_message = max_message
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        close = self.connection.close
+        conn = self.connection
+        close, create = conn.close, conn.create_stream
 
         def close_now() -> None:
             close()
             transport.abort()  # connection_lost at once: streams ended, the next call redials
 
-        self.connection.close = close_now  # type: ignore[method-assign]
+        def create_stream(**kw: Any) -> Any:
+            stream = create(**kw)
+            read = stream.recv_data
+
+            async def recv_data(size: int) -> bytes:
+                if size > self.max_message:
+                    raise GRPCError(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"a message of {size} bytes from the controller; the limit is "
+                        f"{self.max_message}",
+                    )
+                return await read(size)
+
+            stream.recv_data = recv_data  # type: ignore[method-assign]
+            return stream
+
+        conn.close = close_now  # type: ignore[method-assign]
+        conn.create_stream = create_stream  # type: ignore[method-assign]
 
 
 class _Channel(Channel):
+    max_message = MAX_MESSAGE
+
     def _protocol_factory(self) -> H2Protocol:
-        return _Protocol(Handler(), self._config, self._h2_config)
+        return _Protocol(Handler(), self._config, self._h2_config, max_message=self.max_message)
 
 
 class ControllerChannel:
     """One HTTP/2 connection over TLS to the controller, dialled on demand."""
 
-    def __init__(self, address: str, server_name: str, context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        address: str,
+        server_name: str,
+        context: ssl.SSLContext,
+        *,
+        max_message: int = MAX_MESSAGE,
+    ) -> None:
         host, port = split_address(address)
         self._channel = _Channel(host, port, ssl=context, config=client_config(server_name))
+        self._channel.max_message = max_message
 
     async def unary(
         self, method: str, request: Any, reply_type: type[Reply], *, deadline: float

@@ -300,3 +300,51 @@ def test_a_reply_that_does_not_parse_is_an_rpc_error_not_a_crash():
             await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_a_message_over_the_limit_is_refused_before_it_is_buffered():
+    """A reply longer than the channel's limit fails the call with RESOURCE_EXHAUSTED (as
+    grpcio's receive limit did) when its length prefix arrives; a reply under the limit on
+    the same channel afterwards is received."""
+    from agent.identity import rpc
+    from controller.api.gen import config_pb2
+
+    async def sized(req, ctx):  # type: ignore[no-untyped-def]
+        return config_pb2.ConfigResponse(revision=req.ack.revision, nonce="x" * req.ack.revision)
+
+    async def main() -> None:
+        ca, cert, key = _tls_material()
+        server = grpc.aio.server()
+        codec = (config_pb2.ConfigRequest.FromString, config_pb2.ConfigResponse.SerializeToString)
+        handler = grpc.unary_unary_rpc_method_handler(sized, *codec)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("weft.test.Big", {"Call": handler}),)
+        )
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+        await server.start()
+        ch = rpc.ControllerChannel(
+            f"127.0.0.1:{port}",
+            "controller.weft",
+            rpc.server_auth_context(ca),
+            max_message=64 * 1024,
+        )
+
+        def asking(n: int) -> config_pb2.ConfigRequest:
+            return config_pb2.ConfigRequest(ack=config_pb2.Ack(revision=n))
+
+        try:
+            with pytest.raises(rpc.RpcError) as e:
+                await ch.unary(
+                    "/weft.test.Big/Call", asking(200_000), config_pb2.ConfigResponse, deadline=5
+                )
+            assert e.value.code() == rpc.Status.RESOURCE_EXHAUSTED, e.value
+            assert "the limit is 65536" in e.value.details()
+            small = await ch.unary(
+                "/weft.test.Big/Call", asking(1_000), config_pb2.ConfigResponse, deadline=5
+            )
+            assert len(small.nonce) == 1_000
+        finally:
+            ch.close()
+            await server.stop(0)
+
+    asyncio.run(main())
