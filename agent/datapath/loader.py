@@ -186,8 +186,8 @@ class Flow:
         return self.end_ns != 0
 
     def pack(self) -> bytes:
-        """The record in 83 bytes, for keeping many (the agent's ring of recently closed
-        flows): as Flow objects they cost about 860 bytes each."""
+        """The record in PACKED_SIZE (83) bytes, for keeping many (the agent's ring of
+        recently closed flows): as Flow objects they cost about 860 bytes each."""
         odst = self.original_dst
         return _PACKED.pack(
             self.cookie,
@@ -212,8 +212,8 @@ class Flow:
         )
 
     @classmethod
-    def unpack(cls, raw: bytes) -> Flow:
-        v = _PACKED.unpack(raw)
+    def unpack(cls, raw: bytes | bytearray | memoryview, offset: int = 0) -> Flow:
+        v = _PACKED.unpack_from(raw, offset)
         cookie, cg, out, lip, lport, rip, rport, has_odst, oip, oport = v[:10]
         return cls(
             cookie,
@@ -237,6 +237,7 @@ class Flow:
 # Flow.pack: cookie, cgroup, outbound, local, remote, original destination (present, ip,
 # port), bytes sent / received / by the fast path, srtt, retransmits, start, end, flags.
 _PACKED = struct.Struct("=QQ?4sH4sH?4sHQQQIIQQ??")
+PACKED_SIZE = _PACKED.size
 
 
 def unix_time(monotonic_ns: int) -> float:

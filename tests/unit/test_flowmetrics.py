@@ -182,3 +182,43 @@ def test_a_packed_flow_reads_back_the_same_and_is_small():
         )
         raw = f.pack()
         assert Flow.unpack(raw) == f and len(raw) < 100
+
+
+def test_the_ring_keeps_the_newest_flows_oldest_first_and_skips_what_does_not_pack():
+    """FlowRing: full, it drops the oldest; iteration is oldest first with each flow's
+    workload; a record that does not pack (not IPv4) is refused and leaves the ring as it
+    was."""
+    import dataclasses
+
+    import pytest
+
+    from agent.datapath.loader import Flow
+    from agent.flowmetrics import FlowRing
+
+    base = Flow(
+        cookie=0,
+        cgroup_id=1,
+        direction="outbound",
+        local=("10.244.1.2", 40000),
+        remote=("10.0.0.12", 15008),
+        original_dst=None,
+        bytes_sent=1,
+        bytes_received=2,
+        fastpath_bytes_sent=0,
+        srtt_us=10,
+        total_retrans=0,
+        start_ns=1,
+        end_ns=2,
+        redirected=False,
+        fastpath=False,
+    )
+    ring = FlowRing(3)
+    owners = [object() for _ in range(5)]
+    for i in range(5):
+        ring.append(dataclasses.replace(base, cookie=i), owners[i])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ring.append(dataclasses.replace(base, cookie=9, local=("fd00::1", 1)), None)
+    got = list(ring)
+    assert [f.cookie for f, _ in got] == [2, 3, 4] and len(ring) == 3
+    assert [w for _, w in got] == owners[2:]
+    assert got[0][0] == dataclasses.replace(base, cookie=2)
