@@ -160,15 +160,11 @@ def test_drops_are_summed_by_workload_and_reason_at_scrape_time() -> None:
 def test_a_packed_flow_reads_back_the_same_and_is_small():
     """The ring of recently closed flows keeps them packed (Flow.pack): every field,
     including large counters and an absent original destination, comes back as it was."""
-    from agent.datapath.loader import Flow
-
     for odst in (("10.96.0.10", 8080), None):
-        f = Flow(
+        f = flow(
             cookie=2**63 + 5,
             cgroup_id=2**40 + 1,
             direction="inbound" if odst is None else "outbound",
-            local=("10.244.1.2", 41234),
-            remote=("10.0.0.12", 15008),
             original_dst=odst,
             bytes_sent=2**50,
             bytes_received=7,
@@ -188,37 +184,17 @@ def test_the_ring_keeps_the_newest_flows_oldest_first_and_skips_what_does_not_pa
     """FlowRing: full, it drops the oldest; iteration is oldest first with each flow's
     workload; a record that does not pack (not IPv4) is refused and leaves the ring as it
     was."""
-    import dataclasses
-
     import pytest
 
-    from agent.datapath.loader import Flow
     from agent.flowmetrics import FlowRing
 
-    base = Flow(
-        cookie=0,
-        cgroup_id=1,
-        direction="outbound",
-        local=("10.244.1.2", 40000),
-        remote=("10.0.0.12", 15008),
-        original_dst=None,
-        bytes_sent=1,
-        bytes_received=2,
-        fastpath_bytes_sent=0,
-        srtt_us=10,
-        total_retrans=0,
-        start_ns=1,
-        end_ns=2,
-        redirected=False,
-        fastpath=False,
-    )
     ring = FlowRing(3)
     owners = [object() for _ in range(5)]
     for i in range(5):
-        ring.append(dataclasses.replace(base, cookie=i), owners[i])  # type: ignore[arg-type]
+        ring.append(flow(cookie=i), owners[i])  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        ring.append(dataclasses.replace(base, cookie=9, local=("fd00::1", 1)), None)
+        ring.append(flow(cookie=9, local=("fd00::1", 1)), None)
     got = list(ring)
     assert [f.cookie for f, _ in got] == [2, 3, 4] and len(ring) == 3
     assert [w for _, w in got] == owners[2:]
-    assert got[0][0] == dataclasses.replace(base, cookie=2)
+    assert got[0][0] == flow(cookie=2)
