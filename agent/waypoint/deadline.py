@@ -7,11 +7,12 @@ while tokens arrive). With asyncio.timeout that was two Timeout objects per requ
 while streaming, a cancelled and re-created timer each time the deadline moved: a few
 percent of the waypoint's CPU per request in a cProfile of the lab's waypoint.
 
-Here one timer serves the whole try. Moving the deadline later only stores the new time;
-when the timer fires early it re-arms itself for what is left (the way Envoy and nginx
-keep idle timeouts). When it expires it cancels the task, as asyncio.timeout does, and
-`expired()` (asked where the CancelledError is caught) tells that cancellation apart from
-one that came from elsewhere and consumes it, so the caller raises or handles a timeout.
+Here one timer serves the whole try (a LazyTimer, below). Moving the deadline later only
+stores the new time; when the timer fires early it re-arms itself for what is left (the
+way Envoy and nginx keep idle timeouts). When it expires it cancels the task, as
+asyncio.timeout does, and `expired()` (asked where the CancelledError is caught) tells
+that cancellation apart from one that came from elsewhere and consumes it, so the caller
+raises or handles a timeout.
 
     dl = Deadline()
     dl.arm(loop.time() + 5)
@@ -28,29 +29,38 @@ one that came from elsewhere and consumes it, so the caller raises or handles a 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 RESOLUTION = 0.001  # seconds: a deadline this close is due (uvloop's clock is in ms)
 
 
-class Deadline:
-    __slots__ = ("_at", "_cancelling", "_fired", "_handle", "_loop", "_task", "when")
+class LazyTimer:
+    """One loop timer for a deadline that mostly moves later (an idle timeout restarting
+    with each byte or request). Moving it later only stores the new time; when the timer
+    fires early it re-arms itself for what is left. When the deadline is reached, `_due()`
+    runs once (here: the `on_due` given; Deadline cancels its task instead).
 
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Deadline must be used inside a task")
-        self._task = task
-        self._cancelling = task.cancelling()
+    Used by Deadline (a request's try) and by a downstream connection (its head and idle
+    timeouts): a new loop timer and a cancellation per request cost more than the rest of
+    the timeout handling."""
+
+    __slots__ = ("_at", "_handle", "_loop", "_on_due", "when")
+
+    def __init__(
+        self,
+        on_due: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._on_due = on_due
         # The armed timer and the loop time it was set for (kept here: for a delay under
         # half a millisecond uvloop returns a plain Handle, which has no when()).
         self._handle: asyncio.Handle | None = None
         self._at = 0.0
-        self._fired = False
         self.when: float | None = None  # loop time of the deadline; None: disarmed
 
     def arm(self, when: float | None) -> None:
-        """Expire at loop time `when` (None: not at all, until armed again). A later time
+        """Due at loop time `when` (None: not at all, until armed again). A later time
         costs an assignment; an earlier one re-arms the timer."""
         self.when = when
         if when is None:
@@ -65,7 +75,7 @@ class Deadline:
     def _fire(self) -> None:
         self._handle = None
         when = self.when
-        if when is None or self._fired:
+        if when is None:
             return
         if when - self._loop.time() > RESOLUTION:
             self._at = when
@@ -74,8 +84,37 @@ class Deadline:
         # Due, or due within the loop's timer resolution: uvloop keeps time in whole
         # milliseconds and may fire up to half of one early; re-arming for the rest would
         # spin through call_soon until the clock ticks.
-        self._fired = True
-        self._task.cancel()
+        self.when = None
+        self._due()
+
+    def _due(self) -> None:
+        if self._on_due is not None:
+            self._on_due()
+
+    def close(self) -> None:
+        """No longer waiting: the timer is cancelled."""
+        self.when = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class Deadline(LazyTimer):
+    __slots__ = ("_cancelling", "_fired", "_task")
+
+    def __init__(self) -> None:
+        super().__init__()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Deadline must be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._fired = False
+
+    def _due(self) -> None:
+        if not self._fired:
+            self._fired = True
+            self._task.cancel()
 
     def expired(self) -> bool:
         """Called with a CancelledError in hand: True when this deadline cancelled the task
@@ -92,10 +131,7 @@ class Deadline:
         the task and no one took that as a timeout (expired()), its count is taken back
         with uncancel(), as asyncio.timeout does on exit (on 3.11 a cancellation not yet
         delivered still arrives at the next await, with asyncio.timeout too)."""
-        self.when = None
         if self._fired:
             self._fired = False
             self._task.uncancel()
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        super().close()

@@ -45,6 +45,7 @@ from agent.waypoint.codec.errors import ErrorCode, ProtocolError
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.codec.http1 import Http1Connection
 from agent.waypoint.codec.http2 import Http2Connection
+from agent.waypoint.deadline import LazyTimer
 from agent.waypoint.engine.respond import Respond, plain
 from agent.waypoint.errors import Style, render
 
@@ -191,13 +192,10 @@ class Downstream(asyncio.Protocol):
         self._first = b""
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
-        # The connection's one timer (head or idle timeout), re-armed lazily: a keep-alive
-        # connection moves its idle deadline on every request, and a new loop timer per
-        # request (and its cancellation) cost more than the rest of the timeout handling.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0  # loop time the armed timer fires
-        self._due = 0.0  # loop time the current timeout expires
-        self._on_due: Callable[[], None] | None = None  # None: no timeout running
+        # The connection's one timer, for its head or idle timeout (deadline.py): a
+        # keep-alive connection moves its idle deadline on every request.
+        self._timer: LazyTimer | None = None
+        self._on_due: Callable[[], None] | None = None  # which timeout is running
         self.closed = False
         self.draining = False
         self._out: list[bytes] | None = None  # written this loop turn, not yet flushed
@@ -206,41 +204,26 @@ class Downstream(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self._loop = asyncio.get_running_loop()
+        self._timer = LazyTimer(self._timed_out, self._loop)
         self._arm(self.head_timeout, self._head_timed_out)
 
     def _arm(self, delay: float, fn: Callable[[], None]) -> None:
-        """Run `fn` after `delay` s unless re-armed or disarmed first. A later deadline than
-        the armed timer's is only stored; the timer, when it fires, re-arms for the rest."""
-        loop = self._loop or asyncio.get_running_loop()
-        self._due = due = loop.time() + delay
-        self._on_due = fn
-        if self._timer is None or self._timer_at > due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = due
-            self._timer = loop.call_at(due, self._fire)
+        """Run `fn` after `delay` s unless re-armed or disarmed first."""
+        if self._timer is not None:
+            self._on_due = fn
+            self._timer.arm(self._loop.time() + delay)
 
     def _disarm(self) -> None:
-        self._on_due = None  # the timer, if armed, finds nothing to do and stops
+        if self._timer is not None:
+            self._timer.arm(None)
 
-    def _fire(self) -> None:
-        self._timer = None
-        fn = self._on_due
-        if fn is None or self.closed:
-            return
-        loop = self._loop
-        if self._due - loop.time() > 0.001:  # moved later meanwhile (uvloop: ms clock)
-            self._timer_at = self._due
-            self._timer = loop.call_at(self._due, self._fire)
-            return
-        self._on_due = None
-        fn()
+    def _timed_out(self) -> None:
+        if self._on_due is not None and not self.closed:
+            self._on_due()
 
     def _stop_timer(self) -> None:
-        self._on_due = None
         if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self._timer.close()
 
     def _head_timed_out(self) -> None:
         if isinstance(self.codec, Http1Connection) or self.codec is None:

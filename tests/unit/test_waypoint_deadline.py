@@ -170,3 +170,32 @@ def test_a_deadline_already_spent_can_be_moved_and_expires_without_spinning(run)
     expired, fired = run(main())
     assert expired
     assert fired <= 2
+
+
+def test_a_lazy_timer_calls_back_once_at_its_last_deadline_and_not_after_close(run):
+    """LazyTimer with a callback (a downstream connection's head and idle timeouts): moved
+    later while waiting, it calls back once, at the later time; disarmed (None) or closed,
+    never."""
+
+    async def main():
+        from agent.waypoint.deadline import LazyTimer
+
+        loop = asyncio.get_running_loop()
+        calls: list[float] = []
+        t = LazyTimer(lambda: calls.append(loop.time()))
+        start = loop.time()
+        t.arm(start + 0.02)
+        await asyncio.sleep(0.01)
+        t.arm(start + 0.08)  # moved later: only stored
+        await asyncio.sleep(0.15)
+        fired_once = len(calls) == 1 and calls[0] >= start + 0.08 - 0.002
+        quiet = LazyTimer(lambda: calls.append(-1.0))
+        quiet.arm(loop.time() + 0.01)
+        quiet.arm(None)
+        closed = LazyTimer(lambda: calls.append(-2.0))
+        closed.arm(loop.time() + 0.01)
+        closed.close()
+        await asyncio.sleep(0.05)
+        return fired_once, calls[1:]
+
+    assert run(main()) == (True, [])
