@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+from collections.abc import Callable
 
 log = logging.getLogger("weft.memtrim")
 
 INTERVAL = 30.0  # seconds
 
 
-def _malloc_trim() -> object | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
         fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
@@ -40,7 +41,7 @@ def trim() -> bool:
     """Release free heap pages now; False where the libc cannot."""
     if _trim is None:
         return False
-    _trim(0)  # type: ignore[operator]
+    _trim(0)
     return True
 
 

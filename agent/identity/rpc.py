@@ -44,7 +44,18 @@ CONNECT_TIMEOUT = 10.0  # seconds for a stream's connection (a unary call has it
 # workloads. grpclib has no receive limit of its own (grpcio's client default was 4 MiB).
 MAX_MESSAGE = 64 * 1024 * 1024
 
-__all__ = ["ControllerChannel", "RpcError", "Status", "split_address"]
+__all__ = [
+    "BOOTSTRAP",
+    "CONFIG_STREAM",
+    "IDENTITY",
+    "MAX_MESSAGE",
+    "ControllerChannel",
+    "RpcError",
+    "Status",
+    "client_config",
+    "server_auth_context",
+    "split_address",
+]
 
 
 class RpcError(Exception):
@@ -159,7 +170,9 @@ class _Protocol(H2Protocol):
 
 
 class _Channel(Channel):
-    max_message = MAX_MESSAGE
+    def __init__(self, *args: Any, max_message: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.max_message = max_message
 
     def _protocol_factory(self) -> H2Protocol:
         return _Protocol(Handler(), self._config, self._h2_config, max_message=self.max_message)
@@ -177,8 +190,9 @@ class ControllerChannel:
         max_message: int = MAX_MESSAGE,
     ) -> None:
         host, port = split_address(address)
-        self._channel = _Channel(host, port, ssl=context, config=client_config(server_name))
-        self._channel.max_message = max_message
+        self._channel = _Channel(
+            host, port, ssl=context, config=client_config(server_name), max_message=max_message
+        )
 
     async def unary(
         self, method: str, request: Any, reply_type: type[Reply], *, deadline: float

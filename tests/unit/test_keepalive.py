@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import grpc
 import pytest
@@ -134,6 +135,19 @@ def _tls_material() -> tuple[bytes, bytes, bytes]:
     return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
 
 
+async def _tls_server(
+    service: str, handlers: dict[str, Any], options: list[tuple[str, int]] | None = None
+) -> tuple[grpc.aio.Server, int, bytes]:
+    """A started grpc.aio server over TLS (a certificate for "controller.weft" from a CA of
+    its own) serving `handlers` of `service`: the server, its port and the CA's PEM."""
+    ca, cert, key = _tls_material()
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    await server.start()
+    return server, port, ca
+
+
 class _FreezableProxy:
     """TCP forwarding that can stop forwarding both ways without closing anything: a host
     that died, or a network that dropped it."""
@@ -181,18 +195,14 @@ def test_a_dead_controller_ends_the_stream_within_a_ping_and_calls_fail_as_rpc_e
         return config_pb2.ConfigResponse(revision=2)
 
     async def main() -> None:
-        ca, cert, key = _tls_material()
-        server = grpc.aio.server(options=server_options(min_ping_ms=100))
         codec = (config_pb2.ConfigRequest.FromString, config_pb2.ConfigResponse.SerializeToString)
         handlers = {
             "Stream": grpc.stream_stream_rpc_method_handler(stream_forever, *codec),
             "Unary": grpc.unary_unary_rpc_method_handler(unary, *codec),
         }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("weft.config.v1.ConfigDiscovery", handlers),)
+        server, port, ca = await _tls_server(
+            "weft.config.v1.ConfigDiscovery", handlers, server_options(min_ping_ms=100)
         )
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
-        await server.start()
         proxy = _FreezableProxy(port)
         psrv = await proxy.start()
         orig = rpc.client_config
@@ -272,16 +282,10 @@ def test_a_reply_that_does_not_parse_is_an_rpc_error_not_a_crash():
         return b"\xff\xff\xff"
 
     async def main() -> None:
-        ca, cert, key = _tls_material()
-        server = grpc.aio.server()
         handler = grpc.unary_unary_rpc_method_handler(
             garbage, request_deserializer=None, response_serializer=None
         )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("weft.test.Bad", {"Call": handler}),)
-        )
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
-        await server.start()
+        server, port, ca = await _tls_server("weft.test.Bad", {"Call": handler})
         ch = rpc.ControllerChannel(
             f"127.0.0.1:{port}", "controller.weft", rpc.server_auth_context(ca)
         )
@@ -313,15 +317,9 @@ def test_a_message_over_the_limit_is_refused_before_it_is_buffered():
         return config_pb2.ConfigResponse(revision=req.ack.revision, nonce="x" * req.ack.revision)
 
     async def main() -> None:
-        ca, cert, key = _tls_material()
-        server = grpc.aio.server()
         codec = (config_pb2.ConfigRequest.FromString, config_pb2.ConfigResponse.SerializeToString)
         handler = grpc.unary_unary_rpc_method_handler(sized, *codec)
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("weft.test.Big", {"Call": handler}),)
-        )
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
-        await server.start()
+        server, port, ca = await _tls_server("weft.test.Big", {"Call": handler})
         ch = rpc.ControllerChannel(
             f"127.0.0.1:{port}",
             "controller.weft",
