@@ -53,7 +53,7 @@ def check_labels(v: dict[str, str]) -> dict[str, str]:
 class Model(BaseModel):
     """Strict by default: an unknown field is an error, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, defer_build=True)
 
 
 class Metadata(Model):
