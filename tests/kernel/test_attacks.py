@@ -21,7 +21,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from agent.netns import call_in
-from tests.kernel.conftest import MESH_LAB, Mesh, build_mesh
+from tests.kernel.conftest import MESH_LAB, Mesh, build_mesh, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -125,10 +125,18 @@ def test_raw_syns_around_the_capture_are_never_answered(mesh: Mesh, attacker: st
     src, far = mesh.ip(attacker), mesh.ip("ai/far")
     sport = _sport()
     before = sum(d["count"] for d in mesh.admin("node-2", "/datapath")["drops"])
-    with Watch(mesh.state.pod("ai/far").netns) as w:
+    w = Watch(mesh.state.pod("ai/far").netns)
+
+    def syns() -> list[tuple[str, str, int, int, str]]:
+        return [p for p in list(w.seen) if p[0] == src and p[2] == sport and p[4] == "S"]
+
+    with w:
         raw_syn(mesh, attacker, src, far, sport)
+        # Until the watcher, however far behind, has seen the SYN; then half a second more
+        # for an answer to show, as before.
+        wait_until(syns, "the SYN to reach far's link")
         time.sleep(0.5)
-    arrived = [p for p in w.seen if p[0] == src and p[2] == sport and p[4] == "S"]
+    arrived = syns()
     answered = [p for p in w.seen if p[1] == src and p[3] == sport and "SA" in p[4]]
     assert arrived, "the SYN should reach far's link (to be dropped there)"
     assert not answered, answered

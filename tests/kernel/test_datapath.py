@@ -980,6 +980,7 @@ RAW_LISTEN = """
 import socket, sys
 r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
 r.settimeout(float(sys.argv[1]))
+print("ready", flush=True)
 try:
     while True:
         data, peer = r.recvfrom(4096)
@@ -1012,20 +1013,24 @@ def test_a_strict_pods_raw_tcp_socket_sees_no_unmeshed_segments(lab_factory, dat
     near = state.pod("ai/near")
     dp = datapaths(state, "node-1")
 
-    def attempt() -> str:
+    def attempt(wait: float) -> str:
+        """What a raw socket in near saw of a segment from far; it gives up after `wait`
+        seconds without any TCP segment."""
         listener = spawn(
-            [sys.executable, "-c", RAW_LISTEN, "3"],
+            [sys.executable, "-c", RAW_LISTEN, str(wait)],
             netns=near.netns,
             cgroup=Path(near.cgroup),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(0.5)
+        assert listener.stdout is not None
+        assert listener.stdout.readline() == b"ready\n"  # the socket is open: send now
         lab.run("ai/far", [sys.executable, "-c", RAW_SEND, near.ip], timeout=20)
-        out, _ = listener.communicate(timeout=20)
+        out, _ = listener.communicate(timeout=40)
         return out.decode().strip()
 
-    assert attempt().startswith("got ")  # not STRICT: the raw socket sees it
+    # Not STRICT: the raw socket sees it (a generous wait: the sender is a new process).
+    assert attempt(20).startswith("got ")
     dp.attach_pod(near.cgroup, near.ip, strict=True)
-    assert attempt() == "nothing"
+    assert attempt(3) == "nothing"
     assert dp.drop_counters()[(near.cgroup_id, DropReason.PROTOCOL_NOT_MESHED)] >= 1

@@ -13,7 +13,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -105,11 +104,14 @@ def test_a_service_vip_reaches_its_endpoint_with_the_target_port(meshed: Mesh) -
     assert out.returncode == 0, out.stderr.decode()
 
 
-def _capture(netns: str, iface: str, stop: threading.Event, out: list[bytes]) -> None:
+def _capture(
+    netns: str, iface: str, ready: threading.Event, stop: threading.Event, out: list[bytes]
+) -> None:
     def run() -> None:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
         s.bind((iface, 0))
         s.settimeout(0.1)
+        ready.set()
         while not stop.is_set():
             try:
                 out.append(s.recv(65535))
@@ -125,23 +127,27 @@ def test_only_tls_crosses_the_node_link(meshed: Mesh) -> None:
     capture does see it between two pods outside the mesh (so it would have noticed)."""
     n1 = meshed.state.node("node-1")
     frames: list[bytes] = []
-    stop = threading.Event()
-    t = threading.Thread(target=_capture, args=(n1.netns, "eth0", stop, frames))
+    ready, stop = threading.Event(), threading.Event()
+    t = threading.Thread(target=_capture, args=(n1.netns, "eth0", ready, stop, frames))
     t.start()
-    time.sleep(0.2)
     secret = "WEFT-MARKER-" + "7" * 20
     plain = "PLAIN-MARKER-" + "3" * 20
     try:
+        assert ready.wait(10), "the capture did not start"
         assert one_shot(meshed, "apps/client", meshed.ip("ai/far"), 8000, secret).returncode == 0
         assert (
             one_shot(meshed, "legacy/old1", meshed.ip("legacy/old2"), 8000, plain).returncode == 0
         )
-        time.sleep(0.2)
+        # The plaintext went last: once the capture has read it, it has read every frame
+        # before it too (a packet socket queues them in order), however far behind it was.
+        wait_until(
+            lambda: plain.encode() in b"".join(list(frames)),
+            "the capture to see the plaintext (is it working?)",
+        )
     finally:
         stop.set()
         t.join()
     wire = b"".join(frames)
-    assert plain.encode() in wire, "the capture saw no plaintext at all: is it working?"
     assert secret.encode() not in wire
     hbone = (15008).to_bytes(2, "big")
     assert any(hbone in f[34:38] for f in frames), "no TCP to port 15008 on the link"

@@ -110,6 +110,15 @@ def hdr(adm: Any) -> dict[bytes, bytes]:
     return dict(adm.headers)
 
 
+def redis_store(url: str) -> QuotaStore:
+    """The store open_store makes of a redis:// URL, with a generous op timeout: the
+    default 0.25 s (how long a waypoint waits before it falls back to its own counters) can
+    pass on a loaded machine, and these tests count admissions made through the store."""
+    from agent.waypoint.ai.redisstore import RedisStore
+
+    return RedisStore(url, timeout=10.0)
+
+
 PER_CALLER = {"name": "per-caller", "by": "principal", "tokensPerMinute": 1000}
 
 
@@ -117,7 +126,7 @@ PER_CALLER = {"name": "per-caller", "by": "principal", "tokensPerMinute": 1000}
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QuotaStore]:
     if request.param == "redis":
         srv: RedisServer = request.getfixturevalue("redis_server")
-        st = open_store(srv.url)
+        st = redis_store(srv.url)
     elif request.param == "sqlite":
         st = open_store(str(tmp_path / "quota.db"))
     else:
@@ -184,7 +193,10 @@ def test_two_workers_on_one_store_file_share_one_limit(tmp_path):
 def _worker(path: str, n: int, start: Any, out: Any) -> None:
     Loop.current = asyncio.new_event_loop()  # the child's own, not a copy of the parent's
     p = policy({"name": "all", "by": "none", "tokensPerMinute": 500})
-    lim = Limiter(p, SqliteStore(path))
+    # A generous busy timeout: the other process may hold the write lock for longer than
+    # the default 0.25 s on a loaded machine, and a failed op would fall back to this
+    # process's own counters (not what is tested here: that the lock makes one count).
+    lim = Limiter(p, SqliteStore(path, busy_timeout=10.0))
     start.wait(10)
     got = 0
     for _ in range(n):
@@ -399,7 +411,7 @@ def test_replicas_on_one_redis_share_one_budget_under_concurrency(redis_server):
     tokens against 200 per minute: exactly 20 admitted, never more."""
 
     async def main() -> list[bool]:
-        a, b = open_store(redis_server.url), open_store(redis_server.url)
+        a, b = redis_store(redis_server.url), redis_store(redis_server.url)
         p = policy({"name": "all", "by": "none", "tokensPerMinute": 200})
         la, lb = TokenLimiter(p, a), TokenLimiter(p, b)
         got = await asyncio.gather(
@@ -418,7 +430,7 @@ def test_a_restarted_redis_is_used_again_and_meanwhile_the_replica_limits_itself
     """The server restarts (its counters and scripts gone): ops fail for a moment and the
     replica admits on its own counters; then the store is used again (the script is loaded
     anew) and counts from zero, as a server without persistence does."""
-    st = open_store(redis_server.url)
+    st = redis_store(redis_server.url)
     st.retry_after = 0.2  # type: ignore[attr-defined]
     lim = Limiter(policy({"name": "r", "by": "none", "requestsPerMinute": 5}), st)
     assert all(lim.admit(caller("a"), 0, T0 + 1).allowed for _ in range(3))
@@ -444,7 +456,7 @@ def test_redis_and_python_evaluate_the_same_checks_identically(redis_server):
     from agent.waypoint.ai.quotastore import Check, Write
 
     rng = random.Random(7)
-    red, mem = open_store(redis_server.url), MemoryStore()
+    red, mem = redis_store(redis_server.url), MemoryStore()
     cells = [(f"ns/p/l/k{i}/t", 60 * (i % 2)) for i in range(4)]
     for _ in range(300):
         picked = rng.sample(range(4), rng.randint(1, 4))

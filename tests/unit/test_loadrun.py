@@ -6,6 +6,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from agent.lab.workloads import loadrun
 from agent.lab.workloads.loadrun import Outcome, run_threads, run_workers, schedules, summarize
 
 
@@ -18,20 +21,38 @@ def test_schedules_deal_due_times_round_robin() -> None:
     ]
 
 
-def test_run_threads_times_from_when_every_worker_is_ready() -> None:
+def test_run_threads_times_from_when_every_worker_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
     """Set-up before the start barrier (connecting) is not counted in the elapsed time;
-    every worker has finished when run_threads returns."""
-    done: list[int] = []
+    every worker has finished when run_threads returns. Checked against the clock readings
+    run_threads takes, not against durations, so a slow machine cannot fail it."""
+    clock = time.perf_counter
+    caller = threading.get_ident()
+    readings: list[float] = []  # run_threads's own (on the caller's thread): start, end
+
+    def reading() -> float:
+        t = clock()
+        if threading.get_ident() == caller:
+            readings.append(t)
+        return t
+
+    ready: list[float] = []
+    ended: list[float] = []
 
     def work(i: int, start: threading.Barrier) -> None:
         time.sleep(0.2)
+        ready.append(clock())
         start.wait()
         time.sleep(0.05)
-        done.append(i)
+        ended.append(clock())
 
-    elapsed = run_threads(3, work)
-    assert sorted(done) == [0, 1, 2]
-    assert 0.04 <= elapsed < 0.15
+    with monkeypatch.context() as m:
+        m.setattr(loadrun.time, "perf_counter", reading)
+        elapsed = run_threads(3, work)
+    begin, end = readings
+    assert len(ready) == len(ended) == 3
+    assert begin >= max(ready)  # the clock started once every worker was ready
+    assert end >= max(ended)  # and stopped after the last one had finished
+    assert elapsed == end - begin
 
 
 def test_run_workers_closed_loop_gets_no_schedule_and_a_deadline() -> None:

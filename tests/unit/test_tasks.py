@@ -41,7 +41,10 @@ def test_a_failed_helper_task_is_logged_but_does_not_stop_the_agent(caplog) -> N
     async def main() -> None:
         owner = TaskOwner(failures.append)
         owner.start(asyncio.to_thread(int, "x"), "revoke-spliced", essential=False)
-        await asyncio.sleep(0.1)
+        for _ in range(1000):  # until it has ended in its thread, however late: 10 s or more
+            if not owner.running():
+                break
+            await asyncio.sleep(0.01)
 
     with caplog.at_level(logging.ERROR, "weft.agent"):
         asyncio.run(main())

@@ -58,7 +58,7 @@ def test_frames_sent_by_a_task_in_one_turn_share_one_write() -> None:
             client, _server, wire = pair(coalesce)
             await asyncio.sleep(0.01)
             stream, resp = client.open("10.0.0.1:80", [])
-            await asyncio.wait_for(resp, 1)
+            await asyncio.wait_for(resp, 10)
             before = len(wire.writes)
             for chunk in (b"GET / HTTP/1.1\r\n", b"host: x\r\n", b"\r\n"):
                 stream.send(chunk)
@@ -77,7 +77,7 @@ def test_close_writes_what_a_coalescing_connection_still_holds() -> None:
         client, _server, wire = pair(True)
         await asyncio.sleep(0.01)
         stream, resp = client.open("10.0.0.1:80", [])
-        await asyncio.wait_for(resp, 1)
+        await asyncio.wait_for(resp, 10)
         n = len(wire.writes)
         stream.send(b"last words")
         client.close()  # before the turn ends

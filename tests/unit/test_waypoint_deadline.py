@@ -11,7 +11,7 @@ import asyncio
 import pytest
 import uvloop
 
-from agent.waypoint.deadline import Deadline
+from agent.waypoint.deadline import RESOLUTION, Deadline
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -60,19 +60,24 @@ def test_moving_the_deadline_later_keeps_a_busy_stream_alive(run):
     async def main():
         dl = Deadline()
         loop = asyncio.get_running_loop()
+        due = 0.0
         try:
             for _ in range(20):
-                dl.arm(loop.time() + 0.05)
+                due = loop.time() + 0.05
+                dl.arm(due)
                 await asyncio.sleep(0.01)  # 0.2 s in all, four times the idle timeout
         except asyncio.CancelledError:
             if dl.expired():
-                return "cut"
+                # A loop stalled for a whole timeout between two events may really see it
+                # pass; what must never happen is a cut before the latest deadline (at the
+                # first one, say).
+                return "cut early" if loop.time() < due - RESOLUTION else "stalled past it"
             raise
         finally:
             dl.close()
         return "kept"
 
-    assert run(main()) == "kept"
+    assert run(main()) in ("kept", "stalled past it")
 
 
 def test_an_idle_stream_expires_after_the_last_move(run):
@@ -184,9 +189,8 @@ def test_a_lazy_timer_calls_back_once_at_its_last_deadline_and_not_after_close(r
         calls: list[float] = []
         t = LazyTimer(lambda: calls.append(loop.time()))
         start = loop.time()
-        t.arm(start + 0.02)
-        await asyncio.sleep(0.01)
-        t.arm(start + 0.08)  # moved later: only stored
+        t.arm(start + 0.02)  # the loop timer is set for this
+        t.arm(start + 0.08)  # moved later before it is due, however slow the loop: stored
         await asyncio.sleep(0.15)
         fired_once = len(calls) == 1 and calls[0] >= start + 0.08 - 0.002
         quiet = LazyTimer(lambda: calls.append(-1.0))

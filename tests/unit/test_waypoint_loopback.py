@@ -112,15 +112,19 @@ def test_keep_alive_idle_timeout_restarts_with_each_request_and_a_slow_head_gets
     head_timeout."""
 
     async def main() -> None:
-        settings = {"idle_timeout": 0.6, "head_timeout": 0.4}
+        idle = 2.0
+        settings = {"idle_timeout": idle, "head_timeout": 0.4}
         async with WaypointMesh(tmp_path, settings=settings) as m:
             port = await m.listen("llm")
             r, w = await asyncio.open_connection("127.0.0.1", port)
             loop = asyncio.get_running_loop()
-            start = loop.time()
-            for _ in range(4):  # 4 x 0.35 s: longer than idle_timeout in all
+            start = sent = loop.time()
+            # Requests 0.2 s apart (only a stall of 1.8 s could part two of them by the
+            # idle timeout), until the connection has lived longer than idle_timeout.
+            while loop.time() - start <= idle + 0.2:
+                sent = loop.time()
                 w.write(b"GET /debug/headers HTTP/1.1\r\nhost: llm\r\n\r\n")
-                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
                 assert head.startswith(b"HTTP/1.1 200"), head
                 n = int(
                     next(
@@ -128,17 +132,16 @@ def test_keep_alive_idle_timeout_restarts_with_each_request_and_a_slow_head_gets
                     ).split(b":")[1]
                 )
                 await r.readexactly(n)
-                await asyncio.sleep(0.35)
-            assert loop.time() - start > 1.2
-            last = loop.time()
-            assert await asyncio.wait_for(r.read(), 5) == b""  # closed by the waypoint
-            idle = loop.time() - last
-            assert 0.15 < idle < 2.0, idle  # 0.6 s after the last response, less the sleep
+                await asyncio.sleep(0.2)
+            assert await asyncio.wait_for(r.read(), 10) == b""  # closed by the waypoint
+            # Not before idle_timeout: its timer started once the last request had come
+            # (less 10 ms: the loop's millisecond clock may fire a timer a little early).
+            assert loop.time() - sent >= idle - 0.01, loop.time() - sent
             w.close()
 
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(b"GET /debug/headers HTTP/1.1\r\nhost: ll")
-            answer = await asyncio.wait_for(r.read(), 5)
+            answer = await asyncio.wait_for(r.read(), 10)
             assert answer.startswith(b"HTTP/1.1 408"), answer
             w.close()
 
