@@ -227,7 +227,9 @@ def test_two_worker_processes_never_admit_more_than_the_limit_together(tmp_path)
 def _opener(path: str, start: Any, out: Any) -> None:
     start.wait()
     try:
-        SqliteStore(path).close()
+        st = SqliteStore(path)
+        st.open()  # creates the file and switches it to WAL, racing the others
+        st.close_now()
         out.put("ok")
     except Exception as e:  # reported to the test, which names it
         out.put(repr(e))
