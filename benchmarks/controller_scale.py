@@ -207,8 +207,7 @@ async def worker_main() -> None:
         key = new_key()
         for node, ids in spec["identities"].items():  # node -> [[ns, sa], ...]
             csrs[node] = [
-                (ns, sa, make_csr(key, f"spiffe://cluster.local/ns/{ns}/sa/{sa}"))
-                for ns, sa in ids
+                (ns, sa, make_csr(key, f"spiffe://cluster.local/ns/{ns}/sa/{sa}")) for ns, sa in ids
             ]
 
     async def sign(n: int, in_flight: int, batched: bool) -> None:

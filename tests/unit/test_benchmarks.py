@@ -659,3 +659,42 @@ def test_md_table_aligns_numbers_right():
     assert lines[1] == "|---|---:|"
     assert lines[2] == "| x | 1,234 |"
     assert report.fmt(math.nan) == report.DASH and report.fmt(1234.5) == "1,234"
+
+
+def test_pyfloor_minimal_proxy_forwards_requests_on_one_upstream_connection():
+    """The yardstick of benchmarks/pyfloor.py stays a working HTTP/1.1 proxy: keep-alive
+    requests come back echoed, in order, over one upstream connection per client one."""
+    import asyncio
+
+    from benchmarks.httpecho import Echo
+    from benchmarks.pyfloor import _Down
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        upstream_conns = []
+
+        def echo() -> Echo:
+            upstream_conns.append(1)
+            return Echo()
+
+        back = await loop.create_server(echo, "127.0.0.1", 0)
+        up = back.sockets[0].getsockname()[1]
+        front = await loop.create_server(lambda: _Down(("127.0.0.1", up)), "127.0.0.1", 0)
+        r, w = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
+        bodies = [b"first", b"x" * 3000, b"third"]
+        for b in bodies:
+            w.write(post_request("floor", "/echo", b, "text/plain"))
+        got: list[bytes] = []
+        for _ in bodies:
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            fields = dict(line.lower().split(b": ", 1) for line in head[:-4].split(b"\r\n")[1:])
+            length = int(fields[b"content-length"])
+            got.append(await asyncio.wait_for(r.readexactly(length), 10))
+        assert got == bodies
+        assert upstream_conns == [1]
+        w.close()
+        front.close()
+        back.close()
+
+    asyncio.run(main())
