@@ -28,6 +28,7 @@ from controller.api.gen import admin_pb2_grpc, identity_pb2_grpc
 from controller.ca.authority import CertificateAuthority, FileCAStore
 from controller.ca.signer import Signer
 from controller.ca.spiffe import key_pem, make_csr, new_key, parse_node_id, spiffe_id_of
+from controller.model.base import build_validators
 from controller.model.workloads import Workload
 from controller.services import Abort
 from controller.services.admin import ADMIN_MAX_MESSAGE, AdminService
@@ -180,6 +181,7 @@ class Controller:
         tmp.replace(path)
 
     async def start(self) -> None:
+        build_validators()  # before any thread validates (sources scan in threads)
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Condition()
         self._write_bundle()

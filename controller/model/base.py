@@ -191,6 +191,27 @@ def _load_all() -> None:
     )
 
 
+def build_validators() -> int:
+    """Build every config model's validator and serializer now; returns how many were built.
+
+    Models are deferred (`defer_build`): a process builds a kind when it first validates
+    one, so an agent pays for the kinds it receives, not for all of them. A process that
+    validates on several threads at once (the controller: file scans and Kubernetes watches
+    run in threads) calls this first, on one thread: pydantic releases this project allows
+    have had races when two threads build the same deferred model (pydantic#11849,
+    #13419)."""
+    _load_all()
+    built = 0
+    todo: list[type[Model]] = [Model]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not cls.__pydantic_complete__:
+            cls.model_rebuild()
+            built += 1
+    return built
+
+
 def describe(data: Any) -> str | None:
     """'Kind namespace/name' from raw data, for error messages about invalid documents."""
     if not isinstance(data, dict):

@@ -69,6 +69,29 @@ def test_the_agent_loads_neither_grpcio_nor_cryptography():
     assert _run(code) == ""
 
 
+def test_config_validators_are_built_when_first_used_and_all_at_once_on_request():
+    """Importing the agent builds no config model's validator (pydantic's defer_build: 4 MB
+    of an agent for kinds it may never receive); validating a kind builds that kind; and
+    build_validators(), which the controller calls before its sources validate on threads,
+    leaves none deferred."""
+    code = (
+        "import agent.cli, agent.main\n"
+        "from controller.model.base import Model, build_validators, resource_from_json\n"
+        "def walk(c):\n"
+        "    yield c\n"
+        "    for s in c.__subclasses__(): yield from walk(s)\n"
+        "def built(): return sorted(c.__name__ for c in walk(Model) if c.__pydantic_complete__)\n"
+        "before = built()\n"
+        'resource_from_json(\'Node\', \'{"apiVersion":"weft.dev/v1alpha1","kind":"Node",'
+        '"metadata":{"name":"n1"},"spec":{"addresses":["10.0.0.1"]}}\')\n'
+        "after_node = built()\n"
+        "build_validators()\n"
+        "print(before, 'Node' in after_node, 'HTTPRoute' in after_node,"
+        " len(built()) == len(list(walk(Model))))"
+    )
+    assert _run(code) == "[] True False True"
+
+
 def test_freed_heap_is_given_back_where_the_libc_can():
     """agent/memtrim.py: with every other one of 5,000 16-KB blocks freed, the free pages sit
     in the middle of the heap, where glibc keeps them; trim() gives them back (RSS drops by
