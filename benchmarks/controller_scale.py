@@ -196,9 +196,9 @@ async def worker_main() -> None:
         creds[node] = cred
         tasks += [asyncio.create_task(cred.run()), asyncio.create_task(client.run())]
 
-    # CSRs for the signing phase, made when it is first asked for and before its clock
-    # starts: neither the initial sync (whose CPU and time this worker's loop would
-    # otherwise share with 1,250 ECDSA signatures) nor the signing rate counts them.
+    # CSRs for the signing phase, made on the "prepare" command that precedes it: neither
+    # the initial sync (whose CPU and time this worker's loop would otherwise share with
+    # 1,250 ECDSA signatures) nor the signing rate counts them.
     csrs: dict[str, list[tuple[str, str, bytes]]] = {}
 
     def make_csrs() -> None:
@@ -215,7 +215,7 @@ async def worker_main() -> None:
         call each, or (batched) through the agent's own SignBatcher, which puts what is
         asked in the same turn into one SignWorkloadCertificates call."""
         await asyncio.gather(*(c.ready.wait() for c in creds.values()))
-        make_csrs()
+        make_csrs()  # normally done by "prepare", before any worker's clock starts
         nodes = list(creds)
         channels = {nd: creds[nd].channel() for nd in nodes}
         batchers = {nd: SignBatcher(creds[nd]) for nd in nodes}
@@ -256,7 +256,10 @@ async def worker_main() -> None:
         if not line:
             break
         cmd = json.loads(line)
-        if cmd["cmd"] == "sign":
+        if cmd["cmd"] == "prepare":
+            make_csrs()
+            emit(event="prepared")
+        elif cmd["cmd"] == "sign":
             await sign(int(cmd["n"]), int(cmd["in_flight"]), bool(cmd.get("batched")))
         elif cmd["cmd"] == "stats":
             emit(event="stats", apply_s=apply_s)
@@ -454,6 +457,14 @@ async def _run(
             # (this one, which runs nothing else meanwhile, and its signers) spend on it.
             # Once with a call per certificate, once batched as agents batch.
             signing: dict[str, Any] = {}
+            # Every worker makes its CSRs first, and says so, before any starts signing:
+            # no worker's clock runs while another still makes its CSRs on the same CPUs.
+            for w in procs:
+                await w.send(cmd="prepare")
+            prepared = 0
+            while prepared < len(procs):
+                ev = await asyncio.wait_for(queue.get(), 300)
+                prepared += ev.get("event") == "prepared"
             for batched in (False, True):
                 cpu0 = _controller_cpu(c)
                 per = sign_n // len(procs)

@@ -252,6 +252,46 @@ def test_replicas_creating_the_store_file_at_once_all_open_it(tmp_path):
         assert results == ["ok"] * 6, results
 
 
+def test_opening_a_store_another_replica_holds_locked_waits_for_the_lock(tmp_path):
+    """The race above, made certain: another connection holds the new file's exclusive
+    lock while this replica switches it to WAL (the lock the busy timeout does not cover).
+    Opening retries until the lock is released instead of failing; with the lock held past
+    open_timeout it fails, naming the file."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")  # a file the holder has written, then locks
+    holder.execute("BEGIN EXCLUSIVE")
+    released = threading.Event()
+
+    def release() -> None:
+        holder.execute("ROLLBACK")
+        released.set()
+
+    timer = threading.Timer(0.5, release)
+    timer.start()
+    try:
+        st = SqliteStore(path, busy_timeout=0.01, open_timeout=30.0)
+        st.open()
+        assert released.is_set()  # it waited for the lock rather than going around it
+        st.close_now()
+    finally:
+        timer.cancel()
+        holder.close()
+    path2 = tmp_path / "held.db"
+    holder2 = sqlite3.connect(path2, isolation_level=None)
+    try:
+        holder2.execute("CREATE TABLE t (x)")
+        holder2.execute("BEGIN EXCLUSIVE")
+        st2 = SqliteStore(path2, busy_timeout=0.01, open_timeout=0.2)
+        with pytest.raises(sqlite3.OperationalError, match="held.db"):
+            st2.open()
+    finally:
+        holder2.close()
+
+
 def test_a_stream_over_budget_finishes_and_is_charged_in_full(store):
     """Admission reserves the prompt estimate; the end charges the actual usage, even past
     the limit (the stream was never cut), and the overshoot blocks the next request."""

@@ -681,20 +681,26 @@ def test_pyfloor_minimal_proxy_forwards_requests_on_one_upstream_connection():
         up = back.sockets[0].getsockname()[1]
         front = await loop.create_server(lambda: _Down(("127.0.0.1", up)), "127.0.0.1", 0)
         r, w = await asyncio.open_connection("127.0.0.1", front.sockets[0].getsockname()[1])
-        bodies = [b"first", b"x" * 3000, b"third"]
-        for b in bodies:
-            w.write(post_request("floor", "/echo", b, "text/plain"))
-        got: list[bytes] = []
-        for _ in bodies:
-            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200 "), head
-            fields = dict(line.lower().split(b": ", 1) for line in head[:-4].split(b"\r\n")[1:])
-            length = int(fields[b"content-length"])
-            got.append(await asyncio.wait_for(r.readexactly(length), 10))
-        assert got == bodies
-        assert upstream_conns == [1]
-        w.close()
-        front.close()
-        back.close()
+        try:
+            bodies = [b"first", b"x" * 3000, b"third"]
+            for b in bodies:
+                w.write(post_request("floor", "/echo", b, "text/plain"))
+            got: list[bytes] = []
+            for _ in bodies:
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                fields = dict(line.lower().split(b": ", 1) for line in head[:-4].split(b"\r\n")[1:])
+                got.append(
+                    await asyncio.wait_for(r.readexactly(int(fields[b"content-length"])), 10)
+                )
+            assert got == bodies
+            assert upstream_conns == [1]
+        finally:
+            w.close()
+            await w.wait_closed()
+            front.close()
+            back.close()
+            await front.wait_closed()
+            await back.wait_closed()
 
     asyncio.run(main())
