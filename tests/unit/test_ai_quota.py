@@ -286,7 +286,7 @@ def test_opening_a_store_another_replica_holds_locked_waits_for_the_lock(tmp_pat
         holder2.execute("CREATE TABLE t (x)")
         holder2.execute("BEGIN EXCLUSIVE")
         st2 = SqliteStore(path2, busy_timeout=0.01, open_timeout=0.2)
-        with pytest.raises(sqlite3.OperationalError, match="held.db"):
+        with pytest.raises(sqlite3.OperationalError, match=r"held\.db"):
             st2.open()
     finally:
         holder2.close()
