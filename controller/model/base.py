@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -50,10 +49,29 @@ def check_labels(v: dict[str, str]) -> dict[str, str]:
     return v
 
 
+class _cached(functools.cached_property):
+    """functools.cached_property without the lock CPython 3.11 takes on every first access
+    (one RLock shared by all instances: 3.12 dropped it). Two threads computing the same
+    frozen model's value at once just store equal values. A subclass, so pydantic treats it
+    as a cached property (left out of fields, equality and dumps)."""
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.attrname] = self.func(instance)
+        return value
+
+
 class Model(BaseModel):
     """Strict by default: an unknown field is an error, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, defer_build=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        defer_build=True,
+        ignored_types=(_cached,),
+    )
 
 
 class Metadata(Model):
@@ -78,8 +96,12 @@ class LabelSelector(Model):
         return all(labels.get(k) == v for k, v in self.match_labels.items())
 
 
-@dataclass(frozen=True, order=True)
-class ResourceKey:
+class ResourceKey(NamedTuple):
+    """What names a resource. A named tuple, not a dataclass: snapshots and the store look
+    resources up by key tens of thousands of times per full snapshot, and a tuple hashes,
+    compares and sorts in C (a dataclass's generated __hash__, __eq__ and __lt__ are Python
+    calls each)."""
+
     kind: str
     namespace: str  # "" for cluster-scoped kinds
     name: str
@@ -122,7 +144,7 @@ class Resource(Model):
             raise ValueError(f"{cls.KIND} supports apiVersion {', '.join(cls.API_VERSIONS)}")
         return v
 
-    @functools.cached_property
+    @_cached
     def key(self) -> ResourceKey:
         # Cached (the model is frozen): indexing a snapshot asks each resource for its key
         # several times. pydantic leaves cached properties out of ==, dumps and copies.
