@@ -122,6 +122,23 @@ def redis_store(url: str) -> QuotaStore:
 PER_CALLER = {"name": "per-caller", "by": "principal", "tokensPerMinute": 1000}
 
 
+@pytest.mark.parametrize("scheme", ["redis", "rediss", "valkey"])
+def test_open_store_makes_a_redis_store_of_a_redis_url(scheme: str) -> None:
+    """The waypoint's --quota-store spellings of a shared store: the Redis client's URL,
+    database and password included, with the waypoint's short op timeout (past it, the
+    waypoint falls back to its own counters). Nothing connects until an operation."""
+    from agent.waypoint.ai.redisstore import RedisStore
+
+    st = open_store(f"{scheme}://:secret@127.0.0.1:6390/3")
+    assert isinstance(st, RedisStore)
+    assert st.url == f"{scheme}://:secret@127.0.0.1:6390/3"
+    assert st.timeout == 0.25
+    kw = st.client.connection_pool.connection_kwargs
+    assert (kw["host"], kw["port"], kw["db"], kw["password"]) == ("127.0.0.1", 6390, 3, "secret")
+    tls = st.client.connection_pool.connection_class.__name__ == "SSLConnection"
+    assert tls == (scheme == "rediss")
+
+
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QuotaStore]:
     if request.param == "redis":

@@ -323,6 +323,7 @@ def test_queue_then_503_past_max_queue_and_metrics() -> None:
                 results.append(r)
 
         threads = [threading.Thread(target=one) for _ in range(4)]
+        started = time.monotonic()  # no request arrived before this
         for t in threads:
             t.start()
         try:
@@ -338,7 +339,10 @@ def test_queue_then_503_past_max_queue_and_metrics() -> None:
             assert status == 503
             assert err["error"]["code"] == 503 and "saturated" in err["error"]["message"]
             assert headers["retry-after"] == "1"
-            time.sleep(0.2)  # a longer wait before the first token, which TTFT must count
+            # A wait before the first token, which TTFT must count: at least as long as
+            # the requests took to arrive, so that the earliest (with a slot) cannot have
+            # waited more than twice `waited` below, however late the threads started.
+            time.sleep(max(0.2, queued_by - started))
         finally:
             opened = time.monotonic()  # no request generates before this
             st.call(gate.set)
@@ -351,7 +355,8 @@ def test_queue_then_503_past_max_queue_and_metrics() -> None:
         # TTFT counts from arrival, as vLLM's. Every request arrived by `queued_by` and none
         # generated before `opened`: the two with a slot count at least `waited` + 0.4, the
         # two queued behind them a whole first wave (0.4) more. Counted from leaving the
-        # queue, the queued two would count 0.4 each whatever they waited.
+        # queue, the queued two would count 0.4 each whatever they waited, and the sum at
+        # most 2 * (2 * waited + 0.4) + 0.8, below the bound.
         assert m["vllm:time_to_first_token_seconds_count"] == 4
         waited = opened - queued_by
         bound = 2 * (waited + 0.4) + 2 * (waited + 0.8) - 0.02  # uvloop may fire a timer early
@@ -575,7 +580,9 @@ def test_client_subprocess_reports_errors_and_transport_failures(server: ServerT
 
 def test_sigterm_finishes_in_flight_then_exits() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    opts = ["--host", "127.0.0.1", "--port", "0", "--ttft", "0", "--tpot", "0.05"]
+    # 8 tokens 0.25 s apart: the stream is still going when SIGTERM is handled unless the
+    # machine stalls for 2 s (then in_flight below says so rather than passing vacuously).
+    opts = ["--host", "127.0.0.1", "--port", "0", "--ttft", "0", "--tpot", "0.25"]
     cmd = [sys.executable, "-m", "agent.lab.workloads.model_server", *opts, "--name", "drain"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     try:
@@ -603,7 +610,13 @@ def test_sigterm_finishes_in_flight_then_exits() -> None:
         conn.close()
         assert events[-1] == "[DONE]" and len(events) == 8 + 2
         assert proc.wait(10) == 0
-        assert json.loads(proc.stdout.readline()) == {"event": "stopped", "clean": True}
+        # The stream was still in flight when the server began to drain (else this test
+        # would pass without draining anything), and it finished: all 8 tokens, [DONE].
+        assert json.loads(proc.stdout.readline()) == {
+            "event": "stopped",
+            "clean": True,
+            "in_flight": 1,
+        }
     finally:
         if proc.poll() is None:
             proc.kill()

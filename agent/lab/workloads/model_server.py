@@ -1393,9 +1393,10 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining: %d requests in flight", srv.active)
+    in_flight = srv.active
+    log.info("draining: %d requests in flight", in_flight)
     clean = await srv.shutdown(drain)
-    print(json.dumps({"event": "stopped", "clean": clean}), flush=True)
+    print(json.dumps({"event": "stopped", "clean": clean, "in_flight": in_flight}), flush=True)
     return 0
 
 
