@@ -24,7 +24,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -212,6 +212,18 @@ class FlowRing:
             yield Flow.unpack(buf, j * PACKED_SIZE), owners[j]
 
 
+@dataclass
+class _Read:
+    """What one read of the flow map is judged against, and the open flows it counted."""
+
+    snap: ConfigSnapshot
+    owners: Mapping[int, Workload]
+    nodes: set[str]
+    open_by_path: dict[str, int] = field(
+        default_factory=lambda: {"tunnel": 0, "fastpath": 0, "direct": 0}
+    )
+
+
 class FlowExporter:
     """Reads the flow map every `interval` seconds (in a worker thread: a large map is
     many bpf syscalls) and feeds FlowMetrics; serves drops and counters at scrape time."""
@@ -239,13 +251,29 @@ class FlowExporter:
         """The recently closed flows, oldest first, with the workload each belonged to."""
         return iter(self._recent)
 
-    def export_flows(self, flows: list[Flow]) -> int:
+    def export_flows(self, flows: Iterable[Flow]) -> int:
         """Observe every closed flow in `flows` (already deleted from the map by the read);
         count the open ones. Returns how many closed flows were exported."""
-        snap = self.snapshot()
-        self._owners = owners = self.owners()
-        nodes = set(self.node_ips())
-        open_by_path = {"tunnel": 0, "fastpath": 0, "direct": 0}
+        read = _Read(self.snapshot(), self.owners(), set(self.node_ips()))
+        n = self._observe(flows, read)
+        self._finish(read)
+        return n
+
+    async def export_once(self) -> int:
+        """One read of the flow map, in batches (Datapath.flow_batches): each is decoded in
+        a worker thread (a few hundred bpf syscalls) and observed on the loop before the
+        next is read, so a read after a burst of connections holds one batch of records
+        at a time. The open-flow gauges are set once, from the whole read."""
+        read = _Read(self.snapshot(), self.owners(), set(self.node_ips()))
+        reader = self.datapath.flow_batches(reap_closed=True)
+        n = 0
+        while (batch := await asyncio.to_thread(next, reader, None)) is not None:
+            n += self._observe(batch, read)
+        self._finish(read)
+        return n
+
+    def _observe(self, flows: Iterable[Flow], read: _Read) -> int:
+        self._owners = owners = read.owners
         n = 0
         for f in flows:
             if f.closed:
@@ -254,18 +282,16 @@ class FlowExporter:
                     self._recent.append(f, owner)
                 except (ValueError, struct.error) as e:  # a record the ring cannot keep
                     log.warning("flow %d not kept for inspection: %s", f.cookie, e)
-                self.metrics.observe(classify(f, owner, snap, nodes), f)
+                self.metrics.observe(classify(f, owner, read.snap, read.nodes), f)
                 n += 1
             else:
-                open_by_path[flow_path(f, nodes)] += 1
-        for path, count in open_by_path.items():
-            self.metrics.open.labels(path).set(count)
-        self.metrics.exports.inc()
+                read.open_by_path[flow_path(f, read.nodes)] += 1
         return n
 
-    async def export_once(self) -> int:
-        flows = await asyncio.to_thread(self.datapath.flows, reap_closed=True)
-        return self.export_flows(flows)
+    def _finish(self, read: _Read) -> None:
+        for path, count in read.open_by_path.items():
+            self.metrics.open.labels(path).set(count)
+        self.metrics.exports.inc()
 
     async def run(self) -> None:
         while True:

@@ -30,7 +30,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -117,6 +117,7 @@ TUNNEL_HOOKS = tuple(h for h in HOOKS if h.on_tunnel)
 CGROUP_HOOKS = POD_HOOKS + TUNNEL_HOOKS
 PROGRAM_NAMES = tuple(h.program for h in HOOKS)
 SOCKHASH = "weft_fastpath_socks_v1"
+FLOW_BATCH = 256  # flow records decoded at a time (flow_batches)
 
 
 # ---- what callers get back ---------------------------------------------------------------
@@ -541,58 +542,79 @@ class Datapath:
     def flows(self, *, reap_closed: bool = False) -> list[Flow]:
         """Every flow record; with reap_closed, closed ones are deleted once read (export
         them from the returned list). Open flows show values at most flow_sample_ms old."""
+        return [f for batch in self.flow_batches(reap_closed=reap_closed) for f in batch]
+
+    def flow_batches(
+        self, *, reap_closed: bool = False, size: int = FLOW_BATCH
+    ) -> Iterator[list[Flow]]:
+        """The flow records in lists of at most `size`, each read (and, with reap_closed,
+        its closed records deleted) when the one before it has been taken. A reader that
+        handles a list before asking for the next holds a few hundred records at a time:
+        a burst of new connections leaves tens of thousands of closed records between two
+        reads, and decoded at once they were megabytes of objects, whose memory Python's
+        allocator then kept for the few long-lived objects made meanwhile."""
         flows_map = self._map("weft_flows_v1")
         fast = self._map("weft_fastpath_state_v1")
-        out = []
-        for key, raw in flows_map.items():
-            (cookie,) = abi.U64.unpack(key)
-            (
-                cg,
-                start,
-                end,
-                _sampled,
-                acked,
-                received,
-                fast_bytes,
-                lip,
-                rip,
-                oip,
-                lport,
-                rport,
-                oport,
-                direction,
-                flags,
-                srtt,
-                retrans,
-                _pad,
-            ) = abi.FLOW.unpack(raw)
-            f = abi.FlowFlag(flags)
-            if abi.FlowFlag.FASTPATH in f and abi.FlowFlag.CLOSED not in f:
-                live = fast.get(abi.SOCK_KEY.pack(lip, rip, lport, rport))
-                if live is not None:
-                    fast_bytes = abi.FASTPATH_SOCK.unpack(live)[1]
-            out.append(
-                Flow(
-                    cookie=cookie,
-                    cgroup_id=cg,
-                    direction="outbound" if direction == abi.FLOW_OUTBOUND else "inbound",
-                    local=(abi.ip_str(lip), lport),
-                    remote=(abi.ip_str(rip), rport),
-                    original_dst=(abi.ip_str(oip), oport) if abi.FlowFlag.REDIRECTED in f else None,
-                    bytes_sent=acked,
-                    bytes_received=received,
-                    fastpath_bytes_sent=fast_bytes,
-                    srtt_us=srtt,
-                    total_retrans=retrans,
-                    start_ns=start,
-                    end_ns=end,
-                    redirected=abi.FlowFlag.REDIRECTED in f,
-                    fastpath=abi.FlowFlag.FASTPATH in f,
-                )
-            )
-            if reap_closed and abi.FlowFlag.CLOSED in f:
-                flows_map.delete(key)
-        return out
+        keys = flows_map.all_keys()  # the walk first: deleting during it would restart it
+        for i in range(0, len(keys), size):
+            batch = []
+            for key in keys[i : i + size]:
+                raw = flows_map.get(key)
+                if raw is None:  # deleted since the walk listed it
+                    continue
+                flow, closed = self._flow(key, raw, fast)
+                batch.append(flow)
+                if reap_closed and closed:
+                    flows_map.delete(key)
+            yield batch
+
+    @staticmethod
+    def _flow(key: bytes, raw: bytes, fast: Map) -> tuple[Flow, bool]:
+        """A record decoded, and whether the kernel marked it closed."""
+        (cookie,) = abi.U64.unpack(key)
+        (
+            cg,
+            start,
+            end,
+            _sampled,
+            acked,
+            received,
+            fast_bytes,
+            lip,
+            rip,
+            oip,
+            lport,
+            rport,
+            oport,
+            direction,
+            flags,
+            srtt,
+            retrans,
+            _pad,
+        ) = abi.FLOW.unpack(raw)
+        f = abi.FlowFlag(flags)
+        if abi.FlowFlag.FASTPATH in f and abi.FlowFlag.CLOSED not in f:
+            live = fast.get(abi.SOCK_KEY.pack(lip, rip, lport, rport))
+            if live is not None:
+                fast_bytes = abi.FASTPATH_SOCK.unpack(live)[1]
+        flow = Flow(
+            cookie=cookie,
+            cgroup_id=cg,
+            direction="outbound" if direction == abi.FLOW_OUTBOUND else "inbound",
+            local=(abi.ip_str(lip), lport),
+            remote=(abi.ip_str(rip), rport),
+            original_dst=(abi.ip_str(oip), oport) if abi.FlowFlag.REDIRECTED in f else None,
+            bytes_sent=acked,
+            bytes_received=received,
+            fastpath_bytes_sent=fast_bytes,
+            srtt_us=srtt,
+            total_retrans=retrans,
+            start_ns=start,
+            end_ns=end,
+            redirected=abi.FlowFlag.REDIRECTED in f,
+            fastpath=abi.FlowFlag.FASTPATH in f,
+        )
+        return flow, abi.FlowFlag.CLOSED in f
 
     def counters(self) -> dict[Counter, int]:
         m = self._map("weft_counters_v1")

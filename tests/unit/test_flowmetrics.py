@@ -5,6 +5,7 @@ tests/kernel/test_datapath.py and test_mesh.py; here Flow records are built dire
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from dataclasses import replace
 from typing import Any
@@ -134,6 +135,47 @@ def test_each_closed_flow_is_observed_once_and_open_ones_are_counted() -> None:
     assert metric(text, "weft_flows_open", path="tunnel") == 1
     assert [f.cookie for f, _ in exp.recent()] == [1, 3]
     assert all(w is CLIENT for _, w in exp.recent())
+
+
+def test_a_read_in_batches_observes_each_batch_before_reading_the_next() -> None:
+    """export_once takes the flow map in batches (Datapath.flow_batches): every closed
+    record of every batch is observed once, the open-flow gauge counts the whole read (not
+    its last batch), and a batch is read only after the one before it was observed."""
+    exp, r, dp = exporter()
+    events: list[str] = []
+    batches = [
+        [flow(cookie=1), flow(cookie=2, end_ns=0)],
+        [flow(cookie=3, end_ns=0), flow(cookie=4)],
+        [flow(cookie=5)],
+    ]
+
+    def flow_batches(*, reap_closed: bool) -> Any:
+        assert reap_closed
+        for i, b in enumerate(batches):
+            events.append(f"read {i}")
+            yield b
+
+    dp.flow_batches = flow_batches  # type: ignore[attr-defined]
+    real_observe = exp._observe
+
+    def observe(flows: Any, read: Any) -> int:
+        events.append(f"observed {[f.cookie for f in flows]}")
+        return real_observe(flows, read)
+
+    exp._observe = observe  # type: ignore[method-assign]
+    assert asyncio.run(exp.export_once()) == 3
+    assert events == [
+        "read 0",
+        "observed [1, 2]",
+        "read 1",
+        "observed [3, 4]",
+        "read 2",
+        "observed [5]",
+    ]
+    text = generate_latest(r).decode()
+    assert metric(text, "weft_flows_closed_total", workload="client", path="tunnel") == 3
+    assert metric(text, "weft_flows_open", path="tunnel") == 2
+    assert [f.cookie for f, _ in exp.recent()] == [1, 4, 5]
 
 
 def test_fast_path_flows_count_their_bytes_and_skip_rtt() -> None:
