@@ -620,4 +620,5 @@ def main(settings: AgentSettings) -> None:
     # and the tunnel is an event loop doing little else.
     import uvloop
 
+    memtrim.one_arena()  # before any thread starts
     uvloop.run(run(settings))

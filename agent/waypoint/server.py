@@ -801,4 +801,5 @@ async def run(s: WaypointSettings) -> None:
 def main(s: WaypointSettings) -> None:
     import uvloop
 
+    memtrim.one_arena()  # before any thread starts
     uvloop.run(run(s))

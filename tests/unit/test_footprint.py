@@ -120,3 +120,47 @@ def test_freed_heap_is_given_back_where_the_libc_can():
         pytest.skip(f"malloc_trim is glibc's; this libc is {libc!r}")
     assert ok == "True" and int(freed) >= 15, out  # MB of the 40 freed
     assert second == "True"
+
+
+def test_one_arena_keeps_threads_on_the_main_heap():
+    """glibc gives a thread that mallocs an arena of its own: a 64 MB-aligned reservation
+    (HEAP_MAX_SIZE) whose touched part stays resident. After memtrim.one_arena() a
+    thread's allocations come from the main heap and no such mapping appears; without it
+    one does (the check that the test can tell)."""
+    code = """
+import ctypes, sys, threading
+from agent import memtrim
+if sys.argv[1] == "one":
+    assert memtrim.one_arena()
+def arenas():
+    out = set()
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo % (64 << 20) == 0 and line.split()[1] in ("rw-p", "---p"):
+            out.add(lo)
+    return out
+before = arenas()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+def work():
+    for _ in range(50):
+        libc.malloc(4096)  # small: from an arena, not mmap'd on its own
+t = threading.Thread(target=work)
+t.start(); t.join()
+print(len(arenas() - before))
+"""
+    one = _run_args(code, "one")
+    default = _run_args(code, "default")
+    assert one == "0"
+    assert default != "0", "glibc gave the thread no arena of its own: the test cannot tell"
+
+
+def _run_args(code: str, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout.strip()
