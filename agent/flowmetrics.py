@@ -254,7 +254,7 @@ class FlowExporter:
     def export_flows(self, flows: Iterable[Flow]) -> int:
         """Observe every closed flow in `flows` (already deleted from the map by the read);
         count the open ones. Returns how many closed flows were exported."""
-        read = _Read(self.snapshot(), self.owners(), set(self.node_ips()))
+        read = self._start_read()
         n = self._observe(flows, read)
         self._finish(read)
         return n
@@ -264,7 +264,7 @@ class FlowExporter:
         a worker thread (a few hundred bpf syscalls) and observed on the loop before the
         next is read, so a read after a burst of connections holds one batch of records
         at a time. The open-flow gauges are set once, from the whole read."""
-        read = _Read(self.snapshot(), self.owners(), set(self.node_ips()))
+        read = self._start_read()
         reader = self.datapath.flow_batches(reap_closed=True)
         n = 0
         while (batch := await asyncio.to_thread(next, reader, None)) is not None:
@@ -272,8 +272,13 @@ class FlowExporter:
         self._finish(read)
         return n
 
+    def _start_read(self) -> _Read:
+        read = _Read(self.snapshot(), self.owners(), set(self.node_ips()))
+        self._owners = read.owners  # the cgroup -> workload map drops are labelled by
+        return read
+
     def _observe(self, flows: Iterable[Flow], read: _Read) -> int:
-        self._owners = owners = read.owners
+        owners = read.owners
         n = 0
         for f in flows:
             if f.closed:

@@ -18,25 +18,26 @@ import asyncio
 import ctypes
 import logging
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("weft.memtrim")
 
 INTERVAL = 30.0  # seconds
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc(name: str, *argtypes: Any) -> Any:
+    """A C library function, typed for ctypes; None where the libc lacks it (musl)."""
     try:
-        fn = ctypes.CDLL(None).malloc_trim
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_size_t]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
 
 
-_trim = _malloc_trim()
-
-
+_trim: Callable[[int], int] | None = _libc("malloc_trim", ctypes.c_size_t)
+_mallopt: Callable[[int, int], int] | None = _libc("mallopt", ctypes.c_int, ctypes.c_int)
 M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
 
 
@@ -49,13 +50,7 @@ def one_arena() -> bool:
     agent. Their allocations are few and small, so sharing the main arena's lock costs
     nothing measurable. Call it before the process starts threads. False where the libc
     has no mallopt."""
-    try:
-        fn = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return bool(fn(M_ARENA_MAX, 1))
+    return _mallopt is not None and bool(_mallopt(M_ARENA_MAX, 1))
 
 
 def trim() -> bool:

@@ -202,8 +202,6 @@ async def worker_main() -> None:
     csrs: dict[str, list[tuple[str, str, bytes]]] = {}
 
     def make_csrs() -> None:
-        if csrs:
-            return
         key = new_key()
         for node, ids in spec["identities"].items():  # node -> [[ns, sa], ...]
             csrs[node] = [
@@ -215,7 +213,8 @@ async def worker_main() -> None:
         call each, or (batched) through the agent's own SignBatcher, which puts what is
         asked in the same turn into one SignWorkloadCertificates call."""
         await asyncio.gather(*(c.ready.wait() for c in creds.values()))
-        make_csrs()  # normally done by "prepare", before any worker's clock starts
+        if not csrs:
+            raise RuntimeError("sign before prepare: this worker has made no CSRs")
         nodes = list(creds)
         channels = {nd: creds[nd].channel() for nd in nodes}
         batchers = {nd: SignBatcher(creds[nd]) for nd in nodes}

@@ -27,9 +27,14 @@ def test_weft_waypoint_run_loads_no_x509_grpc_protobuf_or_netlink_library():
     assert out.stdout.strip() == "", f"a waypoint imports {out.stdout.strip()}"
 
 
-def _run(code: str) -> str:
+def _run(code: str, *args: str) -> str:
+    """What `code` prints in a fresh interpreter (sys.argv[1:] = args)."""
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     return out.stdout.strip()
 
@@ -149,18 +154,7 @@ t = threading.Thread(target=work)
 t.start(); t.join()
 print(len(arenas() - before))
 """
-    one = _run_args(code, "one")
-    default = _run_args(code, "default")
+    one = _run(code, "one")
+    default = _run(code, "default")
     assert one == "0"
     assert default != "0", "glibc gave the thread no arena of its own: the test cannot tell"
-
-
-def _run_args(code: str, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return out.stdout.strip()
