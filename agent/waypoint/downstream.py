@@ -67,7 +67,7 @@ class CallerInfo:
     port: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Exchange:
     """One request/response through the waypoint."""
 
@@ -190,6 +190,7 @@ class Downstream(asyncio.Protocol):
         self.write_ready = asyncio.Event()
         self.write_ready.set()
         self._first = b""
+        self._h2 = False
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
         # The connection's one timer, for its head or idle timeout (deadline.py): a
@@ -283,9 +284,10 @@ class Downstream(asyncio.Protocol):
             proto = detect_protocol(self._first)
             if proto is None:
                 return
+            self._h2 = proto == "h2"
             self.codec = (
                 Http2Connection(Role.SERVER, self.limits)
-                if proto == "h2"
+                if self._h2
                 else Http1Connection(Role.SERVER, self.limits)
             )
             data, self._first = self._first, b""
@@ -294,7 +296,8 @@ class Downstream(asyncio.Protocol):
         except ProtocolError as e:
             self._protocol_error(e)
             return
-        self.write(self.codec.data_to_send())
+        if self._h2:  # HTTP/1.1 never writes as a side effect of reading
+            self.write(self.codec.data_to_send())
         self._dispatch(events)
 
     def _protocol_error(self, e: ProtocolError) -> None:
@@ -322,7 +325,7 @@ class Downstream(asyncio.Protocol):
                     continue
                 if not e.end_stream:
                     self._continue(x)
-                t = asyncio.get_running_loop().create_task(self._run(x))
+                t = self._loop.create_task(self._run(x))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
             elif isinstance(e, ev.Data):
@@ -390,7 +393,8 @@ class Downstream(asyncio.Protocol):
 
     def consumed(self, x: Exchange, n: int) -> None:
         """The handler passed n request-body bytes on: credit HTTP/2, resume reading."""
-        self.write(self.codec.consumed(x.sid, n))
+        if self._h2:
+            self.write(self.codec.consumed(x.sid, n))
         if self.transport is not None and x.body.qsize() < BODY_QUEUE // 2:
             self.transport.resume_reading()
 

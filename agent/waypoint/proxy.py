@@ -135,8 +135,10 @@ class Body:
 async def hold_body(x: Exchange, limit: int = RETRY_BUFFER) -> Body:
     """Read the request body into memory up to `limit`; stop early if it is larger."""
     b = Body()
+    q = x.body
     while len(b.held) <= limit:
-        chunk = await x.body.get()
+        # Usually the whole body came with the head: take it without awaiting.
+        chunk = q.get_nowait() if q.qsize() else await q.get()
         if chunk is None:
             b.complete = not x.reset
             b.trailers = x.trailers
@@ -146,15 +148,54 @@ async def hold_body(x: Exchange, limit: int = RETRY_BUFFER) -> Body:
     return b
 
 
-@dataclass
-class TryResult:
-    outcome: int  # HTTP status or a negative Failure
-    up: UpstreamConnection | None = None
-    sid: int = 0
-    head: ev.ResponseHead | None = None
-    events: StreamEvents | None = None  # the stream's events, positioned after the head
-    pump: asyncio.Task[None] | None = None  # still sending a streaming request body
-    deadline: Deadline | None = None  # the try's timer (disarmed until the stream arms it)
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A try that got no response head: why (a negative Failure)."""
+
+    outcome: int
+
+
+class Try(StreamEvents):
+    """One try on a backend connection, from its request to the end of its answer: the
+    stream's events (the connection puts them here), the try's timer (the head's timeout,
+    then the stream's idle timeout) and its outcome. One object and its timer per try on
+    the common path, where there were four (an event queue, its reader, the timer and a
+    result)."""
+
+    __slots__ = ("deadline", "head", "outcome", "pump")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deadline = Deadline()
+        self.head: ev.ResponseHead | None = None
+        self.outcome = 0  # the head's status, once it came
+        self.pump: asyncio.Task[None] | None = None  # still sending a streaming body
+
+    async def response_head(self) -> ev.ResponseHead | None:
+        """The final response head (1xx heads are skipped); None if the stream ended
+        without one. Raises UpstreamError when the backend reset the stream first."""
+        while True:
+            e = self.ready()
+            if e is None:
+                e = await self.next()
+                if e is None:
+                    return None
+            if type(e) is ev.ResponseHead:
+                if not e.informational:
+                    return e
+            elif type(e) is ev.StreamReset:
+                raise UpstreamError(
+                    "refused-stream" if e.error_code == 7 else "reset",
+                    "backend reset the stream before answering",
+                )
+
+    def discard(self) -> None:
+        """Not streamed to the caller (retried, or fallen back from): the stream is reset
+        and the timer and body pump stop."""
+        self.deadline.close()
+        if self.pump is not None and not self.pump.done():
+            self.pump.cancel()
+        self.conn.cancel(self.sid)
 
 
 class Stage(Protocol):
@@ -253,7 +294,7 @@ class Proxy:
             self._mirror(m, x, target, authority, headers, body)
 
         plan: list[Any] = stage.targets if stage is not None else [None]
-        last: TryResult | Respond = NOTHING_TRIED
+        last: Try | Failed | Respond = NOTHING_TRIED
         att: Attempt | None = None
         chosen: Any = None
         tfwd = fwd
@@ -296,12 +337,12 @@ class Proxy:
             falls = more and stage.falls_back(kind)
             if falls or isinstance(last, Respond) or last.outcome < 0:
                 # Given up (a failed response that is answered is the stage's to finish).
-                stage.failed(chosen, last.outcome if isinstance(last, TryResult) else -1)
+                stage.failed(chosen, -1 if isinstance(last, Respond) else last.outcome)
             if not falls:
                 break
             x.annotations.setdefault("fallbacks", []).append(getattr(chosen, "model", None))
-            if isinstance(last, TryResult):
-                self._discard(last)
+            if isinstance(last, Try):
+                last.discard()
             if att is not None:
                 att.release()
                 self._notify(tfwd)
@@ -313,6 +354,7 @@ class Proxy:
             if last.outcome < 0:
                 await self.reply(x, tfwd.failure_response(last.outcome))
                 return _FLAGS.get(Failure(last.outcome), "UF")
+            assert isinstance(last, Try)  # a Failed one has a negative outcome
             await self._stream(x, tfwd, last, stage, chosen)
             return "-"
         finally:
@@ -343,10 +385,10 @@ class Proxy:
         stage: Stage | None,
         before_try: Callable[[Endpoint, Headers], Any] | None,
         after_try: Callable[[Any, int], None] | None,
-    ) -> tuple[TryResult | Respond, Attempt | None]:
+    ) -> tuple[Try | Failed | Respond, Attempt | None]:
         """The engine's tries at one backend: attempt, admit, send, observe, retry. Returns
         the last try (still holding its attempt) or the answer the engine chose instead."""
-        last = TryResult(Failure.CONNECT_FAILURE)
+        last: Try | Failed = Failed(Failure.CONNECT_FAILURE)
         while True:
             chosen = fwd.attempt(picker)
             if isinstance(chosen, Respond):
@@ -356,7 +398,7 @@ class Proxy:
                 ep = self.endpoint_of(att.endpoint.workload, att.endpoint.port)
                 if ep is None:
                     att.observe(Failure.CONNECT_FAILURE)
-                    last = TryResult(Failure.CONNECT_FAILURE)
+                    last = Failed(Failure.CONNECT_FAILURE)
                     if (wait := fwd.retry_after(Failure.CONNECT_FAILURE, att)) is None:
                         return last, att
                     await asyncio.sleep(wait)
@@ -395,7 +437,8 @@ class Proxy:
                 wait = fwd.retry_after(last.outcome, att) if replay else None
                 if wait is None:
                     return last, att
-                self._discard(last)
+                if isinstance(last, Try):
+                    last.discard()
                 self._notify(fwd)
                 await asyncio.sleep(wait)
             except BaseException:
@@ -420,13 +463,14 @@ class Proxy:
         body: Body,
         *,
         fresh: bool,
-    ) -> TryResult:
+    ) -> Try | Failed:
         deadline = fwd.deadline
         per_try = fwd.per_try_timeout
         limit = _min(per_try, None if deadline is None else deadline - self.clock())
         if limit is not None and limit <= 0:
-            return TryResult(Failure.TIMEOUT)
-        started = asyncio.get_running_loop().time()  # the try's time runs from here, dial included
+            return Failed(Failure.TIMEOUT)
+        t = Try()
+        started = t.deadline._loop.time()  # the try's time runs from here, dial included
         up = None if fresh else self.upstream.take(ep, x.caller.client_ip)
         if up is None:
             if not fresh:
@@ -442,63 +486,61 @@ class Proxy:
                     )
             except UpstreamError as e:
                 fwd.backend.pool.closed()
-                return TryResult(_FAILURE_OF.get(e.kind, Failure.CONNECT_FAILURE))
+                return Failed(_FAILURE_OF.get(e.kind, Failure.CONNECT_FAILURE))
             except TimeoutError:
                 fwd.backend.pool.closed()
-                return TryResult(Failure.TIMEOUT)
+                return Failed(Failure.TIMEOUT)
         rest_streams = not body.complete  # the rest of the body is still in the queue
         end_now = body.complete and not body.held and body.trailers is None
 
-        pump: asyncio.Task[None] | None = None
+        method = x.head.method
         if body.complete and body.held and body.trailers is None and up.write_ready.is_set():
             # The common case: a whole body that the connection can take now goes out with
             # its head in one write.
-            sid = up.start(
-                x.head.method, target, authority, headers, end_stream=True, body=bytes(body.held)
-            )
+            sid = up.start(method, target, authority, headers, True, bytes(body.held), t)
         elif rest_streams or not up.write_ready.is_set():
-            sid = up.start(x.head.method, target, authority, headers, end_stream=end_now)
+            sid = up.start(method, target, authority, headers, end_now, rx=t)
             # The body is still arriving, or the connection cannot take it now: send it in
             # a task, so the answer (an early 413, a timeout) is read meanwhile.
-            pump = asyncio.create_task(self._send_body(x, up, sid, body, rest_streams, end_now))
+            t.pump = asyncio.create_task(self._send_body(x, up, sid, body, rest_streams, end_now))
         else:
             # Complete and writable: the sends below do not wait, so no task is needed.
-            sid = up.start(x.head.method, target, authority, headers, end_stream=end_now)
+            sid = up.start(method, target, authority, headers, end_now, rx=t)
             await self._send_body(x, up, sid, body, False, end_now)
         x.on_reset = lambda: up.cancel(sid)
         if x.reset:  # gone while the try was being set up
             up.cancel(sid)
         # One timer for the try: the head's timeout here, the stream's idle timeout later.
-        dl = Deadline()
+        dl = t.deadline
         dl.arm(started + (_min(limit, DEFAULT_HEAD_TIMEOUT) or DEFAULT_HEAD_TIMEOUT))
         head: ev.ResponseHead | None = None
         try:
             # Inside the try: a stream already gone (the caller reset it during set-up,
             # the connection failed) is this try's RESET, not the handler's error.
-            events = up.events(sid)
-            head = await _next_head(events)
+            head = await t.response_head()
         except BaseException as e:
             timed_out = isinstance(e, asyncio.CancelledError) and dl.expired()
             if not isinstance(e, UpstreamError):
                 up.cancel(sid)  # abandoned here (a broken stream is over already)
             if timed_out:
-                return TryResult(Failure.TIMEOUT)
+                return Failed(Failure.TIMEOUT)
             if isinstance(e, UpstreamError):
-                return TryResult(_FAILURE_OF.get(e.kind, Failure.RESET))
+                return Failed(_FAILURE_OF.get(e.kind, Failure.RESET))
             raise
         finally:
             if head is None:  # no answer to stream: the try's timer and body pump end here
                 dl.close()
-                if pump is not None:
-                    pump.cancel()
+                if t.pump is not None:
+                    t.pump.cancel()
         if head is None:
-            return TryResult(Failure.RESET)
+            return Failed(Failure.RESET)
         dl.arm(None)  # the stream arms it again
-        r = TryResult(head.status, up, sid, head, events, pump, dl)
+        t.head = head
+        t.outcome = head.status
         up.served += 1
         if fwd.backend.pool.retire_after(up.served):
             up.retire = True
-        return r
+        return t
 
     async def _send_body(
         self,
@@ -542,31 +584,33 @@ class Proxy:
     # ---- the response ------------------------------------------------------------------
 
     async def _stream(
-        self, x: Exchange, fwd: Forward, r: TryResult, stage: Stage | None, target: Any
+        self, x: Exchange, fwd: Forward, r: Try, stage: Stage | None, target: Any
     ) -> None:
-        assert r.head is not None and r.up is not None and r.events is not None
-        assert r.deadline is not None  # _try hands a head over with its (disarmed) timer
-        events, dl = r.events, r.deadline
+        assert r.head is not None  # _try hands a head over with its (disarmed) timer
+        up, dl = r.conn, r.deadline
         idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
-        loop = asyncio.get_running_loop()
+        loop = dl._loop
         ok = 200 <= r.head.status < 300
         try:
-            h = r.head.headers.copy()
+            # The head is ours to edit (parsed from the backend's bytes), unless the stage
+            # reads what the backend sent beside what the caller gets.
+            h = r.head.headers if stage is None else r.head.headers.copy()
             h.strip_hop_by_hop()
             fwd.rewrite_response(h)
             if stage is not None:
                 stage.response_head(target, r.head.status, r.head.headers, h)
             x.respond_head(r.head.status, h, r.head.end_stream)
-            if not r.head.end_stream:
-                dl.arm(loop.time() + idle)
             while not r.head.end_stream:
                 # Usually the body came with the head (one read): take it without awaiting.
-                e = events.ready() or await events.next()
-                # A stream's timeouts count from the last byte received, not the start
-                # (moving the deadline later is an assignment: Deadline re-arms lazily).
-                dl.arm(loop.time() + idle)
+                e = r.ready()
+                if e is None:
+                    # A stream's timeouts count from the last byte received, not the start:
+                    # everything received so far was relayed just now (moving the deadline
+                    # later is an assignment: Deadline re-arms lazily).
+                    dl.arm(loop.time() + idle)
+                    e = await r.next()
                 if x.reset:  # the caller left: not a finished answer, whatever came
-                    r.up.cancel(r.sid)
+                    up.cancel(r.sid)
                     ok = False
                     break
                 if e is None:
@@ -580,12 +624,16 @@ class Proxy:
                         elif (tail := stage.cut()) is not None:
                             # The stage ends the answer here (a token limit reached
                             # while streaming, onExceed: truncate).
-                            await x.writable()
+                            if not x.conn.write_ready.is_set():
+                                dl.arm(loop.time() + idle)
+                                await x.writable()
                             x.respond_data(data + tail, True)
-                            r.up.cancel(r.sid)
+                            up.cancel(r.sid)
                             ok = False
                             break
                     if not x.conn.write_ready.is_set():
+                        # A caller that stops reading is held to the same idle timeout.
+                        dl.arm(loop.time() + idle)
                         await x.writable()
                     x.respond_data(data, e.end_stream)
                     if e.end_stream:
@@ -603,7 +651,7 @@ class Proxy:
             if not dl.expired():
                 raise
             ok = False
-            r.up.cancel(r.sid)
+            up.cancel(r.sid)
             if x.style is Style.GRPC and x.responded:
                 # A gRPC caller past its headers learns the deadline from trailers, as a
                 # gRPC server would say it, not from a reset that reads as CANCELLED.
@@ -616,20 +664,12 @@ class Proxy:
         finally:
             dl.close()
             x.on_reset = None
-            events.close()
+            r.close()
             if r.pump is not None and not r.pump.done():
                 r.pump.cancel()
-            self.upstream.release_conn(r.up)
+            self.upstream.release_conn(up)
             if stage is not None:
                 stage.finish(ok)
-
-    def _discard(self, r: TryResult) -> None:
-        if r.deadline is not None:
-            r.deadline.close()
-        if r.pump is not None and not r.pump.done():
-            r.pump.cancel()
-        if r.up is not None:
-            r.up.cancel(r.sid)
 
     async def reply(self, x: Exchange, resp: Respond) -> None:
         """Answer the caller from the waypoint itself, in its protocol (x.style), after the
@@ -702,20 +742,6 @@ class Proxy:
 
         task = asyncio.get_running_loop().create_task(send())
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-
-
-async def _next_head(events: StreamEvents) -> ev.ResponseHead | None:
-    while (e := await events.next()) is not None:
-        if isinstance(e, ev.ResponseHead):
-            if e.informational:
-                continue
-            return e
-        if isinstance(e, ev.StreamReset):
-            raise UpstreamError(
-                "refused-stream" if e.error_code == 7 else "reset",
-                "backend reset the stream before answering",
-            )
-    return None
 
 
 def _min(a: float | None, b: float | None) -> float | None:

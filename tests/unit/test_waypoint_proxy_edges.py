@@ -35,6 +35,8 @@ def test_a_caller_reset_during_the_dial_is_a_reset_try():
         on_reset=None,
     )
 
+    dialled: list[UpstreamConnection] = []
+
     class Pool:
         def take(self, ep, client_ip):
             return None
@@ -43,6 +45,7 @@ def test_a_caller_reset_during_the_dial_is_a_reset_try():
             await asyncio.sleep(0)
             x.reset = True  # caller_gone() while dialling: on_reset is not set yet
             c = UpstreamConnection(h2=True)
+            dialled.append(c)
             c.connection_made(_Transport())
             c.on_close = on_close
             return c
@@ -63,8 +66,8 @@ def test_a_caller_reset_during_the_dial_is_a_reset_try():
         )
 
     r = asyncio.run(main())
-    assert r.outcome == Failure.RESET
-    assert r.events is None and r.deadline is None  # nothing left armed or open
+    assert r == P.Failed(Failure.RESET)  # no head, so no try to stream or discard
+    assert dialled and not dialled[0].queues  # the stream was reset and forgotten
 
 
 def test_a_mirror_backend_that_never_answers_is_given_up(monkeypatch):
