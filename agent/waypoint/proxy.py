@@ -394,6 +394,7 @@ class Proxy:
             if isinstance(chosen, Respond):
                 return chosen, None
             att = chosen
+            up: UpstreamConnection | None = None
             try:
                 ep = self.endpoint_of(att.endpoint.workload, att.endpoint.port)
                 if ep is None:
@@ -403,7 +404,10 @@ class Proxy:
                         return last, att
                     await asyncio.sleep(wait)
                     continue
-                admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
+                # An idle connection for this caller is taken now (nothing awaits before
+                # the try uses it); none: the pool decides whether one may be opened.
+                up = self.upstream.take(ep, x.caller.client_ip)
+                admission = att.admit(reusable=up is not None)
                 while admission is Admission.QUEUE:
                     # Wait for a connection to be released or closed, then ask again: reuse it,
                     # or open one in the slot a closed one left (counted like any other).
@@ -411,7 +415,8 @@ class Proxy:
                         att.abandon()  # waiting says nothing about the endpoint
                         return OVERFLOW_RESPONSE, None
                     att.dequeued()
-                    admission = att.admit(reusable=self.upstream.has_idle(ep, x.caller.client_ip))
+                    up = self.upstream.take(ep, x.caller.client_ip)
+                    admission = att.admit(reusable=up is not None)
                 if admission is Admission.OVERFLOW:
                     return OVERFLOW_RESPONSE, None
                 if stage is not None:
@@ -426,8 +431,9 @@ class Proxy:
                     authority,
                     headers,
                     body,
-                    fresh=admission is Admission.OPEN,
+                    up=up,
                 )
+                up = None  # the try's now (kept for the answer, closed or shared)
                 if after_try is not None:
                     after_try(token, last.outcome)
                 if x.reset:
@@ -444,7 +450,10 @@ class Proxy:
             except BaseException:
                 # Cancelled (the caller's connection went away) or broken mid-try: the
                 # attempt is released unjudged, and whoever waits for a connection
-                # is told, as a finished try would.
+                # is told, as a finished try would. A connection taken for a try that
+                # never began goes back (release_conn closes it if it is mid-exchange).
+                if up is not None:
+                    self.upstream.release_conn(up)
                 att.abandon()
                 self._notify(fwd)
                 raise
@@ -462,21 +471,20 @@ class Proxy:
         headers: Headers,
         body: Body,
         *,
-        fresh: bool,
+        up: UpstreamConnection | None,
     ) -> Try | Failed:
+        """One try on `up` (an idle connection taken for it), or on a connection dialled
+        now (`up` None: the pool admitted a new one)."""
         deadline = fwd.deadline
         per_try = fwd.per_try_timeout
         limit = _min(per_try, None if deadline is None else deadline - self.clock())
         if limit is not None and limit <= 0:
+            if up is not None:
+                self.upstream.release_conn(up)  # taken for this try, which never began
             return Failed(Failure.TIMEOUT)
         t = Try()
         started = t.deadline._loop.time()  # the try's time runs from here, dial included
-        up = None if fresh else self.upstream.take(ep, x.caller.client_ip)
         if up is None:
-            if not fresh:
-                # Admitted as a reuse, but the idle connection went away meanwhile: the one
-                # dialled instead is counted like any other.
-                fwd.backend.pool.connections += 1
             # asyncio.timeout, not wait_for: in Python 3.11 wait_for wraps the await in a
             # new Task, which costs more than the rest of a request's bookkeeping.
             try:

@@ -347,9 +347,9 @@ class UpstreamPool:
         self.active: dict[str, int] = {}  # connections per endpoint, for pool limits
 
     def has_idle(self, ep: Endpoint, client_ip: str) -> bool:
-        """A connection to `ep` for this caller can take a request now (for the engine's
-        pool admission); `take(ep, client_ip)` right after it (no await between) returns
-        it. Connections are per caller address: the destination authorized each HBONE
+        """A connection to `ep` for this caller can take a request now; `take` returns it
+        (the proxy takes it before the engine's pool admission, which counts it as a
+        reuse). Connections are per caller address: the destination authorized each HBONE
         stream for the caller it was opened for, so it never serves another."""
         key = (ep.key, client_ip)
         if ep.h2:

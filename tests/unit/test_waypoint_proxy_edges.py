@@ -62,7 +62,7 @@ def test_a_caller_reset_during_the_dial_is_a_reset_try():
     async def main():
         proxy = P.Proxy(Pool(), lambda w, port: ep)
         return await proxy._try(
-            x, fwd, None, ep, "/", "llm", Headers(), P.Body(complete=True), fresh=True
+            x, fwd, None, ep, "/", "llm", Headers(), P.Body(complete=True), up=None
         )
 
     r = asyncio.run(main())

@@ -66,25 +66,27 @@ class Headers:
     def set(self, name: bytes, value: bytes) -> None:
         """Replace every field of `name` with one field, placed where the first one was."""
         name = name.lower()
-        out: list[Field] = []
-        placed = False
-        for f in self.fields:
+        fields = self.fields
+        for i, f in enumerate(fields):
             if f[0] == name:
-                if not placed:
-                    out.append((name, value))
-                    placed = True
-            else:
-                out.append(f)
-        if not placed:
-            out.append((name, value))
-        self.fields = out
+                fields[i] = (name, value)
+                rest = fields[i + 1 :]
+                for g in rest:
+                    if g[0] == name:  # more of them: drop the rest
+                        fields[i + 1 :] = [h for h in rest if h[0] != name]
+                        break
+                return
+        fields.append((name, value))
 
     def remove(self, name: bytes) -> int:
         """Remove every field of `name`; return how many there were."""
         name = name.lower()
-        before = len(self.fields)
-        self.fields = [f for f in self.fields if f[0] != name]
-        return before - len(self.fields)
+        fields = self.fields
+        kept = [f for f in fields if f[0] != name]
+        n = len(fields) - len(kept)
+        if n:
+            self.fields = kept
+        return n
 
     def strip_hop_by_hop(self) -> None:
         """Remove connection-specific fields in place (see HOP_BY_HOP), keeping `te: trailers`.
