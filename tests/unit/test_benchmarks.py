@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import socket
+import types
 
 import pytest
 import yaml
@@ -704,3 +705,28 @@ def test_pyfloor_minimal_proxy_forwards_requests_on_one_upstream_connection():
             await back.wait_closed()
 
     asyncio.run(main())
+
+
+def test_hopcost_measures_the_waypoint_hop_on_its_own_thread():
+    """benchmarks/hopcost.py runs the real in-process mesh with the waypoint on a thread of
+    its own, counts its Python calls per request (C functions left out) and stops it on
+    its own loop: a short run through the mesh returns a count and a CPU figure, and
+    leaves no thread behind."""
+    import threading
+
+    import uvloop
+
+    from benchmarks import hopcost
+
+    args = types.SimpleNamespace(hop="waypoint", requests=40, connections=2)
+    before = set(threading.enumerate())
+    r = uvloop.run(hopcost._run(args))
+    assert r["requests"] == 40 and r["cpu_us_per_request"] > 0
+    # An HTTP/1.1 exchange through the waypoint is more than a handful of Python calls
+    # (the destination's relay makes about 15); C functions are not counted.
+    assert r["python_calls_per_request"] > 50
+    assert not any(k.startswith("~") for k in r["by_function_us"])
+    assert "agent/waypoint/proxy.py" in r["by_module_us"]
+    for t in set(threading.enumerate()) - before:
+        t.join(10)
+        assert not t.is_alive(), t

@@ -1,0 +1,200 @@
+"""What one hop of the mesh costs per request, in CPU and in Python calls, without the lab.
+
+    python -m benchmarks.hopcost [--hop waypoint|destination] [-n 4000] [-c 4] [--profile]
+
+The real waypoint and node tunnels in one process over loopback (tests/unit/waypoint_mesh.py:
+real certificates, TLS 1.3, HBONE, authorization), HTTP/1.1 1 KB POSTs answered by 1 KB
+from the benchmarks' echo over `-c` kept-alive connections through a waypoint-bound
+Service. The hop being measured runs on an event loop (uvloop) of its own thread; the
+rest (clients, the other tunnel, the backend) on the main thread. Two numbers per run:
+
+- CPU per request of the hop's thread (CLOCK_THREAD_CPUTIME_ID), system calls and TLS
+  included. Noisy (the threads share the GIL and the machine), so read it across runs;
+- Python calls per request in that thread, counted by cProfile in a second pass: the
+  same code path gives the same count run after run, so this is the number to compare
+  between commits. It is what the L7 path's structure costs: the destination's agent
+  (`--hop destination`, the same HBONE stream relayed to the backend) makes about 15.
+
+`--profile` adds the hop's Python time by module and its 25 most expensive functions
+(cProfile's own time: inflated by the profiler, and most for small functions).
+
+A development tool for issue 13, not part of `make bench`: the lab's numbers (CPU from
+cgroups, pinned, beside HAProxy) are the ones targets are judged by. Numbers, not
+assertions: nothing in the tests depends on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+BODY = b"x" * 1024
+WARMUP = 300  # requests per connection before anything is measured
+
+
+class _Hop:
+    """The measured component's event loop, on a thread of its own."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ident = 0
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+
+    async def start(self, start: Callable[[], Awaitable[None]]) -> None:
+        def run() -> None:
+            loop = self.loop = uvloop.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self.ident = threading.get_ident()
+            try:
+                loop.run_until_complete(start())
+            except BaseException as e:
+                self.error = e
+                self.started.set()
+                return
+            self.started.set()
+            loop.run_forever()
+
+        threading.Thread(target=run, name="hop", daemon=True).start()
+        await asyncio.to_thread(self.started.wait)
+        if self.error is not None:
+            raise self.error
+
+    def cpu(self) -> float:
+        return time.clock_gettime(time.pthread_getcpuclockid(self.ident))
+
+    async def stop(self, shutdown: Callable[[], Awaitable[Any]]) -> None:
+        """Shut the component down on its own loop, then stop that loop."""
+        assert self.loop is not None
+        fut = asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        await asyncio.wrap_future(fut)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on the hop's loop and wait for it."""
+        assert self.loop is not None
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        done.wait(10)
+
+
+def calls_per_request(stats: pstats.Stats, n: int) -> tuple[float, Counter[str], Counter[str]]:
+    """Python calls per request in a profile of `n` requests (C functions excluded), and
+    own time in µs per request by module and by function."""
+    calls = 0
+    by_module: Counter[str] = Counter()
+    by_function: Counter[str] = Counter()
+    for (file, line, name), (_, nc, tt, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if file == "~":
+            continue
+        calls += nc
+        module = _short(file)
+        by_module[module] += tt / n * 1e6
+        by_function[f"{module}:{line} {name}"] += tt / n * 1e6
+    return calls / n, by_module, by_function
+
+
+def _short(path: str) -> str:
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    return path[len(root) :] if path.startswith(root) else Path(path).name
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from tests.unit.waypoint_mesh import Backend, WaypointMesh
+
+    hop = _Hop()
+    with tempfile.TemporaryDirectory(prefix="hopcost-") as tmp:
+        m = WaypointMesh(Path(tmp), backends=[Backend("echo-1", app="echo", kind="echo")])
+        component: Any = m.waypoint if args.hop == "waypoint" else m.tunnels["node-2"]
+        # The mesh starts and stops it (Waypoint.drain, Tunnel.close) on the hop's thread.
+        start = component.start
+        component.start = lambda: hop.start(start)
+        stop_name = "drain" if args.hop == "waypoint" else "close"
+        shutdown = getattr(component, stop_name)
+
+        async def stopped() -> None:
+            await hop.stop(shutdown)
+
+        setattr(component, stop_name, stopped)
+        async with m:
+            conns = [await m.connect("echo") for _ in range(args.connections)]
+
+            async def load(n: int) -> None:
+                async def one(c: Any) -> None:
+                    for _ in range(n):
+                        r = await c.request("POST", "/echo", BODY, {"content-type": "text/plain"})
+                        if r.status != 200:
+                            raise RuntimeError(f"the mesh answered {r.status}: {r.body[:200]!r}")
+
+                await asyncio.gather(*(one(c) for c in conns))
+
+            await load(WARMUP)
+            per = args.requests // args.connections
+            n = per * args.connections
+            c0 = hop.cpu()
+            await load(per)
+            cpu_us = (hop.cpu() - c0) / n * 1e6
+            prof = cProfile.Profile()
+            hop.call(prof.enable)
+            await load(per)
+            hop.call(prof.disable)
+            for c in conns:
+                await c.close()
+    calls, by_module, by_function = calls_per_request(pstats.Stats(prof), n)
+    return {
+        "hop": args.hop,
+        "requests": n,
+        "connections": args.connections,
+        "cpu_us_per_request": round(cpu_us, 1),
+        "python_calls_per_request": round(calls, 1),
+        "by_module_us": {k: round(v, 2) for k, v in by_module.most_common(15)},
+        "by_function_us": {k: round(v, 2) for k, v in by_function.most_common(25)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hop", choices=("waypoint", "destination"), default="waypoint")
+    ap.add_argument("-n", "--requests", type=int, default=4000)
+    ap.add_argument("-c", "--connections", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="Python time by module and function")
+    args = ap.parse_args(argv)
+    sys.setswitchinterval(0.001)  # the measured thread gets the GIL back promptly
+    r = uvloop.run(_run(args))
+    print(
+        f"{r['hop']}: {r['cpu_us_per_request']} µs CPU and {r['python_calls_per_request']} "
+        f"Python calls per request ({r['requests']} requests over {r['connections']} "
+        "connections)"
+    )
+    if args.profile:
+        print("\nPython own time per request by module (cProfile, inflated):")
+        for k, v in r["by_module_us"].items():
+            print(f"  {v:8.2f} µs  {k}")
+        print("\nby function:")
+        for k, v in r["by_function_us"].items():
+            print(f"  {v:8.2f} µs  {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
