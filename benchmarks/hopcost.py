@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import importlib
 import os
 import pstats
 import sys
@@ -35,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,10 @@ class _Hop:
     def cpu(self) -> float:
         return time.clock_gettime(time.pthread_getcpuclockid(self.ident))
 
-    async def stop(self, shutdown: Callable[[], Awaitable[Any]]) -> None:
+    async def stop(self, shutdown: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Shut the component down on its own loop, then stop that loop."""
         assert self.loop is not None
-        fut = asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
-        await asyncio.wrap_future(fut)
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(shutdown(), self.loop))
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     def call(self, fn: Callable[[], Any]) -> None:
@@ -120,7 +120,9 @@ def _short(path: str) -> str:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.unit.waypoint_mesh import Backend, WaypointMesh
+    # The test suite's in-process mesh (tests are not type-checked: imported by name).
+    wm: Any = importlib.import_module("tests.unit.waypoint_mesh")
+    Backend, WaypointMesh = wm.Backend, wm.WaypointMesh
 
     hop = _Hop()
     with tempfile.TemporaryDirectory(prefix="hopcost-") as tmp:
