@@ -189,6 +189,7 @@ class Downstream(asyncio.Protocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self.write_ready = asyncio.Event()
         self.write_ready.set()
+        self.write_paused = False  # write_ready's opposite, read without a call
         self._first = b""
         self._h2 = False
         self.head_timeout = head_timeout
@@ -213,10 +214,6 @@ class Downstream(asyncio.Protocol):
         if self._timer is not None:
             self._on_due = fn
             self._timer.arm(self._loop.time() + delay)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.arm(None)
 
     def _timed_out(self) -> None:
         if self._on_due is not None and not self.closed:
@@ -314,7 +311,8 @@ class Downstream(asyncio.Protocol):
     def _dispatch(self, events: list[ev.Event]) -> None:
         for e in events:
             if isinstance(e, ev.RequestHead):
-                self._disarm()
+                if self._timer is not None:
+                    self._timer.when = None  # disarmed (LazyTimer: an assignment)
                 x = Exchange(self, e.stream_id, e, self.caller)
                 self.exchanges[e.stream_id] = x
                 if e.end_stream:
@@ -443,7 +441,9 @@ class Downstream(asyncio.Protocol):
             t.cancel()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self.write_ready.clear()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         self.write_ready.set()

@@ -477,7 +477,7 @@ class Proxy:
         now (`up` None: the pool admitted a new one)."""
         deadline = fwd.deadline
         per_try = fwd.per_try_timeout
-        limit = _min(per_try, None if deadline is None else deadline - self.clock())
+        limit = per_try if deadline is None else _min(per_try, deadline - self.clock())
         if limit is not None and limit <= 0:
             if up is not None:
                 self.upstream.release_conn(up)  # taken for this try, which never began
@@ -502,11 +502,12 @@ class Proxy:
         end_now = body.complete and not body.held and body.trailers is None
 
         method = x.head.method
-        if body.complete and body.held and body.trailers is None and up.write_ready.is_set():
+        writable = not up.write_paused
+        if body.complete and body.held and body.trailers is None and writable:
             # The common case: a whole body that the connection can take now goes out with
             # its head in one write.
             sid = up.start(method, target, authority, headers, True, bytes(body.held), t)
-        elif rest_streams or not up.write_ready.is_set():
+        elif rest_streams or not writable:
             sid = up.start(method, target, authority, headers, end_now, rx=t)
             # The body is still arriving, or the connection cannot take it now: send it in
             # a task, so the answer (an early 413, a timeout) is read meanwhile.
@@ -520,7 +521,9 @@ class Proxy:
             up.cancel(sid)
         # One timer for the try: the head's timeout here, the stream's idle timeout later.
         dl = t.deadline
-        dl.arm(started + (_min(limit, DEFAULT_HEAD_TIMEOUT) or DEFAULT_HEAD_TIMEOUT))
+        dl.arm(
+            started + (DEFAULT_HEAD_TIMEOUT if limit is None else min(limit, DEFAULT_HEAD_TIMEOUT))
+        )
         head: ev.ResponseHead | None = None
         try:
             # Inside the try: a stream already gone (the caller reset it during set-up,
@@ -596,8 +599,8 @@ class Proxy:
     ) -> None:
         assert r.head is not None  # _try hands a head over with its (disarmed) timer
         up, dl = r.conn, r.deadline
-        idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
         loop = dl._loop
+        idle = 0.0  # the stream's idle timeout, worked out when it first has to wait
         ok = 200 <= r.head.status < 300
         try:
             # The head is ours to edit (parsed from the backend's bytes), unless the stage
@@ -615,6 +618,7 @@ class Proxy:
                     # A stream's timeouts count from the last byte received, not the start:
                     # everything received so far was relayed just now (moving the deadline
                     # later is an assignment: Deadline re-arms lazily).
+                    idle = idle or _idle(fwd)
                     dl.arm(loop.time() + idle)
                     e = await r.next()
                 if x.reset:  # the caller left: not a finished answer, whatever came
@@ -632,15 +636,17 @@ class Proxy:
                         elif (tail := stage.cut()) is not None:
                             # The stage ends the answer here (a token limit reached
                             # while streaming, onExceed: truncate).
-                            if not x.conn.write_ready.is_set():
+                            if x.conn.write_paused:
+                                idle = idle or _idle(fwd)
                                 dl.arm(loop.time() + idle)
                                 await x.writable()
                             x.respond_data(data + tail, True)
                             up.cancel(r.sid)
                             ok = False
                             break
-                    if not x.conn.write_ready.is_set():
+                    if x.conn.write_paused:
                         # A caller that stops reading is held to the same idle timeout.
+                        idle = idle or _idle(fwd)
                         dl.arm(loop.time() + idle)
                         await x.writable()
                     x.respond_data(data, e.end_stream)
@@ -698,9 +704,10 @@ class Proxy:
             return False
 
     def _notify(self, fwd: Forward) -> None:
-        e = self._released.pop(fwd.backend.name, None)
-        if e is not None:
-            e.set()
+        if self._released:  # someone waits for a connection (rarely)
+            e = self._released.pop(fwd.backend.name, None)
+            if e is not None:
+                e.set()
 
     # ---- mirrors -----------------------------------------------------------------------
 
@@ -750,6 +757,12 @@ class Proxy:
 
         task = asyncio.get_running_loop().create_task(send())
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+
+def _idle(fwd: Forward) -> float:
+    """How long a streaming answer may go without a byte (the per-try timeout, within
+    what is left of the route's)."""
+    return _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
 
 
 def _min(a: float | None, b: float | None) -> float | None:

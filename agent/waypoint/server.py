@@ -470,7 +470,8 @@ class Waypoint:
         """One request: L7 authorization, then the one request path (proxy.py)."""
         snap = self.snapshot
         c = x.caller
-        svc = snap.services.get((c.service_ns, c.service))
+        key = (c.service_ns, c.service)  # the Service's (namespace, name)
+        svc = snap.services.get(key)
         head = x.head
         ai = self.ai.policies.for_service(c.service_ns, c.service)
         x.style = style_of(head.headers, ai is not None)
@@ -491,7 +492,7 @@ class Waypoint:
         # still propagated (a new span id per try), which is all W3C asks of a proxy.
         if trace.sampled and self.traces.enabled:
             x.span = Span(
-                f"{head.method} {svc.name}.{svc.namespace}",
+                f"{head.method} {c.service}.{c.service_ns}",
                 trace.trace_id,
                 new_span_id(),
                 trace.parent_id,
@@ -509,10 +510,10 @@ class Waypoint:
         if not headers.get(b"x-request-id"):
             headers.set(b"x-request-id", random_hex(128).encode())
         peer = parse_workload_id(c.principal or "")
-        policies = self._authz.get((svc.namespace, svc.name))
+        policies = self._authz.get(key)
         if policies is None:
-            policies = self._authz[(svc.namespace, svc.name)] = service_policies(
-                snap.authorization, svc.namespace, svc.name, self.s.name
+            policies = self._authz[key] = service_policies(
+                snap.authorization, c.service_ns, c.service, self.s.name
             )
         decision = (
             ALLOWED
@@ -577,7 +578,7 @@ class Waypoint:
             self.traces.record(span)
 
         routed = self.engine.route(
-            (svc.namespace, svc.name),
+            key,
             c.port,
             head.method,
             target,

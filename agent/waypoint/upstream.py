@@ -59,6 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
     client_ip: str = ""  # the caller this connection's HBONE stream was authorized for
     on_close: Callable[[], None] | None = None  # tells the engine's pool accounting
     write_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    write_paused: bool = False  # write_ready's opposite, read without a call on the hot path
     error: UpstreamError | None = None  # why the connection failed (the first reason)
 
     def __post_init__(self) -> None:
@@ -83,7 +84,8 @@ class UpstreamConnection(asyncio.Protocol):
         except ProtocolError as err:
             self._fail(UpstreamError("protocol", f"backend broke HTTP: {err}"))
             return
-        self._write(self.codec.data_to_send())
+        if self.h2:  # HTTP/1.1 never writes as a side effect of reading
+            self._write(self.codec.data_to_send())
         for e in events:
             sid = getattr(e, "stream_id", None)
             if sid is None:
@@ -111,9 +113,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._fail(UpstreamError("reset", f"backend connection lost: {exc or 'closed'}"))
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self.write_ready.clear()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         self.write_ready.set()
 
     def _fail(self, err: UpstreamError) -> None:
