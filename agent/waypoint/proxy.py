@@ -681,6 +681,9 @@ class Proxy:
             r.close()
             if r.pump is not None and not r.pump.done():
                 r.pump.cancel()
+                # The answer ended before the request did: abandon the request's stream,
+                # or an HTTP/2 one stays half-open and holds a concurrent stream for good.
+                up.cancel(r.sid)
             self.upstream.release_conn(up)
             if stage is not None:
                 stage.finish(ok)
