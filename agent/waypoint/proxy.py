@@ -454,6 +454,10 @@ class Proxy:
                 # never began goes back (release_conn closes it if it is mid-exchange).
                 if up is not None:
                     self.upstream.release_conn(up)
+                if isinstance(last, Try):
+                    # A try with a head that neither streams nor was given up (a callback
+                    # above raised): its stream is reset and its timer stops.
+                    last.discard()
                 att.abandon()
                 self._notify(fwd)
                 raise
@@ -678,12 +682,17 @@ class Proxy:
         finally:
             dl.close()
             x.on_reset = None
+            # Still registered: the answer did not end (a stage or the caller's side
+            # failed mid-stream) and nothing reset it yet.
+            unfinished = up.queues.get(r.sid) is r
             r.close()
             if r.pump is not None and not r.pump.done():
                 r.pump.cancel()
                 # The answer ended before the request did: abandon the request's stream,
                 # or an HTTP/2 one stays half-open and holds a concurrent stream for good.
-                up.cancel(r.sid)
+                unfinished = True
+            if unfinished:
+                up.cancel(r.sid)  # reset toward the backend (HTTP/1.1: the connection closes)
             self.upstream.release_conn(up)
             if stage is not None:
                 stage.finish(ok)

@@ -31,6 +31,11 @@ from agent.waypoint.codec.http2 import Http2Connection
 log = logging.getLogger("weft.waypoint.upstream")
 
 IDLE_TIMEOUT = 60.0  # seconds an idle keep-alive backend connection is kept (Envoy: 1 h)
+# Events a stream's reader may lag behind before an HTTP/1.1 backend connection stops
+# being read (resumed at half): a caller that stops reading must not make the waypoint
+# hold a whole large answer. HTTP/2 streams are bounded by their flow-control window
+# (credit is given back only as the reader takes the data).
+READ_AHEAD = 16
 
 
 class UpstreamError(Exception):
@@ -241,7 +246,7 @@ class StreamEvents:
     try (proxy.py) is a subclass: one object per try for the stream, its timer and its
     outcome."""
 
-    __slots__ = ("conn", "done", "items", "sid", "waiter")
+    __slots__ = ("conn", "done", "items", "paused", "sid", "waiter")
 
     conn: UpstreamConnection
     sid: int
@@ -251,10 +256,17 @@ class StreamEvents:
         self.items: deque[ev.Event | BaseException] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.done = False
+        self.paused = False  # the HTTP/1.1 connection's reading, paused for this reader
 
     def put_nowait(self, item: ev.Event | BaseException) -> None:
         """From the connection: the stream's next event, or what broke it."""
-        self.items.append(item)
+        items = self.items
+        items.append(item)
+        if len(items) >= READ_AHEAD and not self.paused:
+            conn = self.conn
+            if not conn.h2 and conn.transport is not None:
+                self.paused = True
+                conn.transport.pause_reading()
         w = self.waiter
         if w is not None:
             self.waiter = None
@@ -296,6 +308,8 @@ class StreamEvents:
         if isinstance(e, BaseException):
             self.close()
             raise e
+        if self.paused and len(self.items) <= READ_AHEAD // 2:
+            self._resume()
         if type(e) is ev.Data:
             conn = self.conn
             if conn.h2:  # HTTP/1.1 has no window to reopen
@@ -318,6 +332,14 @@ class StreamEvents:
             if conn.queues.get(self.sid) is self:
                 del conn.queues[self.sid]
             conn.last_used = time.monotonic()
+            if self.paused:
+                self._resume()
+
+    def _resume(self) -> None:
+        self.paused = False
+        t = self.conn.transport
+        if t is not None and not self.conn.closed:
+            t.resume_reading()
 
 
 @dataclass(frozen=True)

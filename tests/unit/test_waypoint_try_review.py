@@ -33,7 +33,9 @@ from agent.waypoint.engine.pool import ConnectionPool
 from agent.waypoint.engine.respond import plain
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamPool
 
-CALLER = CallerInfo("spiffe://cluster.local/ns/apps/sa/client", "10.0.0.9", "ai", "llm", "10.96.0.1", 8000)
+CALLER = CallerInfo(
+    "spiffe://cluster.local/ns/apps/sa/client", "10.0.0.9", "ai", "llm", "10.96.0.1", 8000
+)
 GET = b"GET / HTTP/1.1\r\nhost: llm\r\n\r\n"
 
 
@@ -374,7 +376,7 @@ def test_an_h1_connection_is_reused_only_after_a_complete_exchange():
         async with Rig(False, h1, per_try=1.0) as r:
             for i in (1, 2):
                 r.send(GET)
-                assert await until(lambda: len(r.flags) == i)
+                assert await until(lambda i=i: len(r.flags) == i)
             assert len(r.pool.dialled) == 1 and not r.pool.dialled[0].closed
             r.send(GET)
             assert await until(lambda: r.out.out.endswith(b"hello\r\n"))
@@ -383,5 +385,81 @@ def test_an_h1_connection_is_reused_only_after_a_complete_exchange():
             assert await until(lambda: up.closed and not r.caller.tasks)
             assert not up.queues and not r.armed_deadlines()
             assert not r.pool.has_idle(up.ep, CALLER.client_ip)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+# ---- bounds and failures found by the review, fixed after it ---------------------------------
+
+
+def test_an_h1_backend_is_not_read_ahead_of_a_caller_that_stops_reading():
+    """The caller stops reading while an HTTP/1.1 backend keeps sending: the backend
+    connection stops being read once the try holds READ_AHEAD events (HTTP/2 is bounded by
+    its window), so the waypoint never holds the whole answer; when the caller reads
+    again, the rest comes through, byte for byte."""
+    from agent.waypoint.upstream import READ_AHEAD
+
+    chunks = 400
+
+    async def h1(b: H1Backend) -> None:
+        b.t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i in range(chunks):
+            b.t.write(b"400\r\n" + bytes([65 + i % 26]) * 1024 + b"\r\n")
+            if i % 8 == 0:
+                await asyncio.sleep(0.001)  # several reads, not one
+        b.t.write(b"0\r\n\r\n")
+
+    async def main() -> None:
+        async with Rig(False, h1, per_try=30.0) as r:
+            r.caller.pause_writing()  # the caller reads nothing from the start
+            r.send(GET)
+            assert await until(lambda: r.pool.dialled and r.pool.dialled[0].queues)
+            up = r.pool.dialled[0]
+            t = up.queues[1]
+            assert await until(lambda: t.paused)
+            await asyncio.sleep(0.2)  # the backend has written everything meanwhile
+            held = len(t.items)
+            # One read's events may land past the mark, never the whole answer.
+            assert READ_AHEAD <= held < chunks // 2, held
+            r.caller.resume_writing()
+            assert await until(lambda: r.flags)
+            body = bytes(r.out.out).split(b"\r\n\r\n", 1)[1]
+            want = b"".join(bytes([65 + i % 26]) * 1024 for i in range(chunks))
+            got = bytearray()
+            while body and not body.startswith(b"0\r\n"):
+                size, _, rest = body.partition(b"\r\n")
+                n = int(size, 16)
+                got += rest[:n]
+                body = rest[n + 2 :]
+            assert bytes(got) == want
+            assert r.flags == ["-"] and not t.paused and not up.queues
+
+    asyncio.run(main())
+
+
+def test_a_try_whose_callback_fails_is_reset_not_left_open():
+    """A callback after the try's head (here the caller's after_try) raises: the handler
+    fails with a 500, and the try that will never stream is reset at the backend and its
+    timer stopped, not left open until the head deadline."""
+
+    async def h2s(b: H2Backend, sid: int) -> None:
+        b.send(b.codec.send_response_head(sid, 200, Headers(), False))
+        b.send(b.codec.send_data(sid, b"part", False))  # ... and more would follow
+
+    async def main() -> None:
+        async with Rig(True, h2s, per_try=30.0) as r:
+
+            def broken(token: Any, outcome: int) -> None:
+                raise RuntimeError("telemetry bug")
+
+            async def handle(x: Any) -> None:
+                r.flags.append(await r.proxy.run(x, r.fwd, x.head.headers.copy(), after_try=broken))
+
+            r.caller.handle = handle
+            r.send(GET)
+            assert await until(lambda: r.out.out.startswith(b"HTTP/1.1 500 "))
+            assert await until(lambda: r.backends[0].resets == [1])
+            up = r.pool.dialled[0]
+            assert not up.queues and not r.armed_deadlines()
 
     asyncio.run(main())
