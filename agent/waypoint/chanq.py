@@ -2,9 +2,10 @@
 
 asyncio.Queue is general (many getters and putters, maxsize, task accounting): in a
 cProfile of the waypoint on the lab (2026-12-06) it was 48 Python calls and 4 % of the
-waypoint's Python time per request. Every request has two such queues (its body, and its
-upstream stream's events), each with exactly one producer (a protocol's data_received)
-and one consumer (the request's task): a deque and one waiting future are enough.
+waypoint's Python time per request. A request's body has exactly one producer (the
+caller connection's data_received) and one consumer (the request's task): a deque and
+one waiting future are enough. (The backend stream's events have their own receiver of
+the same shape, upstream.StreamEvents, which also keeps the stream's flow control.)
 """
 
 from __future__ import annotations
