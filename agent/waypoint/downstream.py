@@ -192,6 +192,7 @@ class Downstream(asyncio.Protocol):
         self.write_paused = False  # write_ready's opposite, read without a call
         self._first = b""
         self._h2 = False
+        self._reading_paused = False  # paused for a request body's full queue
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
         # The connection's one timer, for its head or idle timeout (deadline.py): a
@@ -340,6 +341,7 @@ class Downstream(asyncio.Protocol):
                     x2.body_done = True
                     x2.body.put_nowait(None)
                 if x2.body.qsize() >= BODY_QUEUE - 1 and self.transport is not None:
+                    self._reading_paused = True
                     self.transport.pause_reading()
             elif isinstance(e, ev.Trailers):
                 x3 = self.exchanges.get(e.stream_id)
@@ -393,7 +395,8 @@ class Downstream(asyncio.Protocol):
         """The handler passed n request-body bytes on: credit HTTP/2, resume reading."""
         if self._h2:
             self.write(self.codec.consumed(x.sid, n))
-        if self.transport is not None and x.body.qsize() < BODY_QUEUE // 2:
+        if self._reading_paused and self.transport is not None and x.body.qsize() < BODY_QUEUE // 2:
+            self._reading_paused = False
             self.transport.resume_reading()
 
     def finished(self, x: Exchange) -> None:

@@ -217,7 +217,7 @@ class Http1Connection:
             return out
         if self._stopped:
             return out
-        if self.paused:
+        if self._server and self.paused:  # (a client-role connection never pauses)
             self._pending += data
             return out
         self._feed(data)
@@ -580,7 +580,8 @@ class Http1Connection:
         ex = self._reading
         assert ex is not None
         if not ex.discard:
-            self._sink(ex.sid).append(Data(ex.sid, piece, False))
+            sink = self._sink(ex.sid) if self._server else self._out
+            sink.append(Data(ex.sid, piece, False))
 
     def _on_message_complete(self) -> None:
         ex = self._reading
@@ -602,7 +603,7 @@ class Http1Connection:
             self._response_received(ex)
 
     def _end_stream(self, sid: int) -> None:
-        sink = self._sink(sid)
+        sink = self._sink(sid) if self._server else self._out
         if sink:
             last = sink[-1]
             if type(last) is Data and last.stream_id == sid:
@@ -736,7 +737,7 @@ class Http1Connection:
         cl, close = _fields(parts, headers, skip_host=True)
         if cl is not None:
             ex.send_framing = _LENGTH
-            ex.remaining = _content_length(cl, stream_id)
+            ex.remaining = int(cl) if cl.isdigit() else _content_length(cl, stream_id)
             parts.append(b"content-length: %s\r\n" % cl)
         elif end_stream:
             if method in _BODY_METHODS:
@@ -778,7 +779,7 @@ class Http1Connection:
             _check_lines(head, len(parts), stream_id)
             return head
         ex.response_final = True
-        parts = [_status_line(status)]
+        parts = [_STATUS_LINES.get(status) or _status_line(status)]
         cl, close = _fields(parts, headers)
         if ex.method == "HEAD" or status == 304:
             if cl is not None:  # describes the body a GET would get
@@ -787,7 +788,7 @@ class Http1Connection:
             pass  # RFC 9110 section 8.6: no Content-Length in a 204
         elif cl is not None:
             ex.send_framing = _LENGTH
-            ex.remaining = _content_length(cl, stream_id)
+            ex.remaining = int(cl) if cl.isdigit() else _content_length(cl, stream_id)
             parts.append(b"content-length: %s\r\n" % cl)
         elif end_stream:
             ex.send_framing = _LENGTH
