@@ -98,11 +98,6 @@ def run(
 
     Example (a lab node): weft agent run --node node-1 --node-ip 10.0.0.11 --cgroup-mode lab
     """
-    logging.basicConfig(
-        level=log_level.upper(),
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     kw: dict[str, Any] = dict(
         node=node,
         node_ip=node_ip,
@@ -131,9 +126,14 @@ def run(
         access_log_max_rate=access_log_max_rate,
         access_log_max_mb=access_log_max_mb,
     )
-    from agent.main import main
+    settings = AgentSettings(**kw)  # a bad option is the CLI's error, before the exec
+    if not isinstance(logging.getLevelName(log_level.upper()), int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    # The agent runs for the node's life: it runs in a fresh interpreter without the CLI's
+    # modules (agent/run.py says what that saves), in this same process.
+    from agent.run import exec_agent
 
-    main(AgentSettings(**kw))
+    exec_agent(settings, log_level)
 
 
 @app.command()

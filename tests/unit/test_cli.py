@@ -30,3 +30,51 @@ def test_a_user_error_is_one_line_and_an_exit_code_not_a_traceback():
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: "), proc.stderr
+
+
+def test_agent_run_execs_the_agent_with_the_options_it_parsed(monkeypatch):
+    """`weft agent run` checks its options, then replaces itself (same process) with
+    `python -m agent.run`, handing over the settings it built and the log level; a bad
+    option stays the CLI's error and execs nothing."""
+    import os
+
+    from agent.settings import AgentSettings
+
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append((path, argv)))
+    runner = CliRunner()
+    argv = ["agent", "run", "--node", "node-1", "--node-ip", "10.0.0.11", "--cgroup-mode", "lab"]
+    out = runner.invoke(app, [*argv, "--drain-timeout", "7", "--log-level", "debug"])
+    assert out.exit_code == 0, out.output
+    [(path, args)] = calls
+    assert path == sys.executable and args[0] == sys.executable
+    assert args[-5:-1] == ["-m", "agent.run", "--log-level", "debug"]
+    settings = AgentSettings.model_validate_json(args[-1])
+    assert (settings.node, settings.node_ip, settings.cgroup_mode) == ("node-1", "10.0.0.11", "lab")
+    assert settings.drain_timeout == 7.0
+
+    out = runner.invoke(app, [*argv, "--log-level", "chatty"])
+    assert out.exit_code != 0 and len(calls) == 1
+
+
+def test_the_agent_process_reports_a_user_error_as_the_cli_does(monkeypatch, capsys):
+    """agent/run.py: an error the agent reports (here: the environment) ends as the CLI's
+    do, `error: ...` and the error's exit code, not a traceback."""
+    import agent.main
+    from agent import run
+    from agent.settings import AgentSettings
+    from controller.errors import EnvironmentProblem
+
+    def fail(settings: AgentSettings) -> None:
+        assert settings.node == "node-1"
+        raise EnvironmentProblem("no bpffs", hint="mount it")
+
+    import logging
+
+    monkeypatch.setattr(agent.main, "main", fail)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)  # the test's logging stays
+    settings = AgentSettings(node="node-1", node_ip="10.0.0.11")
+    code = run.main(["--log-level", "INFO", settings.model_dump_json()])
+    assert code == 3
+    assert capsys.readouterr().err == "error: no bpffs\n  hint: mount it\n"
+    assert run.main(["--settings", "{}"]) == 2
