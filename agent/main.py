@@ -62,6 +62,9 @@ FASTPATH_ANNOTATION = "weft.dev/fastpath"
 
 HANDOVER_WAIT = 30.0  # seconds a new agent waits for its predecessor to release the data path
 KEEPER_REFRESH = 30.0  # seconds between giving the socket keeper our listeners again
+# Trim the heap (agent/memtrim.py) once the resident set has grown this much since the
+# last trim: a burst of connections or a bulk transfer leaves MBs of freed heap.
+TRIM_GROWN = 1 << 20
 
 
 class Agent:
@@ -454,7 +457,7 @@ class Agent:
             self.tasks.start(coro, name)
         if self.flows is not None:
             self.tasks.start(self.flows.run(), "flow-export")
-        self.tasks.start(memtrim.run(), "memory-trim", essential=False)
+        self.tasks.start(memtrim.run(grown=TRIM_GROWN), "memory-trim", essential=False)
 
     async def _reconcile_loop(self) -> None:
         kept = time.monotonic()
@@ -487,6 +490,10 @@ class Agent:
                     self.snapshot.revision,
                     len(local),
                 )
+                # What start-up freed (source compiled at import, config validators built,
+                # the first snapshot decoded, keys made) goes back to the kernel now rather
+                # than at the first periodic trim, up to 30 s later.
+                await asyncio.to_thread(memtrim.trim)
 
     def _keep_listener_registered(self) -> None:
         """A successor that registered its listener and then failed (before asking this

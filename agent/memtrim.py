@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("weft.memtrim")
 
 INTERVAL = 30.0  # seconds
+CHECK = 1.0  # seconds between looks at the resident set, when trimming on growth
 
 
 def _libc(name: str, *argtypes: Any) -> Any:
@@ -61,13 +63,42 @@ def trim() -> bool:
     return True
 
 
-async def run(interval: float = INTERVAL) -> None:
-    """Trim every `interval` seconds, for the life of the process."""
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (one read of /proc/self/statm), or 0 if unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+async def run(
+    interval: float = INTERVAL, *, grown: int | None = None, check: float = CHECK
+) -> None:
+    """Trim every `interval` seconds, for the life of the process; with `grown` (bytes),
+    also as soon as the resident set is that much larger than the last trim left it
+    (looked at every `check` seconds), so what a burst freed goes back within a second
+    or two rather than up to `interval` later. Memory that stays live does not bring
+    trim after trim: growth is counted from what the last trim left."""
     if _trim is None:
         log.info("this libc has no malloc_trim: freed heap memory is not given back early")
         return
+    step = interval if grown is None else min(check, interval)
+    loop = asyncio.get_running_loop()
+    due, floor = loop.time() + interval, rss_bytes()
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(step)
+        if loop.time() < due - step / 2:
+            if grown is None:
+                continue
+            now = rss_bytes()
+            floor = min(floor, now)  # connections closed since: count from here
+            if now - floor < grown:
+                continue
         # In a thread (ctypes lets go of the GIL): on a large fragmented heap one call takes
         # milliseconds, which the event loop's requests would otherwise wait for.
         await asyncio.to_thread(trim)
+        due, floor = loop.time() + interval, rss_bytes()

@@ -170,3 +170,54 @@ print(len(arenas() - before))
     default = _run(code, "default")
     assert one == "0"
     assert default != "0", "glibc gave the thread no arena of its own: the test cannot tell"
+
+
+def test_the_heap_is_trimmed_when_the_resident_set_has_grown(monkeypatch):
+    """memtrim.run(grown=...): a trim as soon as the resident set is `grown` over what the
+    last trim left (the smallest seen since, as connections close), not only every
+    `interval`; growth that stays after a trim brings no second trim."""
+    import asyncio
+
+    from agent import memtrim
+
+    if memtrim._trim is None:
+        pytest.skip("this libc has no malloc_trim")
+    mb = 1 << 20
+    # What /proc/self/statm says at each look: the floor at start, growth under 1 MB,
+    # a burst (trim), what stays after it (no trim), a drop, then 1 MB over the drop.
+    seen = iter(
+        [
+            100 * mb,
+            100 * mb + mb // 2,
+            102 * mb,
+            101 * mb,
+            101 * mb + mb // 2,
+            99 * mb,
+            99 * mb + mb // 2,
+            100 * mb,
+        ]
+    )
+    looks: list[int] = []
+    done = asyncio.Event()
+
+    def rss() -> int:
+        try:
+            looks.append(next(seen))
+        except StopIteration:
+            done.set()
+            return looks[-1]
+        return looks[-1]
+
+    trims: list[int] = []
+    monkeypatch.setattr(memtrim, "rss_bytes", rss)
+    monkeypatch.setattr(memtrim, "trim", lambda: trims.append(len(looks)) or True)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(memtrim.run(3600, grown=mb, check=0))
+        await done.wait()
+        task.cancel()
+
+    asyncio.run(main())
+    # Looks 3 (102: 2 MB over 100) and 8 (100: 1 MB over the 99 seen after the drop)
+    # trim; each trim is followed by one look (what it left: 101, then what remains).
+    assert trims == [3, 8], (trims, looks)
