@@ -27,7 +27,12 @@ from agent.identity.node import NodeCredential, TrustBundle, backoff_delays
 from agent.identity.rpc import CONFIG_STREAM, RpcError, Status
 from agent.state import ConfigSnapshot
 from controller.api.gen import config_pb2
-from controller.model.base import Resource, ResourceKey, resource_from_json
+from controller.model.base import (
+    Resource,
+    ResourceKey,
+    resource_from_json,
+    resources_from_json,
+)
 from controller.model.bulk import collector_paused
 from controller.model.problems import InvalidConfig, Problem
 
@@ -91,18 +96,22 @@ class ConfigClient:
                     )
                 ]
             )
-        upserts: list[Resource] = []
-        problems: list[Problem] = []
-        for r in resp.resources:
-            try:
-                upserts.append(resource_from_json(r.kind, r.body))
-            except InvalidConfig as e:
-                problems += [
-                    Problem(p.reason, resource=f"{r.kind} {r.namespace}/{r.name}", field=p.field)
-                    for p in e.problems
-                ]
-        if problems:
-            raise ConfigRejected(problems)
+        try:
+            upserts = resources_from_json((r.kind, r.body) for r in resp.resources)
+        except InvalidConfig:
+            # Rejected: decode them one by one again, to name every problem.
+            problems: list[Problem] = []
+            for r in resp.resources:
+                try:
+                    resource_from_json(r.kind, r.body)
+                except InvalidConfig as e:
+                    problems += [
+                        Problem(
+                            p.reason, resource=f"{r.kind} {r.namespace}/{r.name}", field=p.field
+                        )
+                        for p in e.problems
+                    ]
+            raise ConfigRejected(problems) from None
         removed = [ResourceKey(k.kind, k.namespace, k.name) for k in resp.removed]
         return upserts, removed
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -367,18 +367,48 @@ def parse_resource(
     return res
 
 
+def _unknown_shipped_kind(kind: str) -> InvalidConfig:
+    return InvalidConfig(
+        [Problem(f"unknown kind {kind!r}; this agent may be older than the controller")]
+    )
+
+
 def resource_from_json(kind: str, body: str | bytes) -> Resource:
     """Decode a resource shipped by the controller (canonical JSON of a validated model)."""
     _load_all()
     cls = _KINDS.get(kind)
     if cls is None:
-        raise InvalidConfig(
-            [Problem(f"unknown kind {kind!r}; this agent may be older than the controller")]
-        )
+        raise _unknown_shipped_kind(kind)
     try:
         return cls.model_validate_json(body)
     except ValidationError as e:
         raise InvalidConfig(problems_from_validation(e, resource=kind)) from None
+
+
+def resources_from_json(items: Iterable[tuple[str, str | bytes]]) -> list[Resource]:
+    """`resource_from_json` of each (kind, body), in order; raises as it does for the first
+    that fails.
+
+    For a full snapshot (10,000 of one kind): each kind's validator is looked up once and
+    called directly, the call model_validate_json makes. The lookups and the Python frames
+    of resource_from_json and model_validate_json around each call were about a fifth of
+    an agent's time to decode a snapshot."""
+    _load_all()
+    out: list[Resource] = []
+    append = out.append
+    decoders: dict[str, Callable[[str | bytes], Any]] = {}
+    for kind, body in items:
+        decode = decoders.get(kind)
+        if decode is None:
+            cls = _KINDS.get(kind)
+            if cls is None:
+                raise _unknown_shipped_kind(kind)
+            decode = decoders[kind] = cls.__pydantic_validator__.validate_json
+        try:
+            append(decode(body))
+        except ValidationError as e:
+            raise InvalidConfig(problems_from_validation(e, resource=kind)) from None
+    return out
 
 
 # ---- durations (Gateway API GEP-2257 style: "1h", "10s", "500ms", "1m30s") -------------
