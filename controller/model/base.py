@@ -148,8 +148,11 @@ class Resource(Model):
     def key(self) -> ResourceKey:
         # Cached (the model is frozen): indexing a snapshot asks each resource for its key
         # several times. pydantic leaves cached properties out of ==, dumps and copies.
-        ns = (self.metadata.namespace or self.DEFAULT_NAMESPACE) if self.NAMESPACED else ""
-        return ResourceKey(self.KIND, ns, self.metadata.name)
+        # Made by tuple.__new__, as the named tuple's own __new__ does, without its Python
+        # frame: an agent asks for 10,000 keys first when it takes a full snapshot.
+        m = self.metadata
+        ns = (m.namespace or self.DEFAULT_NAMESPACE) if self.NAMESPACED else ""
+        return tuple.__new__(ResourceKey, (self.KIND, ns, m.name))
 
     @property
     def namespace(self) -> str:
