@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterable, Mapping
+import operator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from controller.model.base import Resource, ResourceKey, resource_from_json
-from controller.model.derived import derive
+from controller.model.derived import DERIVING_KINDS, derive
 from controller.model.routing import HTTPRoute
 from controller.model.security import AuthorizationPolicy, PeerAuthentication
 from controller.model.workloads import Node, Service, Workload, ip_text
@@ -86,24 +87,31 @@ class ConfigSnapshot:
         # Istio's VirtualService and DestinationRule, and GRPCRoute, take effect as the
         # resources they derive into (controller/model/derived.py); the originals stay.
         sources = resources
-        derived, _problems = derive(resources.values())
-        if derived:
-            resources = {**resources, **{r.key: r for r in derived}}
         by_kind: dict[str, list[Resource]] = {}
         for r in resources.values():
             by_kind.setdefault(r.KIND, []).append(r)
-        workloads = sorted(_of(by_kind, "Workload", Workload), key=lambda w: w.key)
+        derived = [] if DERIVING_KINDS.isdisjoint(by_kind) else derive(resources.values())[0]
+        if derived:
+            resources = {**resources, **{r.key: r for r in derived}}
+            for r in derived:  # after the sources, as in `resources`
+                by_kind.setdefault(r.KIND, []).append(r)
+        workloads = sorted(_of(by_kind, "Workload", Workload), key=_order)
         by_ip: dict[str, Workload] = {}
-        holders: dict[str, list[Workload]] = {}
+        holders: dict[str, tuple[Workload, ...]] = {}
         by_node: dict[str, list[Workload]] = {}
         by_ns: dict[str, list[Workload]] = {}
+        # The loop a full snapshot runs for every workload: attribute lookups hoisted, the
+        # key's fields read directly (no property frames), an address's holders a tuple
+        # from the start (it almost always has one).
         for w in workloads:
-            for a in w.spec.addresses:
+            spec = w.spec
+            for a in spec.addresses:
                 ip = ip_text(a)
                 by_ip[ip] = w
-                holders.setdefault(ip, []).append(w)
-            by_node.setdefault(w.spec.node, []).append(w)
-            by_ns.setdefault(w.namespace, []).append(w)
+                held = holders.get(ip)
+                holders[ip] = (w,) if held is None else (*held, w)
+            by_node.setdefault(spec.node, []).append(w)
+            by_ns.setdefault(w.key.namespace, []).append(w)
         services: dict[NsName, Service] = {}
         vips: dict[str, Service] = {}
         endpoints: dict[NsName, tuple[Workload, ...]] = {}
@@ -141,7 +149,7 @@ class ConfigSnapshot:
             routes=MappingProxyType({k: tuple(v) for k, v in routes.items()}),
             nodes=MappingProxyType({n.name: n for n in _of(by_kind, "Node", Node)}),
             sources=MappingProxyType(dict(sources)) if derived else res_map,
-            ip_holders=MappingProxyType({ip: tuple(ws) for ip, ws in holders.items()}),
+            ip_holders=MappingProxyType(holders),
         )
 
     def with_changes(
@@ -266,9 +274,8 @@ def _copy(m: Mapping[Any, Any]) -> dict[Any, Any]:
     return copy() if copy is not None else dict(m)
 
 
-def _order(w: Workload) -> ResourceKey:
-    """The order of workloads in the indexes (as `build` sorts them: by key)."""
-    return w.key
+# The order of workloads in the indexes: by key (a C-level getter, no Python frame).
+_order: Callable[[Workload], ResourceKey] = operator.attrgetter("key")
 
 
 def _of(by_kind: dict[str, list[Resource]], kind: str, cls: type[R]) -> list[R]:

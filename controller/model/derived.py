@@ -20,8 +20,12 @@ from typing import Any
 
 from controller.model.base import Resource, parse_resource
 from controller.model.grpcroute import GRPCRoute
-from controller.model.istio_networking import istio_documents
+from controller.model.istio_networking import DestinationRule, VirtualService, istio_documents
 from controller.model.problems import InvalidConfig, Problem
+
+# The kinds that derive into others: `derive` finds nothing to do without one of them (a
+# snapshot's builder skips it then, rather than look at 10,000 workloads for them).
+DERIVING_KINDS = frozenset({VirtualService.KIND, DestinationRule.KIND, GRPCRoute.KIND})
 
 
 def derive(resources: Iterable[Resource]) -> tuple[list[Resource], list[Problem]]:
