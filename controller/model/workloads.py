@@ -23,23 +23,48 @@ from controller.model.base import (
 )
 
 
+class _TextIPv4Address(ipaddress.IPv4Address):
+    """An IPv4Address that keeps the text it was parsed from, which is the text str()
+    would give: inet_pton takes only the canonical dotted form (four decimal octets, no
+    leading zeros). str() formats the octets in Python; a snapshot's indexes, its JSON
+    and the tunnel's lookups ask for an address's text over and over. Otherwise an
+    IPv4Address: equal, hashed and ordered as one, and copied or pickled as a plain one."""
+
+    __slots__ = ("_text",)
+    _text: str  # set by _fast_ip, which alone makes these
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"IPv4Address({self._text!r})"
+
+    def __reduce__(self) -> tuple[type[ipaddress.IPv4Address], tuple[str]]:
+        return ipaddress.IPv4Address, (self._text,)
+
+
 def _fast_ip(v: object) -> object:
     """A dotted IPv4 address parsed by the C library (inet_pton), which is strict about
     the form: ipaddress parses octets in Python, the largest cost of validating a large
     snapshot. Anything else goes to ipaddress, which says what is wrong."""
-    if isinstance(v, str) and "." in v and ":" not in v:
+    if type(v) is str and "." in v and ":" not in v:
         try:
-            return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, v))
+            a = _TextIPv4Address(socket.inet_pton(socket.AF_INET, v))
         except OSError:
             return v
+        a._text = v
+        return a
     return v
 
 
 # An address of a workload or node, IPv4 or IPv6 (validated either way).
 def ip_text(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """An address as text, IPv4 by the C library (str() formats octets in Python, a large
-    cost when a snapshot's addresses are indexed)."""
-    return socket.inet_ntoa(a.packed) if a.version == 4 else str(a)
+    """An address as text: the text it was parsed from when it kept it, an IPv4Address
+    by the C library (str() formats octets in Python, a large cost when a snapshot's
+    addresses are indexed)."""
+    if type(a) is _TextIPv4Address:
+        return a._text
+    return socket.inet_ntoa(a.packed) if type(a) is ipaddress.IPv4Address else str(a)
 
 
 # Left to right: an address _fast_ip already made an IPv4Address is taken by the first
