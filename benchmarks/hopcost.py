@@ -1,6 +1,6 @@
 """What one hop of the mesh costs per request, in CPU and in Python calls, without the lab.
 
-    python -m benchmarks.hopcost [--hop waypoint|destination] [-n 4000] [-c 4] [--profile]
+    python -m benchmarks.hopcost [--hop waypoint|destination] [-n 4000] [-c 4] [--ai] [--profile]
 
 The real waypoint and node tunnels in one process over loopback (tests/unit/waypoint_mesh.py:
 real certificates, TLS 1.3, HBONE, authorization), HTTP/1.1 1 KB POSTs answered by 1 KB
@@ -15,8 +15,11 @@ rest (clients, the other tunnel, the backend) on the main thread. Two numbers pe
   between commits. It is what the L7 path's structure costs: the destination's agent
   (`--hop destination`, the same HBONE stream relayed to the backend) makes about 15.
 
-`--profile` adds the hop's Python time by module and its 25 most expensive functions
-(cProfile's own time: inflated by the profiler, and most for small functions).
+`--ai` sends OpenAI chat completions (about 1 KB) through a Service with a TokenRateLimit
+that never denies and a ModelRoute, as make bench's weft-waypoint-ai does: the plain path
+plus the AI stages. `--profile` adds the hop's Python time by module and its 25 most
+expensive functions (cProfile's own time: inflated by the profiler, and most for small
+functions).
 
 A development tool for issue 13, not part of `make bench`: the lab's numbers (CPU from
 cgroups, pinned, beside HAProxy) are the ones targets are judged by. Numbers, not
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import cProfile
 import importlib
+import json
 import os
 import pstats
 import sys
@@ -43,6 +47,36 @@ from typing import Any
 import uvloop
 
 BODY = b"x" * 1024
+AI_MODEL = "bench-model"
+AI_BODY = json.dumps(
+    {
+        "model": AI_MODEL,
+        "messages": [
+            {"role": "system", "content": "You are a benchmark. Answer briefly."},
+            {"role": "user", "content": ("the mesh counts every token " * 32)[:900]},
+        ],
+        "max_tokens": 8,
+    },
+    separators=(",", ":"),
+).encode()
+AI_POLICY = f"""\
+apiVersion: weft.dev/v1alpha1
+kind: TokenRateLimit
+metadata: {{name: bench-tokens, namespace: ai}}
+spec:
+  targetRefs: [{{name: echo}}]
+  limits:
+    - {{name: per-caller, by: principal, tokensPerMinute: 1000000000,
+       requestsPerMinute: 1000000000}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ModelRoute
+metadata: {{name: bench-models, namespace: ai}}
+spec:
+  targetRefs: [{{name: echo}}]
+  rules:
+    - {{name: bench, models: [{AI_MODEL}], backendRefs: [{{name: small, port: 8000}}]}}
+"""
 WARMUP = 300  # requests per connection before anything is measured
 
 
@@ -126,7 +160,19 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     hop = _Hop()
     with tempfile.TemporaryDirectory(prefix="hopcost-") as tmp:
-        m = WaypointMesh(Path(tmp), backends=[Backend("echo-1", app="echo", kind="echo")])
+        if getattr(args, "ai", False):
+            # An OpenAI chat completion (about 1 KB) through a Service with a TokenRateLimit
+            # that never denies and a ModelRoute: the plain path plus the AI stages.
+            m = WaypointMesh(
+                Path(tmp),
+                backends=[Backend("small-a", app="small", model=AI_MODEL, waypoint=False)],
+                frontends=["echo"],
+                extra={"ai.yaml": AI_POLICY},
+            )
+            path, body, ctype = "/v1/chat/completions", AI_BODY, "application/json"
+        else:
+            m = WaypointMesh(Path(tmp), backends=[Backend("echo-1", app="echo", kind="echo")])
+            path, body, ctype = "/echo", BODY, "text/plain"
         component: Any = m.waypoint if args.hop == "waypoint" else m.tunnels["node-2"]
         # The mesh starts and stops it (Waypoint.drain, Tunnel.close) on the hop's thread.
         start = component.start
@@ -144,7 +190,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             async def load(n: int) -> None:
                 async def one(c: Any) -> None:
                     for _ in range(n):
-                        r = await c.request("POST", "/echo", BODY, {"content-type": "text/plain"})
+                        r = await c.request("POST", path, body, {"content-type": ctype})
                         if r.status != 200:
                             raise RuntimeError(f"the mesh answered {r.status}: {r.body[:200]!r}")
 
@@ -179,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hop", choices=("waypoint", "destination"), default="waypoint")
     ap.add_argument("-n", "--requests", type=int, default=4000)
     ap.add_argument("-c", "--connections", type=int, default=4)
+    ap.add_argument(
+        "--ai", action="store_true", help="chat completions through TokenRateLimit + ModelRoute"
+    )
     ap.add_argument("--profile", action="store_true", help="Python time by module and function")
     args = ap.parse_args(argv)
     sys.setswitchinterval(0.001)  # the measured thread gets the GIL back promptly

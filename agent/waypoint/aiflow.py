@@ -407,12 +407,12 @@ class AiRequest:
         ai = self.ai
         self.status = status
         self.upstream_headers = upstream
+        set_: list[tuple[bytes, bytes]] = []
         if ai.route is not None:
-            for k, v in ai.route.answered(target):
-                out.set(k, v)
+            set_ += ai.route.answered(target)
         for _lim, adm in self.admissions:
-            for k, v in adm.headers:
-                out.set(k, v)
+            set_ += adm.headers
+        out.update(set_)  # as set() for each, in one pass
         cache = ai.cache
         if cache is not None and self.cache_key is not None and cache.storable(status, upstream):
             self.collector = BodyCollector(cache.max_entry)

@@ -38,3 +38,21 @@ def test_te_other_than_trailers_is_stripped():
     h = Headers.of(("te", "gzip"), ("x", "1"))
     h.strip_hop_by_hop()
     assert h == Headers.of(("x", "1"))
+
+
+def test_update_is_set_for_each_pair_in_one_pass():
+    """update(pairs) leaves the fields exactly as set() called for each pair in turn would:
+    values replaced where a name first was, its later fields dropped, new names appended
+    in order, a name given twice taking its last value at its first place."""
+    import random
+
+    names = [b"a", b"b", b"c", b"X-Rate", b"x-rate", b"d"]
+    rng = random.Random(7)
+    for _ in range(500):
+        fields = [(rng.choice(names).lower(), b"%d" % i) for i in range(rng.randrange(8))]
+        pairs = [(rng.choice(names), b"v%d" % i) for i in range(rng.randrange(5))]
+        one, each = Headers(list(fields)), Headers(list(fields))
+        one.update(pairs)
+        for n, v in pairs:
+            each.set(n, v)
+        assert one.fields == each.fields, (fields, pairs)

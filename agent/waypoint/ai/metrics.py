@@ -25,7 +25,7 @@ This is the one module of the package that imports prometheus_client.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 # The backend that answered, as Istio's metrics name it.
 DESTINATION = ("destination_workload", "destination_workload_namespace", "destination_version")
 
+CHILD_CACHE_MAX = 4096  # label-value tuples whose children GenAIMetrics keeps at hand
 OPERATION_NAMES = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 
 # The semantic conventions' advised boundaries.
@@ -138,6 +139,19 @@ class GenAIMetrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        # Children by label values: prometheus_client's labels() validates and locks on
+        # every call (27 Python calls per chat completion in hopcost --ai). Bounded: the
+        # cache starts over past CHILD_CACHE_MAX series (the registry keeps them all).
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Histogram, *values: str) -> Any:
+        key = (metric, *values)
+        c = self._children.get(key)
+        if c is None:
+            if len(self._children) >= CHILD_CACHE_MAX:
+                self._children.clear()
+            c = self._children[key] = metric.labels(*values)
+        return c
 
     def record(
         self,
@@ -156,15 +170,16 @@ class GenAIMetrics:
         or failure (e.g. "503", "timeout"), the conventions' error.type."""
         op = OPERATION_NAMES.get(operation, operation)
         req, resp = request_model or "", response_model or ""
+        child = self._child
         if usage is not None:
-            self.token_usage.labels(op, req, resp, "input").observe(usage.prompt_tokens)
+            child(self.token_usage, op, req, resp, "input").observe(usage.prompt_tokens)
             if operation != "embeddings":
-                self.token_usage.labels(op, req, resp, "output").observe(usage.completion_tokens)
+                child(self.token_usage, op, req, resp, "output").observe(usage.completion_tokens)
         if ttft is not None:
-            self.ttft.labels(op, req, resp, *destination).observe(ttft)
+            child(self.ttft, op, req, resp, *destination).observe(ttft)
         if tpot is not None:
-            self.tpot.labels(op, req, resp).observe(tpot)
-        self.duration.labels(op, req, resp, error_type).observe(duration)
+            child(self.tpot, op, req, resp).observe(tpot)
+        child(self.duration, op, req, resp, error_type).observe(duration)
 
 
 class AiPolicyCollector(Collector):

@@ -78,6 +78,26 @@ class Headers:
                 return
         fields.append((name, value))
 
+    def update(self, pairs: Iterable[Field]) -> None:
+        """`set` for each pair, in one pass over the fields (the last value of a name
+        given twice wins, placed where its first field was; new names go last, in order)."""
+        new = {n.lower(): v for n, v in pairs}
+        if not new:
+            return
+        out: list[Field] = []
+        placed: set[bytes] = set()
+        for f in self.fields:
+            n = f[0]
+            if n in new:
+                if n not in placed:
+                    placed.add(n)
+                    out.append((n, new[n]))
+            else:
+                out.append(f)
+        if len(placed) < len(new):
+            out += [(n, v) for n, v in new.items() if n not in placed]
+        self.fields = out
+
     def remove(self, name: bytes) -> int:
         """Remove every field of `name`; return how many there were."""
         name = name.lower()
