@@ -505,8 +505,7 @@ class Waypoint:
                     "weft.waypoint": self.s.name,
                 },
             )
-        x.annotations["traceId"] = trace.trace_id
-        x.trace = trace
+        x.trace = trace  # its trace id goes in the access log record
         if not headers.get(b"x-request-id"):
             headers.set(b"x-request-id", random_hex(128).encode())
         peer = parse_workload_id(c.principal or "")
@@ -720,7 +719,8 @@ class Waypoint:
             # The record's fixed fields from a template (a dict and the general encoder
             # cost four times as much on every request); the annotations follow.
             ann = x.annotations
-            extra = members(ann)
+            extra = members(ann)  # usually none: the trace id is a fixed field
+            tid = f',"traceId":{quote(x.trace.trace_id)}' if x.trace is not None else ""
             self.access.write_json(
                 f'{{"time":"{self.access.timestamp()}","kind":"request","reporter":"waypoint",'
                 f'"waypoint":{quote(self.s.name)},"source":{quote(c.principal)},'
@@ -729,7 +729,7 @@ class Waypoint:
                 f'"method":{quote(x.head.method)},"path":{quote(x.head.target)},'
                 f'"status":{int(x.status)},"flags":{quote(flags)},"bytesIn":{int(x.bytes_in)},'
                 f'"bytesOut":{int(x.bytes_out)},"durationMs":{float(round(elapsed_ms, 3))!r}'
-                f"{',' if extra else ''}{extra}}}",
+                f"{tid}{',' if extra else ''}{extra}}}",
                 important=x.status >= 400 or x.status == 0 or flags != "-",
             )
 
