@@ -34,7 +34,7 @@ def test_a_user_error_is_one_line_and_an_exit_code_not_a_traceback():
 
 def test_agent_run_execs_the_agent_with_the_options_it_parsed(monkeypatch):
     """`weft agent run` checks its options, then replaces itself (same process) with
-    `python -m agent.run`, handing over the settings it built and the log level; a bad
+    `python -OO -m agent.run`, handing over the settings it built and the log level; a bad
     option stays the CLI's error and execs nothing."""
     import os
 
@@ -48,7 +48,7 @@ def test_agent_run_execs_the_agent_with_the_options_it_parsed(monkeypatch):
     assert out.exit_code == 0, out.output
     [(path, args)] = calls
     assert path == sys.executable and args[0] == sys.executable
-    assert args[-5:-1] == ["-m", "agent.run", "--log-level", "debug"]
+    assert args[-6:-1] == ["-OO", "-m", "agent.run", "--log-level", "debug"]
     settings = AgentSettings.model_validate_json(args[-1])
     assert (settings.node, settings.node_ip, settings.cgroup_mode) == ("node-1", "10.0.0.11", "lab")
     assert settings.drain_timeout == 7.0

@@ -74,16 +74,23 @@ def test_the_agent_loads_neither_grpcio_nor_cryptography():
     assert _run(code) == ""
 
 
-def test_the_agent_process_keeps_none_of_the_cli():
+def test_the_agent_process_keeps_none_of_the_cli_and_runs_without_docstrings():
     """`weft agent run` execs agent/run.py once its options are parsed, so the process
     that runs for the node's life holds neither typer nor the other command groups
-    (`weft lab`, `weft policy`, `weft top`...): 2.7 MB of RSS on import."""
+    (`weft lab`, `weft policy`, `weft top`...): 2.7 MB of RSS on import. It runs under -OO
+    (1.8 MB of docstrings): what it imports must not need them."""
     code = (
         "import sys, agent.run, agent.main\n"
+        "import agent.config.client, agent.identity.manager, agent.identity.node\n"
+        "assert sys.flags.optimize == 2 and agent.main.__doc__ is None\n"
         "print(','.join(m for m in sys.modules if m.split('.')[0] in ('typer', 'click')"
         " or m.startswith(('agent.cli', 'agent.lab'))))"
     )
-    assert _run(code) == ""
+    out = subprocess.run(
+        [sys.executable, "-OO", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""
 
 
 def test_config_validators_are_built_when_first_used_and_all_at_once_on_request():
