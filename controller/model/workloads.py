@@ -32,6 +32,7 @@ class _TextIPv4Address(ipaddress.IPv4Address):
 
     __slots__ = ("_text",)
     _text: str  # set by _fast_ip, which alone makes these
+    _ip: int  # IPv4Address's own slot: the address as an integer
 
     def __str__(self) -> str:
         return self._text
@@ -49,12 +50,20 @@ def _fast_ip(v: object) -> object:
     snapshot. Anything else goes to ipaddress, which says what is wrong."""
     if type(v) is str and "." in v and ":" not in v:
         try:
-            a = _TextIPv4Address(socket.inet_pton(socket.AF_INET, v))
+            packed = socket.inet_pton(socket.AF_INET, v)
         except OSError:
             return v
+        # What IPv4Address(packed) does, without its Python checks of what inet_pton has
+        # checked already (they were most of the cost of an address: 10,000 a snapshot).
+        # tests/unit/test_config_decode.py holds the result to IPv4Address in every way.
+        a = _new_address(_TextIPv4Address)
+        a._ip = int.from_bytes(packed)
         a._text = v
         return a
     return v
+
+
+_new_address = object.__new__
 
 
 # An address of a workload or node, IPv4 or IPv6 (validated either way).
