@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import ssl
@@ -181,6 +182,40 @@ def test_peer_spiffe_id_reads_the_verified_leaf_without_an_x509_library(ca):
     assert peer_spiffe_id(c) == "spiffe://cluster.local/ns/ai/sa/llm"
     assert peer_spiffe_id(s) == "spiffe://cluster.local/ns/ai/sa/caller"
     assert peer_spiffe_id(None) is None
+
+
+def test_a_node_tunnel_server_keeps_no_session_and_sends_no_ticket(ca):
+    """TLS 1.3 with OP_NO_TICKET alone still sends two stateful tickets per handshake: the
+    server keeps both sessions (with the peer's chain) in its cache for two hours, the
+    client holds them for its connection's life, and nobody resumes. server_context sends
+    none; with two (the check that the test can tell), the cache fills and the client
+    gets a ticket."""
+    from agent.identity.tls import client_context, server_context
+
+    key = new_key()
+    chain = ca.sign_workload(make_csr(key, None), "ai", "llm").chain_pem
+
+    def cached_and_ticket(tickets: int | None) -> tuple[int, bool]:
+        server = server_context(chain, key_pem(key), ca.bundle_pem())
+        if tickets is not None:
+            server.num_tickets = tickets
+        client = client_context(chain, key_pem(key), ca.bundle_pem())
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        c = client.wrap_bio(c_in, c_out, server_side=False)
+        s = server.wrap_bio(s_in, s_out, server_side=True)
+        for _ in range(10):
+            for obj in (c, s):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        s.write(b"x")  # the client reads what follows the handshake (tickets), then this
+        c_in.write(s_out.read())
+        assert c.read(1) == b"x"
+        return server.session_stats()["number"], c.session is not None and c.session.has_ticket
+
+    assert cached_and_ticket(None) == (0, False)
+    assert cached_and_ticket(2) == (2, True)
 
 
 def test_peer_spiffe_id_is_none_for_an_unverified_peer(ca):
