@@ -485,6 +485,8 @@ class Proxy:
         if limit is not None and limit <= 0:
             if up is not None:
                 self.upstream.release_conn(up)  # taken for this try, which never began
+            else:
+                fwd.backend.pool.closed()  # the connection admitted for it is never opened
             return Failed(Failure.TIMEOUT)
         t = Try()
         started = t.deadline._loop.time()  # the try's time runs from here, dial included
@@ -502,6 +504,9 @@ class Proxy:
             except TimeoutError:
                 fwd.backend.pool.closed()
                 return Failed(Failure.TIMEOUT)
+            except asyncio.CancelledError:
+                fwd.backend.pool.closed()  # the caller left mid-dial: no connection was made
+                raise
         rest_streams = not body.complete  # the rest of the body is still in the queue
         end_now = body.complete and not body.held and body.trailers is None
 
