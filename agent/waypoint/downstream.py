@@ -274,6 +274,11 @@ class Downstream(asyncio.Protocol):
             self._flush()
             self.closed = True
             self._stop_timer()
+            if self._reading_paused:
+                # Paused for a body no one reads now: what the caller still sends is read
+                # and dropped, or an HBONE stream withholds its credit for good.
+                self._reading_paused = False
+                self.transport.resume_reading()
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:

@@ -227,6 +227,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._closed_once()
         if self.transport is not None:
+            # A stream's reader may have paused reading (READ_AHEAD): what the backend still
+            # sends is read and dropped, or an HBONE stream withholds its credit for good.
+            self.transport.resume_reading()
             self.transport.close()
 
 
