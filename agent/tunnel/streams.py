@@ -219,8 +219,19 @@ class Stream:
 
     def reset(self) -> None:
         self.conn.h2.reset(self.sid, hb.Err.CONNECT_ERROR)
+        self._give_back()
         self.conn.flush()
         self.conn.forget(self)
+
+    def _give_back(self) -> None:
+        """The stream is going away: credit what was received and never relayed (owed to a
+        paused pod, or held before the pod connected). The connection's window is shared
+        by every stream on it; what a reset stream kept would be lost to all of them."""
+        n = self.owed + sum(flow for _, flow in self.early)
+        self.owed = 0
+        self.early = []
+        if n:
+            self.conn.h2.consumed(self.sid, n)
 
     def drained(self) -> None:
         if self.owed:
@@ -259,6 +270,8 @@ class Stream:
     def on_reset(self) -> None:
         if self.pod is not None:
             self.pod.abort()
+        self._give_back()
+        self.conn.flush()
         self.conn.forget(self)
 
     def on_window(self) -> None:
