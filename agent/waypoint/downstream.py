@@ -428,6 +428,11 @@ class Downstream(asyncio.Protocol):
                 # and grpc-go do the same). This also gives the stream's unread bytes back
                 # to the connection window, which would otherwise shrink for good.
                 self.write(self.codec.reset_stream(x.sid, ErrorCode.NO_ERROR))
+            if self._reading_paused and self.transport is not None:
+                # Perhaps paused for this stream's body, which no one reads now: read on (a
+                # stream whose queue is still full pauses the connection again).
+                self._reading_paused = False
+                self.transport.resume_reading()
             if self.codec.should_close and not self.exchanges:
                 self.close()
 

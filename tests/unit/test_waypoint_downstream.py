@@ -23,7 +23,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 
 from agent.waypoint.codec import ErrorCode, Headers
-from agent.waypoint.downstream import NO_TUNNELS, CallerInfo, Downstream, Exchange
+from agent.waypoint.downstream import BODY_QUEUE, NO_TUNNELS, CallerInfo, Downstream, Exchange
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,6 +39,14 @@ async def echo(x: Exchange) -> None:
     """Read the whole body, then answer with what arrived; /early answers 403 at once and
     never reads the body (as an authorization deny would)."""
     if x.head.target == "/early":
+        x.local_reply(403, b"denied\n")
+        return
+    if x.head.target == "/deny-when-full":
+        # Answered without reading, once the body has filled its queue (the connection
+        # has stopped reading by then).
+        async with asyncio.timeout(TIMEOUT):
+            while x.body.qsize() < BODY_QUEUE - 1:  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0.005)
         x.local_reply(403, b"denied\n")
         return
     n = 0
@@ -470,6 +478,28 @@ def test_h2_early_answer_resets_the_stream_and_returns_its_window() -> None:
             last = c.request("POST", "/last", b"z" * 100_000)
             await c.until_done(last)
             assert json.loads(c.body[last])["length"] == 100_000
+            await s.settled()
+            c.close()
+
+    run(main)
+
+
+def test_h2_early_answer_to_a_body_that_paused_the_connection_reads_on() -> None:
+    """A stream's body fills its queue, so the connection stops reading (backpressure), and
+    then the stream is answered without its body being read (a deny): the connection reads
+    on, and the next request on it is served (before the fix it was never read)."""
+
+    async def main() -> None:
+        async with serving() as s:
+            c = await H2Client.connect(s.port)
+            await c._until(lambda: c.h2.remote_settings.initial_window_size > 65535)
+            # BODY_QUEUE frames of 16 KB, within the stream's window: more than the queue
+            # holds before the connection pauses.
+            sid = c.request("POST", "/deny-when-full", b"y" * (BODY_QUEUE * 16384), end=False)
+            assert await c.until_reset(sid) == ErrorCode.NO_ERROR
+            last = c.request("POST", "/last", b"z" * 1000)
+            await c.until_done(last)
+            assert json.loads(c.body[last])["length"] == 1000
             await s.settled()
             c.close()
 
