@@ -298,56 +298,58 @@ class Proxy:
         att: Attempt | None = None
         chosen: Any = None
         tfwd = fwd
-        for i, chosen in enumerate(plan):
-            more = i + 1 < len(plan)
-            if stage is None:
-                send_body, send_headers, picker = body, headers, None
-            else:
-                routed = self._retarget(fwd, chosen.backend)
-                if isinstance(routed, Respond):
-                    last = routed
-                    continue
-                tfwd = routed
-                refused = await stage.admit(chosen, tfwd)
-                if refused is not None:
-                    if more and stage.falls_back(_kind_of_answer(refused)):
-                        continue
-                    await self.reply(x, refused)
-                    return RESPOND_FLAGS.get(refused.code, "-")
-                send_body = stage.body_for(chosen, body)
-                send_headers = stage.headers_for(chosen, headers, send_body)
-                picker = stage.picker(chosen, tfwd.backend)
-            last, att = await self._tries(
-                x,
-                tfwd,
-                target,
-                authority,
-                send_headers,
-                send_body,
-                picker,
-                stage,
-                before_try,
-                after_try,
-            )
-            if stage is None:
-                break
-            kind = _kind_of_answer(last) if isinstance(last, Respond) else _kind(last.outcome)
-            if kind is None:
-                break  # an answer to stream
-            falls = more and stage.falls_back(kind)
-            if falls or isinstance(last, Respond) or last.outcome < 0:
-                # Given up (a failed response that is answered is the stage's to finish).
-                stage.failed(chosen, -1 if isinstance(last, Respond) else last.outcome)
-            if not falls:
-                break
-            x.annotations.setdefault("fallbacks", []).append(getattr(chosen, "model", None))
-            if isinstance(last, Try):
-                last.discard()
-            if att is not None:
-                att.release()
-                self._notify(tfwd)
-            att = None
+        streamed = False  # the try is _stream's from then on (it ends it)
         try:
+            for i, chosen in enumerate(plan):
+                more = i + 1 < len(plan)
+                if stage is None:
+                    send_body, send_headers, picker = body, headers, None
+                else:
+                    routed = self._retarget(fwd, chosen.backend)
+                    if isinstance(routed, Respond):
+                        last = routed
+                        continue
+                    tfwd = routed
+                    refused = await stage.admit(chosen, tfwd)
+                    if refused is not None:
+                        if more and stage.falls_back(_kind_of_answer(refused)):
+                            continue
+                        await self.reply(x, refused)
+                        return RESPOND_FLAGS.get(refused.code, "-")
+                    send_body = stage.body_for(chosen, body)
+                    send_headers = stage.headers_for(chosen, headers, send_body)
+                    picker = stage.picker(chosen, tfwd.backend)
+                last, att = await self._tries(
+                    x,
+                    tfwd,
+                    target,
+                    authority,
+                    send_headers,
+                    send_body,
+                    picker,
+                    stage,
+                    before_try,
+                    after_try,
+                )
+                if stage is None:
+                    break
+                kind = _kind_of_answer(last) if isinstance(last, Respond) else _kind(last.outcome)
+                if kind is None:
+                    break  # an answer to stream
+                falls = more and stage.falls_back(kind)
+                if falls or isinstance(last, Respond) or last.outcome < 0:
+                    # Given up (a failed response that is answered is the stage's to finish).
+                    stage.failed(chosen, -1 if isinstance(last, Respond) else last.outcome)
+                if not falls:
+                    break
+                x.annotations.setdefault("fallbacks", []).append(getattr(chosen, "model", None))
+                if isinstance(last, Try):
+                    last.discard()
+                    last = NOTHING_TRIED  # every way on sets it again (or answers)
+                if att is not None:
+                    att.release()
+                    self._notify(tfwd)
+                att = None
             if isinstance(last, Respond):
                 await self.reply(x, last)
                 return RESPOND_FLAGS.get(last.code, last.code)
@@ -355,9 +357,14 @@ class Proxy:
                 await self.reply(x, tfwd.failure_response(last.outcome))
                 return _FLAGS.get(Failure(last.outcome), "UF")
             assert isinstance(last, Try)  # a Failed one has a negative outcome
+            streamed = True
             await self._stream(x, tfwd, last, stage, chosen)
             return "-"
         finally:
+            if isinstance(last, Try) and not streamed:
+                # Neither streamed nor given up (a stage's callback raised): its stream
+                # is reset and its timer stops.
+                last.discard()
             if att is not None:
                 att.release()
             self._notify(tfwd)

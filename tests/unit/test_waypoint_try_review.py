@@ -463,3 +463,78 @@ def test_a_try_whose_callback_fails_is_reset_not_left_open():
             assert not up.queues and not r.armed_deadlines()
 
     asyncio.run(main())
+
+
+def test_a_stage_that_fails_deciding_a_fallback_leaves_no_try_open():
+    """A stage's fallback decision raises (a bug) after a try got its head: the handler
+    answers 500, the try is reset at the backend, its timer stops and its attempt is
+    released, rather than left open until the head deadline."""
+
+    class Target:
+        backend = ("ai", "llm", 8000)
+        model = "m"
+
+    class BrokenStage:
+        max_body = 1 << 20
+        targets = [Target(), Target()]
+        finished: list[bool] = []
+
+        def prepare(self, body: Any, fwd: Any) -> None:
+            return None
+
+        async def admit(self, target: Any, fwd: Any) -> None:
+            return None
+
+        def falls_back(self, kind: str) -> bool:
+            raise RuntimeError("stage bug")
+
+        def picker(self, target: Any, backend: Any) -> None:
+            return None
+
+        def body_for(self, target: Any, body: Any) -> Any:
+            return body
+
+        def headers_for(self, target: Any, headers: Any, body: Any) -> Any:
+            return headers
+
+        def try_started(self, endpoint: str) -> None:
+            pass
+
+        def failed(self, target: Any, outcome: int) -> None:
+            pass
+
+        def finish(self, ok: bool) -> None:
+            self.finished.append(ok)
+
+    async def h2s(b: H2Backend, sid: int) -> None:
+        b.send(b.codec.send_response_head(sid, 503, Headers(), False))
+        b.send(b.codec.send_data(sid, b"busy", False))  # ... and more would follow
+
+    async def main() -> None:
+        async with Rig(True, h2s, per_try=30.0) as r:
+            r.fwd.backend.key = Target.backend
+            released: list[bool] = []
+            attempt = r.fwd.attempt
+
+            def tracked(picker: Any = None) -> Any:
+                a = attempt(picker)
+                release = a.release
+                a.release = lambda: (released.append(True), release())
+                return a
+
+            r.fwd.attempt = tracked
+
+            async def handle(x: Any) -> None:
+                r.flags.append(
+                    await r.proxy.run(x, r.fwd, x.head.headers.copy(), stage=BrokenStage())
+                )
+
+            r.caller.handle = handle
+            r.send(GET)
+            assert await until(lambda: r.out.out.startswith(b"HTTP/1.1 500 "))
+            assert await until(lambda: r.backends[0].resets == [1])
+            up = r.pool.dialled[0]
+            assert not up.queues and not r.armed_deadlines()
+            assert released == [True]
+
+    asyncio.run(main())
