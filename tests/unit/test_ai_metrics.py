@@ -114,3 +114,28 @@ def test_policy_counters_are_read_at_scrape_time():
     s = samples(reg)
     assert s[("weft_ai_cache_lookups_total", (("policy", "ai/c"), ("result", "hit")))] == 3
     assert s[("weft_ai_cache_lookups_total", (("policy", "ai/c"), ("result", "miss")))] == 1
+
+
+def test_model_names_a_caller_makes_up_cannot_grow_the_registry_without_bound():
+    """The request's model is the caller's text: past MAX_MODELS distinct names, further
+    ones share the series labelled OTHER_MODEL, and names already seen keep their own."""
+    from agent.waypoint.ai import metrics as M
+
+    reg = CollectorRegistry()
+    m = GenAIMetrics(reg)
+    m.record(operation="chat", request_model="llama", response_model="llama", duration=0.1)
+    for i in range(M.MAX_MODELS + 50):
+        m.record(operation="chat", request_model=f"made-up-{i}", response_model=None, duration=0.1)
+    m.record(operation="chat", request_model="llama", response_model="llama", duration=0.1)
+    models = {
+        dict(labels)["gen_ai_request_model"]
+        for n, labels in samples(reg)
+        if n == "gen_ai_server_request_duration_count"
+    }
+    assert len(models) <= M.MAX_MODELS + 1 and M.OTHER_MODEL in models and "llama" in models
+    count = {
+        dict(labels)["gen_ai_request_model"]: v
+        for (n, labels), v in samples(reg).items()
+        if n == "gen_ai_server_request_duration_count"
+    }
+    assert count["llama"] == 2  # a name seen before the bound keeps its own series

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 DESTINATION = ("destination_workload", "destination_workload_namespace", "destination_version")
 
 CHILD_CACHE_MAX = 4096  # label-value tuples whose children GenAIMetrics keeps at hand
+# Distinct model names a waypoint labels its series with; later ones are labelled
+# OTHER_MODEL. The request's model is whatever the caller wrote in its body: without a
+# bound, a caller could grow the registry (and every scrape) by a series per name it sends.
+MAX_MODELS = 256
+OTHER_MODEL = "_other"
 OPERATION_NAMES = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 
 # The semantic conventions' advised boundaries.
@@ -143,6 +148,18 @@ class GenAIMetrics:
         # every call (27 Python calls per chat completion in hopcost --ai). Bounded: the
         # cache starts over past CHILD_CACHE_MAX series (the registry keeps them all).
         self._children: dict[tuple[object, ...], Any] = {}
+        self._models: set[str] = set()
+
+    def _model(self, name: str | None) -> str:
+        """The label value for a model name: itself, or OTHER_MODEL past MAX_MODELS names."""
+        name = name or ""
+        models = self._models
+        if name in models:
+            return name
+        if len(models) >= MAX_MODELS:
+            return OTHER_MODEL
+        models.add(name)
+        return name
 
     def _child(self, metric: Histogram, *values: str) -> Any:
         key = (metric, *values)
@@ -169,7 +186,7 @@ class GenAIMetrics:
         """One finished model request. `error_type`: "" when it succeeded, else the status
         or failure (e.g. "503", "timeout"), the conventions' error.type."""
         op = OPERATION_NAMES.get(operation, operation)
-        req, resp = request_model or "", response_model or ""
+        req, resp = self._model(request_model), self._model(response_model)
         child = self._child
         if usage is not None:
             child(self.token_usage, op, req, resp, "input").observe(usage.prompt_tokens)
