@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import cProfile
 import importlib
-import json
 import os
 import pstats
 import sys
@@ -46,37 +45,9 @@ from typing import Any
 
 import uvloop
 
+from benchmarks import lab_suite
+
 BODY = b"x" * 1024
-AI_MODEL = "bench-model"
-AI_BODY = json.dumps(
-    {
-        "model": AI_MODEL,
-        "messages": [
-            {"role": "system", "content": "You are a benchmark. Answer briefly."},
-            {"role": "user", "content": ("the mesh counts every token " * 32)[:900]},
-        ],
-        "max_tokens": 8,
-    },
-    separators=(",", ":"),
-).encode()
-AI_POLICY = f"""\
-apiVersion: weft.dev/v1alpha1
-kind: TokenRateLimit
-metadata: {{name: bench-tokens, namespace: ai}}
-spec:
-  targetRefs: [{{name: echo}}]
-  limits:
-    - {{name: per-caller, by: principal, tokensPerMinute: 1000000000,
-       requestsPerMinute: 1000000000}}
----
-apiVersion: weft.dev/v1alpha1
-kind: ModelRoute
-metadata: {{name: bench-models, namespace: ai}}
-spec:
-  targetRefs: [{{name: echo}}]
-  rules:
-    - {{name: bench, models: [{AI_MODEL}], backendRefs: [{{name: small, port: 8000}}]}}
-"""
 WARMUP = 300  # requests per connection before anything is measured
 
 
@@ -165,11 +136,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             # that never denies and a ModelRoute: the plain path plus the AI stages.
             m = WaypointMesh(
                 Path(tmp),
-                backends=[Backend("small-a", app="small", model=AI_MODEL, waypoint=False)],
+                backends=[
+                    Backend("small-a", app="small", model=lab_suite.AI_MODEL, waypoint=False)
+                ],
                 frontends=["echo"],
-                extra={"ai.yaml": AI_POLICY},
+                extra={"ai.yaml": lab_suite.ai_policy("ai", "echo", "small", 8000)},
             )
-            path, body, ctype = "/v1/chat/completions", AI_BODY, "application/json"
+            path, body, ctype = lab_suite.AI_PATH, lab_suite.ai_chat_body(), "application/json"
         else:
             m = WaypointMesh(Path(tmp), backends=[Backend("echo-1", app="echo", kind="echo")])
             path, body, ctype = "/echo", BODY, "text/plain"

@@ -129,27 +129,35 @@ SSE_SERVER = {"ttft": 0.001, "tpot": 0.0005, "tokens": 4}
 AI_MODEL = "bench-model"
 AI_SERVER: dict[str, Any] = {"model": AI_MODEL, "ttft": 0.0, "tpot": 0.0, "tokens": 8}
 AI_PATH = "/v1/chat/completions"
-# Policies on Service mesh/far-ai (the waypoint's AI stages): a token and request limit per
-# caller that never denies at benchmark rates, and a ModelRoute sending the model to the far
-# pods' model server (through Service mesh/far). Same shapes as docs/ai-traffic.md.
-AI_POLICY = f"""\
+
+
+def ai_policy(namespace: str, service: str, backend: str, port: int) -> str:
+    """The AI workloads' policies on Service namespace/service: a token and request limit
+    per caller that never denies at benchmark rates, and a ModelRoute sending AI_MODEL to
+    Service backend:port (also benchmarks/hopcost.py's, in process)."""
+    return f"""\
 apiVersion: weft.dev/v1alpha1
 kind: TokenRateLimit
-metadata: {{name: bench-tokens, namespace: mesh}}
+metadata: {{name: bench-tokens, namespace: {namespace}}}
 spec:
-  targetRefs: [{{name: far-ai}}]
+  targetRefs: [{{name: {service}}}]
   limits:
     - {{name: per-caller, by: principal, tokensPerMinute: 1000000000,
        requestsPerMinute: 1000000000}}
 ---
 apiVersion: weft.dev/v1alpha1
 kind: ModelRoute
-metadata: {{name: bench-models, namespace: mesh}}
+metadata: {{name: bench-models, namespace: {namespace}}}
 spec:
-  targetRefs: [{{name: far-ai}}]
+  targetRefs: [{{name: {service}}}]
   rules:
-    - {{name: bench, models: [{AI_MODEL}], backendRefs: [{{name: far, port: {PORTS["ai"]}}}]}}
+    - {{name: bench, models: [{AI_MODEL}], backendRefs: [{{name: {backend}, port: {port}}}]}}
 """
+
+
+# Policies on Service mesh/far-ai (the waypoint's AI stages), the model sent to the far pods'
+# model server through Service mesh/far. Same shapes as docs/ai-traffic.md.
+AI_POLICY = ai_policy("mesh", "far-ai", "far", PORTS["ai"])
 AI_POLICY_FILE = "bench-ai.yaml"
 
 
