@@ -102,12 +102,9 @@ def run(
 
     Example (a lab pod): weft waypoint run --name ai-waypoint --listen 10.244.1.9:15008
     """
-    logging.basicConfig(
-        level=log_level.upper(),
-        force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from agent.waypoint.server import WaypointSettings, main
+    if not isinstance(logging.getLevelName(log_level.upper()), int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    from agent.waypoint.server import WaypointSettings
 
     if escaped_slashes not in ("reject", "decode", "keep"):
         raise typer.BadParameter(
@@ -121,25 +118,28 @@ def run(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--quota-store") from None
 
-    main(
-        WaypointSettings(
-            name=name,
-            listen=listen,
-            workload_socket=workload_socket,
-            metrics_listen=metrics_listen,
-            otlp_endpoint=otlp_endpoint,
-            head_timeout=head_timeout,
-            drain_timeout=drain_timeout,
-            quota_store=quota_store,
-            access_log=access_log,
-            access_log_sample=access_log_sample,
-            access_log_max_rate=access_log_max_rate,
-            access_log_max_mb=access_log_max_mb,
-            handoff=handoff,
-            escaped_slashes=escaped_slashes,  # type: ignore[arg-type]
-            keeper_socket=keeper_socket,
-        )
+    settings = WaypointSettings(
+        name=name,
+        listen=listen,
+        workload_socket=workload_socket,
+        metrics_listen=metrics_listen,
+        otlp_endpoint=otlp_endpoint,
+        head_timeout=head_timeout,
+        drain_timeout=drain_timeout,
+        quota_store=quota_store,
+        access_log=access_log,
+        access_log_sample=access_log_sample,
+        access_log_max_rate=access_log_max_rate,
+        access_log_max_mb=access_log_max_mb,
+        handoff=handoff,
+        escaped_slashes=escaped_slashes,  # type: ignore[arg-type]
+        keeper_socket=keeper_socket,
     )
+    # The waypoint runs for its pod's life: in a fresh interpreter without the CLI's modules,
+    # under -OO (agent/run.py says what that saves), in this same process.
+    from agent.run import exec_agent
+
+    exec_agent(settings, log_level)
 
 
 WaypointName = Annotated[

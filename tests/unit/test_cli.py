@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -78,3 +79,56 @@ def test_the_agent_process_reports_a_user_error_as_the_cli_does(monkeypatch, cap
     assert code == 3
     assert capsys.readouterr().err == "error: no bpffs\n  hint: mount it\n"
     assert run.main(["--settings", "{}"]) == 2
+
+
+def test_waypoint_run_execs_the_waypoint_with_the_options_it_parsed(monkeypatch):
+    """`weft waypoint run` checks its options, then replaces itself with
+    `python -OO -m agent.run --waypoint`, as the agent does; the settings come back as
+    they went (paths as paths); a bad option stays the CLI's error and execs nothing."""
+    import os
+
+    from agent import run
+    from agent.waypoint.server import WaypointSettings
+
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: calls.append((path, argv)))
+    runner = CliRunner()
+    argv = ["waypoint", "run", "--name", "ai-waypoint", "--listen", "10.244.1.9:15008"]
+    extra = ["--keeper-socket", "/run/k.sock", "--escaped-slashes", "decode"]
+    out = runner.invoke(app, [*argv, *extra, "--log-level", "debug"])
+    assert out.exit_code == 0, out.output
+    [(path, args)] = calls
+    assert path == sys.executable and args[0] == sys.executable
+    assert args[-7:-1] == ["-OO", "-m", "agent.run", "--log-level", "debug", "--waypoint"]
+    s = run.waypoint_settings(args[-1])
+    assert isinstance(s, WaypointSettings)
+    assert (s.name, s.listen, s.escaped_slashes) == ("ai-waypoint", "10.244.1.9:15008", "decode")
+    assert s.keeper_socket == Path("/run/k.sock") and isinstance(s.workload_socket, Path)
+
+    for bad in (["--log-level", "chatty"], ["--escaped-slashes", "maybe"]):
+        out = runner.invoke(app, [*argv, *bad])
+        assert out.exit_code != 0 and len(calls) == 1, out.output
+
+
+def test_the_waypoint_process_runs_what_it_was_handed(monkeypatch):
+    """agent/run.py --waypoint: the settings reach the waypoint's main, a user error ends as
+    the CLI's do, and a malformed command line is a usage error."""
+    import logging
+
+    from agent import run
+    from agent.waypoint import server
+    from agent.waypoint.server import WaypointSettings
+    from controller.errors import EnvironmentProblem
+
+    got: list[WaypointSettings] = []
+
+    def fake(s: WaypointSettings) -> None:
+        got.append(s)
+        raise EnvironmentProblem("no workload socket", hint="is the agent running?")
+
+    monkeypatch.setattr(server, "main", fake)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    s = WaypointSettings(name="w", listen="10.0.0.1:15008", workload_socket=Path("/x.sock"))
+    code = run.main(run.argv(s, "INFO")[-4:])
+    assert code == 3 and got == [s]
+    assert run.main(["--log-level", "INFO", "--waypoint"]) == 2
