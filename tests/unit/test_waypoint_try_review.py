@@ -205,6 +205,7 @@ class Rig:
         self.fwd = forward(**fwd)
         self.flags: list[str] = []
         self.backends: list[Any] = []
+        self.run_kw: dict[str, Any] = {}  # more arguments to Proxy.run (stage, after_try...)
 
     async def __aenter__(self) -> Rig:
         loop = asyncio.get_running_loop()
@@ -221,7 +222,9 @@ class Rig:
         self.proxy = P.Proxy(self.pool, lambda w, p: ep)
 
         async def handle(x: Any) -> None:
-            self.flags.append(await self.proxy.run(x, self.fwd, x.head.headers.copy()))
+            self.flags.append(
+                await self.proxy.run(x, self.fwd, x.head.headers.copy(), **self.run_kw)
+            )
 
         self.caller = Downstream(CALLER, handle)
         self.out = CallerTransport()
@@ -437,6 +440,16 @@ def test_an_h1_backend_is_not_read_ahead_of_a_caller_that_stops_reading():
     asyncio.run(main())
 
 
+async def failed_and_reset(r: Rig) -> None:
+    """A GET whose handler fails after its try got a head: a 500 to the caller, the try's
+    stream reset at the backend, nothing left queued or armed."""
+    r.send(GET)
+    assert await until(lambda: r.out.out.startswith(b"HTTP/1.1 500 "))
+    assert await until(lambda: r.backends[0].resets == [1])
+    up = r.pool.dialled[0]
+    assert not up.queues and not r.armed_deadlines()
+
+
 def test_a_try_whose_callback_fails_is_reset_not_left_open():
     """A callback after the try's head (here the caller's after_try) raises: the handler
     fails with a 500, and the try that will never stream is reset at the backend and its
@@ -452,15 +465,8 @@ def test_a_try_whose_callback_fails_is_reset_not_left_open():
             def broken(token: Any, outcome: int) -> None:
                 raise RuntimeError("telemetry bug")
 
-            async def handle(x: Any) -> None:
-                r.flags.append(await r.proxy.run(x, r.fwd, x.head.headers.copy(), after_try=broken))
-
-            r.caller.handle = handle
-            r.send(GET)
-            assert await until(lambda: r.out.out.startswith(b"HTTP/1.1 500 "))
-            assert await until(lambda: r.backends[0].resets == [1])
-            up = r.pool.dialled[0]
-            assert not up.queues and not r.armed_deadlines()
+            r.run_kw = {"after_try": broken}
+            await failed_and_reset(r)
 
     asyncio.run(main())
 
@@ -524,17 +530,8 @@ def test_a_stage_that_fails_deciding_a_fallback_leaves_no_try_open():
 
             r.fwd.attempt = tracked
 
-            async def handle(x: Any) -> None:
-                r.flags.append(
-                    await r.proxy.run(x, r.fwd, x.head.headers.copy(), stage=BrokenStage())
-                )
-
-            r.caller.handle = handle
-            r.send(GET)
-            assert await until(lambda: r.out.out.startswith(b"HTTP/1.1 500 "))
-            assert await until(lambda: r.backends[0].resets == [1])
-            up = r.pool.dialled[0]
-            assert not up.queues and not r.armed_deadlines()
+            r.run_kw = {"stage": BrokenStage()}
+            await failed_and_reset(r)
             assert released == [True]
 
     asyncio.run(main())
