@@ -2,10 +2,10 @@
 
 asyncio.Queue is general (many getters and putters, maxsize, task accounting): in a
 cProfile of the waypoint on the lab (2026-12-06) it was 48 Python calls and 4 % of the
-waypoint's Python time per request. A request's body has exactly one producer (the
-caller connection's data_received) and one consumer (the request's task): a deque and
-one waiting future are enough. (The backend stream's events have their own receiver of
-the same shape, upstream.StreamEvents, which also keeps the stream's flow control.)
+waypoint's Python time per request. A request's body and its backend stream's events
+(upstream.StreamEvents, a subclass that also keeps the stream's flow control) each have
+exactly one producer (a protocol's data_received) and one consumer (the request's task):
+a deque and one waiting future are enough.
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ class Channel(Generic[T]):
         self._items: deque[T] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
-    def put_nowait(self, item: T) -> None:
-        self._items.append(item)
+    def put_nowait(self, item: T) -> int:
+        """Queue `item` (waking the reader); how many items are queued now."""
+        items = self._items
+        items.append(item)
         w = self._waiter
         if w is not None:
             self._waiter = None
             if not w.done():
                 w.set_result(None)
+        return len(items)
 
     async def get(self) -> T:
         items = self._items

@@ -21,6 +21,7 @@ from typing import Any
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.pool import ConnectionPool
 from agent.tunnel.tunnel import FORWARDED, sni_for
+from agent.waypoint.chanq import Channel
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.config import Limits, Role
 from agent.waypoint.codec.errors import ProtocolError
@@ -98,8 +99,14 @@ class UpstreamConnection(asyncio.Protocol):
                     self.closed = self.closed or isinstance(e, ev.ConnectionClosed)
                 continue
             q = self.queues.get(sid)
-            if q is not None:
-                q.put_nowait(e)
+            if q is None:
+                continue
+            if q.put_nowait(e) >= READ_AHEAD and not self.h2 and not q.paused:
+                # The reader lags READ_AHEAD events behind (its caller stopped reading):
+                # stop reading this connection until it catches up (StreamEvents._took).
+                q.paused = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         try:
@@ -233,48 +240,31 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
-class StreamEvents:
+class StreamEvents(Channel[ev.Event | BaseException]):
     """The events of one request's stream, in order: the connection puts each one here as
-    it is parsed, the request's task reads them. The last one (the end of the response,
-    trailers or a reset) finishes the exchange on the connection before it is handed out,
-    so the caller can release the connection right after it.
+    it is parsed (a Channel: one producer, one consumer), the request's task reads them.
+    The last one (the end of the response, trailers or a reset) finishes the exchange on
+    the connection before it is handed out, so the caller can release the connection
+    right after it. Reading an event gives its HTTP/2 flow-control credit back, and resumes
+    an HTTP/1.1 connection its reader had fallen READ_AHEAD events behind.
 
-    One producer (the connection's data_received) and one consumer (the request's task):
-    a deque and one waiting future are enough (asyncio.Queue was 48 Python calls and 4 %
-    of the waypoint's Python time per request in a cProfile on the lab, 2026-12-06). A
-    class rather than an async generator: a generator left suspended after the last
+    A class rather than an async generator: a generator left suspended after the last
     event (the caller stops reading there) is finalized by the event loop, which costs a
     thread-safe wake-up of the loop (an eventfd write and read) and a Task running its
     aclose() for every request (seen with strace on the lab's waypoint). The proxy's
     try (proxy.py) is a subclass: one object per try for the stream, its timer and its
     outcome."""
 
-    __slots__ = ("conn", "done", "items", "paused", "sid", "waiter")
+    __slots__ = ("conn", "done", "paused", "sid")
 
     conn: UpstreamConnection
     sid: int
 
     def __init__(self) -> None:
         # conn and sid are set by UpstreamConnection.start
-        self.items: deque[ev.Event | BaseException] = deque()
-        self.waiter: asyncio.Future[None] | None = None
+        super().__init__()
         self.done = False
         self.paused = False  # the HTTP/1.1 connection's reading, paused for this reader
-
-    def put_nowait(self, item: ev.Event | BaseException) -> None:
-        """From the connection: the stream's next event, or what broke it."""
-        items = self.items
-        items.append(item)
-        if len(items) >= READ_AHEAD and not self.paused:
-            conn = self.conn
-            if not conn.h2 and conn.transport is not None:
-                self.paused = True
-                conn.transport.pause_reading()
-        w = self.waiter
-        if w is not None:
-            self.waiter = None
-            if not w.done():
-                w.set_result(None)
 
     def __aiter__(self) -> StreamEvents:
         return self
@@ -289,29 +279,25 @@ class StreamEvents:
         """The next event; None once the stream has ended. Raises what broke it."""
         if self.done:
             return None
-        items = self.items
-        while not items:
-            w = self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await w
-            except BaseException:
-                if self.waiter is w:
-                    self.waiter = None
-                self.close()  # cancelled while waiting: the exchange is over for this reader
-                raise
-        return self._took(items.popleft())
+        try:
+            e = await self.get()
+        except BaseException:
+            self.close()  # cancelled while waiting: the exchange is over for this reader
+            raise
+        return self._took(e)
 
     def ready(self) -> ev.Event | None:
         """The next event if one is queued already (no waiting), else None."""
-        if self.done or not self.items:
+        items = self._items
+        if self.done or not items:
             return None
-        return self._took(self.items.popleft())
+        return self._took(items.popleft())
 
     def _took(self, e: ev.Event | BaseException) -> ev.Event:
         if isinstance(e, BaseException):
             self.close()
             raise e
-        if self.paused and len(self.items) <= READ_AHEAD // 2:
+        if self.paused and len(self._items) <= READ_AHEAD // 2:
             self._resume()
         if type(e) is ev.Data:
             conn = self.conn

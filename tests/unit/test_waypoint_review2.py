@@ -199,7 +199,7 @@ def test_an_abandoned_h1_answer_read_ahead_over_hbone_gives_its_credit_back():
             assert await until(lambda: pool.dialled and pool.dialled[0].queues)
             t = pool.dialled[0].queues[1]
             assert await until(lambda: t.paused)
-            assert len(t.items) >= READ_AHEAD
+            assert t.qsize() >= READ_AHEAD
             assert await until(lambda: r.flags)  # the idle timeout ended the answer
             up, b = pool.dialled[0], backends[0]
             assert up.closed
