@@ -44,14 +44,14 @@ class LazyTimer:
     timeouts): a new loop timer and a cancellation per request cost more than the rest of
     the timeout handling."""
 
-    __slots__ = ("_at", "_handle", "_loop", "_on_due", "when")
+    __slots__ = ("_at", "_handle", "_on_due", "loop", "when")
 
     def __init__(
         self,
         on_due: Callable[[], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self._loop = loop or asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self._on_due = on_due
         # The armed timer and the loop time it was set for (kept here: for a delay under
         # half a millisecond uvloop returns a plain Handle, which has no when()).
@@ -70,16 +70,16 @@ class LazyTimer:
             if h is not None:
                 h.cancel()
             self._at = when
-            self._handle = self._loop.call_at(when, self._fire)
+            self._handle = self.loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
         when = self.when
         if when is None:
             return
-        if when - self._loop.time() > RESOLUTION:
+        if when - self.loop.time() > RESOLUTION:
             self._at = when
-            self._handle = self._loop.call_at(when, self._fire)
+            self._handle = self.loop.call_at(when, self._fire)
             return
         # Due, or due within the loop's timer resolution: uvloop keeps time in whole
         # milliseconds and may fire up to half of one early; re-arming for the rest would

@@ -162,7 +162,7 @@ class Try(StreamEvents):
     the common path, where there were four (an event queue, its reader, the timer and a
     result)."""
 
-    __slots__ = ("deadline", "head", "outcome", "pump")
+    __slots__ = ("deadline", "head", "idle", "outcome", "pump")
 
     def __init__(self) -> None:
         super().__init__()
@@ -170,6 +170,19 @@ class Try(StreamEvents):
         self.head: ev.ResponseHead | None = None
         self.outcome = 0  # the head's status, once it came
         self.pump: asyncio.Task[None] | None = None  # still sending a streaming body
+        self.idle = 0.0  # the answer's idle timeout, worked out when it first has to wait
+
+    def arm_idle(self, fwd: Forward) -> None:
+        """About to wait while streaming the answer (for the backend, or for a caller that
+        stops reading): the timer runs the idle timeout from now. A stream's timeouts count
+        from the last byte received, not the start, and everything received so far was
+        relayed just now (moving the deadline later is an assignment: Deadline re-arms
+        lazily)."""
+        idle = self.idle
+        if not idle:
+            idle = self.idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
+        dl = self.deadline
+        dl.arm(dl.loop.time() + idle)
 
     async def response_head(self) -> ev.ResponseHead | None:
         """The final response head (1xx heads are skipped); None if the stream ended
@@ -496,7 +509,7 @@ class Proxy:
                 fwd.backend.pool.closed()  # the connection admitted for it is never opened
             return Failed(Failure.TIMEOUT)
         t = Try()
-        started = t.deadline._loop.time()  # the try's time runs from here, dial included
+        started = t.deadline.loop.time()  # the try's time runs from here, dial included
         if up is None:
             # asyncio.timeout, not wait_for: in Python 3.11 wait_for wraps the await in a
             # new Task, which costs more than the rest of a request's bookkeeping.
@@ -615,8 +628,6 @@ class Proxy:
     ) -> None:
         assert r.head is not None  # _try hands a head over with its (disarmed) timer
         up, dl = r.conn, r.deadline
-        loop = dl._loop
-        idle = 0.0  # the stream's idle timeout, worked out when it first has to wait
         ok = 200 <= r.head.status < 300
         try:
             # The head is ours to edit (parsed from the backend's bytes), unless the stage
@@ -631,11 +642,7 @@ class Proxy:
                 # Usually the body came with the head (one read): take it without awaiting.
                 e = r.ready()
                 if e is None:
-                    # A stream's timeouts count from the last byte received, not the start:
-                    # everything received so far was relayed just now (moving the deadline
-                    # later is an assignment: Deadline re-arms lazily).
-                    idle = idle or _idle(fwd)
-                    dl.arm(loop.time() + idle)
+                    r.arm_idle(fwd)
                     e = await r.next()
                 if x.reset:  # the caller left: not a finished answer, whatever came
                     up.cancel(r.sid)
@@ -653,17 +660,14 @@ class Proxy:
                             # The stage ends the answer here (a token limit reached
                             # while streaming, onExceed: truncate).
                             if x.conn.write_paused:
-                                idle = idle or _idle(fwd)
-                                dl.arm(loop.time() + idle)
+                                r.arm_idle(fwd)
                                 await x.writable()
                             x.respond_data(data + tail, True)
                             up.cancel(r.sid)
                             ok = False
                             break
                     if x.conn.write_paused:
-                        # A caller that stops reading is held to the same idle timeout.
-                        idle = idle or _idle(fwd)
-                        dl.arm(loop.time() + idle)
+                        r.arm_idle(fwd)  # a caller that stops reading: the same idle timeout
                         await x.writable()
                     x.respond_data(data, e.end_stream)
                     if e.end_stream:
@@ -781,12 +785,6 @@ class Proxy:
 
         task = asyncio.get_running_loop().create_task(send())
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-
-
-def _idle(fwd: Forward) -> float:
-    """How long a streaming answer may go without a byte (the per-try timeout, within
-    what is left of the route's)."""
-    return _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
 
 
 def _min(a: float | None, b: float | None) -> float | None:
