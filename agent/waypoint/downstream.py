@@ -274,11 +274,9 @@ class Downstream(asyncio.Protocol):
             self._flush()
             self.closed = True
             self._stop_timer()
-            if self._reading_paused:
-                # Paused for a body no one reads now: what the caller still sends is read
-                # and dropped, or an HBONE stream withholds its credit for good.
-                self._reading_paused = False
-                self.transport.resume_reading()
+            # Paused for a body no one reads now: what the caller still sends is read and
+            # dropped, or an HBONE stream withholds its credit for good.
+            self._resume_reading()
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -346,7 +344,7 @@ class Downstream(asyncio.Protocol):
                     x2.body_done = True
                     x2.body.put_nowait(None)
                 if x2.body.qsize() >= BODY_QUEUE - 1 and self.transport is not None:
-                    self._reading_paused = True
+                    self._reading_paused = True  # until consumed() drains the queue
                     self.transport.pause_reading()
             elif isinstance(e, ev.Trailers):
                 x3 = self.exchanges.get(e.stream_id)
@@ -400,7 +398,12 @@ class Downstream(asyncio.Protocol):
         """The handler passed n request-body bytes on: credit HTTP/2, resume reading."""
         if self._h2:
             self.write(self.codec.consumed(x.sid, n))
-        if self._reading_paused and self.transport is not None and x.body.qsize() < BODY_QUEUE // 2:
+        if self._reading_paused and x.body.qsize() < BODY_QUEUE // 2:
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Read the caller again, if a request body's full queue had stopped it."""
+        if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -428,11 +431,9 @@ class Downstream(asyncio.Protocol):
                 # and grpc-go do the same). This also gives the stream's unread bytes back
                 # to the connection window, which would otherwise shrink for good.
                 self.write(self.codec.reset_stream(x.sid, ErrorCode.NO_ERROR))
-            if self._reading_paused and self.transport is not None:
-                # Perhaps paused for this stream's body, which no one reads now: read on (a
-                # stream whose queue is still full pauses the connection again).
-                self._reading_paused = False
-                self.transport.resume_reading()
+            # Perhaps paused for this stream's body, which no one reads now: read on (a
+            # stream whose queue is still full pauses the connection again).
+            self._resume_reading()
             if self.codec.should_close and not self.exchanges:
                 self.close()
 
