@@ -370,27 +370,15 @@ def parse_resource(
     return res
 
 
-def _unknown_shipped_kind(kind: str) -> InvalidConfig:
-    return InvalidConfig(
-        [Problem(f"unknown kind {kind!r}; this agent may be older than the controller")]
-    )
-
-
 def resource_from_json(kind: str, body: str | bytes) -> Resource:
     """Decode a resource shipped by the controller (canonical JSON of a validated model)."""
-    _load_all()
-    cls = _KINDS.get(kind)
-    if cls is None:
-        raise _unknown_shipped_kind(kind)
-    try:
-        return cls.model_validate_json(body)
-    except ValidationError as e:
-        raise InvalidConfig(problems_from_validation(e, resource=kind)) from None
+    return resources_from_json(((kind, body),))[0]
 
 
 def resources_from_json(items: Iterable[tuple[str, str | bytes]]) -> list[Resource]:
-    """`resource_from_json` of each (kind, body), in order; raises as it does for the first
-    that fails.
+    """Decode resources shipped by the controller (canonical JSON of validated models),
+    each a (kind, body), in order; InvalidConfig for the first that fails (a kind this
+    agent does not know, or a body its model refuses).
 
     For a full snapshot (10,000 of one kind): each kind's validator is looked up once and
     called directly, the call model_validate_json makes. The lookups and the Python frames
@@ -405,7 +393,9 @@ def resources_from_json(items: Iterable[tuple[str, str | bytes]]) -> list[Resour
         if decode is None:
             cls = _KINDS.get(kind)
             if cls is None:
-                raise _unknown_shipped_kind(kind)
+                raise InvalidConfig(
+                    [Problem(f"unknown kind {kind!r}; this agent may be older than the controller")]
+                )
             decode = decoders[kind] = cls.__pydantic_validator__.validate_json
         try:
             append(decode(body))
