@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WAYPOINT = "--waypoint"
-_WAYPOINT_PATHS = ("workload_socket", "keeper_socket")  # WaypointSettings' Path fields
 
 
 def argv(settings: AgentSettings | WaypointSettings, log_level: str) -> list[str]:
@@ -79,9 +78,9 @@ def waypoint_settings(text: str) -> WaypointSettings:
     from agent.waypoint.server import WaypointSettings
 
     raw: dict[str, Any] = json.loads(text)
-    for k in _WAYPOINT_PATHS:
-        if raw.get(k) is not None:
-            raw[k] = Path(raw[k])
+    for f in dataclasses.fields(WaypointSettings):
+        if "Path" in str(f.type) and raw.get(f.name) is not None:
+            raw[f.name] = Path(raw[f.name])
     return WaypointSettings(**raw)
 
 
