@@ -26,9 +26,11 @@ def keeper_path() -> Iterator[Path]:
     loop = asyncio.new_event_loop()
     k = keeper.Keeper(path)
     stop = asyncio.Event()
+    listening = threading.Event()
 
     async def main() -> None:
-        k.start()
+        k.start()  # bound and listening when it returns
+        listening.set()
         try:
             await stop.wait()
         finally:
@@ -36,10 +38,9 @@ def keeper_path() -> Iterator[Path]:
 
     t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     t.start()
-    for _ in range(200):
-        if path.exists():
-            break
-        threading.Event().wait(0.01)
+    # Not the socket file's existence: it appears at bind, before listen(), and a connect
+    # in between is refused (seen on a loaded machine).
+    assert listening.wait(30), "the keeper did not start"
     try:
         yield path
     finally:
