@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from controller.model.base import Resource, ResourceKey, resource_from_json
+from controller.model.base import Resource, ResourceKey
+from controller.model.base import resources_from_json as decode_resources
 from controller.model.derived import DERIVING_KINDS, derive
 from controller.model.routing import HTTPRoute
 from controller.model.security import AuthorizationPolicy, PeerAuthentication
@@ -289,4 +290,4 @@ def resource_json(key: ResourceKey, r: Resource) -> str:
 
 def resources_from_json(items: Iterable[Mapping[str, Any]]) -> list[Resource]:
     """The resources of a snapshot document's items (validated as the controller's)."""
-    return [resource_from_json(i["kind"], json.dumps(i["body"])) for i in items]
+    return decode_resources((i["kind"], json.dumps(i["body"])) for i in items)
