@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import keeper
 from agent.accesslog import AccessLog
+from agent.identity.tls import direct_io
 from agent.policy.authz import Request, evaluate, principal_of, workload_policies
 from agent.state import ConfigSnapshot
 from agent.tunnel import h2 as hb
@@ -618,7 +619,7 @@ class Tunnel:
     # ---- inbound -----------------------------------------------------------------------
 
     def _server_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = direct_io(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         # OpenSSL copies the verify mode into a connection when it is created, and the SNI
         # switch below replaces only certificate and trust store; so the listening context

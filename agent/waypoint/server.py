@@ -34,6 +34,7 @@ from agent import keeper, memtrim
 from agent.accesslog import AccessLog, members, quote
 from agent.aio import cache_running_loop
 from agent.httpserver import HttpRequest, HttpServer, Response
+from agent.identity.tls import direct_io
 from agent.policy.authz import Decision, Request, evaluate, principal_of, service_policies
 from agent.state import ConfigSnapshot
 from agent.tasks import TaskFailed, TaskOwner
@@ -217,7 +218,7 @@ class Waypoint:
         return self._client_ctx
 
     def _server_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx = direct_io(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(["h2"])

@@ -248,3 +248,40 @@ def test_single_spiffe_id(uris, want):
     from controller.ca.spiffeid import single_spiffe_id
 
     assert single_spiffe_id(uris) == want
+
+
+def test_tls_objects_call_openssl_directly_and_behave_as_the_stdlib_ones(ca):
+    """Every context weft builds makes DirectSSLObjects: read, write and pending are the C
+    methods (no Python wrapper per TLS record on the data path), with the stdlib's
+    arguments, results and errors: data both ways, read into a buffer, pending bytes, and
+    SSLWantReadError when nothing is there."""
+    from agent.identity.tls import DirectSSLObject, client_context, server_context
+
+    key = new_key()
+    chain = ca.sign_workload(make_csr(key, None), "ai", "llm").chain_pem
+    client = client_context(chain, key_pem(key), ca.bundle_pem())
+    server = server_context(chain, key_pem(key), ca.bundle_pem())
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_side=False)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(4):
+        for obj in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    for obj in (c, s):
+        assert isinstance(obj, DirectSSLObject)
+        assert type(obj.read).__name__ == "builtin_function_or_method"
+    with pytest.raises(ssl.SSLWantReadError):
+        s.read(10)
+    assert c.write(b"hello world") == 11
+    s_in.write(c_out.read())
+    assert s.read(5) == b"hello"
+    assert s.pending() == 6
+    buf = bytearray(16)
+    assert s.read(16, buf) == 6 and bytes(buf[:6]) == b" world"
+    assert s.pending() == 0
+    s.write(b"ok")
+    c_in.write(s_out.read())
+    assert c.read(1024) == b"ok"
