@@ -11,10 +11,18 @@ a deque and one waiting future are enough.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class Empty(enum.Enum):
+    EMPTY = enum.auto()
+
+
+EMPTY: Final = Empty.EMPTY  # what Channel.poll returns when nothing is queued
 
 
 class Channel(Generic[T]):
@@ -46,9 +54,10 @@ class Channel(Generic[T]):
                     self._waiter = None
         return items.popleft()
 
-    def get_nowait(self) -> T:
-        """The oldest item; IndexError when there is none (check qsize first)."""
-        return self._items.popleft()
+    def poll(self) -> T | Empty:
+        """The oldest item, or EMPTY when there is none (one call, no exception)."""
+        items = self._items
+        return items.popleft() if items else EMPTY
 
     def qsize(self) -> int:
         return len(self._items)

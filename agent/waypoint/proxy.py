@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.waypoint.ai.router import failure_kind
+from agent.waypoint.chanq import EMPTY
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.deadline import Deadline
@@ -127,10 +128,6 @@ class Body:
     # ends within that, it becomes `complete` and a retry can send it again.
     teeing: bool = True
 
-    @property
-    def replayable(self) -> bool:
-        return self.complete
-
 
 async def hold_body(x: Exchange, limit: int = RETRY_BUFFER) -> Body:
     """Read the request body into memory up to `limit`; stop early if it is larger."""
@@ -138,7 +135,9 @@ async def hold_body(x: Exchange, limit: int = RETRY_BUFFER) -> Body:
     q = x.body
     while len(b.held) <= limit:
         # Usually the whole body came with the head: take it without awaiting.
-        chunk = q.get_nowait() if q.qsize() else await q.get()
+        chunk = q.poll()
+        if chunk is EMPTY:
+            chunk = await q.get()
         if chunk is None:
             b.complete = not x.reset
             b.trailers = x.trailers
@@ -380,7 +379,8 @@ class Proxy:
                 last.discard()
             if att is not None:
                 att.release()
-            self._notify(tfwd)
+            if self._released:  # someone waits for a connection (rarely)
+                self._notify(tfwd)
 
     def _retarget(self, fwd: Forward, key: tuple[str, str, int]) -> Forward | Respond:
         """The route's decision sent to a model route's target backend."""
@@ -459,7 +459,7 @@ class Proxy:
                 if x.reset:
                     att.observed = True  # the caller left: says nothing about the endpoint
                 att.observe(last.outcome)
-                replay = body.replayable and not x.reset
+                replay = body.complete and not x.reset  # a body held whole can go again
                 wait = fwd.retry_after(last.outcome, att) if replay else None
                 if wait is None:
                     return last, att

@@ -370,24 +370,28 @@ class UpstreamPool:
         if ep.h2:
             c = self._h2.get(key)
             return c is not None and c.reusable()
-        idle = self._idle.get(key)
-        if not idle:
-            return False
         now = time.monotonic()
-        while idle:
-            c = idle[-1]
-            if c.reusable() and now - c.last_used < IDLE_TIMEOUT:
-                return True
-            idle.pop().close()  # stale: its close is counted back by on_close
-        return False
+        return any(
+            c.reusable() and now - c.last_used < IDLE_TIMEOUT for c in self._idle.get(key, ())
+        )
 
     def take(self, ep: Endpoint, client_ip: str) -> UpstreamConnection | None:
-        """A connection to `ep` for this caller that can take a request now, or None."""
-        if not self.has_idle(ep, client_ip):
-            return None
+        """A connection to `ep` for this caller that can take a request now, or None. Stale
+        ones met on the way are closed."""
+        key = (ep.key, client_ip)
         if ep.h2:
-            return self._h2[(ep.key, client_ip)]
-        return self._idle[(ep.key, client_ip)].pop()
+            c = self._h2.get(key)
+            return c if c is not None and c.reusable() else None
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            c = idle.pop()
+            if c.reusable() and now - c.last_used < IDLE_TIMEOUT:
+                return c
+            c.close()  # stale: its close is counted back by on_close
+        return None
 
     async def acquire(
         self,
