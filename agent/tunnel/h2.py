@@ -449,7 +449,10 @@ class H2Connection:
                 payload = bytes(mv[pos + 9 : pos + 9 + length])
                 pos += 9 + length
                 self._frames_seen += 1
-                self._dispatch(ftype, flags, sid, payload, events)
+                if ftype == Frame.DATA and self._continuation is None:
+                    self._on_data(flags, sid, payload, events)  # most frames: no dispatch
+                else:
+                    self._dispatch(ftype, flags, sid, payload, events)
         finally:
             mv.release()
             del buf[:pos]

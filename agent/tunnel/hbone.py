@@ -80,18 +80,21 @@ class HboneConnection(asyncio.Protocol):
             self.flush()
             self.abort_all()
             return
+        streams = self.streams
         for ev in events:
-            self._event(ev)
+            if type(ev) is hb.Data:  # most events: handled here, without a call to _event
+                s = streams.get(ev.stream_id)
+                if s is not None:
+                    s.on_data(ev.data, ev.flow_length)
+                else:
+                    self.h2.consumed(ev.stream_id, ev.flow_length)
+            else:
+                self._event(ev)
         self._write_out()
 
     def _event(self, ev: hb.Event) -> None:
-        if isinstance(ev, hb.Data):
-            s = self.streams.get(ev.stream_id)
-            if s is not None:
-                s.on_data(ev.data, ev.flow_length)
-            else:
-                self.h2.consumed(ev.stream_id, ev.flow_length)
-        elif isinstance(ev, hb.WindowOpened):
+        """Every event but Data (data_received handles those)."""
+        if isinstance(ev, hb.WindowOpened):
             if ev.stream_id == 0:
                 for s in list(self.streams.values()):
                     s.on_window()
