@@ -22,6 +22,25 @@ def test_set_replaces_in_place_and_remove_counts():
     assert h.remove(b"b") == 1 and h == Headers.of(("a", "9"), ("c", "4"))
 
 
+def test_remove_of_an_absent_name_changes_nothing():
+    """remove(name) of a name not there returns 0 and leaves the very same list in place."""
+    h = Headers.of(("a", "1"), ("b", "2"))
+    fields = h.fields
+    assert h.remove(b"c") == 0 and h.fields is fields and len(h) == 2
+    assert h.remove(b"A") == 1 and h == Headers.of(("b", "2"))
+
+
+def test_copy_is_independent_and_equal():
+    """copy() is a Headers of its own list: editing one leaves the other as it was."""
+    h = Headers.of(("a", "1"), ("b", "2"))
+    c = h.copy()
+    assert type(c) is Headers and c == h and c.fields is not h.fields
+    c.set(b"a", b"9")
+    c.add(b"x", b"y")
+    assert h == Headers.of(("a", "1"), ("b", "2"))
+    assert c == Headers.of(("a", "9"), ("b", "2"), ("x", "y"))
+
+
 def test_hop_by_hop_fields_are_stripped_for_forwarding():
     """Connection-specific fields and those named in Connection go; te: trailers stays."""
     h = Headers.of(

@@ -102,11 +102,16 @@ class Headers:
         """Remove every field of `name`; return how many there were."""
         name = name.lower()
         fields = self.fields
+        for f in fields:
+            if f[0] == name:
+                break
+        else:
+            # Usually absent (the proxy removes what it is about to set): no list is built,
+            # and no comprehension called (a Python call of its own before Python 3.12).
+            return 0
         kept = [f for f in fields if f[0] != name]
-        n = len(fields) - len(kept)
-        if n:
-            self.fields = kept
-        return n
+        self.fields = kept
+        return len(fields) - len(kept)
 
     def strip_hop_by_hop(self) -> None:
         """Remove connection-specific fields in place (see HOP_BY_HOP), keeping `te: trailers`.
@@ -132,7 +137,11 @@ class Headers:
         ]
 
     def copy(self) -> Headers:
-        return Headers(list(self.fields))
+        # Built without calling __init__ (a Python call, once or twice per proxied request):
+        # the copied list is adopted as is, which is all __init__ would do with it.
+        h = Headers.__new__(Headers)
+        h.fields = self.fields.copy()
+        return h
 
     def __iter__(self) -> Iterator[Field]:
         return iter(self.fields)
