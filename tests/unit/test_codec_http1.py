@@ -295,6 +295,57 @@ def test_header_value_with_newline_is_refused():
     assert info.value.side == "local"
 
 
+def test_line_breaks_in_any_serialized_block_are_refused():
+    """CR or LF in a field of a request head, an interim or final response head, or a
+    trailer block (or in a Content-Length a HEAD response copies) is refused."""
+    bad = [(b"x", b"a\rb")], [(b"x", b"a\nb")], [(b"x\r\ny", b"1")]
+    for fields in bad:
+        with pytest.raises(ProtocolError, match="CR or LF"):
+            client().send_request_head(1, "GET", "/", "a", "http", Headers(fields), True)
+        for status in (103, 200):
+            conn = server()
+            feed(conn, GET)
+            with pytest.raises(ProtocolError, match="CR or LF"):
+                conn.send_response_head(1, status, Headers(fields))
+        conn = server()
+        feed(conn, GET)
+        conn.send_response_head(1, 200, Headers())
+        with pytest.raises(ProtocolError, match="CR or LF"):
+            conn.send_trailers(1, Headers(fields))
+    conn = server()
+    feed(conn, b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    with pytest.raises(ProtocolError, match="CR or LF"):
+        conn.send_response_head(1, 200, Headers([(b"content-length", b"1\r\nx: y")]))
+
+
+def test_sending_out_of_turn_is_a_local_error():
+    """The serializer refuses what the core must not do: a response head on a client-role
+    connection or for a stream not being answered, body before the head or after its
+    end, or on another stream; body for an exchange already answered is dropped."""
+    conn = server()
+    feed(conn, GET + GET)
+    for call, match in [
+        (lambda: conn.send_response_head(3, 200, Headers()), "not the request being answered"),
+        (lambda: conn.send_data(1, b"x"), "no response head yet"),
+        (lambda: conn.send_data(3, b"x"), "not the request being answered"),
+        (lambda: client().send_response_head(1, 200, Headers()), "client-role connection"),
+    ]:
+        with pytest.raises(ProtocolError, match=match) as info:
+            call()
+        assert info.value.side == "local"
+    conn.send_response_head(1, 200, Headers(), end_stream=True)
+    with pytest.raises(ProtocolError, match="not the request being answered"):
+        conn.send_data(1, b"")
+    cli = client()
+    cli.send_request_head(1, "POST", "/", "a", "http", Headers())
+    assert cli.send_data(3, b"x") == b""  # no such exchange (answered already): dropped
+    assert cli.send_data(1, b"x", end_stream=True) == b"1\r\nx\r\n0\r\n\r\n"
+    with pytest.raises(ProtocolError, match="already ended"):
+        cli.send_data(1, b"x")
+    feed(cli, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert cli.idle and cli.send_data(1, b"x") == b""
+
+
 def test_content_length_mismatch_is_a_local_error():
     """Sending more (or less) than the declared Content-Length is a core bug."""
     conn = server()
@@ -315,6 +366,28 @@ def test_pipelined_requests_wait_for_the_previous_response():
     assert conn.next_events() == []
     ok(conn, 1)
     assert [e.stream_id for e in conn.next_events()] == [3]
+
+
+def test_pipelined_bodies_in_the_same_read_are_held_with_their_ends():
+    """Requests with bodies behind one being answered, all in one read: their heads, body
+    pieces, ends of stream and trailers wait, in order, until their turn."""
+    conn = server()
+    post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    chunked = (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nX-Sum: 1\r\n\r\n"
+    )
+    first = feed(conn, post + post + chunked)
+    assert [type(e) for e in first] == [RequestHead, Data] and first[1] == Data(1, b"hello", True)
+    assert conn.next_events() == []
+    ok(conn, 1)
+    second = conn.next_events()
+    assert [type(e) for e in second] == [RequestHead, Data]
+    assert second[1] == Data(3, b"hello", True)
+    ok(conn, 3)
+    third = conn.next_events()
+    assert [type(e) for e in third] == [RequestHead, Data, Trailers]
+    assert third[1:] == [Data(5, b"hi", False), Trailers(5, Headers([(b"x-sum", b"1")]))]
 
 
 def test_bytes_read_while_paused_are_parsed_later():

@@ -67,32 +67,24 @@ _UPGRADE_OFFER: Final = frozenset({b"upgrade", b"http2-settings"})
 
 
 class _Exchange:
-    """One request and its response."""
+    """One request and its response.
 
-    __slots__ = (
-        "discard",
-        "http10",
-        "keep_alive",
-        "method",
-        "remaining",
-        "request_done",
-        "response_done",
-        "response_final",
-        "send_framing",
-        "sid",
-    )
+    Every field starts as the class attribute below, so creating one is `_Exchange()` and
+    an assignment of what differs: no __init__ to call (there is no __slots__ for the same
+    reason, which would rule out these defaults). Two exchanges per proxied request, and
+    a Python call costs about a microsecond there.
+    """
 
-    def __init__(self, sid: int, method: str = "") -> None:
-        self.sid = sid
-        self.method = method
-        self.http10 = False
-        self.keep_alive = True
-        self.request_done = False
-        self.response_final = False  # a final (non-1xx) response head was sent or received
-        self.response_done = False
-        self.send_framing = _NONE
-        self.remaining = 0  # Content-Length bytes still to send
-        self.discard = False  # answered early: drop the rest of the request body
+    sid = 0
+    method = ""
+    http10 = False
+    keep_alive = True
+    request_done = False
+    response_final = False  # a final (non-1xx) response head was sent or received
+    response_done = False
+    send_framing = _NONE
+    remaining = 0  # Content-Length bytes still to send
+    discard = False  # answered early: drop the rest of the request body
 
 
 class Http1Connection:
@@ -118,13 +110,19 @@ class Http1Connection:
         self._exchanges: deque[_Exchange] = deque()  # responses not yet complete, in order
         self._reading: _Exchange | None = None  # the exchange whose message is being parsed
         self._next_sid = 1
-        self._keep_alive = True
+        # The connection may carry further requests after the current ones. For the shell
+        # to read, and only the codec to set: an attribute rather than a property, as a
+        # pool reads it around every request (a property costs a Python call).
+        self.keep_alive = True
         self._stopped = False  # no more bytes will be parsed (closing, error or EOF)
         self._stop_requested = False
         self._eof = False
         self._pending_eof = False
         self._out: list[Any] = []
-        self._held: list[Any] = []  # events of pipelined requests, in stream order
+        # Events of pipelined requests, in stream order: those of a request behind the one
+        # being answered (stream id above the first exchange's) wait here, not in `_out`.
+        # The callbacks test this inline, as `_held_blocked` does: it is per body piece.
+        self._held: list[Any] = []
         self._pending = bytearray()  # bytes read while paused, unparsed
         self._deferred: ProtocolError | None = None
         self._cb_error: ProtocolError | None = None
@@ -150,11 +148,6 @@ class Http1Connection:
     # ------------------------------------------------------------------ state for the shell
 
     @property
-    def keep_alive(self) -> bool:
-        """The connection may carry further requests after the current ones."""
-        return self._keep_alive
-
-    @property
     def idle(self) -> bool:
         """No exchange is in flight (client role: a pool may reuse it if `keep_alive`)."""
         return not self._exchanges and self._reading is None
@@ -162,7 +155,7 @@ class Http1Connection:
     @property
     def should_close(self) -> bool:
         """Close the transport once the bytes returned so far are written."""
-        return not self._keep_alive and not self._exchanges
+        return not self.keep_alive and not self._exchanges
 
     @property
     def paused(self) -> bool:
@@ -250,12 +243,6 @@ class Http1Connection:
         ex = self._exchanges
         return bool(ex) and sid > ex[0].sid
 
-    def _sink(self, sid: int) -> list[Any]:
-        ex = self._exchanges
-        if not ex or sid <= ex[0].sid or not self._server:
-            return self._out
-        return self._held
-
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         cls = httptools.HttpRequestParser if self._server else httptools.HttpResponseParser
         parser = cls(self._callbacks)
@@ -294,7 +281,7 @@ class Http1Connection:
         except httptools.HttpParserError as exc:
             # httptools re-raises what a callback raised as its own callback error.
             if self._stop_requested or (
-                self._cb_error is None and not self._keep_alive and self._reading is None
+                self._cb_error is None and not self.keep_alive and self._reading is None
             ):
                 # Bytes after a message that closes the connection (llhttp: "Data after
                 # Connection: close"): RFC 9112 section 9.6 says to ignore them.
@@ -354,7 +341,7 @@ class Http1Connection:
     def _receive_eof(self) -> None:
         self._eof = True
         self._stopped = True
-        self._keep_alive = False
+        self.keep_alive = False
         out = self._out
         if self._server:
             ex = self._reading
@@ -374,7 +361,7 @@ class Http1Connection:
                 and self._body_expected
                 and self._reading_framing == _UNTIL_CLOSE
             ):
-                self._end_stream(ex.sid)
+                _end_stream(self._out, ex.sid)
                 self._response_received(ex)
             else:
                 self._exchanges.popleft()
@@ -398,11 +385,12 @@ class Http1Connection:
             self._head_size = 0
             return
         if self._server:
-            if not self._keep_alive:
+            if not self.keep_alive:
                 # RFC 9112 section 9.6: nothing after a request that asked to close.
                 self._stop_requested = True
                 raise ConnectionAbortedError("stop")
-            ex = _Exchange(self._next_sid)
+            ex = _Exchange()
+            ex.sid = self._next_sid
             self._next_sid += 2
             self._exchanges.append(ex)
         else:
@@ -480,7 +468,9 @@ class Http1Connection:
                 f"Transfer-Encoding {te.decode('latin-1')!r} is not supported (only chunked)", 501
             )
         keep = parser.should_keep_alive()
-        headers = Headers(fields)
+        # Headers(fields) without its __init__ call (once per message): the list is adopted.
+        headers = Headers.__new__(Headers)
+        headers.fields = fields
         if self._server:
             self._request_head(ex, version, headers, te is not None, cl, host, hosts, keep)
         else:
@@ -535,7 +525,7 @@ class Http1Connection:
         ex.http10 = version == "1.0"
         ex.keep_alive = keep
         if not keep:
-            self._keep_alive = False
+            self.keep_alive = False
         body = self._body_expected = chunked or (cl is not None and cl != b"0")
         if parser.should_upgrade():
             # RFC 9110 section 7.8 lets a server ignore Upgrade (and RFC 9113 section 3.1
@@ -546,7 +536,8 @@ class Http1Connection:
                 self._upgrade_body = (
                     b"transfer-encoding: chunked" if chunked else b"content-length: %s" % cl
                 )
-        self._sink(ex.sid).append(
+        exchanges = self._exchanges
+        (self._held if exchanges and ex.sid > exchanges[0].sid else self._out).append(
             RequestHead(
                 ex.sid, method, target, authority.decode("latin-1"), scheme, headers, not body
             )
@@ -569,7 +560,7 @@ class Http1Connection:
         self._body_expected = body
         self._reading_framing = _CHUNKED if chunked else _LENGTH if cl is not None else _UNTIL_CLOSE
         if not keep:
-            self._keep_alive = False
+            self.keep_alive = False
             ex.keep_alive = False
         self._out.append(ResponseHead(ex.sid, status, headers, not body))
         if self._head_only:
@@ -580,8 +571,12 @@ class Http1Connection:
         ex = self._reading
         assert ex is not None
         if not ex.discard:
-            sink = self._sink(ex.sid) if self._server else self._out
-            sink.append(Data(ex.sid, piece, False))
+            sid = ex.sid
+            exchanges = self._exchanges
+            if self._server and exchanges and sid > exchanges[0].sid:  # see self._held
+                self._held.append(Data(sid, piece, False))
+            else:
+                self._out.append(Data(sid, piece, False))
 
     def _on_message_complete(self) -> None:
         ex = self._reading
@@ -592,24 +587,21 @@ class Http1Connection:
         if self._upgrade_body is not None:
             return  # llhttp's early end of a request offering an upgrade (see _resume_body)
         if self._body_expected and not ex.discard:
-            if self._trailers:
-                self._sink(ex.sid).append(Trailers(ex.sid, Headers(self._trailers)))
+            sid = ex.sid
+            exchanges = self._exchanges
+            if self._server and exchanges and sid > exchanges[0].sid:  # see self._held
+                sink = self._held
             else:
-                self._end_stream(ex.sid)
+                sink = self._out
+            if self._trailers:
+                sink.append(Trailers(sid, Headers(self._trailers)))
+            else:
+                _end_stream(sink, sid)
         if self._server:
             ex.request_done = True
             self._reading = None
         else:
             self._response_received(ex)
-
-    def _end_stream(self, sid: int) -> None:
-        sink = self._sink(sid) if self._server else self._out
-        if sink:
-            last = sink[-1]
-            if type(last) is Data and last.stream_id == sid:
-                sink[-1] = Data(sid, last.data, True)
-                return
-        sink.append(Data(sid, b"", True))
 
     def _response_received(self, ex: _Exchange) -> None:
         """Client role: the response to `ex` is complete."""
@@ -620,7 +612,7 @@ class Http1Connection:
         if not ex.request_done:
             # answered before we finished sending: the rest of the body is dropped, and the
             # connection cannot be reused (the backend may not have read it).
-            self._keep_alive = False
+            self.keep_alive = False
 
     # ---------------------------------------------------------------------------- errors
 
@@ -663,7 +655,7 @@ class Http1Connection:
         concerns comes up (a pipelined request behind a response still in flight, or
         bytes after a complete response from a backend)."""
         self._stopped = True
-        self._keep_alive = False
+        self.keep_alive = False
         self._pending.clear()
         if self._server:
             if self._held_blocked(err.stream_id):
@@ -677,12 +669,12 @@ class Http1Connection:
     def error_response(self, error: ProtocolError) -> bytes:
         """Server role: the bytes of a `error.status` response (closing the connection)
         explaining `error`, or b"" when a response is already under way."""
-        self._keep_alive = False
+        self.keep_alive = False
         if not self._server or any(
             e.response_final for e in self._exchanges if e.sid <= error.stream_id
         ):
             return b""
-        self._keep_alive = False
+        self.keep_alive = False
         self._exchanges.clear()
         body = (error.message + "\n").encode()
         return b"".join(
@@ -711,7 +703,7 @@ class Http1Connection:
         transport on HTTP/1.1 and not written."""
         if self._server:
             raise local_error("send_request_head on a server-role connection", stream_id)
-        if self._exchanges or not self._keep_alive or self._stopped:
+        if self._exchanges or not self.keep_alive or self._stopped:
             raise local_error(
                 "HTTP/1.1 connection is busy or closing; check idle and keep_alive first",
                 stream_id,
@@ -729,7 +721,9 @@ class Http1Connection:
         if not HOST_RE.fullmatch(host):
             raise local_error(f"invalid authority {authority[:64]!r}", stream_id)
         self._next_sid += 2
-        ex = _Exchange(stream_id, method)
+        ex = _Exchange()
+        ex.sid = stream_id
+        ex.method = method
         parts = [
             b"%s %s HTTP/1.1\r\nhost: %s\r\n"
             % (method.encode("ascii"), target.encode("latin-1"), host)
@@ -746,7 +740,7 @@ class Http1Connection:
             ex.send_framing = _CHUNKED
             parts.append(b"transfer-encoding: chunked\r\n")
         if close:
-            self._keep_alive = False
+            self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         head = b"".join(parts)
@@ -764,7 +758,10 @@ class Http1Connection:
         """Server role: serialize a response head (1xx heads may precede the final one).
         Framing: none for HEAD/204/304, Content-Length when `headers` has one or when
         `end_stream` (0), else chunked, or close-delimited for HTTP/1.0 clients."""
-        ex = self._current(stream_id)
+        exchanges = self._exchanges
+        ex = exchanges[0] if exchanges else None
+        if ex is None or ex.sid != stream_id or not self._server:  # _current, inlined
+            ex = self._current(stream_id)  # raises the error that says what is wrong
         if ex.response_final:
             raise local_error(f"stream {stream_id} already has a response", stream_id)
         if status < 200:
@@ -799,8 +796,8 @@ class Http1Connection:
         else:
             ex.send_framing = _UNTIL_CLOSE
             close = True
-        if close or not ex.keep_alive or not self._keep_alive:
-            self._keep_alive = False
+        if close or not ex.keep_alive or not self.keep_alive:
+            self.keep_alive = False
             parts.append(b"connection: close\r\n")
         elif ex.http10:
             parts.append(b"connection: keep-alive\r\n")
@@ -815,9 +812,19 @@ class Http1Connection:
         self, stream_id: int, data: bytes | memoryview, end_stream: bool = False
     ) -> bytes:
         """Frame body bytes for the wire (chunked, Content-Length or close-delimited)."""
-        ex = self._sending(stream_id)
-        if ex is None:
-            return b""
+        exchanges = self._exchanges
+        ex = exchanges[0] if exchanges else None
+        # _sending, inlined for its common case (once or twice per request): the exchange
+        # sending is the oldest one, and it may (server role: its response head was sent;
+        # client role: its request has not ended). Anything else takes _sending's path.
+        if (
+            ex is None
+            or ex.sid != stream_id
+            or (not ex.response_final if self._server else ex.request_done)
+        ):
+            ex = self._sending(stream_id)
+            if ex is None:
+                return b""
         framing = ex.send_framing
         n = len(data)
         if framing == _CHUNKED:
@@ -844,7 +851,10 @@ class Http1Connection:
                 raise local_error(f"stream {stream_id} has no body to send", stream_id)
             out = b""
         if end_stream:
-            self._sent_end(ex)
+            if self._server:
+                self._response_sent(ex)
+            else:
+                ex.request_done = True
         return out
 
     def send_trailers(self, stream_id: int, headers: Headers) -> bytes:
@@ -860,19 +870,22 @@ class Http1Connection:
         parts.append(b"\r\n")
         out = b"".join(parts)
         _check_lines(out, len(parts), stream_id)
-        self._sent_end(ex)
+        if self._server:
+            self._response_sent(ex)
+        else:
+            ex.request_done = True
         return out
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> bytes:
         """HTTP/1.1 cannot reset one exchange: the connection must close (should_close)."""
-        self._keep_alive = False
+        self.keep_alive = False
         self._stopped = True
         self._exchanges.clear()
         return b""
 
     def close(self, error_code: int = ErrorCode.NO_ERROR) -> bytes:
         """Stop taking new requests; close once the current ones are done."""
-        self._keep_alive = False
+        self.keep_alive = False
         return b""
 
     def _current(self, stream_id: int) -> _Exchange:
@@ -898,23 +911,17 @@ class Http1Connection:
                 return ex
         return None  # answered already (early response): the rest is dropped
 
-    def _sent_end(self, ex: _Exchange) -> None:
-        if self._server:
-            self._response_sent(ex)
-        else:
-            ex.request_done = True
-
     def _response_sent(self, ex: _Exchange) -> None:
         """Server role: the response to `ex` is complete."""
         ex.response_done = True
         self._exchanges.popleft()
         if ex.send_framing == _UNTIL_CLOSE:
-            self._keep_alive = False
+            self.keep_alive = False
         if not ex.request_done:
             # answered before the request body arrived: drop the rest of it and close
             # afterwards (reading it to the end could take forever).
             ex.discard = True
-            self._keep_alive = False
+            self.keep_alive = False
 
 
 def _status_line(status: int) -> bytes:
@@ -963,6 +970,16 @@ def _decline_upgrade(headers: Headers) -> None:
             continue
         out.append((n, v))
     headers.fields = out
+
+
+def _end_stream(sink: list[Any], sid: int) -> None:
+    """End stream `sid` in `sink`: on the Data event last added, if it is the stream's."""
+    if sink:
+        last = sink[-1]
+        if type(last) is Data and last.stream_id == sid:
+            sink[-1] = Data(sid, last.data, True)
+            return
+    sink.append(Data(sid, b"", True))
 
 
 def _content_length(value: bytes, stream_id: int) -> int:
