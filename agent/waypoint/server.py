@@ -64,7 +64,7 @@ from agent.waypoint.tracing import (
     Span,
     TraceContext,
     new_span_id,
-    random_hex,
+    random_bits,
     traceparent,
 )
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
@@ -508,7 +508,8 @@ class Waypoint:
             )
         x.trace = trace  # its trace id goes in the access log record
         if not headers.get(b"x-request-id"):
-            headers.set(b"x-request-id", random_hex(128).encode())
+            # random_hex(128), formatted here: one call less per request.
+            headers.set(b"x-request-id", b"%032x" % (random_bits(128) or 1))
         peer = parse_workload_id(c.principal or "")
         policies = self._authz.get(key)
         if policies is None:
@@ -552,7 +553,7 @@ class Waypoint:
         def before_try(ep: Endpoint, h: Headers) -> Span | None:
             dst.append(ep)
             if x.span is None:
-                h.set(b"traceparent", traceparent(trace.trace_id, new_span_id(), trace.sampled))
+                h.set(b"traceparent", trace.child_traceparent())
                 return None
             span = Span(
                 f"upstream {ep.key}",

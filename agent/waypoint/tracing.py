@@ -42,11 +42,14 @@ FLUSH_EVERY = 1.0  # seconds
 # OpenTelemetry SDK's RandomIdGenerator does: a getrandom(2) per id was four syscalls per
 # proxied request.
 _ids = random.Random()
+# The generator's getrandbits, for a hot path that formats an id inline (`or 1`: never all
+# zeros) instead of calling random_hex: a Python call costs more than the formatting.
+random_bits = _ids.getrandbits
 
 
 def random_hex(bits: int) -> str:
     """`bits` random bits as lowercase hex, never all zeros (an invalid trace or span id)."""
-    return f"{_ids.getrandbits(bits) or 1:0{bits // 4}x}"
+    return f"{random_bits(bits) or 1:0{bits // 4}x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +71,18 @@ class TraceContext:
                     bool(int(m.group(4), 16) & 1),
                     tracestate.decode("latin-1") if tracestate else None,
                 )
-        return cls(random_hex(128), None, True, None)
+        return cls(f"{random_bits(128) or 1:032x}", None, True, None)  # random_hex(128)
+
+    def child_traceparent(self) -> bytes:
+        """The `traceparent` for a new span of this trace (a try toward the backend) that
+        is not exported: `traceparent(trace_id, new_span_id(), sampled)` in one call."""
+        return (
+            f"00-{self.trace_id}-{random_bits(64) or 1:016x}-{'01' if self.sampled else '00'}"
+        ).encode()
 
 
 def new_span_id() -> str:
-    return random_hex(64)
+    return f"{random_bits(64) or 1:016x}"  # random_hex(64)
 
 
 def traceparent(trace_id: str, span_id: str, sampled: bool) -> bytes:
@@ -127,16 +137,15 @@ class Exporter:
 
     def __init__(self, endpoint: str | None, service_name: str) -> None:
         self.endpoint = endpoint.rstrip("/") if endpoint else None
+        # Whether spans are exported: fixed with the endpoint, and read per request (an
+        # attribute, as a property would cost a call each time).
+        self.enabled = self.endpoint is not None
         self.service_name = service_name
         self.queue: deque[Span] = deque()
         self.dropped = 0
         self.exported = 0
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.endpoint is not None
 
     def record(self, span: Span) -> None:
         if not self.enabled:
