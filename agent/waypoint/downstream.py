@@ -110,7 +110,8 @@ class Exchange:
             codec.close()
         self.conn.write(codec.send_response_head(self.sid, status, headers, end))
         if end:
-            self._done()
+            self.response_done = True
+            self.conn.finished(self)
 
     def respond_data(self, data: bytes, end: bool = False) -> None:
         if self.reset or self.response_done:
@@ -118,15 +119,24 @@ class Exchange:
         if self.first_byte_at is None and data:
             self.first_byte_at = time.monotonic()
         self.bytes_out += len(data)
-        self.conn.write(self.conn.codec.send_data(self.sid, data, end))
+        conn = self.conn
+        out = conn.codec.send_data(self.sid, data, end)
+        if conn._out is not None:
+            # Downstream.write() with a write pending this loop turn (the usual case: the
+            # head went just before), without the call.
+            conn._out.append(out)
+        else:
+            conn.write(out)
         if end:
-            self._done()
+            self.response_done = True
+            conn.finished(self)
 
     def respond_trailers(self, headers: Headers) -> None:
         if self.reset or self.response_done:
             return
         self.conn.write(self.conn.codec.send_trailers(self.sid, headers))
-        self._done()
+        self.response_done = True
+        self.conn.finished(self)
 
     def local_reply(self, status: int, body: bytes = b"", headers: Headers | None = None) -> None:
         h = headers or Headers()
@@ -157,11 +167,8 @@ class Exchange:
         if not self.response_done:
             self.conn.write(self.conn.codec.reset_stream(self.sid))
             self.reset = True
-            self._done()
-
-    def _done(self) -> None:
-        self.response_done = True
-        self.conn.finished(self)
+            self.response_done = True
+            self.conn.finished(self)
 
     async def writable(self) -> None:
         await self.conn.write_ready.wait()
@@ -326,7 +333,9 @@ class Downstream(asyncio.Protocol):
                     self._refuse_tunnel(x)
                     continue
                 if not e.end_stream:
-                    self._continue(x)
+                    expect = e.headers.get(b"expect")
+                    if expect is not None:
+                        self._continue(x, expect)
                 t = self._loop.create_task(self._run(x))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
@@ -363,16 +372,15 @@ class Downstream(asyncio.Protocol):
                         x5.caller_gone()
                         x5.body.put_nowait(None)
 
-    def _continue(self, x: Exchange) -> None:
-        """Answer `Expect: 100-continue` at once and drop it from the request (RFC 9110
-        section 10.1.1 lets an intermediary do so): the body is streamed to the backend as
-        it comes, so nothing is gained by waiting for the backend's 100, and a client
-        would stall (curl for 1 s, others until their timeout)."""
-        headers = x.head.headers
-        expect = headers.get(b"expect")
-        if expect is None or expect.strip().lower() != b"100-continue":
+    def _continue(self, x: Exchange, expect: bytes) -> None:
+        """A request with a body came with an `Expect` field: if it is `100-continue`,
+        answer at once and drop it from the request (RFC 9110 section 10.1.1 lets an
+        intermediary do so): the body is streamed to the backend as it comes, so nothing is
+        gained by waiting for the backend's 100, and a client would stall (curl for 1 s,
+        others until their timeout)."""
+        if expect.strip().lower() != b"100-continue":
             return
-        headers.remove(b"expect")
+        x.head.headers.remove(b"expect")
         self.write(self.codec.send_response_head(x.sid, 100, Headers()))
 
     def _refuse_tunnel(self, x: Exchange) -> None:
@@ -420,10 +428,14 @@ class Downstream(asyncio.Protocol):
                 return
             if more:
                 self._dispatch(more)
-            elif not self.exchanges:
-                self._arm(self.idle_timeout, self._idle_timed_out)
-                if self.codec.reading_head:
-                    self._arm(self.head_timeout, self._head_timed_out)
+            elif not self.exchanges and self._timer is not None:
+                # _arm(), written out: this runs once per request on a keep-alive connection.
+                if self.codec.reading_head:  # part of the next head came already
+                    self._on_due = self._head_timed_out
+                    self._timer.arm(self._loop.time() + self.head_timeout)
+                else:
+                    self._on_due = self._idle_timed_out
+                    self._timer.arm(self._loop.time() + self.idle_timeout)
         else:
             if not x.body_done and not x.reset:
                 # The response is complete and the rest of the request is of no use: ask
