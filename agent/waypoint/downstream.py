@@ -47,7 +47,7 @@ from agent.waypoint.codec.http1 import Http1Connection
 from agent.waypoint.codec.http2 import Http2Connection
 from agent.waypoint.deadline import LazyTimer
 from agent.waypoint.engine.respond import Respond, plain
-from agent.waypoint.errors import Style, render
+from agent.waypoint.errors import Style, render, style_of
 
 log = logging.getLogger("weft.waypoint.downstream")
 
@@ -90,10 +90,28 @@ class Exchange:
     bytes_out: int = 0
     first_byte_at: float | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
-    style: Style = Style.TEXT  # how the mesh's own answers are written (errors.py)
+    # Set by the handler: whether the Service has AI policies, for `style`; None: unknown
+    # (the mesh's answers are plain text).
+    ai_service: bool | None = None
+    _style: Style | None = None  # `style` once worked out or set
     on_reset: Callable[[], None] | None = None  # cancels the upstream try (caller_gone)
     span: Any = None  # the waypoint's SERVER span (agent/waypoint/tracing.py)
     trace: Any = None  # the request's TraceContext
+
+    @property
+    def style(self) -> Style:
+        """How the mesh's own answers are written (errors.py): what style_of says for the
+        request's headers once the handler set `ai_service`, else TEXT. Worked out when an
+        answer first needs it (rarely: most come from the backend), not per request."""
+        s = self._style
+        if s is None:
+            ai = self.ai_service
+            s = self._style = Style.TEXT if ai is None else style_of(self.head.headers, ai)
+        return s
+
+    @style.setter
+    def style(self, style: Style) -> None:
+        self._style = style
 
     # ---- response side -----------------------------------------------------------------
 

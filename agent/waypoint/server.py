@@ -51,7 +51,6 @@ from agent.waypoint.downstream import CallerInfo, Downstream, Exchange
 from agent.waypoint.engine.engine import Engine
 from agent.waypoint.engine.health import Probe
 from agent.waypoint.engine.respond import Respond, plain
-from agent.waypoint.errors import style_of
 from agent.waypoint.handoff import HandoffReceiver
 from agent.waypoint.pathnorm import BadPath, EscapedSlashes, normalize
 from agent.waypoint.probes import Prober
@@ -151,7 +150,7 @@ class Waypoint:
         self.metrics = WaypointMetrics()
         self.metrics.registry.register(_EngineCollector(self))
         self._children: dict[tuple[Any, ...], Series] = {}
-        self._xfcc: dict[tuple[str, str | None], bytes] = {}  # XFCC value per (waypoint, caller)
+        self._xfcc: dict[str | None, bytes] = {}  # XFCC value per caller (for this identity)
         self.access = AccessLog.open(
             s.access_log,
             sample=s.access_log_sample,
@@ -184,6 +183,7 @@ class Waypoint:
 
     def _on_svid(self, svid: Svid) -> None:
         self.svid = svid
+        self._xfcc = {}  # the values name the waypoint's identity
         self._client_ctx = svid.client()
         self._server_ctx = svid.server()
         log.info("waypoint %s has identity %s", self.s.name, svid.spiffe_id)
@@ -474,8 +474,9 @@ class Waypoint:
         key = (c.service_ns, c.service)  # the Service's (namespace, name)
         svc = snap.services.get(key)
         head = x.head
-        ai = self.ai.policies.for_service(c.service_ns, c.service)
-        x.style = style_of(head.headers, ai is not None)
+        # policies.for_service(), without the call.
+        ai = self.ai.policies.services.get(key)
+        x.ai_service = ai is not None  # the style of the mesh's answers follows (style_of)
         if svc is None:
             x.reply(plain(503, "NoHealthyEndpoint", "service no longer exists"))
             return self._log(x, None, "NR")
@@ -547,7 +548,8 @@ class Waypoint:
             return self._log(x, None, "UAEX")
         headers.strip_hop_by_hop()
         headers.remove(XFCC)
-        headers.set(XFCC, self._xfcc_of(c.principal))
+        xfcc = self._xfcc.get(c.principal)  # _xfcc_of() when it is cached, without the call
+        headers.set(XFCC, xfcc if xfcc is not None else self._xfcc_of(c.principal))
         dst: list[Endpoint] = []
 
         def before_try(ep: Endpoint, h: Headers) -> Span | None:
@@ -596,20 +598,25 @@ class Waypoint:
             if ai is not None:
                 stage = self.ai.request(x, ai, c.principal, peer.namespace if peer else None)
             flags = await self.proxy.run(
-                x, routed, headers, stage=stage, before_try=before_try, after_try=after_try
+                x,
+                routed,
+                headers,
+                stage=stage,
+                before_try=before_try,
+                # Without an exported span after_try has nothing to do: not called at all.
+                after_try=after_try if x.span is not None else None,
             )
         last = self.snapshot.workloads_by_ip.get(dst[-1].ip) if dst else None
         self._log(x, last, flags)
 
     def _xfcc_of(self, principal: str | None) -> bytes:
         """The XFCC value for a caller: its SPIFFE ID and the waypoint's (kept per caller
-        and identity rather than formatted per request)."""
-        key = (self.identity, principal)
-        v = self._xfcc.get(key)
+        rather than formatted per request; the cache starts over with a new identity)."""
+        v = self._xfcc.get(principal)
         if v is None:
             if len(self._xfcc) >= _CHILD_CACHE_MAX:
                 self._xfcc.clear()
-            v = self._xfcc[key] = f"By={key[0]};URI={principal}".encode()
+            v = self._xfcc[principal] = f"By={self.identity};URI={principal}".encode()
         return v
 
     def endpoint(self, w: Workload, port: int) -> Endpoint | None:

@@ -504,3 +504,34 @@ def test_h2_early_answer_to_a_body_that_paused_the_connection_reads_on() -> None
             c.close()
 
     run(main)
+
+
+def test_the_style_of_the_mesh_answers_follows_the_request_once_the_handler_says() -> None:
+    """Exchange.style: TEXT until the handler sets ai_service, then what style_of says for
+    the request's content type (worked out when first read); setting it wins."""
+    from agent.waypoint.codec import events as ev
+    from agent.waypoint.errors import Style
+
+    caller = CallerInfo(None, "10.0.0.1", "ns", "svc", "10.96.0.1", 80)
+
+    def exchange(ctype: bytes) -> Exchange:
+        head = ev.RequestHead(
+            1, "POST", "/", "svc", "http", Headers([(b"content-type", ctype)]), False
+        )
+        return Exchange(None, 1, head, caller)  # type: ignore[arg-type]
+
+    x = exchange(b"application/grpc+proto")
+    assert x.style is Style.TEXT  # the handler has not said
+    for ai, ctype, style in (
+        (False, b"application/grpc", Style.GRPC),
+        (True, b"application/grpc", Style.GRPC),
+        (True, b"application/json", Style.OPENAI),
+        (False, b"application/json", Style.TEXT),
+    ):
+        x = exchange(ctype)
+        x.ai_service = ai
+        assert x.style is style
+    x = exchange(b"application/json")
+    x.ai_service = True
+    x.style = Style.TEXT
+    assert x.style is Style.TEXT
