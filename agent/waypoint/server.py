@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from agent import keeper, memtrim
-from agent.accesslog import AccessLog, members, quote
+from agent.accesslog import AccessLog, members, quote, quote_str
 from agent.aio import cache_running_loop
 from agent.httpserver import HttpRequest, HttpServer, Response
 from agent.identity.tls import direct_io
@@ -149,7 +149,8 @@ class Waypoint:
         )
         self.metrics = WaypointMetrics()
         self.metrics.registry.register(_EngineCollector(self))
-        self._children: dict[tuple[Any, ...], Series] = {}
+        # Per label key (_log): the metric series and two pieces of the access log record.
+        self._children: dict[tuple[Any, ...], tuple[Series, str, str]] = {}
         self._xfcc: dict[str | None, bytes] = {}  # XFCC value per caller (for this identity)
         self.access = AccessLog.open(
             s.access_log,
@@ -685,10 +686,10 @@ class Waypoint:
             span.end(**{"http.response.status_code": x.status, "weft.response_flags": flags})
             self.traces.record(span)
         elapsed_ms = (time.monotonic() - x.started) * 1000
-        svc_fqdn = f"{c.service}.{c.service_ns}.svc.cluster.local"
         h2 = type(x.conn.codec) is Http2Connection
         # The label values follow from these (and the config revision): look the metric
-        # children up by them, not by 14 labels recomputed per request.
+        # children up by them, not by 14 labels recomputed per request; and so do most of
+        # the access log record's fields, rendered with them.
         key = (
             snap.revision,
             c.client_ip,
@@ -700,10 +701,11 @@ class Waypoint:
             x.status,
             flags,
         )
-        series = self._children.get(key)
-        if series is None:
+        cached = self._children.get(key)
+        if cached is None:
             if len(self._children) >= _CHILD_CACHE_MAX:
                 self._children.clear()
+            svc_fqdn = f"{c.service}.{c.service_ns}.svc.cluster.local"
             src = snap.workloads_by_ip.get(c.client_ip)
             labels = (
                 "waypoint",
@@ -722,23 +724,29 @@ class Waypoint:
                 flags,
                 "mutual_tls",
             )
-            series = self._children[key] = self.metrics.requests.series_for(labels)
+            cached = self._children[key] = (
+                self.metrics.requests.series_for(labels),
+                # The access log record's fields from "waypoint" to "destination", and its
+                # "status" and "flags".
+                f'"waypoint":{quote(self.s.name)},"source":{quote(c.principal)},'
+                f'"sourceIp":{quote(c.client_ip)},"destinationService":{quote(svc_fqdn)},'
+                f'"destination":{quote(f"{dst.namespace}/{dst.name}" if dst else None)},',
+                f'"status":{int(x.status)},"flags":{quote(flags)},',
+            )
+        series, who, outcome = cached
         series.record(elapsed_ms, x.bytes_in, x.bytes_out)
         if self.access.enabled:
             # The record's fixed fields from a template (a dict and the general encoder
-            # cost four times as much on every request); the annotations follow.
+            # cost four times as much on every request), those of the key cached above;
+            # the annotations follow. quote_str, not quote: these are never None.
             ann = x.annotations
-            extra = members(ann)  # usually none: the trace id is a fixed field
-            tid = f',"traceId":{quote(x.trace.trace_id)}' if x.trace is not None else ""
+            extra = "," + members(ann) if ann else ""  # usually none: the trace id is fixed
+            tid = f',"traceId":{quote_str(x.trace.trace_id)}' if x.trace is not None else ""
             self.access.write_json(
                 f'{{"time":"{self.access.timestamp()}","kind":"request","reporter":"waypoint",'
-                f'"waypoint":{quote(self.s.name)},"source":{quote(c.principal)},'
-                f'"sourceIp":{quote(c.client_ip)},"destinationService":{quote(svc_fqdn)},'
-                f'"destination":{quote(f"{dst.namespace}/{dst.name}" if dst else None)},'
-                f'"method":{quote(x.head.method)},"path":{quote(x.head.target)},'
-                f'"status":{int(x.status)},"flags":{quote(flags)},"bytesIn":{int(x.bytes_in)},'
-                f'"bytesOut":{int(x.bytes_out)},"durationMs":{float(round(elapsed_ms, 3))!r}'
-                f"{tid}{',' if extra else ''}{extra}}}",
+                f'{who}"method":{quote_str(x.head.method)},"path":{quote_str(x.head.target)},'
+                f'{outcome}"bytesIn":{int(x.bytes_in)},"bytesOut":{int(x.bytes_out)},'
+                f'"durationMs":{float(round(elapsed_ms, 3))!r}{tid}{extra}}}',
                 important=x.status >= 400 or x.status == 0 or flags != "-",
             )
 

@@ -7,6 +7,7 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,3 +161,31 @@ def test_template_helpers_escape_as_the_encoder_does() -> None:
     rec = {"traceId": "ab", "fallbacks": ["m1", None], "tokens": 3, "ttftMs": 1.5}
     assert json.loads("{" + members(rec) + "}") == rec
     assert members({}) == ""
+
+
+def test_write_json_is_sampled_capped_and_stopped_as_write_is(monkeypatch) -> None:
+    """write_json asks _admit only when it could say no: the same lines come out as
+    through write, with sampling, with a cap, and none once the log is closed."""
+    monkeypatch.setattr(accesslog.time, "monotonic", lambda: 100.0)
+
+    def lines(method: str, **kw: Any) -> list[Any]:
+        out = io.StringIO()
+        log = AccessLog(out, rng=random.Random(3), **kw)
+        for i in range(50):
+            if method == "write":
+                log.write({"i": i}, important=i % 10 == 0)
+            else:
+                log.write_json(f'{{"i":{i}}}', important=i % 10 == 0)
+        log.flush()
+        return [json.loads(x) for x in out.getvalue().splitlines()]
+
+    for kw in ({}, {"sample": 0.3}, {"max_per_second": 7}):
+        assert lines("write", **kw) == lines("write_json", **kw), kw
+    assert len(lines("write_json")) == 50 and len(lines("write_json", sample=0.3)) < 50
+
+    log = AccessLog(io.StringIO())
+    assert log.enabled
+    log.close()
+    assert not log.enabled
+    log.write_json('{"after":"close"}')  # dropped, no exception
+    assert log.lines == 0
