@@ -490,7 +490,9 @@ class Waypoint:
         if target != head.target:
             x.annotations["normalizedPath"] = target
         headers = head.headers.copy()
-        trace = TraceContext.from_headers(headers.get(b"traceparent"), headers.get(b"tracestate"))
+        tp = headers.get(b"traceparent")
+        # tracestate is of use only with a traceparent (and rarely sent): not looked for else.
+        trace = TraceContext.from_headers(tp, headers.get(b"tracestate") if tp else None)
         # Spans are objects only when they are exported; otherwise the trace context is
         # still propagated (a new span id per try), which is all W3C asks of a proxy.
         if trace.sampled and self.traces.enabled:

@@ -535,3 +535,50 @@ def test_the_style_of_the_mesh_answers_follows_the_request_once_the_handler_says
     x.ai_service = True
     x.style = Style.TEXT
     assert x.style is Style.TEXT
+
+
+def test_a_failed_handler_gets_its_request_answered_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that raises before answering: 500 and the connection carries on; one that
+    raises past its response head: the response is cut (HTTP/1.1 closes). Both are logged
+    with their traceback, and no handler task is left."""
+
+    async def failing(x: Exchange) -> None:
+        if x.head.target == "/late":
+            x.respond_head(200, Headers.of(("content-length", "10")))
+            await asyncio.sleep(0)
+        raise RuntimeError("handler bug")
+
+    async def main() -> None:
+        d: list[Downstream] = []
+
+        def protocol() -> Downstream:
+            d.append(Downstream(CALLER, failing))
+            return d[-1]
+
+        srv = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /early HTTP/1.1\r\nhost: a\r\n\r\n")
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 500"), head
+        n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        assert b"internal error" in await r.readexactly(n)
+        w.write(b"GET /late HTTP/1.1\r\nhost: a\r\n\r\n")  # same connection
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert await asyncio.wait_for(r.read(), TIMEOUT) == b""  # cut short: closed
+        w.close()
+        srv.close()
+        await srv.wait_closed()
+        assert not d[0].tasks
+
+    run(main)
+    failed = [r for r in caplog.records if r.getMessage().startswith("waypoint handler failed")]
+    assert [r.getMessage() for r in failed] == [
+        "waypoint handler failed for GET /early",
+        "waypoint handler failed for GET /late",
+    ]
+    assert all(r.exc_info and r.exc_info[0] is RuntimeError for r in failed)
+    caplog.clear()  # expected errors: the no_tracebacks fixture looks at what is left
