@@ -366,12 +366,13 @@ class Downstream(asyncio.Protocol):
                     self.write(self.codec.consumed(e.stream_id, len(e.data)))
                     continue
                 x2.bytes_in += len(e.data)
-                if e.data:
-                    x2.body.put_nowait(bytes(e.data))
+                body = x2.body
+                # put_nowait says how many chunks wait: qsize() only when nothing is put.
+                queued = body.put_nowait(bytes(e.data)) if e.data else body.qsize()
                 if e.end_stream:
                     x2.body_done = True
-                    x2.body.put_nowait(None)
-                if x2.body.qsize() >= BODY_QUEUE - 1 and self.transport is not None:
+                    queued = body.put_nowait(None)
+                if queued >= BODY_QUEUE - 1 and self.transport is not None:
                     self._reading_paused = True  # until consumed() drains the queue
                     self.transport.pause_reading()
             elif isinstance(e, ev.Trailers):
