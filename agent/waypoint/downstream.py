@@ -139,13 +139,7 @@ class Exchange:
             self.first_byte_at = time.monotonic()
         self.bytes_out += len(data)
         conn = self.conn
-        out = conn.codec.send_data(self.sid, data, end)
-        if conn._out is not None:
-            # Downstream.write() with a write pending this loop turn (the usual case: the
-            # head went just before), without the call.
-            conn._out.append(out)
-        else:
-            conn.write(out)
+        conn.write(conn.codec.send_data(self.sid, data, end))
         if end:
             self.response_done = True
             conn.finished(self)
