@@ -1,23 +1,29 @@
-"""What one hop of the mesh costs per request, in CPU and in Python calls, without the lab.
+"""What one hop of the mesh costs per request, in CPU, bytecodes and Python calls, without the lab.
 
-    python -m benchmarks.hopcost [--hop waypoint|destination] [-n 4000] [-c 4] [--ai] [--profile]
+    python -m benchmarks.hopcost [--hop waypoint|destination] [-n 4000] [-c 4] [--ai]
+                                 [--opcodes] [--profile]
 
 The real waypoint and node tunnels in one process over loopback (tests/unit/waypoint_mesh.py:
 real certificates, TLS 1.3, HBONE, authorization), HTTP/1.1 1 KB POSTs answered by 1 KB
 from the benchmarks' echo over `-c` kept-alive connections through a waypoint-bound
 Service. The hop being measured runs on an event loop (uvloop) of its own thread; the
-rest (clients, the other tunnel, the backend) on the main thread. Two numbers per run:
+rest (clients, the other tunnel, the backend) on the main thread. Three numbers per run:
 
 - CPU per request of the hop's thread (CLOCK_THREAD_CPUTIME_ID), system calls and TLS
   included. Noisy (the threads share the GIL and the machine), so read it across runs;
-- Python calls per request in that thread, counted by cProfile in a second pass: the
-  same code path gives the same count run after run, so this is the number to compare
-  between commits. It is what the L7 path's structure costs: the destination's agent
-  (`--hop destination`, the same HBONE stream relayed to the backend) makes about 15.
+- bytecode instructions per request in that thread (`Bytecodes`, a third and shorter
+  pass): the same code path gives the same count run after run, and it is the number
+  that follows the lab's cost. perf on the lab's waypoint puts about 70 % of its CPU in
+  the interpreter, and a change that only folds functions into their callers (fewer
+  calls, the same instructions) did not move the lab's figures;
+- Python calls per request in that thread, counted by cProfile in a second pass, also
+  exact run to run. The destination's agent (`--hop destination`, the same HBONE stream
+  relayed to the backend) makes about 13.
 
 `--ai` sends OpenAI chat completions (about 1 KB) through a Service with a TokenRateLimit
 that never denies and a ModelRoute, as make bench's weft-waypoint-ai does: the plain path
-plus the AI stages. `--profile` adds the hop's Python time by module and its 25 most
+plus the AI stages. `--opcodes` adds the bytecodes by module and the 25 functions that
+execute most. `--profile` adds the hop's Python time by module and its 25 most
 expensive functions (cProfile's own time: inflated by the profiler, and most for small
 functions).
 
@@ -49,6 +55,7 @@ from benchmarks import lab_suite
 
 BODY = b"x" * 1024
 WARMUP = 300  # requests per connection before anything is measured
+OPCODE_REQUESTS = 400  # requests (in all) whose bytecodes are counted
 
 
 class _Hop:
@@ -119,6 +126,45 @@ def calls_per_request(stats: pstats.Stats, n: int) -> tuple[float, Counter[str],
     return calls / n, by_module, by_function
 
 
+class Bytecodes:
+    """Counts the bytecode instructions the thread that calls `start` executes, by function
+    (sys.settrace with opcode events). The lab's waypoint spends about 70 % of its CPU in
+    the interpreter (perf, docs/performance.md), and what it costs follows the instructions
+    a request executes, not the number of calls: folding a function into its caller saves
+    a call and none of the work."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def start(self) -> None:
+        counts = self.counts
+
+        def on_call(frame: Any, event: str, arg: Any) -> Any:
+            frame.f_trace_opcodes = True
+            code = frame.f_code
+            key = f"{_short(code.co_filename)}:{code.co_firstlineno} {code.co_name}"
+            if code.co_filename == "<string>":  # a dataclass's generated __init__: whose
+                key += f" ({type(frame.f_locals.get('self')).__name__})"
+
+            def on_opcode(frame: Any, event: str, arg: Any) -> Any:
+                if event == "opcode":
+                    counts[key] += 1
+                return on_opcode
+
+            return on_opcode
+
+        sys.settrace(on_call)
+
+    def stop(self) -> None:
+        sys.settrace(None)
+
+    def by(self, group: Callable[[str], str]) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for k, v in self.counts.items():
+            out[group(k)] += v
+        return out
+
+
 def _short(path: str) -> str:
     root = str(Path(__file__).resolve().parent.parent) + os.sep
     return path[len(root) :] if path.startswith(root) else Path(path).name
@@ -179,10 +225,22 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             hop.call(prof.enable)
             await load(per)
             hop.call(prof.disable)
+            # A third pass, shorter (tracing every instruction is slow), counting bytecodes.
+            ops_per = max(1, min(per, OPCODE_REQUESTS // args.connections))
+            counter = Bytecodes()
+            hop.call(counter.start)
+            await load(ops_per)
+            hop.call(counter.stop)
             for c in conns:
                 await c.close()
     calls, by_module, by_function = calls_per_request(pstats.Stats(prof), n)
+    ops_n = ops_per * args.connections
     return {
+        "bytecodes_per_request": round(sum(counter.counts.values()) / ops_n),
+        "bytecodes_by_module": {
+            k: round(v / ops_n) for k, v in counter.by(lambda f: f.split(":")[0]).most_common(15)
+        },
+        "bytecodes_by_function": {k: round(v / ops_n) for k, v in counter.counts.most_common(25)},
         "hop": args.hop,
         "requests": n,
         "connections": args.connections,
@@ -202,14 +260,22 @@ def main(argv: list[str] | None = None) -> int:
         "--ai", action="store_true", help="chat completions through TokenRateLimit + ModelRoute"
     )
     ap.add_argument("--profile", action="store_true", help="Python time by module and function")
+    ap.add_argument("--opcodes", action="store_true", help="bytecodes by module and function")
     args = ap.parse_args(argv)
     sys.setswitchinterval(0.001)  # the measured thread gets the GIL back promptly
     r = uvloop.run(_run(args))
     print(
-        f"{r['hop']}: {r['cpu_us_per_request']} µs CPU and {r['python_calls_per_request']} "
-        f"Python calls per request ({r['requests']} requests over {r['connections']} "
-        "connections)"
+        f"{r['hop']}: {r['cpu_us_per_request']} µs CPU, {r['bytecodes_per_request']} bytecodes "
+        f"and {r['python_calls_per_request']} Python calls per request ({r['requests']} "
+        f"requests over {r['connections']} connections)"
     )
+    if args.opcodes:
+        print("\nbytecodes per request by module:")
+        for k, v in r["bytecodes_by_module"].items():
+            print(f"  {v:8d}  {k}")
+        print("\nby function:")
+        for k, v in r["bytecodes_by_function"].items():
+            print(f"  {v:8d}  {k}")
     if args.profile:
         print("\nPython own time per request by module (cProfile, inflated):")
         for k, v in r["by_module_us"].items():

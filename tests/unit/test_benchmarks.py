@@ -725,6 +725,9 @@ def test_hopcost_measures_the_waypoint_hop_on_its_own_thread():
     # An HTTP/1.1 exchange through the waypoint is more than a handful of Python calls
     # (the destination's relay makes about 15); C functions are not counted.
     assert r["python_calls_per_request"] > 50
+    # ... and many more bytecodes, most of them in the waypoint's own modules.
+    assert r["bytecodes_per_request"] > 10 * r["python_calls_per_request"]
+    assert any(k.startswith("agent/waypoint/") for k in r["bytecodes_by_module"])
     assert not any(k.startswith("~") for k in r["by_function_us"])
     assert "agent/waypoint/proxy.py" in r["by_module_us"]
     for t in set(threading.enumerate()) - before:
