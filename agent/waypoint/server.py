@@ -550,7 +550,8 @@ class Waypoint:
             )
             return self._log(x, None, "UAEX")
         headers.strip_hop_by_hop()
-        headers.remove(XFCC)
+        # set() replaces every XFCC field the caller sent: whatever it claims, the backend
+        # sees the identity the waypoint verified.
         xfcc = self._xfcc.get(c.principal)  # _xfcc_of() when it is cached, without the call
         headers.set(XFCC, xfcc if xfcc is not None else self._xfcc_of(c.principal))
         dst: list[Endpoint] = []

@@ -75,3 +75,47 @@ def test_update_is_set_for_each_pair_in_one_pass():
         for n, v in pairs:
             each.set(n, v)
         assert one.fields == each.fields, (fields, pairs)
+
+
+def test_lookups_scanning_names_in_c_agree_with_the_plain_loops():
+    """get, set, remove and strip_hop_by_hop find names with map() and list methods in C;
+    on random field lists (repeated names, hop-by-hop fields, Connection tokens) they give
+    what a loop over the fields gives."""
+    import random
+
+    from agent.waypoint.codec.headers import HOP_BY_HOP
+
+    def ref_get(fields, name):
+        return next((v for n, v in fields if n == name), None)
+
+    def ref_set(fields, name, value):
+        for i, (n, _) in enumerate(fields):
+            if n == name:
+                return fields[:i] + [(name, value)] + [f for f in fields[i + 1 :] if f[0] != name]
+        return [*fields, (name, value)]
+
+    def ref_strip(fields):
+        drop = {t.strip().lower() for n, v in fields if n == b"connection" for t in v.split(b",")}
+        return [
+            f
+            for f in fields
+            if (f[0] not in HOP_BY_HOP and f[0] not in drop)
+            or (f[0] == b"te" and f[1].strip().lower() == b"trailers")
+        ]
+
+    rng = random.Random(7)
+    names = [b"a", b"b", b"host", b"x-id", b"te", b"connection", b"upgrade", b"keep-alive"]
+    values = [b"1", b"trailers", b"close, x-id", b"a", b""]
+    for _ in range(3000):
+        fields = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randrange(9))]
+        name = rng.choice(names)
+        h = Headers(list(fields))
+        assert h.get(name.upper()) == ref_get(fields, name)
+        h.set(name, b"new")
+        assert h.fields == ref_set(fields, name, b"new")
+        h = Headers(list(fields))
+        assert h.remove(name) == sum(n == name for n, _ in fields)
+        assert h.fields == [f for f in fields if f[0] != name]
+        h = Headers(list(fields))
+        h.strip_hop_by_hop()
+        assert h.fields == ref_strip(fields)
