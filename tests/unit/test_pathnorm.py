@@ -96,3 +96,55 @@ def test_remove_dot_segments_follows_rfc_3986():
     """The RFC's own examples (section 5.2.4), for absolute paths."""
     assert remove_dot_segments("/a/b/c/./../../g") == "/a/g"
     assert remove_dot_segments("/mid/content=5/../6") == "/mid/6"
+
+
+def test_a_target_taken_as_canonical_by_the_fast_check_is_what_normalize_makes_of_it():
+    """normalize() returns a target matching _CANONICAL_RE without the checks and rewrites
+    (one regex match in C for the usual request): on random targets over an alphabet of
+    the characters that matter (%, ., /, backslash, ?, #, space, controls, non-ASCII), every
+    target it takes is one the full path returns unchanged, and the full path's answer
+    (or refusal) is what normalize() gives for every target, in every escaped-slash mode."""
+    import random
+
+    from agent.waypoint.pathnorm import _CANONICAL_RE, BadPath, _normalize, normalize
+
+    rng = random.Random(5)
+    alphabet = [
+        "/",
+        "/",
+        "a",
+        "b",
+        "%",
+        "2F",
+        "2e",
+        ".",
+        "..",
+        "\\",
+        "?",
+        "#",
+        " ",
+        "\x00",
+        "\x7f",
+        "é",
+        "=",
+        "~",
+    ]
+    taken = 0
+    for _ in range(20000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 10)))
+        if rng.random() < 0.8:
+            t = "/" + t
+        for mode in ("reject", "decode", "keep"):
+            try:
+                want: str | type[BadPath] = _normalize(t, mode)  # type: ignore[arg-type]
+            except BadPath:
+                want = BadPath
+            try:
+                got: str | type[BadPath] = normalize(t, mode)  # type: ignore[arg-type]
+            except BadPath:
+                got = BadPath
+            assert got == want, (t, mode)
+        if _CANONICAL_RE.fullmatch(t):
+            taken += 1
+            assert _normalize(t, "reject") == t
+    assert taken > 1000  # the fast check was exercised
