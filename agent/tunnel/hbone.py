@@ -94,6 +94,7 @@ class HboneConnection(asyncio.Protocol):
 
     def _event(self, ev: hb.Event) -> None:
         """Every event but Data (data_received handles those)."""
+        s: Stream | None
         if isinstance(ev, hb.WindowOpened):
             if ev.stream_id == 0:
                 for s in list(self.streams.values()):
