@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.frozen import frozen
 from agent.waypoint.ai.router import failure_kind
 from agent.waypoint.chanq import EMPTY
 from agent.waypoint.codec import events as ev
@@ -147,7 +148,7 @@ async def hold_body(x: Exchange, limit: int = RETRY_BUFFER) -> Body:
     return b
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Failed:
     """A try that got no response head: why (a negative Failure)."""
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.frozen import frozen
 from agent.waypoint.codec import client
 from agent.waypoint.codec.headers import Headers
 
@@ -52,7 +53,7 @@ def random_hex(bits: int) -> str:
     return f"{random_bits(bits) or 1:0{bits // 4}x}"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class TraceContext:
     trace_id: str  # 32 hex
     parent_id: str | None  # 16 hex, the caller's span; None when we start the trace

@@ -11,8 +11,7 @@ send nothing more; streams without a reset may still be answered on HTTP/1.1 (ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from agent.frozen import frozen
 from agent.waypoint.codec.headers import Headers
 
 
@@ -22,7 +21,7 @@ class Event:
     __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class RequestHead(Event):
     """A request's head. `target` is path plus query (origin form), `*` for OPTIONS, or the
     authority for CONNECT; `authority` is host[:port] from :authority, Host, or an
@@ -37,7 +36,7 @@ class RequestHead(Event):
     end_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ResponseHead(Event):
     """A response's head; 1xx heads (`informational`) precede the final one and never end
     the stream."""
@@ -52,7 +51,7 @@ class ResponseHead(Event):
         return self.status < 200
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Data(Event):
     """Body bytes, emitted as they arrive (never buffered to the end of the message)."""
 
@@ -61,7 +60,7 @@ class Data(Event):
     end_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Trailers(Event):
     """Trailer fields (HTTP/2 trailers, HTTP/1.1 chunked trailers); they end the stream."""
 
@@ -69,7 +68,7 @@ class Trailers(Event):
     headers: Headers
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StreamReset(Event):
     """The stream is gone in both directions. `remote`: the peer reset it (RST_STREAM, or
     closed the HTTP/1.1 connection mid-message); otherwise this codec reset it because the
@@ -81,7 +80,7 @@ class StreamReset(Event):
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class WindowUpdated(Event):
     """HTTP/2: a stream that had exhausted its send window (or had data queued behind it)
     may send again; see `Http2Connection.send_window`."""
@@ -89,7 +88,7 @@ class WindowUpdated(Event):
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class GoAway(Event):
     """HTTP/2: the peer sent GOAWAY. Streams above `last_stream_id` that we opened were not
     processed (each also gets a StreamReset with REFUSED_STREAM, so they can be retried)."""
@@ -99,6 +98,6 @@ class GoAway(Event):
     debug_data: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class ConnectionClosed(Event):
     """The peer closed the transport (receive_data(b"")); nothing more will arrive."""
