@@ -68,9 +68,13 @@ class CallerInfo:
     port: int
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)
 class Exchange:
-    """One request/response through the waypoint."""
+    """One request/response through the waypoint.
+
+    The fields after `annotations` are class attributes until a request changes them
+    (`init=False`): the generated __init__ assigns seven fields per request, not
+    twenty-two (and there are no __slots__, which would rule the class attributes out)."""
 
     conn: Downstream
     sid: int
@@ -80,24 +84,25 @@ class Exchange:
     # Unbounded on purpose: the connection pauses reading once BODY_QUEUE chunks wait, and a
     # put must never fail for the few chunks already in flight.
     body: Channel[bytes | None] = field(default_factory=Channel)
-
-    body_done: bool = False
-    trailers: Headers | None = None
-    reset: bool = False
-    responded: bool = False
-    response_done: bool = False
-    status: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    first_byte_at: float | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
+
+    body_done: bool = field(default=False, init=False)
+    trailers: Headers | None = field(default=None, init=False)
+    reset: bool = field(default=False, init=False)
+    responded: bool = field(default=False, init=False)
+    response_done: bool = field(default=False, init=False)
+    status: int = field(default=0, init=False)
+    bytes_in: int = field(default=0, init=False)
+    bytes_out: int = field(default=0, init=False)
+    first_byte_at: float | None = field(default=None, init=False)
     # Set by the handler: whether the Service has AI policies, for `style`; None: unknown
     # (the mesh's answers are plain text).
-    ai_service: bool | None = None
-    _style: Style | None = None  # `style` once worked out or set
-    on_reset: Callable[[], None] | None = None  # cancels the upstream try (caller_gone)
-    span: Any = None  # the waypoint's SERVER span (agent/waypoint/tracing.py)
-    trace: Any = None  # the request's TraceContext
+    ai_service: bool | None = field(default=None, init=False)
+    _style: Style | None = field(default=None, init=False)  # `style` once worked out or set
+    # cancels the upstream try (caller_gone)
+    on_reset: Callable[[], None] | None = field(default=None, init=False)
+    span: Any = field(default=None, init=False)  # the SERVER span (agent/waypoint/tracing.py)
+    trace: Any = field(default=None, init=False)  # the request's TraceContext
 
     @property
     def style(self) -> Style:
