@@ -151,6 +151,7 @@ class Waypoint:
         self.metrics.registry.register(_EngineCollector(self))
         # Per label key (_log): the metric series and two pieces of the access log record.
         self._children: dict[tuple[Any, ...], tuple[Series, str, str]] = {}
+        self._children_of: ConfigSnapshot | None = None  # the snapshot _children is for
         self._xfcc: dict[str | None, bytes] = {}  # XFCC value per caller (for this identity)
         self.access = AccessLog.open(
             s.access_log,
@@ -693,13 +694,18 @@ class Waypoint:
         # The label values follow from these (and the config revision): look the metric
         # children up by them, not by 14 labels recomputed per request; and so do most of
         # the access log record's fields, rendered with them.
+        if snap is not self._children_of:
+            # Cached for one snapshot: `dst` is one of its Workloads, named by id() below,
+            # and an id is only unique among objects alive together (a new controller's
+            # revisions also start again from 1, so the revision cannot tell snapshots apart).
+            self._children.clear()
+            self._children_of = snap
         key = (
-            snap.revision,
             c.client_ip,
             c.principal,
             c.service_ns,
             c.service,
-            id(dst),  # the snapshot of this revision holds it: the id is not reused
+            id(dst),
             h2,
             x.status,
             flags,
