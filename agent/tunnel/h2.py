@@ -353,6 +353,11 @@ class H2Connection:
         if s is None or s.local_closed:
             raise StreamGone(f"stream {stream_id} is closed for sending")
         n = min(len(data), s.send_window, self.send_window)
+        if n < 0:
+            # A window can be below zero (the peer lowered SETTINGS_INITIAL_WINDOW_SIZE
+            # with data in flight, RFC 9113 §6.9.2): nothing can be sent, and nothing is
+            # charged (subtracting a negative n would grow the windows).
+            n = 0
         maxf = self.peer_max_frame
         taken = 0
         while taken < n:

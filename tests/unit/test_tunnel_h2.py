@@ -115,6 +115,29 @@ def test_flow_control_stops_the_sender_until_credit_returns():
     assert c.send_capacity(sid) > 0
 
 
+def test_a_window_below_zero_sends_nothing_and_stays_below_zero():
+    """The peer lowers SETTINGS_INITIAL_WINDOW_SIZE with data in flight: the stream's
+    window goes negative (RFC 9113 §6.9.2), and a send neither goes out nor grows it."""
+    c, s = pair()
+    sid = c.open_stream("1.2.3.4:5")
+    pump(c, s)
+    s.respond(sid, 200)
+    pump(c, s)
+    assert c.send_data(sid, b"x" * 1000) == 1000
+    pump(c, s)
+    lower = hb._SETTING.pack(hb.S_INITIAL_WINDOW_SIZE, 0)
+    c.receive_data(hb._HDR.pack(0, len(lower), hb.Frame.SETTINGS, 0, 0) + lower)
+    conn_window = c.send_window
+    assert c.streams[sid].send_window == -1000
+    c.data_to_send()
+    assert c.send_data(sid, b"y" * 10) == 0
+    assert c.send_data(sid, b"y" * 10, end_stream=True) == 0
+    assert c.streams[sid].send_window == -1000 and c.send_window == conn_window
+    assert not c.streams[sid].local_closed and c.data_to_send() == b""
+    c.end_stream(sid)  # END_STREAM alone needs no window
+    assert c.streams[sid].local_closed
+
+
 def test_our_pair_carries_large_payload_in_big_frames():
     c, s = pair()
     sid = c.open_stream("1.2.3.4:5")
