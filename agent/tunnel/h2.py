@@ -276,9 +276,9 @@ class H2Connection:
 
     def _frame(self, ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
         n = len(payload)
-        self.out += _HDR.pack(n >> 8, n & 0xFF, ftype, flags, stream_id)
-        if n:
-            self.out += payload
+        out = self.out  # a local: `out +=` costs fewer bytecodes than `self.out +=`
+        out += _HDR.pack(n >> 8, n & 0xFF, ftype, flags, stream_id)
+        out += payload
 
     # ---- opening and answering streams ---------------------------------------------
 
@@ -352,27 +352,31 @@ class H2Connection:
         s = self.streams.get(stream_id)
         if s is None or s.local_closed:
             raise StreamGone(f"stream {stream_id} is closed for sending")
-        n = min(len(data), s.send_window, self.send_window)
-        if n < 0:
-            # A window can be below zero (the peer lowered SETTINGS_INITIAL_WINDOW_SIZE
-            # with data in flight, RFC 9113 §6.9.2): nothing can be sent, and nothing is
-            # charged (subtracting a negative n would grow the windows).
+        size = len(data)
+        n = min(size, s.send_window, self.send_window)
+        if n > 0:
+            s.send_window -= n
+            self.send_window -= n
+            # Frames of the peer's maximum size while more than that remains, then the
+            # rest, with END_STREAM if it ends `data`. Usually `n` fits one frame, and the
+            # loop's test is all the loop costs.
+            maxf = self.peer_max_frame
+            pos = 0
+            while n - pos > maxf:
+                self._frame(Frame.DATA, 0, stream_id, data[pos : pos + maxf])  # type: ignore[arg-type]
+                pos += maxf
+            last = END_STREAM if end_stream and n == size else 0
+            self._frame(Frame.DATA, last, stream_id, data[pos:n])  # type: ignore[arg-type]
+        else:
+            # No window; it can be below zero (the peer lowered SETTINGS_INITIAL_WINDOW_SIZE
+            # with data in flight, RFC 9113 §6.9.2): nothing is sent and nothing charged.
             n = 0
-        maxf = self.peer_max_frame
-        taken = 0
-        while taken < n:
-            k = min(maxf, n - taken)
-            last = taken + k == len(data) and end_stream
-            self._frame(Frame.DATA, END_STREAM if last else 0, stream_id, data[taken : taken + k])  # type: ignore[arg-type]
-            taken += k
-        s.send_window -= n
-        self.send_window -= n
-        if end_stream and taken == len(data):
-            if not data:
-                self._frame(Frame.DATA, END_STREAM, stream_id)
+            if end_stream and not size:
+                self._frame(Frame.DATA, END_STREAM, stream_id)  # END_STREAM needs no window
+        if end_stream and n == size:
             s.local_closed = True
             self._maybe_forget(s)
-        return taken
+        return n
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (TCP FIN from the local socket)."""
@@ -423,25 +427,34 @@ class H2Connection:
     def receive_data(self, data: bytes) -> list[Event]:
         if self.closed:
             return []
-        buf = self._buf
-        buf += data
         events: list[Event] = []
+        buf = self._buf
         pos = 0
-        if self._preface_pending:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buf)):
+        src: bytes | memoryview
+        if buf or self._preface_pending:
+            # Bytes are left from an earlier read (a partial frame), or the preface is yet
+            # to come: the frames are read out of _buf.
+            buf += data
+            if self._preface_pending:
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(bytes(buf)):
+                        self._fail(Err.PROTOCOL_ERROR, "connection preface missing (not HTTP/2?)")
+                    return events
+                if bytes(buf[: len(PREFACE)]) != PREFACE:
                     self._fail(Err.PROTOCOL_ERROR, "connection preface missing (not HTTP/2?)")
-                return events
-            if bytes(buf[: len(PREFACE)]) != PREFACE:
-                self._fail(Err.PROTOCOL_ERROR, "connection preface missing (not HTTP/2?)")
-            pos = len(PREFACE)
-            self._preface_pending = False
+                pos = len(PREFACE)
+                self._preface_pending = False
+            src = memoryview(buf)  # each payload is copied out of it once
+        else:
+            # The usual read: nothing buffered, so the frames start at data[0]. They are
+            # read out of `data` itself rather than after copying it into _buf (speed);
+            # the loop below is the same, and `finally` buffers only what is left over.
+            src = data
         maxf = self.local.max_frame_size
-        n = len(buf)
-        mv = memoryview(buf)
+        n = len(src)
         try:
             while n - pos >= 9:
-                hi, lo, ftype, flags, sid = _HDR.unpack_from(buf, pos)
+                hi, lo, ftype, flags, sid = _HDR.unpack_from(src, pos)
                 length = (hi << 8) | lo
                 sid &= 0x7FFFFFFF
                 if length > maxf:
@@ -449,18 +462,26 @@ class H2Connection:
                         Err.FRAME_SIZE_ERROR,
                         f"frame of {length} bytes exceeds our SETTINGS_MAX_FRAME_SIZE of {maxf}",
                     )
-                if n - pos - 9 < length:
+                end = pos + 9 + length
+                if end > n:
                     break
-                payload = bytes(mv[pos + 9 : pos + 9 + length])
-                pos += 9 + length
+                # A copy out of the memoryview; out of bytes, the slice is already a copy
+                # and bytes() returns it as it is.
+                payload = bytes(src[pos + 9 : end])
+                pos = end
                 self._frames_seen += 1
-                if ftype == Frame.DATA and self._continuation is None:
+                # 0 is Frame.DATA: a constant, not two lookups (speed), on most frames.
+                if ftype == 0 and self._continuation is None:
                     self._on_data(flags, sid, payload, events)  # most frames: no dispatch
                 else:
                     self._dispatch(ftype, flags, sid, payload, events)
         finally:
-            mv.release()
-            del buf[:pos]
+            if src is data:
+                if pos < n:
+                    buf += data[pos:]  # a partial frame: the next read completes it
+            else:
+                src.release()  # type: ignore[union-attr]
+                del buf[:pos]
         return events
 
     def _fail(self, code: Err, message: str) -> None:

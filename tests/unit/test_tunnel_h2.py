@@ -9,6 +9,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from hpack import Encoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -309,3 +310,171 @@ def test_garbage_after_the_preface_only_ever_raises_connection_error(junk):
     s.initiate()
     with contextlib.suppress(hb.ConnectionError):
         s.receive_data(hb.PREFACE + junk)
+
+
+# ---- the hot paths against their plain forms ---------------------------------------------
+
+
+def _send_data_reference(
+    c: hb.H2Connection, sid: int, data: bytes | bytearray, end_stream: bool
+) -> int:
+    """send_data as a plain loop over frames, for every case (its form before it was
+    reworked for speed, with the window-below-zero fix)."""
+    s = c.streams.get(sid)
+    if s is None or s.local_closed:
+        raise hb.StreamGone(sid)
+    n = max(0, min(len(data), s.send_window, c.send_window))
+    taken = 0
+    while taken < n:
+        k = min(c.peer_max_frame, n - taken)
+        last = taken + k == len(data) and end_stream
+        c._frame(hb.Frame.DATA, hb.END_STREAM if last else 0, sid, data[taken : taken + k])
+        taken += k
+    s.send_window -= n
+    c.send_window -= n
+    if end_stream and taken == len(data):
+        if not data:
+            c._frame(hb.Frame.DATA, hb.END_STREAM, sid)
+        s.local_closed = True
+        c._maybe_forget(s)
+    return taken
+
+
+def _open_pair() -> tuple[hb.H2Connection, hb.H2Connection, int]:
+    c, s = pair()
+    sid = c.open_stream("1.2.3.4:5")
+    pump(c, s)
+    s.respond(sid, 200)
+    pump(c, s)
+    return c, s, sid
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=70_000),  # bytes to send
+            st.booleans(),  # end_stream
+            st.sampled_from([bytes, bytearray, memoryview]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(min_value=-5000, max_value=120_000),  # the stream's send window
+    st.integers(min_value=-5000, max_value=120_000),  # the connection's
+    st.sampled_from([16384, 20000, 1 << 20]),  # the peer's SETTINGS_MAX_FRAME_SIZE
+)
+def test_send_data_writes_what_a_plain_frame_loop_writes(sends, window, conn_window, maxf):
+    """Frames, windows, amounts taken and stream state, send after send, whatever the
+    windows (below zero too) and frame size: the same as the plain loop."""
+    results = []
+    for fast in (True, False):
+        c, _, sid = _open_pair()
+        c.data_to_send()
+        c.streams[sid].send_window = window
+        c.send_window = conn_window
+        c.peer_max_frame = maxf
+        log = []
+        for size, end, kind in sends:
+            data = kind(bytes(range(256)) * (size // 256) + bytes(size % 256))
+            try:
+                if fast:
+                    taken = c.send_data(sid, data, end_stream=end)
+                else:
+                    taken = _send_data_reference(c, sid, data, end)
+            except hb.StreamGone:
+                taken = -1
+            st_ = c.streams.get(sid)
+            log.append(
+                (
+                    taken,
+                    c.data_to_send(),
+                    c.send_window,
+                    None if st_ is None else (st_.send_window, st_.local_closed),
+                )
+            )
+        results.append(log)
+    assert results[0] == results[1]
+
+
+def _frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return hb._HDR.pack(len(payload) >> 8, len(payload) & 0xFF, ftype, flags, sid) + payload
+
+
+_frames = st.one_of(
+    # DATA on the open stream, plain or padded (the padding sometimes too long)
+    st.tuples(
+        st.just("data"),
+        st.integers(min_value=0, max_value=3000),
+        st.sampled_from([0, hb.PADDED, hb.END_STREAM]),
+        st.integers(min_value=0, max_value=255),
+    ),
+    st.tuples(st.just("ping"), st.just(0), st.just(0), st.just(0)),
+    st.tuples(st.just("window"), st.integers(min_value=0, max_value=1000), st.just(0), st.just(0)),
+    st.tuples(st.just("stray"), st.integers(min_value=0, max_value=100), st.just(0), st.just(0)),
+)
+
+
+def _wire(sid: int, spec: tuple[str, int, int, int]) -> bytes:
+    kind, size, flags, pad = spec
+    if kind == "data":
+        body = b"d" * size
+        if flags & hb.PADDED:
+            body = bytes([pad]) + body + b"\0" * min(pad, size)
+        return _frame(hb.Frame.DATA, flags, sid, body)
+    if kind == "ping":
+        return _frame(hb.Frame.PING, 0, 0, b"12345678")
+    if kind == "window":
+        return _frame(hb.Frame.WINDOW_UPDATE, 0, sid, hb._U32.pack(size))
+    return _frame(hb.Frame.DATA, 0, sid + 2, b"s" * size)  # a stream that was never opened
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_frames, min_size=1, max_size=12), st.randoms(use_true_random=False))
+def test_reads_of_whole_frames_and_of_any_pieces_give_the_same_result(specs, rnd):
+    """A read of whole frames with nothing buffered is parsed out of the read itself; any
+    other read goes through the buffer. Events, errors, what is queued to send and the
+    flow-control windows must not tell them apart."""
+    outcomes = []
+    for whole in (True, False):
+        _, s, sid = _open_pair()
+        s.data_to_send()
+        frames = [_wire(sid, spec) for spec in specs]
+        if whole:
+            reads = frames
+        else:
+            wire = b"".join(frames)
+            cuts = sorted(rnd.sample(range(1, len(wire)), min(len(wire) - 1, 8)))
+            reads = [wire[i:j] for i, j in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+        events: list[object] = []
+        for r in reads:
+            if whole:
+                assert not s._buf  # each read takes the in-place path
+            try:
+                events += s.receive_data(r)
+            except hb.ConnectionError as e:
+                # A failing read's events are lost, and which events a read holds depends
+                # on the cuts: only the error is compared.
+                events = [("error", e.code)]
+                break
+        st_ = s.streams.get(sid)
+        outcomes.append(
+            (
+                events,
+                s.data_to_send(),
+                s.recv_window,
+                s._frames_seen,
+                None if st_ is None else (st_.recv_window, st_.remote_closed),
+            )
+        )
+    assert outcomes[0] == outcomes[1]
+
+
+def test_data_between_headers_and_its_continuation_is_a_connection_error():
+    """RFC 9113 §6.10: nothing but CONTINUATION may follow a HEADERS without END_HEADERS,
+    DATA on the way that skips _dispatch included."""
+    _, s, sid = _open_pair()
+    block = Encoder().encode([(":method", "CONNECT"), (":authority", "1.1.1.1:1")])
+    half = _frame(hb.Frame.HEADERS, 0, sid + 2, block[:3])
+    with pytest.raises(hb.ConnectionError, match="CONTINUATION"):
+        s.receive_data(half + _frame(hb.Frame.DATA, 0, sid, b"x"))
