@@ -480,7 +480,7 @@ class H2Connection:
                 self._frames_seen += 1
                 # 0 is Frame.DATA: a constant, not two lookups (speed), on most frames.
                 if ftype == 0 and self._continuation is None:
-                    self._on_data(flags, sid, payload, events)  # most frames: no dispatch
+                    self._on_data(flags, sid, payload, length, events)  # most: no dispatch
                 else:
                     self._dispatch(ftype, flags, sid, payload, events)
         finally:
@@ -503,7 +503,7 @@ class H2Connection:
         if self._continuation is not None and ftype != Frame.CONTINUATION:
             self._fail(Err.PROTOCOL_ERROR, "expected CONTINUATION after HEADERS")
         if ftype == Frame.DATA:
-            self._on_data(flags, sid, payload, events)
+            self._on_data(flags, sid, payload, len(payload), events)
         elif ftype == Frame.HEADERS:
             self._on_headers(flags, sid, payload, events)
         elif ftype == Frame.CONTINUATION:
@@ -535,10 +535,12 @@ class H2Connection:
             self._fail(Err.PROTOCOL_ERROR, "PUSH_PROMISE, but we disabled push")
         # Unknown frame types are ignored (RFC 9113 §4.1).
 
-    def _on_data(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
+    def _on_data(
+        self, flags: int, sid: int, payload: bytes, flow: int, events: list[Event]
+    ) -> None:
+        """`flow` is len(payload), which the caller has (as the frame's length) already."""
         if sid == 0:
             self._fail(Err.PROTOCOL_ERROR, "DATA on stream 0")
-        flow = len(payload)
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
                 self._fail(Err.PROTOCOL_ERROR, "DATA padding longer than the frame")
