@@ -363,12 +363,13 @@ class H2Connection:
             self.send_window -= n
             # Frames of the peer's maximum size while more than that remains, then the
             # rest, with END_STREAM if it ends `data`. Usually `n` fits one frame, and the
-            # loop's test is all the loop costs.
-            maxf = self.peer_max_frame
+            # loop's test is all the loop costs (peer_max_frame read there, not kept in a
+            # local: fewer bytecodes for one frame).
             pos = 0
-            while n - pos > maxf:
-                self._frame(Frame.DATA, 0, stream_id, data[pos : pos + maxf])  # type: ignore[arg-type]
-                pos += maxf
+            while n - pos > self.peer_max_frame:
+                end = pos + self.peer_max_frame
+                self._frame(Frame.DATA, 0, stream_id, data[pos:end])  # type: ignore[arg-type]
+                pos = end
             last = END_STREAM if end_stream and n == size else 0
             self._frame(Frame.DATA, last, stream_id, data[pos:n])  # type: ignore[arg-type]
         else:
