@@ -53,6 +53,7 @@ _STATUS_LINES: Final = {
 }
 # Fields the serializer owns: framing and connection management.
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+_FRAMING_HOST: Final = _FRAMING | {b"host"}  # a request head's: Host goes with the request line
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # Host / :authority: reg-name, IPv4 or [IPv6], optional port (RFC 3986 section 3.2.2).
 HOST_RE: Final = re.compile(
@@ -940,16 +941,16 @@ def _fields(
     return the Content-Length given (if any) and whether Connection asked to close."""
     cl: bytes | None = None
     close = False
+    # Host is left out with the framing fields (one set test per field, not two).
+    owned = _FRAMING_HOST if skip_host else _FRAMING
     for n, v in headers.fields:
-        if n in _FRAMING:
+        if n in owned:
             if n == b"content-length":
                 if cl is not None and cl != v:
                     raise local_error(f"conflicting Content-Length {cl!r} and {v!r}")
                 cl = v
             elif n == b"connection" and b"close" in v.lower():
                 close = True
-            continue
-        if skip_host and n == b"host":
             continue
         parts.append(b"%s: %s\r\n" % (n, v))
     return cl, close
