@@ -95,7 +95,12 @@ class Http1Connection:
         self, role: Role, limits: Limits = DEFAULT_LIMITS, *, scheme: str = "http"
     ) -> None:
         self.role = role
-        self.limits = limits
+        self._limits = limits
+        # The limits checked per header field or URL piece, an attribute load fewer each
+        # time (Limits is frozen, and `limits` is read-only: these cannot go stale).
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_header_count = limits.max_header_count
+        self._max_target_bytes = limits.max_target_bytes
         self._server = role is Role.SERVER
         self._scheme = scheme
         self._callbacks = SimpleNamespace(
@@ -147,6 +152,11 @@ class Http1Connection:
         self._head_done = False
 
     # ------------------------------------------------------------------ state for the shell
+
+    @property
+    def limits(self) -> Limits:
+        """The limits this connection enforces, fixed when it is created."""
+        return self._limits
 
     @property
     def idle(self) -> bool:
@@ -299,7 +309,7 @@ class Http1Connection:
                 # Every byte of a read that neither began nor finished the head is head:
                 # the only bound on a field that arrives a few bytes at a time.
                 self._head_raw += len(data)
-                if self._head_raw > self.limits.max_header_bytes:
+                if self._head_raw > self._max_header_bytes:
                     self._fail(self._too_large(self._head_raw))
 
     def _resume_body(self) -> None:
@@ -325,7 +335,7 @@ class Http1Connection:
         while self._head_only:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(buf) > self.limits.max_header_bytes:
+                if len(buf) > self._max_header_bytes:
                     self._fail(self._too_large(len(buf)))
                 self._head_buf = buf
                 return
@@ -385,6 +395,8 @@ class Http1Connection:
             self._url = b""
             self._head_size = 0
             return
+        # (The target is a request's and the 1xx flag a response's: each is reset in its
+        # role's branch only, an attribute store fewer per message.)
         if self._server:
             if not self.keep_alive:
                 # RFC 9112 section 9.6: nothing after a request that asked to close.
@@ -394,26 +406,26 @@ class Http1Connection:
             ex.sid = self._next_sid
             self._next_sid += 2
             self._exchanges.append(ex)
+            self._url = b""
         else:
             if not self._exchanges:
                 raise self._error("backend sent a response with no request outstanding", 502)
             ex = self._exchanges[0]
+            self._informational = False
         self._reading = ex
         self._in_head = True
         self._head_new = True
         self._head_size = 0
         self._head_raw = 0
-        self._url = b""
         self._fields = []
         self._trailers = None
-        self._informational = False
 
     def _on_url(self, piece: bytes) -> None:
         url = self._url = self._url + piece
-        if len(url) > self.limits.max_target_bytes:
+        if len(url) > self._max_target_bytes:
             raise self._error(
                 f"request target of at least {len(url):,} bytes exceeds the "
-                f"{self.limits.max_target_bytes:,}-byte limit",
+                f"{self._max_target_bytes:,}-byte limit",
                 414,
             )
         self._head_size += len(piece)
@@ -432,15 +444,13 @@ class Http1Connection:
         # llhttp strips leading whitespace of a value but keeps trailing whitespace.
         fields.append((name.lower(), value.rstrip(b" \t")))
         size = self._head_size = self._head_size + len(name) + len(value) + 4
-        if size > self.limits.max_header_bytes:
+        if size > self._max_header_bytes:
             raise self._too_large(size)
-        if len(fields) > self.limits.max_header_count:
+        if len(fields) > self._max_header_count:
             what = "request" if self._server else "response"
             if fields is self._trailers:
                 what += " trailer"
-            raise self._error(
-                f"{what} has more than {self.limits.max_header_count} header fields", 431
-            )
+            raise self._error(f"{what} has more than {self._max_header_count} header fields", 431)
 
     def _on_headers_complete(self) -> None:
         self._in_head = False
@@ -634,7 +644,7 @@ class Http1Connection:
         else:
             what += " header"
         return self._error(
-            f"{what} block exceeds the {self.limits.max_header_bytes:,}-byte limit "
+            f"{what} block exceeds the {self._max_header_bytes:,}-byte limit "
             f"(at least {size:,} bytes)",
             431,
         )
