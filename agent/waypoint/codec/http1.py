@@ -173,7 +173,9 @@ class Http1Connection:
         """Server role: a complete request awaits its response; bytes read now are only
         buffered, so the shell should stop reading until `next_events()` is called."""
         ex = self._exchanges
-        return self._server and bool(ex) and (len(ex) > 1 or ex[0].request_done)
+        if not self._server or not ex:  # (tests, not bool(ex): a call fewer per read)
+            return False
+        return len(ex) > 1 or ex[0].request_done
 
     @property
     def reading_head(self) -> bool:
@@ -434,9 +436,9 @@ class Http1Connection:
         self._head_size += len(piece)
 
     def _on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:
-            fields = self._fields
-        else:  # a trailer field of a chunked body
+        # (Written so that a head field, the usual case, jumps nowhere: a bytecode fewer.)
+        fields = self._fields
+        if not self._in_head:  # a trailer field of a chunked body
             if self._trailers is None:
                 self._trailers = []
                 self._head_size = 0
