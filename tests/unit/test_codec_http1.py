@@ -526,9 +526,25 @@ def test_busy_connection_refuses_a_second_request():
         (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", {}, 505),
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", {}, 505),
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", {}, 501),
+        # two field lines are one list, "gzip, chunked": the same refusal as the one line
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            {},
+            501,
+        ),
         (b"CONNECT llm:443 HTTP/1.1\r\nHost: llm:443\r\n\r\n", {}, 405),
     ],
-    ids=["header-bytes", "header-count", "uri", "http-1.2", "http-2.0", "te-gzip", "connect"],
+    ids=[
+        "header-bytes",
+        "header-count",
+        "uri",
+        "http-1.2",
+        "http-2.0",
+        "te-gzip",
+        "te-gzip-then-chunked",
+        "connect",
+    ],
 )
 def test_limits_and_unsupported_features_answer_the_right_status(request_bytes, limits, status):
     """Each limit and unsupported feature maps to its HTTP status."""

@@ -472,7 +472,9 @@ class Http1Connection:
             if n == b"content-length":
                 cl = v
             elif n == b"transfer-encoding":
-                te = v
+                # Field lines of one name are one comma-separated list (RFC 9110 5.3):
+                # "gzip" then "chunked" is "gzip, chunked", refused below like the one line.
+                te = v if te is None else te + b", " + v
             elif n == b"host":
                 host = v
                 hosts += 1
