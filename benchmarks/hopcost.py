@@ -251,6 +251,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _print_tables(title: str, by_module: dict[str, float], by_function: dict[str, float]) -> None:
+    for what, rows in (("by module", by_module), ("by function", by_function)):
+        print(f"\n{title}, {what}:")
+        for k, v in rows.items():
+            print(f"  {v:10.2f}  {k}" if isinstance(v, float) else f"  {v:10d}  {k}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hop", choices=("waypoint", "destination"), default="waypoint")
@@ -270,19 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         f"requests over {r['connections']} connections)"
     )
     if args.opcodes:
-        print("\nbytecodes per request by module:")
-        for k, v in r["bytecodes_by_module"].items():
-            print(f"  {v:8d}  {k}")
-        print("\nby function:")
-        for k, v in r["bytecodes_by_function"].items():
-            print(f"  {v:8d}  {k}")
+        _print_tables("bytecodes per request", r["bytecodes_by_module"], r["bytecodes_by_function"])
     if args.profile:
-        print("\nPython own time per request by module (cProfile, inflated):")
-        for k, v in r["by_module_us"].items():
-            print(f"  {v:8.2f} µs  {k}")
-        print("\nby function:")
-        for k, v in r["by_function_us"].items():
-            print(f"  {v:8.2f} µs  {k}")
+        _print_tables(
+            "Python own time per request (cProfile, inflated), µs",
+            r["by_module_us"],
+            r["by_function_us"],
+        )
     return 0
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import ssl
 import stat
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -144,8 +144,9 @@ def test_rotation_keeps_old_root_trusted_during_overlap_then_drops_it(tmp_path):
     assert [r.serial_number for r in again.bundle()] == [ca.active.cert.serial_number]
 
 
-def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[ssl.SSLObject, ...]:
-    """A real TLS 1.3 handshake between two in-memory endpoints; the finished SSLObjects."""
+def _connected(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[Any, ...]:
+    """A real TLS 1.3 handshake between two in-memory endpoints: the client's and the
+    server's SSLObjects, then the client's incoming and outgoing BIOs and the server's."""
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     c = client.wrap_bio(c_in, c_out, server_side=False)
     s = server.wrap_bio(s_in, s_out, server_side=True)
@@ -161,8 +162,13 @@ def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[ssl.SSLO
         s_in.write(c_out.read())
         c_in.write(s_out.read())
         if all(done.values()):
-            return c, s
+            return c, s, c_in, c_out, s_in, s_out
     raise AssertionError("handshake did not finish")
+
+
+def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[ssl.SSLObject, ...]:
+    """A real TLS 1.3 handshake between two in-memory endpoints; the finished SSLObjects."""
+    return _connected(client, server)[:2]
 
 
 def test_peer_spiffe_id_reads_the_verified_leaf_without_an_x509_library(ca):
@@ -200,15 +206,7 @@ def test_a_node_tunnel_server_keeps_no_session_and_sends_no_ticket(ca):
         if tickets is not None:
             server.num_tickets = tickets
         client = client_context(chain, key_pem(key), ca.bundle_pem())
-        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-        c = client.wrap_bio(c_in, c_out, server_side=False)
-        s = server.wrap_bio(s_in, s_out, server_side=True)
-        for _ in range(10):
-            for obj in (c, s):
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    obj.do_handshake()
-            s_in.write(c_out.read())
-            c_in.write(s_out.read())
+        c, s, c_in, _, _, s_out = _connected(client, server)
         s.write(b"x")  # the client reads what follows the handshake (tickets), then this
         c_in.write(s_out.read())
         assert c.read(1) == b"x"
@@ -261,15 +259,7 @@ def test_tls_objects_call_openssl_directly_and_behave_as_the_stdlib_ones(ca):
     chain = ca.sign_workload(make_csr(key, None), "ai", "llm").chain_pem
     client = client_context(chain, key_pem(key), ca.bundle_pem())
     server = server_context(chain, key_pem(key), ca.bundle_pem())
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out, server_side=False)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(4):
-        for obj in (c, s):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                obj.do_handshake()
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
+    c, s, c_in, c_out, s_in, s_out = _connected(client, server)
     for obj in (c, s):
         assert isinstance(obj, DirectSSLObject)
         assert type(obj.read).__name__ == "builtin_function_or_method"
