@@ -441,6 +441,12 @@ class Downstream(asyncio.Protocol):
     def finished(self, x: Exchange) -> None:
         self.exchanges.pop(x.sid, None)
         if isinstance(self.codec, Http1Connection):
+            # The answer is complete: it goes out now (its head and body in one write, as
+            # write() queued them this turn), not after what the handler still does for
+            # it (the access log, metrics, releasing the backend connection). HTTP/2 keeps
+            # the end-of-turn write, which carries the frames of every stream that
+            # answered in the turn.
+            self._flush()
             if self.codec.should_close:
                 self.close()
                 return
