@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from agent.cli.logopts import MaxMbOption, MaxRateOption, SampleOption
+from agent.cli.logopts import LogLevelOption, MaxMbOption, MaxRateOption, SampleOption
 from agent.settings import AgentSettings
 
 app = typer.Typer(
@@ -92,7 +91,7 @@ def run(
     access_log_sample: SampleOption = 1.0,
     access_log_max_rate: MaxRateOption = 0,
     access_log_max_mb: MaxMbOption = 0,
-    log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
+    log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run the node agent: data path, tunnel, identities, config from the controller.
 
@@ -127,8 +126,6 @@ def run(
         access_log_max_mb=access_log_max_mb,
     )
     settings = AgentSettings(**kw)  # a bad option is the CLI's error, before the exec
-    if not isinstance(logging.getLevelName(log_level.upper()), int):
-        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     # The agent runs for the node's life: it runs in a fresh interpreter without the CLI's
     # modules (agent/run.py says what that saves), in this same process.
     from agent.run import exec_agent

@@ -1,11 +1,24 @@
-"""Access log options shared by `weft agent run` and `weft waypoint run` (one definition)."""
+"""Logging options shared by `weft agent run` and `weft waypoint run` (one definition)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
 
+
+def _log_level(value: str) -> str:
+    # Checked here: the run commands exec the agent's own process, which could only fail
+    # on it later, with a traceback instead of a usage error.
+    if not isinstance(logging.getLevelName(value.upper()), int):
+        raise typer.BadParameter(f"unknown log level {value!r}")
+    return value
+
+
+LogLevelOption = Annotated[
+    str, typer.Option("--log-level", envvar="WEFT_LOG_LEVEL", callback=_log_level)
+]
 SampleOption = Annotated[
     float,
     typer.Option(

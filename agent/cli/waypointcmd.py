@@ -4,13 +4,12 @@ weft-waypoint: controller/model/gateway.py)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from agent.cli.logopts import MaxMbOption, MaxRateOption, SampleOption
+from agent.cli.logopts import LogLevelOption, MaxMbOption, MaxRateOption, SampleOption
 from agent.cli.output import Format, OutputOption, emit
 from agent.cli.targets import ControllerSocketOption, LabOption
 
@@ -96,14 +95,12 @@ def run(
             "across a crash, so connects wait for the next process instead of being refused.",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(envvar="WEFT_LOG_LEVEL")] = "INFO",
+    log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run a waypoint. It gets its identity and config from the node agent.
 
     Example (a lab pod): weft waypoint run --name ai-waypoint --listen 10.244.1.9:15008
     """
-    if not isinstance(logging.getLevelName(log_level.upper()), int):
-        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     from agent.waypoint.server import WaypointSettings
 
     if escaped_slashes not in ("reject", "decode", "keep"):
