@@ -103,13 +103,7 @@ class Deadline(LazyTimer):
     __slots__ = ("_cancelling", "_fired", "_task")
 
     def __init__(self) -> None:
-        # LazyTimer.__init__ (with no on_due) written out: one Deadline is made per try,
-        # and the call to super() cost as much as the assignments.
-        self.loop = asyncio.get_running_loop()
-        self._on_due = None
-        self._handle = None
-        self._at = 0.0
-        self.when = None
+        super().__init__()
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("Deadline must be used inside a task")
@@ -140,8 +134,4 @@ class Deadline(LazyTimer):
         if self._fired:
             self._fired = False
             self._task.uncancel()
-        # LazyTimer.close written out (once per try, like __init__).
-        self.when = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        super().close()

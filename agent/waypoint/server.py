@@ -63,7 +63,7 @@ from agent.waypoint.tracing import (
     Span,
     TraceContext,
     new_span_id,
-    random_bits,
+    random_hex,
     traceparent,
 )
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
@@ -513,8 +513,7 @@ class Waypoint:
             )
         x.trace = trace  # its trace id goes in the access log record
         if not headers.get(b"x-request-id"):
-            # random_hex(128), formatted here: one call less per request.
-            headers.set(b"x-request-id", b"%032x" % (random_bits(128) or 1))
+            headers.set(b"x-request-id", random_hex(128).encode())
         peer = parse_workload_id(c.principal or "")
         policies = self._authz.get(key)
         if policies is None:

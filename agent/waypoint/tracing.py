@@ -43,14 +43,11 @@ FLUSH_EVERY = 1.0  # seconds
 # OpenTelemetry SDK's RandomIdGenerator does: a getrandom(2) per id was four syscalls per
 # proxied request.
 _ids = random.Random()
-# The generator's getrandbits, for a hot path that formats an id inline (`or 1`: never all
-# zeros) instead of calling random_hex: a Python call costs more than the formatting.
-random_bits = _ids.getrandbits
 
 
 def random_hex(bits: int) -> str:
     """`bits` random bits as lowercase hex, never all zeros (an invalid trace or span id)."""
-    return f"{random_bits(bits) or 1:0{bits // 4}x}"
+    return f"{_ids.getrandbits(bits) or 1:0{bits // 4}x}"
 
 
 @frozen
@@ -72,18 +69,16 @@ class TraceContext:
                     bool(int(m.group(4), 16) & 1),
                     tracestate.decode("latin-1") if tracestate else None,
                 )
-        return cls(f"{random_bits(128) or 1:032x}", None, True, None)  # random_hex(128)
+        return cls(random_hex(128), None, True, None)
 
     def child_traceparent(self) -> bytes:
         """The `traceparent` for a new span of this trace (a try toward the backend) that
-        is not exported: `traceparent(trace_id, new_span_id(), sampled)` in one call."""
-        return (
-            f"00-{self.trace_id}-{random_bits(64) or 1:016x}-{'01' if self.sampled else '00'}"
-        ).encode()
+        is not exported."""
+        return traceparent(self.trace_id, random_hex(64), self.sampled)
 
 
 def new_span_id() -> str:
-    return f"{random_bits(64) or 1:016x}"  # random_hex(64)
+    return random_hex(64)
 
 
 def traceparent(trace_id: str, span_id: str, sampled: bool) -> bytes:
