@@ -501,11 +501,11 @@ class H2Connection:
     def _dispatch(
         self, ftype: int, flags: int, sid: int, payload: bytes, events: list[Event]
     ) -> None:
+        """Every frame but DATA outside a header block (receive_data hands those to
+        _on_data itself): a DATA frame here is one between HEADERS and its CONTINUATION."""
         if self._continuation is not None and ftype != Frame.CONTINUATION:
             self._fail(Err.PROTOCOL_ERROR, "expected CONTINUATION after HEADERS")
-        if ftype == Frame.DATA:
-            self._on_data(flags, sid, payload, len(payload), events)
-        elif ftype == Frame.HEADERS:
+        if ftype == Frame.HEADERS:
             self._on_headers(flags, sid, payload, events)
         elif ftype == Frame.CONTINUATION:
             self._on_continuation(flags, sid, payload, events)
