@@ -125,10 +125,7 @@ class Http1Connection:
         self._eof = False
         self._pending_eof = False
         self._out: list[Any] = []
-        # Events of pipelined requests, in stream order: those of a request behind the one
-        # being answered (stream id above the first exchange's) wait here, not in `_out`.
-        # The callbacks test this inline, as `_held_blocked` does: it is per body piece.
-        self._held: list[Any] = []
+        self._held: list[Any] = []  # events of pipelined requests, in stream order
         self._pending = bytearray()  # bytes read while paused, unparsed
         self._deferred: ProtocolError | None = None
         self._cb_error: ProtocolError | None = None
@@ -255,6 +252,12 @@ class Http1Connection:
     def _held_blocked(self, sid: int) -> bool:
         ex = self._exchanges
         return bool(ex) and sid > ex[0].sid
+
+    def _sink(self, sid: int) -> list[Any]:
+        """Where the events of stream `sid` go: `_held` for a pipelined request behind the
+        one being answered (server role), else `_out`."""
+        ex = self._exchanges  # (the test of _held_blocked, without a second call)
+        return self._held if self._server and ex and sid > ex[0].sid else self._out
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         cls = httptools.HttpRequestParser if self._server else httptools.HttpResponseParser
@@ -551,8 +554,7 @@ class Http1Connection:
                 self._upgrade_body = (
                     b"transfer-encoding: chunked" if chunked else b"content-length: %s" % cl
                 )
-        exchanges = self._exchanges
-        (self._held if exchanges and ex.sid > exchanges[0].sid else self._out).append(
+        self._sink(ex.sid).append(
             RequestHead(
                 ex.sid, method, target, authority.decode("latin-1"), scheme, headers, not body
             )
@@ -586,12 +588,7 @@ class Http1Connection:
         ex = self._reading
         assert ex is not None
         if not ex.discard:
-            sid = ex.sid
-            exchanges = self._exchanges
-            if self._server and exchanges and sid > exchanges[0].sid:  # see self._held
-                self._held.append(Data(sid, piece, False))
-            else:
-                self._out.append(Data(sid, piece, False))
+            self._sink(ex.sid).append(Data(ex.sid, piece, False))
 
     def _on_message_complete(self) -> None:
         ex = self._reading
@@ -603,11 +600,7 @@ class Http1Connection:
             return  # llhttp's early end of a request offering an upgrade (see _resume_body)
         if self._body_expected and not ex.discard:
             sid = ex.sid
-            exchanges = self._exchanges
-            if self._server and exchanges and sid > exchanges[0].sid:  # see self._held
-                sink = self._held
-            else:
-                sink = self._out
+            sink = self._sink(sid)
             if self._trailers:
                 sink.append(Trailers(sid, Headers(self._trailers)))
             else:
