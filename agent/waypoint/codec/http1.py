@@ -766,10 +766,7 @@ class Http1Connection:
         """Server role: serialize a response head (1xx heads may precede the final one).
         Framing: none for HEAD/204/304, Content-Length when `headers` has one or when
         `end_stream` (0), else chunked, or close-delimited for HTTP/1.0 clients."""
-        exchanges = self._exchanges
-        ex = exchanges[0] if exchanges else None
-        if ex is None or ex.sid != stream_id or not self._server:  # _current, inlined
-            ex = self._current(stream_id)  # raises the error that says what is wrong
+        ex = self._current(stream_id)
         if ex.response_final:
             raise local_error(f"stream {stream_id} already has a response", stream_id)
         if status < 200:
@@ -820,19 +817,9 @@ class Http1Connection:
         self, stream_id: int, data: bytes | memoryview, end_stream: bool = False
     ) -> bytes:
         """Frame body bytes for the wire (chunked, Content-Length or close-delimited)."""
-        exchanges = self._exchanges
-        ex = exchanges[0] if exchanges else None
-        # _sending, inlined for its common case (once or twice per request): the exchange
-        # sending is the oldest one, and it may (server role: its response head was sent;
-        # client role: its request has not ended). Anything else takes _sending's path.
-        if (
-            ex is None
-            or ex.sid != stream_id
-            or (not ex.response_final if self._server else ex.request_done)
-        ):
-            ex = self._sending(stream_id)
-            if ex is None:
-                return b""
+        ex = self._sending(stream_id)
+        if ex is None:
+            return b""
         framing = ex.send_framing
         n = len(data)
         if framing == _CHUNKED:
