@@ -476,8 +476,7 @@ class Waypoint:
         key = (c.service_ns, c.service)  # the Service's (namespace, name)
         svc = snap.services.get(key)
         head = x.head
-        # policies.for_service(), without the call.
-        ai = self.ai.policies.services.get(key)
+        ai = self.ai.policies.for_service(c.service_ns, c.service)
         x.ai_service = ai is not None  # the style of the mesh's answers follows (style_of)
         if svc is None:
             x.reply(plain(503, "NoHealthyEndpoint", "service no longer exists"))
@@ -552,8 +551,7 @@ class Waypoint:
         headers.strip_hop_by_hop()
         # set() replaces every XFCC field the caller sent: whatever it claims, the backend
         # sees the identity the waypoint verified.
-        xfcc = self._xfcc.get(c.principal)  # _xfcc_of() when it is cached, without the call
-        headers.set(XFCC, xfcc if xfcc is not None else self._xfcc_of(c.principal))
+        headers.set(XFCC, self._xfcc_of(c.principal))
         dst: list[Endpoint] = []
 
         def before_try(ep: Endpoint, h: Headers) -> Span | None:
