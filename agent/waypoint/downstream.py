@@ -241,6 +241,10 @@ class Downstream(asyncio.Protocol):
             self._on_due = fn
             self._timer.arm(self._loop.time() + delay)
 
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.arm(None)
+
     def _timed_out(self) -> None:
         if self._on_due is not None and not self.closed:
             self._on_due()
@@ -340,8 +344,7 @@ class Downstream(asyncio.Protocol):
     def _dispatch(self, events: list[ev.Event]) -> None:
         for e in events:
             if isinstance(e, ev.RequestHead):
-                if self._timer is not None:
-                    self._timer.when = None  # disarmed (LazyTimer: an assignment)
+                self._disarm()
                 x = Exchange(self, e.stream_id, e, self.caller)
                 self.exchanges[e.stream_id] = x
                 if e.end_stream:
@@ -457,14 +460,11 @@ class Downstream(asyncio.Protocol):
                 return
             if more:
                 self._dispatch(more)
-            elif not self.exchanges and self._timer is not None:
-                # _arm(), written out: this runs once per request on a keep-alive connection.
+            elif not self.exchanges:
                 if self.codec.reading_head:  # part of the next head came already
-                    self._on_due = self._head_timed_out
-                    self._timer.arm(self._loop.time() + self.head_timeout)
+                    self._arm(self.head_timeout, self._head_timed_out)
                 else:
-                    self._on_due = self._idle_timed_out
-                    self._timer.arm(self._loop.time() + self.idle_timeout)
+                    self._arm(self.idle_timeout, self._idle_timed_out)
         else:
             if not x.body_done and not x.reset:
                 # The response is complete and the rest of the request is of no use: ask
