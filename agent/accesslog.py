@@ -66,9 +66,6 @@ class AccessLog:
         if not 0.0 <= sample <= 1.0:
             raise ValueError(f"access log sample {sample!r}: a share between 0 and 1")
         self.out = out
-        # Whether lines are written at all (until close): read per request by the callers,
-        # so an attribute rather than a property of `out`, which would cost a call.
-        self.enabled = out is not None
         self.sample = sample
         self.max_per_second = max_per_second
         self.path = path  # a file destination, rotated at max_bytes (0: never)
@@ -110,6 +107,10 @@ class AccessLog:
             raise EnvironmentProblem(f"access log {where!r}: {e.strerror}") from e
         return cls(out, path=p, max_bytes=int(max_mb * 1024 * 1024), **kw)  # type: ignore[arg-type]
 
+    @property
+    def enabled(self) -> bool:
+        return self.out is not None
+
     def timestamp(self) -> str:
         """UTC, second resolution (the record's durationMs carries the precision); formatted
         once per second, not once per line."""
@@ -127,18 +128,8 @@ class AccessLog:
     def write_json(self, text: str, *, important: bool = False) -> None:
         """One record already encoded as a JSON object (no newline): for a hot path that
         renders its fixed fields with a template instead of building a dict."""
-        # Written for the waypoint's line per request: _admit() is asked only when it can
-        # say no (sampling, a cap, no output), and _append_line() is written out below.
-        if (self.sample < 1.0 or self.max_per_second or self.out is None) and not self._admit(
-            important
-        ):
-            return
-        line = text + "\n"
-        self._buf.append(line)
-        self._size += len(line)
-        self.lines += 1
-        if self._size >= FLUSH_BYTES or not self._scheduled:
-            self._flush_soon()
+        if self._admit(important):
+            self._append_line(text + "\n")
 
     def _admit(self, important: bool) -> bool:
         """Whether a line is written: sampling and the per-second cap (counted here)."""
@@ -180,10 +171,6 @@ class AccessLog:
         self._buf.append(line)
         self._size += len(line)
         self.lines += 1
-        self._flush_soon()
-
-    def _flush_soon(self) -> None:
-        """Lines were added: written now past FLUSH_BYTES, else within FLUSH_INTERVAL."""
         if self._size >= FLUSH_BYTES:
             self.flush()
         elif not self._scheduled:
@@ -231,4 +218,3 @@ class AccessLog:
         if self.out is not None and self.out not in (sys.stdout, sys.stderr):
             self.out.close()
         self.out = None
-        self.enabled = False
