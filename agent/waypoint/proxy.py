@@ -380,8 +380,7 @@ class Proxy:
                 last.discard()
             if att is not None:
                 att.release()
-            if self._released:  # someone waits for a connection (rarely)
-                self._notify(tfwd)
+            self._notify(tfwd)
 
     def _retarget(self, fwd: Forward, key: tuple[str, str, int]) -> Forward | Respond:
         """The route's decision sent to a model route's target backend."""

@@ -688,7 +688,7 @@ class Waypoint:
             self.traces.record(span)
         elapsed_ms = (time.monotonic() - x.started) * 1000
         h2 = type(x.conn.codec) is Http2Connection
-        # The label values follow from these (and the config revision): look the metric
+        # The label values follow from these (and the snapshot): look the metric
         # children up by them, not by 14 labels recomputed per request; and so do most of
         # the access log record's fields, rendered with them.
         if snap is not self._children_of:

@@ -21,7 +21,7 @@ from typing import Any
 from agent.tunnel.localstream import StreamTransport
 from agent.tunnel.pool import ConnectionPool
 from agent.tunnel.tunnel import FORWARDED, sni_for
-from agent.waypoint.chanq import Channel
+from agent.waypoint.chanq import EMPTY, Channel
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.config import Limits, Role
 from agent.waypoint.codec.errors import ProtocolError
@@ -288,16 +288,16 @@ class StreamEvents(Channel[ev.Event | BaseException]):
 
     def ready(self) -> ev.Event | None:
         """The next event if one is queued already (no waiting), else None."""
-        items = self._items
-        if self.done or not items:
+        if self.done:
             return None
-        return self._took(items.popleft())
+        e = self.poll()
+        return None if e is EMPTY else self._took(e)
 
     def _took(self, e: ev.Event | BaseException) -> ev.Event:
         if isinstance(e, BaseException):
             self.close()
             raise e
-        if self.paused and len(self._items) <= READ_AHEAD // 2:
+        if self.paused and self.qsize() <= READ_AHEAD // 2:
             self._resume()
         if type(e) is ev.Data:
             conn = self.conn
@@ -345,6 +345,12 @@ class Endpoint:
         object.__setattr__(self, "key", f"{self.ip}:{self.port}")
 
 
+def _fresh(c: UpstreamConnection, now: float) -> bool:
+    """An idle HTTP/1.1 connection that can take a request: reusable, and not idle for so
+    long that the backend may be closing it."""
+    return c.reusable() and now - c.last_used < IDLE_TIMEOUT
+
+
 class UpstreamPool:
     def __init__(
         self,
@@ -371,9 +377,7 @@ class UpstreamPool:
             c = self._h2.get(key)
             return c is not None and c.reusable()
         now = time.monotonic()
-        return any(
-            c.reusable() and now - c.last_used < IDLE_TIMEOUT for c in self._idle.get(key, ())
-        )
+        return any(_fresh(c, now) for c in self._idle.get(key, ()))
 
     def take(self, ep: Endpoint, client_ip: str) -> UpstreamConnection | None:
         """A connection to `ep` for this caller that can take a request now, or None. Stale
@@ -388,7 +392,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             c = idle.pop()
-            if c.reusable() and now - c.last_used < IDLE_TIMEOUT:
+            if _fresh(c, now):
                 return c
             c.close()  # stale: its close is counted back by on_close
         return None
