@@ -140,11 +140,7 @@ class Headers:
         ]
 
     def copy(self) -> Headers:
-        # Built without calling __init__ (a Python call, once or twice per proxied request):
-        # the copied list is adopted as is, which is all __init__ would do with it.
-        h = Headers.__new__(Headers)
-        h.fields = self.fields.copy()
-        return h
+        return Headers(self.fields.copy())
 
     def __iter__(self) -> Iterator[Field]:
         return iter(self.fields)

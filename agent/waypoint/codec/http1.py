@@ -486,9 +486,7 @@ class Http1Connection:
                 f"Transfer-Encoding {te.decode('latin-1')!r} is not supported (only chunked)", 501
             )
         keep = parser.should_keep_alive()
-        # Headers(fields) without its __init__ call (once per message): the list is adopted.
-        headers = Headers.__new__(Headers)
-        headers.fields = fields
+        headers = Headers(fields)  # the parsed list, adopted
         if self._server:
             self._request_head(ex, version, headers, te is not None, cl, host, hosts, keep)
         else:
