@@ -71,9 +71,8 @@ class _Exchange:
     """One request and its response.
 
     Every field starts as the class attribute below, so creating one is `_Exchange()` and
-    an assignment of what differs: no __init__ to call (there is no __slots__ for the same
-    reason, which would rule out these defaults). Two exchanges per proxied request, and
-    a Python call costs about a microsecond there.
+    an assignment of what differs, not ten assignments per exchange (two exchanges per
+    proxied request); there is no __slots__, which would rule out these defaults.
     """
 
     sid = 0
@@ -95,12 +94,7 @@ class Http1Connection:
         self, role: Role, limits: Limits = DEFAULT_LIMITS, *, scheme: str = "http"
     ) -> None:
         self.role = role
-        self._limits = limits
-        # The limits checked per header field or URL piece, an attribute load fewer each
-        # time (Limits is frozen, and `limits` is read-only: these cannot go stale).
-        self._max_header_bytes = limits.max_header_bytes
-        self._max_header_count = limits.max_header_count
-        self._max_target_bytes = limits.max_target_bytes
+        self.limits = limits
         self._server = role is Role.SERVER
         self._scheme = scheme
         self._callbacks = SimpleNamespace(
@@ -149,11 +143,6 @@ class Http1Connection:
         self._head_done = False
 
     # ------------------------------------------------------------------ state for the shell
-
-    @property
-    def limits(self) -> Limits:
-        """The limits this connection enforces, fixed when it is created."""
-        return self._limits
 
     @property
     def idle(self) -> bool:
@@ -314,7 +303,7 @@ class Http1Connection:
                 # Every byte of a read that neither began nor finished the head is head:
                 # the only bound on a field that arrives a few bytes at a time.
                 self._head_raw += len(data)
-                if self._head_raw > self._max_header_bytes:
+                if self._head_raw > self.limits.max_header_bytes:
                     self._fail(self._too_large(self._head_raw))
 
     def _resume_body(self) -> None:
@@ -340,7 +329,7 @@ class Http1Connection:
         while self._head_only:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(buf) > self._max_header_bytes:
+                if len(buf) > self.limits.max_header_bytes:
                     self._fail(self._too_large(len(buf)))
                 self._head_buf = buf
                 return
@@ -427,10 +416,10 @@ class Http1Connection:
 
     def _on_url(self, piece: bytes) -> None:
         url = self._url = self._url + piece
-        if len(url) > self._max_target_bytes:
+        if len(url) > self.limits.max_target_bytes:
             raise self._error(
                 f"request target of at least {len(url):,} bytes exceeds the "
-                f"{self._max_target_bytes:,}-byte limit",
+                f"{self.limits.max_target_bytes:,}-byte limit",
                 414,
             )
         self._head_size += len(piece)
@@ -449,13 +438,15 @@ class Http1Connection:
         # llhttp strips leading whitespace of a value but keeps trailing whitespace.
         fields.append((name.lower(), value.rstrip(b" \t")))
         size = self._head_size = self._head_size + len(name) + len(value) + 4
-        if size > self._max_header_bytes:
+        if size > self.limits.max_header_bytes:
             raise self._too_large(size)
-        if len(fields) > self._max_header_count:
+        if len(fields) > self.limits.max_header_count:
             what = "request" if self._server else "response"
             if fields is self._trailers:
                 what += " trailer"
-            raise self._error(f"{what} has more than {self._max_header_count} header fields", 431)
+            raise self._error(
+                f"{what} has more than {self.limits.max_header_count} header fields", 431
+            )
 
     def _on_headers_complete(self) -> None:
         self._in_head = False
@@ -639,7 +630,7 @@ class Http1Connection:
         else:
             what += " header"
         return self._error(
-            f"{what} block exceeds the {self._max_header_bytes:,}-byte limit "
+            f"{what} block exceeds the {self.limits.max_header_bytes:,}-byte limit "
             f"(at least {size:,} bytes)",
             431,
         )
