@@ -7,7 +7,12 @@
 
 SHELL        := /bin/bash
 .SHELLFLAGS  := -eu -o pipefail -c
-PYTHON       ?= python3
+# The interpreter the venv is made from: Debian's python3 when it is there. It is the one
+# bcc's Python module is packaged for, and Debian builds it as a static executable with
+# PGO and LTO; a default source build (pyenv's, say) is a shared, position-independent
+# libpython without them, and runs weft's request path about 20 % slower
+# (docs/performance.md, "The interpreter"). PYTHON=... picks another.
+PYTHON       ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV         ?= .venv
 PY           := $(VENV)/bin/python
 TOOLS        := .tools
@@ -16,6 +21,7 @@ SITE          = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()[
 
 # Debian packages the product and its tests use:
 #   python3-bpfcc libbpfcc linux-headers-amd64  bcc and headers to compile bpf/*.c at agent start
+#   python3-venv                                Debian's python3 makes the venv (ensurepip)
 #   bpftool iproute2 kmod                       inspect and build the lab (netns, veth)
 #   stunnel4 haproxy wrk nghttp2-client iperf3  baselines and load generators for benchmarks/
 #   prometheus                                  the real server the scrape test runs against
@@ -24,7 +30,7 @@ SITE          = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()[
 #   unzip                                       unpack helm and kubectl for the chart checks
 #   (npm too, when the machine has no Node.js of its own: installing Debian's npm over an
 #    existing NodeSource node would conflict, so it is only added when `npm` is missing)
-APT_PACKAGES := python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2 kmod procps psmisc \
+APT_PACKAGES := python3-bpfcc libbpfcc python3-venv linux-headers-amd64 bpftool iproute2 kmod procps psmisc \
                 stunnel4 haproxy wrk nghttp2-client iperf3 prometheus redis-server tshark unzip \
                 ca-certificates
 
@@ -62,18 +68,26 @@ host-kernel:
 	fi; \
 	mountpoint -q /sys/fs/bpf || { mount -t bpf bpf /sys/fs/bpf && echo "setup: mounted bpffs"; }
 
-$(VENV)/.weft-installed: pyproject.toml
+# The stamp names the interpreter, so a venv made from another one than $(PYTHON) is made
+# again from it.
+BASE_PY      := $(realpath $(shell command -v $(PYTHON)))
+STAMP        := $(VENV)/.weft-installed$(subst /,-,$(BASE_PY))
+
+$(STAMP): pyproject.toml
+	@if [ -x $(PY) ] && [ "$$(cat $(VENV)/.weft-python 2>/dev/null)" != "$(BASE_PY)" ]; then \
+	  echo "setup: making $(VENV) again from $(BASE_PY)"; rm -rf $(VENV); fi
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@echo "$(BASE_PY)" > $(VENV)/.weft-python
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-venv: $(VENV)/.weft-installed proto
+venv: $(STAMP) proto
 	@# bcc's Python module comes from Debian; make exactly that package importable here.
 	@if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e $(SITE)/bcc ]; then \
 	  ln -s /usr/lib/python3/dist-packages/bcc $(SITE)/bcc; fi
 
-proto: $(VENV)/.weft-installed
+proto: $(STAMP)
 	@$(PY) -m controller.api.build
 
 tools: $(TOOLS)/helm $(TOOLS)/kubectl
