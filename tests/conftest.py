@@ -21,6 +21,17 @@ REQUIRE_KERNEL = os.environ.get("WEFT_REQUIRE_KERNEL") == "1"
 pytest_plugins = ["tests.redis_server"]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test old code: an extension built before its source was edited would be
+    what the tests import (agent/compiled.py)."""
+    from agent import compiled
+
+    if old := compiled.stale():
+        pytest.exit(
+            f"compiled modules older than their source: {', '.join(old)}; run `make compiled`", 2
+        )
+
+
 def kernel_unavailable() -> str | None:
     """Why kernel tests cannot run here, or None when they can."""
     if os.geteuid() != 0:

@@ -278,7 +278,9 @@ class H2Connection:
         self.out.clear()
         return data
 
-    def _frame(self, ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+    def _frame(
+        self, ftype: int, flags: int, stream_id: int, payload: bytes | bytearray | memoryview = b""
+    ) -> None:
         n = len(payload)
         out = self.out  # a local: `out +=` costs fewer bytecodes than `self.out +=`
         out += _HDR.pack(n >> 8, n & 0xFF, ftype, flags, stream_id)
@@ -368,10 +370,10 @@ class H2Connection:
             pos = 0
             while n - pos > self.peer_max_frame:
                 end = pos + self.peer_max_frame
-                self._frame(Frame.DATA, 0, stream_id, data[pos:end])  # type: ignore[arg-type]
+                self._frame(Frame.DATA, 0, stream_id, data[pos:end])
                 pos = end
             last = END_STREAM if end_stream and n == size else 0
-            self._frame(Frame.DATA, last, stream_id, data[pos:n])  # type: ignore[arg-type]
+            self._frame(Frame.DATA, last, stream_id, data[pos:n])
         else:
             # No window; it can be below zero (the peer lowered SETTINGS_INITIAL_WINDOW_SIZE
             # with data in flight, RFC 9113 §6.9.2): nothing is sent and nothing charged.
@@ -622,8 +624,8 @@ class H2Connection:
             self._fail(Err.ENHANCE_YOUR_CALM, "header block too large")
         try:
             headers = [
-                (k if isinstance(k, str) else k.decode(), v if isinstance(v, str) else v.decode())
-                for k, v in self._decoder.decode(bytes(pending.block))
+                (k.decode(), v.decode())
+                for k, v in self._decoder.decode(bytes(pending.block), raw=True)
             ]
         except (HPACKError, UnicodeDecodeError) as e:
             self._fail(Err.COMPRESSION_ERROR, f"HPACK: {e}")
