@@ -3,14 +3,14 @@
 These are the synchronous modules every proxied request runs through (the HTTP/1.1
 codec, header lists, path normalization, the L7 engine, the tunnel's HTTP/2). The source
 stays the truth: mypyc compiles the same code, checked by the same mypy, and where no
-extension is built the source runs as it is. Compiled, the interpreter's cost per request
-of these modules goes (docs/performance.md, "Compiled modules"): the HTTP/1.1 codec
-takes about half the time per proxied request.
+extension is built the source runs as it is. Compiled, these modules cost a fraction of
+their interpreted time (docs/performance.md, "The interpreter and compiled modules"): the
+HTTP/1.1 codec about half per proxied request.
 
 `make setup` builds them (`make compiled`) into the source tree, as an editable install
-needs; a wheel gets them from setup.py. An extension older than its source would shadow
-the edit, so `stale()` names any such module: the test suite refuses to run with one, and
-the agent and waypoint log it at start.
+needs; a wheel built with WEFT_MYPYC=1 has them (setup.py). An extension older than its
+source would shadow the edit, so `stale()` names any such module: the test suite refuses
+to run with one, and the agent and waypoint log it at start.
 
     python3 agent/compiled.py            the source files, for the Makefile
 """
