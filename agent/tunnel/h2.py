@@ -685,7 +685,11 @@ class H2Connection:
                 events.append(StreamEnded(s.id))
                 self._maybe_forget(s)
             return
-        if status_s is None or not status_s.isdigit():
+        # Three ASCII digits: str.isdigit() alone takes superscripts (which int() refuses)
+        # and other scripts' digits (which int() reads as 200).
+        if status_s is None or not (
+            len(status_s) == 3 and status_s.isascii() and status_s.isdigit()
+        ):
             self._stream_error(s, Err.PROTOCOL_ERROR, events)
             return
         status = int(status_s)
@@ -703,7 +707,7 @@ class H2Connection:
     def _stream_error(self, s: _Stream, code: Err, events: list[Event]) -> None:
         self.streams.pop(s.id, None)
         self._frame(Frame.RST_STREAM, 0, s.id, _U32.pack(code))
-        events.append(StreamReset(s.id, code, remote=False))
+        events.append(StreamReset(s.id, int(code), remote=False))  # a plain int, as received
 
     def _on_window_update(self, sid: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) != 4:

@@ -9,7 +9,7 @@ point Gateway API defines for exactly this.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -134,7 +134,8 @@ class HeaderValue(Model):
 class HeaderModifier(Model):
     set: list[HeaderValue] | None = None
     add: list[HeaderValue] | None = None
-    remove: list[str] | None = None
+    # Names like set's and add's: a field name is a token (RFC 9110 5.1), ASCII only.
+    remove: list[Annotated[str, Field(pattern=HEADER_NAME, max_length=256)]] | None = None
 
 
 class BackendObjectRef(Model):

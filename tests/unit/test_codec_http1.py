@@ -94,6 +94,30 @@ def test_absolute_form_target_gives_authority_and_path():
     assert (head.authority, head.target, head.scheme) == ("llm:8000", "/a?b=c", "http")
 
 
+@pytest.mark.parametrize(
+    ("target", "authority", "path"),
+    [
+        (b"http://llm/", "llm", "/"),  # no port
+        (b"http://llm:8000", "llm:8000", "/"),  # no path
+        (b"HTTPS://llm:0/x", "llm:0", "/x"),
+        (b"http://[fd00::1]:8000/v1?x=1", "[fd00::1]:8000", "/v1?x=1"),  # brackets kept
+        (b"http://[::1]/", "[::1]", "/"),
+    ],
+)
+def test_absolute_form_targets_with_parts_missing(target: bytes, authority: str, path: str):
+    """Every absolute form that names a host parses: an absent port, path or query is not
+    an error, and an IPv6 literal keeps its brackets (it is refused as a Host otherwise)."""
+    (head,) = feed(server(), b"GET %s HTTP/1.1\r\nHost: other\r\n\r\n" % target)
+    assert (head.authority, head.target) == (authority, path)
+
+
+@pytest.mark.parametrize("target", [b"http:///x", b"http://:80/", b"http://"])
+def test_absolute_form_without_a_host_is_a_400_that_says_so(target: bytes):
+    with pytest.raises(ProtocolError, match="not a URL with a host") as err:
+        feed(server(), b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target)
+    assert err.value.status == 400
+
+
 def test_keep_alive_numbers_requests_like_http2_streams():
     """Requests on one connection are streams 1, 3, ... once each response completes."""
     conn = server()

@@ -76,6 +76,22 @@ def test_connect_against_h2_server_then_bytes_both_ways():
     assert data == [b"ping"] and any(isinstance(e, h2.events.StreamEnded) for e in evs)
 
 
+@pytest.mark.parametrize("status", ["\u00b200", "\u0662\u0660\u0660", "20", "2000", "+20"])
+def test_a_status_that_is_not_three_ascii_digits_resets_the_stream(status: str) -> None:
+    """A CONNECT answered with a :status Python's isdigit() takes ("²00", Arabic-Indic
+    "٢٠٠") or of the wrong length is a stream error, neither an exception out of
+    receive_data nor a 200."""
+    ours, theirs = hb.H2Connection(client=True), h2_server()
+    ours.initiate()
+    sid = ours.open_stream("10.244.2.4:8000")
+    theirs.receive_data(ours.data_to_send())
+    theirs.send_headers(sid, [(":status", status)])
+    got = ours.receive_data(theirs.data_to_send())
+    assert not any(isinstance(e, hb.StreamResponse) for e in got)
+    (reset,) = [e for e in got if isinstance(e, hb.StreamReset)]
+    assert (reset.stream_id, reset.code, reset.remote) == (sid, hb.Err.PROTOCOL_ERROR, False)
+
+
 def test_h2_client_against_our_server_with_refusal():
     """An h2 client's CONNECT arrives as StreamRequest; a 401 ends the stream."""
     ours, theirs = hb.H2Connection(client=False), h2_client()

@@ -509,9 +509,19 @@ class Http1Connection:
             authority = host
         elif url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
             # absolute form, as sent to a forward proxy; its authority wins over Host
-            parsed = httptools.parse_url(url)
+            # Untyped on purpose: httptools' stub says bytes and int, but a part the URL
+            # lacks (port, path, query, even host) is None, which compiled code refuses.
+            try:
+                parsed: Any = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                parsed = None
+            host_part: bytes | None = parsed and parsed.host
+            if not host_part:
+                raise self._error(f"request target {url[:64]!r} is not a URL with a host", 400)
+            if b":" in host_part:  # an IPv6 literal: llhttp hands it over without brackets
+                host_part = b"[" + host_part + b"]"
             scheme = parsed.schema.decode("ascii").lower()
-            authority = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+            authority = host_part + (b":%d" % parsed.port if parsed.port is not None else b"")
             target = (parsed.path or b"/").decode("latin-1")
             if parsed.query:
                 target += "?" + parsed.query.decode("latin-1")
