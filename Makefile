@@ -102,8 +102,16 @@ compiled: build/.compiled
 build/.compiled: $(COMPILED_SRC) $(STAMP)
 	@mkdir -p build
 	@find agent -name '*.cpython-*.so' -delete; rm -f *__mypyc.cpython-*.so
+	@# (only the runtime this target put there: mypy's own compiled runtime lives there too)
+	@[ ! -f build/.mypyc-runtime ] || rm -f "$(SITE)/$$(cat build/.mypyc-runtime)"
 	@echo "setup: compiling $(words $(COMPILED_SRC)) modules with mypyc (log: $(COMPILED_LOG))"
 	@$(VENV)/bin/mypyc $(COMPILED_SRC) >$(COMPILED_LOG) 2>&1 || { tail -n 30 $(COMPILED_LOG); exit 1; }
+	@# The modules' shared runtime lands at the top of the tree, importable only from there:
+	@# it goes into the venv, where every process of it finds it, whatever its directory.
+	@rt=$$(ls *__mypyc.cpython-*.so) && mv "$$rt" $(SITE)/ && echo "$$rt" > build/.mypyc-runtime
+	@# A module's own extension is a stub into that runtime, copied with its old time when
+	@# its C did not change: stamp them all as built now (agent/compiled.py compares times).
+	@find agent -name '*.cpython-*.so' -exec touch {} +
 	@touch $@
 
 tools: $(TOOLS)/helm $(TOOLS)/kubectl
