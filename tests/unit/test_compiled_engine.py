@@ -493,28 +493,15 @@ ops = st.lists(
 def run_headers(mod: Any, start: list[Any], script: list[Any]) -> list[Any]:
     h = mod.Headers(list(start))
     out: list[Any] = []
+    methods = {"strip": "strip_hop_by_hop", "contains": "__contains__"}
     for op, *args in script:
-        if op == "get":
-            r = outcome(h.get, *args)
-        elif op == "get_all":
-            r = outcome(h.get_all, *args)
-        elif op == "add":
-            r = outcome(h.add, *args)
-        elif op == "set":
-            r = outcome(h.set, *args)
-        elif op == "update":
-            r = outcome(h.update, *args)
-        elif op == "remove":
-            r = outcome(h.remove, *args)
-        elif op == "strip":
-            r = outcome(h.strip_hop_by_hop)
-        elif op == "contains":
-            r = outcome(h.__contains__, *args)
-        elif op == "tokens":
+        if op == "tokens":
             r = outcome(mod.connection_tokens, h)
-        else:
+        elif op == "copy":
             h = h.copy()
             r = None
+        else:
+            r = outcome(getattr(h, methods.get(op, op)), *args)
         out.append((op, r, list(h.fields), len(h)))
     out.append(repr(h))
     return out
