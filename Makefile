@@ -21,7 +21,8 @@ SITE          = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()[
 
 # Debian packages the product and its tests use:
 #   python3-bpfcc libbpfcc linux-headers-amd64  bcc and headers to compile bpf/*.c at agent start
-#   python3-venv                                Debian's python3 makes the venv (ensurepip)
+#   python3-venv python3-dev gcc                Debian's python3 makes the venv (ensurepip);
+#                                               its headers and a compiler build the mypyc modules
 #   bpftool iproute2 kmod                       inspect and build the lab (netns, veth)
 #   stunnel4 haproxy wrk nghttp2-client iperf3  baselines and load generators for benchmarks/
 #   prometheus                                  the real server the scrape test runs against
@@ -30,7 +31,8 @@ SITE          = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()[
 #   unzip                                       unpack helm and kubectl for the chart checks
 #   (npm too, when the machine has no Node.js of its own: installing Debian's npm over an
 #    existing NodeSource node would conflict, so it is only added when `npm` is missing)
-APT_PACKAGES := python3-bpfcc libbpfcc python3-venv linux-headers-amd64 bpftool iproute2 kmod procps psmisc \
+APT_PACKAGES := python3-bpfcc libbpfcc python3-venv python3-dev gcc linux-headers-amd64 \
+                bpftool iproute2 kmod procps psmisc \
                 stunnel4 haproxy wrk nghttp2-client iperf3 prometheus redis-server tshark unzip \
                 ca-certificates
 
