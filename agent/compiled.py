@@ -18,6 +18,7 @@ to run with one, and the agent and waypoint log it at start.
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import sys
 from pathlib import Path
 
@@ -80,9 +81,8 @@ def stale() -> list[str]:
 def describe() -> str:
     """One line for a process's start: the interpreter and what runs compiled."""
     n = sum(is_compiled(m) for m in MODULES)
-    line = (
-        f"CPython {sys.version.split()[0]} ({sys.executable}); {n}/{len(MODULES)} modules compiled"
-    )
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))  # not the venv's
+    line = f"CPython {sys.version.split()[0]} ({base}); {n}/{len(MODULES)} modules compiled"
     old = stale()
     if old:
         line += f"; OLDER THAN THEIR SOURCE, run `make compiled`: {', '.join(old)}"

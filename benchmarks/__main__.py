@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import compiled
+
 RESULTS = Path(__file__).parent / "results"
 CONTROLLER_SCALE = "controller-scale"
 AGENT_PODS = "agent-pods"
@@ -77,6 +79,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # what runs weft: the interpreter, and how many hot-path modules run compiled
+        "runtime": compiled.describe(),
         "platform": platform.platform(),
         "weft": weft,
         "tools": {

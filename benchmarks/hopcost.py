@@ -51,6 +51,7 @@ from typing import Any
 
 import uvloop
 
+from agent import compiled
 from benchmarks import lab_suite
 
 BODY = b"x" * 1024
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.setswitchinterval(0.001)  # the measured thread gets the GIL back promptly
     r = uvloop.run(_run(args))
+    print(f"runtime: {compiled.describe()}")
     print(
         f"{r['hop']}: {r['cpu_us_per_request']} µs CPU, {r['bytecodes_per_request']} bytecodes "
         f"and {r['python_calls_per_request']} Python calls per request ({r['requests']} "

@@ -232,7 +232,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"Machine: {mach.get('cpu', '?')}, {mach.get('cpus', '?')} CPUs, Linux "
         f"{mach.get('kernel', '?')}, Python {mach.get('python', '?')}; "
         + ", ".join(f"{k} {v}" for k, v in (mach.get("tools") or {}).items())
-        + f". weft {mach.get('weft', '?')}. Mode: {doc.get('mode', '?')}; "
+        + f". weft {mach.get('weft', '?')}, on {mach.get('runtime', '?')}. "
+        f"Mode: {doc.get('mode', '?')}; "
         f"run took {fmt(doc.get('seconds'), 0)} s.\n"
     )
     lab = doc.get("lab") or {}
