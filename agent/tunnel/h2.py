@@ -282,9 +282,8 @@ class H2Connection:
         self, ftype: int, flags: int, stream_id: int, payload: bytes | bytearray | memoryview = b""
     ) -> None:
         n = len(payload)
-        out = self.out  # a local: `out +=` costs fewer bytecodes than `self.out +=`
-        out += _HDR.pack(n >> 8, n & 0xFF, ftype, flags, stream_id)
-        out += payload
+        self.out += _HDR.pack(n >> 8, n & 0xFF, ftype, flags, stream_id)
+        self.out += payload
 
     # ---- opening and answering streams ---------------------------------------------
 
@@ -364,9 +363,7 @@ class H2Connection:
             s.send_window -= n
             self.send_window -= n
             # Frames of the peer's maximum size while more than that remains, then the
-            # rest, with END_STREAM if it ends `data`. Usually `n` fits one frame, and the
-            # loop's test is all the loop costs (peer_max_frame read there, not kept in a
-            # local: fewer bytecodes for one frame).
+            # rest, with END_STREAM if it ends `data`.
             pos = 0
             while n - pos > self.peer_max_frame:
                 end = pos + self.peer_max_frame
@@ -397,8 +394,6 @@ class H2Connection:
         """
         if n <= 0:
             return
-        # Sums in locals, stored once: fewer attribute loads than `self.x += n` and a
-        # second read for the test.
         unacked = self._conn_unacked + n
         if unacked >= self._conn_credit_batch:
             self.recv_window += unacked
@@ -481,11 +476,7 @@ class H2Connection:
                 payload = bytes(src[pos + 9 : end])
                 pos = end
                 self._frames_seen += 1
-                # 0 is Frame.DATA: a constant, not two lookups (speed), on most frames.
-                if ftype == 0 and self._continuation is None:
-                    self._on_data(flags, sid, payload, length, events)  # most: no dispatch
-                else:
-                    self._dispatch(ftype, flags, sid, payload, events)
+                self._dispatch(ftype, flags, sid, payload, events)
         finally:
             if src is data:
                 if pos < n:
@@ -503,11 +494,11 @@ class H2Connection:
     def _dispatch(
         self, ftype: int, flags: int, sid: int, payload: bytes, events: list[Event]
     ) -> None:
-        """Every frame but DATA outside a header block (receive_data hands those to
-        _on_data itself): a DATA frame here is one between HEADERS and its CONTINUATION."""
         if self._continuation is not None and ftype != Frame.CONTINUATION:
             self._fail(Err.PROTOCOL_ERROR, "expected CONTINUATION after HEADERS")
-        if ftype == Frame.HEADERS:
+        if ftype == Frame.DATA:
+            self._on_data(flags, sid, payload, events)
+        elif ftype == Frame.HEADERS:
             self._on_headers(flags, sid, payload, events)
         elif ftype == Frame.CONTINUATION:
             self._on_continuation(flags, sid, payload, events)
@@ -538,12 +529,10 @@ class H2Connection:
             self._fail(Err.PROTOCOL_ERROR, "PUSH_PROMISE, but we disabled push")
         # Unknown frame types are ignored (RFC 9113 §4.1).
 
-    def _on_data(
-        self, flags: int, sid: int, payload: bytes, flow: int, events: list[Event]
-    ) -> None:
-        """`flow` is len(payload), which the caller has (as the frame's length) already."""
+    def _on_data(self, flags: int, sid: int, payload: bytes, events: list[Event]) -> None:
         if sid == 0:
             self._fail(Err.PROTOCOL_ERROR, "DATA on stream 0")
+        flow = len(payload)
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
                 self._fail(Err.PROTOCOL_ERROR, "DATA padding longer than the frame")

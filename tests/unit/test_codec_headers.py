@@ -77,10 +77,9 @@ def test_update_is_set_for_each_pair_in_one_pass():
         assert one.fields == each.fields, (fields, pairs)
 
 
-def test_lookups_scanning_names_in_c_agree_with_the_plain_loops():
-    """get, set, remove and strip_hop_by_hop find names with map() and list methods in C;
-    on random field lists (repeated names, hop-by-hop fields, Connection tokens) they give
-    what a loop over the fields gives."""
+def test_lookups_agree_with_reference_definitions():
+    """get, set, remove and strip_hop_by_hop, on random field lists (repeated names,
+    hop-by-hop fields, Connection tokens), give what their plainest definitions give."""
     import random
 
     from agent.waypoint.codec.headers import HOP_BY_HOP

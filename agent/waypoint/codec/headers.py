@@ -10,7 +10,6 @@ building a dict per message.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from operator import itemgetter
 
 # Connection-specific fields (RFC 9110 section 7.6.1, RFC 9113 section 8.2.2): they describe
 # one hop and must not be forwarded. `te` is the exception when its value is "trailers"
@@ -27,8 +26,6 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 Field = tuple[bytes, bytes]
-
-_NAME = itemgetter(0)  # a field's name, for map() over the fields in C
 
 
 class Headers:
@@ -51,14 +48,10 @@ class Headers:
 
     def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
         """The first value of `name`, or `default`."""
-        # The lookups here scan the names in C (map, `in`, index): a loop over the fields
-        # in Python costs about eight bytecodes per field, and the waypoint looks up and
-        # sets several fields of every request it forwards.
         name = name.lower()
-        fields = self.fields
-        names = list(map(_NAME, fields))
-        if name in names:
-            return fields[names.index(name)][1]
+        for n, v in self.fields:
+            if n == name:
+                return v
         return default
 
     def get_all(self, name: bytes) -> list[bytes]:
@@ -74,15 +67,16 @@ class Headers:
         """Replace every field of `name` with one field, placed where the first one was."""
         name = name.lower()
         fields = self.fields
-        names = list(map(_NAME, fields))
-        n = names.count(name)
-        if not n:
-            fields.append((name, value))
-            return
-        i = names.index(name)
-        fields[i] = (name, value)
-        if n > 1:  # more of them: drop the rest
-            fields[i + 1 :] = [f for f in fields[i + 1 :] if f[0] != name]
+        for i, f in enumerate(fields):
+            if f[0] == name:
+                fields[i] = (name, value)
+                rest = fields[i + 1 :]
+                for g in rest:
+                    if g[0] == name:  # more of them: drop the rest
+                        fields[i + 1 :] = [h for h in rest if h[0] != name]
+                        break
+                return
+        fields.append((name, value))
 
     def update(self, pairs: Iterable[Field]) -> None:
         """`set` for each pair, in one pass over the fields (the last value of a name
@@ -108,11 +102,11 @@ class Headers:
         """Remove every field of `name`; return how many there were."""
         name = name.lower()
         fields = self.fields
-        if name not in map(_NAME, fields):
-            return 0  # usually absent: no list is built
         kept = [f for f in fields if f[0] != name]
-        self.fields = kept
-        return len(fields) - len(kept)
+        n = len(fields) - len(kept)
+        if n:
+            self.fields = kept
+        return n
 
     def strip_hop_by_hop(self) -> None:
         """Remove connection-specific fields in place (see HOP_BY_HOP), keeping `te: trailers`.
@@ -120,8 +114,6 @@ class Headers:
         Call this on headers received from one side before forwarding them to the other.
         """
         fields = self.fields
-        if HOP_BY_HOP.isdisjoint(map(_NAME, fields)):
-            return  # the usual case, checked in C
         drop: set[bytes] | None = None
         for n, v in fields:
             if n in HOP_BY_HOP:
@@ -140,7 +132,7 @@ class Headers:
         ]
 
     def copy(self) -> Headers:
-        return Headers(self.fields.copy())
+        return Headers(list(self.fields))
 
     def __iter__(self) -> Iterator[Field]:
         return iter(self.fields)

@@ -68,23 +68,32 @@ _UPGRADE_OFFER: Final = frozenset({b"upgrade", b"http2-settings"})
 
 
 class _Exchange:
-    """One request and its response.
+    """One request and its response."""
 
-    Every field starts as the class attribute below, so creating one is `_Exchange()` and
-    an assignment of what differs, not ten assignments per exchange (two exchanges per
-    proxied request); there is no __slots__, which would rule out these defaults.
-    """
+    __slots__ = (
+        "discard",
+        "http10",
+        "keep_alive",
+        "method",
+        "remaining",
+        "request_done",
+        "response_done",
+        "response_final",
+        "send_framing",
+        "sid",
+    )
 
-    sid = 0
-    method = ""
-    http10 = False
-    keep_alive = True
-    request_done = False
-    response_final = False  # a final (non-1xx) response head was sent or received
-    response_done = False
-    send_framing = _NONE
-    remaining = 0  # Content-Length bytes still to send
-    discard = False  # answered early: drop the rest of the request body
+    def __init__(self, sid: int, method: str = "") -> None:
+        self.sid = sid
+        self.method = method
+        self.http10 = False
+        self.keep_alive = True
+        self.request_done = False
+        self.response_final = False  # a final (non-1xx) response head was sent or received
+        self.response_done = False
+        self.send_framing = _NONE
+        self.remaining = 0  # Content-Length bytes still to send
+        self.discard = False  # answered early: drop the rest of the request body
 
 
 class Http1Connection:
@@ -110,9 +119,8 @@ class Http1Connection:
         self._exchanges: deque[_Exchange] = deque()  # responses not yet complete, in order
         self._reading: _Exchange | None = None  # the exchange whose message is being parsed
         self._next_sid = 1
-        # The connection may carry further requests after the current ones. For the shell
-        # to read, and only the codec to set: an attribute rather than a property, as a
-        # pool reads it around every request (a property costs a Python call).
+        # The connection may carry further requests after the current ones: for the shell
+        # to read, and only the codec to set.
         self.keep_alive = True
         self._stopped = False  # no more bytes will be parsed (closing, error or EOF)
         self._stop_requested = False
@@ -159,7 +167,7 @@ class Http1Connection:
         """Server role: a complete request awaits its response; bytes read now are only
         buffered, so the shell should stop reading until `next_events()` is called."""
         ex = self._exchanges
-        if not self._server or not ex:  # (tests, not bool(ex): a call fewer per read)
+        if not self._server or not ex:
             return False
         return len(ex) > 1 or ex[0].request_done
 
@@ -245,8 +253,7 @@ class Http1Connection:
     def _sink(self, sid: int) -> list[Any]:
         """Where the events of stream `sid` go: `_held` for a pipelined request behind the
         one being answered (server role), else `_out`."""
-        ex = self._exchanges  # (the test of _held_blocked, without a second call)
-        return self._held if self._server and ex and sid > ex[0].sid else self._out
+        return self._held if self._server and self._held_blocked(sid) else self._out
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         cls = httptools.HttpRequestParser if self._server else httptools.HttpResponseParser
@@ -390,14 +397,13 @@ class Http1Connection:
             self._head_size = 0
             return
         # (The target is a request's and the 1xx flag a response's: each is reset in its
-        # role's branch only, an attribute store fewer per message.)
+        # role's branch.)
         if self._server:
             if not self.keep_alive:
                 # RFC 9112 section 9.6: nothing after a request that asked to close.
                 self._stop_requested = True
                 raise ConnectionAbortedError("stop")
-            ex = _Exchange()
-            ex.sid = self._next_sid
+            ex = _Exchange(self._next_sid)
             self._next_sid += 2
             self._exchanges.append(ex)
             self._url = b""
@@ -728,9 +734,7 @@ class Http1Connection:
         if not HOST_RE.fullmatch(host):
             raise local_error(f"invalid authority {authority[:64]!r}", stream_id)
         self._next_sid += 2
-        ex = _Exchange()
-        ex.sid = stream_id
-        ex.method = method
+        ex = _Exchange(stream_id, method)
         parts = [
             b"%s %s HTTP/1.1\r\nhost: %s\r\n"
             % (method.encode("ascii"), target.encode("latin-1"), host)
@@ -845,10 +849,7 @@ class Http1Connection:
                 raise local_error(f"stream {stream_id} has no body to send", stream_id)
             out = b""
         if end_stream:
-            if self._server:
-                self._response_sent(ex)
-            else:
-                ex.request_done = True
+            self._sent_end(ex)
         return out
 
     def send_trailers(self, stream_id: int, headers: Headers) -> bytes:
@@ -864,10 +865,7 @@ class Http1Connection:
         parts.append(b"\r\n")
         out = b"".join(parts)
         _check_lines(out, len(parts), stream_id)
-        if self._server:
-            self._response_sent(ex)
-        else:
-            ex.request_done = True
+        self._sent_end(ex)
         return out
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> bytes:
@@ -904,6 +902,13 @@ class Http1Connection:
                     raise local_error(f"request on stream {stream_id} already ended", stream_id)
                 return ex
         return None  # answered already (early response): the rest is dropped
+
+    def _sent_end(self, ex: _Exchange) -> None:
+        """The last bytes of our side of `ex` were serialized."""
+        if self._server:
+            self._response_sent(ex)
+        else:
+            ex.request_done = True
 
     def _response_sent(self, ex: _Exchange) -> None:
         """Server role: the response to `ex` is complete."""
