@@ -134,8 +134,7 @@ class Exchange:
             codec.close()
         self.conn.write(codec.send_response_head(self.sid, status, headers, end))
         if end:
-            self.response_done = True
-            self.conn.finished(self)
+            self._done()
 
     def respond_data(self, data: bytes, end: bool = False) -> None:
         if self.reset or self.response_done:
@@ -143,18 +142,15 @@ class Exchange:
         if self.first_byte_at is None and data:
             self.first_byte_at = time.monotonic()
         self.bytes_out += len(data)
-        conn = self.conn
-        conn.write(conn.codec.send_data(self.sid, data, end))
+        self.conn.write(self.conn.codec.send_data(self.sid, data, end))
         if end:
-            self.response_done = True
-            conn.finished(self)
+            self._done()
 
     def respond_trailers(self, headers: Headers) -> None:
         if self.reset or self.response_done:
             return
         self.conn.write(self.conn.codec.send_trailers(self.sid, headers))
-        self.response_done = True
-        self.conn.finished(self)
+        self._done()
 
     def local_reply(self, status: int, body: bytes = b"", headers: Headers | None = None) -> None:
         h = headers or Headers()
@@ -185,8 +181,11 @@ class Exchange:
         if not self.response_done:
             self.conn.write(self.conn.codec.reset_stream(self.sid))
             self.reset = True
-            self.response_done = True
-            self.conn.finished(self)
+            self._done()
+
+    def _done(self) -> None:
+        self.response_done = True
+        self.conn.finished(self)
 
     async def writable(self) -> None:
         await self.conn.write_ready.wait()
