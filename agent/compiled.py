@@ -78,12 +78,14 @@ def stale() -> list[str]:
     return out
 
 
-def describe() -> str:
-    """One line for a process's start: the interpreter and what runs compiled."""
+def describe(old: list[str] | None = None) -> str:
+    """One line for a process's start: the interpreter and what runs compiled. `old`:
+    stale()'s answer, when the caller has it already."""
     n = sum(is_compiled(m) for m in MODULES)
     base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))  # not the venv's
     line = f"CPython {sys.version.split()[0]} ({base}); {n}/{len(MODULES)} modules compiled"
-    old = stale()
+    if old is None:
+        old = stale()
     if old:
         line += f"; OLDER THAN THEIR SOURCE, run `make compiled`: {', '.join(old)}"
     return line

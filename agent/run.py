@@ -96,8 +96,9 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=args[1].upper(), force=True, format=LOG_FORMAT)
     from agent import compiled
 
-    log = logging.getLogger("weft.run")
-    (log.warning if compiled.stale() else log.info)("runtime: %s", compiled.describe())
+    old = compiled.stale()
+    level = logging.WARNING if old else logging.INFO
+    logging.getLogger("weft.run").log(level, "runtime: %s", compiled.describe(old))
     try:
         if waypoint:
             from agent.waypoint.server import main as run_waypoint
