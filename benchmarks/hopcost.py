@@ -22,10 +22,14 @@ rest (clients, the other tunnel, the backend) on the main thread. Three numbers 
 
 `--ai` sends OpenAI chat completions (about 1 KB) through a Service with a TokenRateLimit
 that never denies and a ModelRoute, as make bench's weft-waypoint-ai does: the plain path
-plus the AI stages. `--opcodes` adds the bytecodes by module and the 25 functions that
-execute most. `--profile` adds the hop's Python time by module and its 25 most
-expensive functions (cProfile's own time: inflated by the profiler, and most for small
-functions).
+plus the AI stages, with the counters in an SQLite file as there (`--quota-store` picks
+another store). `--sse` streams chat completions from the model server as make bench's
+sse-ttft does (a response head, then a chunk per token): what the waypoint spends relaying
+a stream. `--opcodes` adds the bytecodes by module and the 25 functions that execute most.
+`--profile` adds the hop's Python time by module and its 25 most expensive functions
+(cProfile's own time: inflated by the profiler, and most for small functions). The hop
+shares the GIL with the main thread: code that releases it (SQLite's statements) pays
+for taking it back here, which a waypoint process alone does not.
 
 A development tool for issue 13, not part of `make bench`: the lab's numbers (CPU from
 cgroups, pinned, beside HAProxy) are the ones targets are judged by. Numbers, not
@@ -52,6 +56,7 @@ from typing import Any
 import uvloop
 
 from agent import compiled
+from agent.lab.workloads.model_server import Behaviour
 from benchmarks import lab_suite
 
 BODY = b"x" * 1024
@@ -188,8 +193,22 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 ],
                 frontends=["echo"],
                 extra={"ai.yaml": lab_suite.ai_policy("ai", "echo", "small", 8000)},
+                # make bench's waypoints keep TokenRateLimit counters in the node's SQLite
+                # file; `--quota-store memory` leaves the store out of the figures.
+                settings={"quota_store": args.quota_store or str(Path(tmp) / "quota.db")},
             )
             path, body, ctype = lab_suite.AI_PATH, lab_suite.ai_chat_body(), "application/json"
+        elif getattr(args, "sse", False):
+            # A streamed chat completion from the lab's model server as make bench's sse-ttft
+            # runs it (the first token after 1 ms, then one every 0.5 ms), no AI policy: the
+            # waypoint relays a response head and one chunk per token.
+            spec = lab_suite.SSE_SERVER
+            behaviour = Behaviour(ttft=spec["ttft"], tpot=spec["tpot"], tokens=spec["tokens"])
+            m = WaypointMesh(
+                Path(tmp), backends=[Backend("model-1", app="echo", behaviour=behaviour)]
+            )
+            path, ctype = lab_suite.AI_PATH, "application/json"
+            body = lab_suite.ai_chat_body(stream=True)
         else:
             m = WaypointMesh(Path(tmp), backends=[Backend("echo-1", app="echo", kind="echo")])
             path, body, ctype = "/echo", BODY, "text/plain"
@@ -266,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--connections", type=int, default=4)
     ap.add_argument(
         "--ai", action="store_true", help="chat completions through TokenRateLimit + ModelRoute"
+    )
+    ap.add_argument(
+        "--quota-store",
+        metavar="SPEC",
+        help="--ai: the TokenRateLimit store (default: an SQLite file, as in make bench)",
+    )
+    ap.add_argument(
+        "--sse", action="store_true", help="streamed chat completions (SSE), as sse-ttft"
     )
     ap.add_argument("--profile", action="store_true", help="Python time by module and function")
     ap.add_argument("--opcodes", action="store_true", help="bytecodes by module and function")

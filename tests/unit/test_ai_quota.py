@@ -309,6 +309,121 @@ def test_opening_a_store_another_replica_holds_locked_waits_for_the_lock(tmp_pat
         holder2.close()
 
 
+def _count(key: str, limit: int = 1_000_000) -> Op:
+    """An op taking one unit of counter `key` while it is under `limit`."""
+    from agent.waypoint.ai.quotastore import Check, Write
+
+    op = Op([], now=T0)
+    i = op.cell((key, int(T0)))
+    op.checks.append(Check((i,), (1.0,), limit, 1, False))
+    op.writes.append(Write(i, 1, 4_000_000_000))  # never swept (sweeps use the clock)
+    return op
+
+
+def test_sqlite_ops_run_on_the_event_loop_while_the_write_lock_is_free(tmp_path):
+    """No thread round trip per op (it cost the waypoint about 240 µs of CPU per AI
+    request): once the thread has created the file, ops commit on the loop's connection,
+    and what they count is what the thread's connection and another process read."""
+    import threading
+
+    st = SqliteStore(tmp_path / "q.db")
+    seen: set[int] = set()
+
+    async def ops() -> None:
+        for _ in range(20):
+            await st.run(_count("k"))
+            seen.add(threading.get_ident())
+
+    sync(ops())
+    assert st.loop_ops == 19  # the first one created the file, on the store's thread
+    assert seen == {threading.get_ident()}
+    other = SqliteStore(tmp_path / "q.db")
+    assert value(other, "k", int(T0)) == 20
+    sync(other.close())
+    sync(st.close())
+
+
+def test_a_write_lock_held_elsewhere_sends_the_op_to_the_thread_not_the_loop(tmp_path):
+    """Another worker holds the write lock: the loop's connection gives up at once (busy
+    timeout 0) and the op waits for the lock on the store's thread. The loop goes on
+    meanwhile, and the op is counted once, after the lock is released."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "q.db"
+    st = SqliteStore(path, busy_timeout=10.0)
+    sync(st.run(_count("k")))  # the thread creates the file
+    sync(st.run(_count("k")))  # on the loop
+    assert st.loop_ops == 1
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release() -> None:
+        holder.execute("COMMIT")
+        released.set()
+
+    timer = threading.Timer(0.3, release)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not released.is_set():
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def both() -> tuple[list[int], bool]:
+        t = asyncio.get_running_loop().create_task(ticker())
+        got = await st.run(_count("k"))
+        assert released.is_set()  # it waited for the lock rather than going around it
+        await t
+        return got
+
+    timer.start()
+    try:
+        values, ok = sync(both())
+    finally:
+        timer.cancel()
+        holder.close()
+    assert ok and values == [2]
+    assert st.loop_ops == 1  # the op went to the thread
+    assert ticks >= 10  # the loop was not blocked while the op waited
+    sync(st.run(_count("k")))  # the lock is free again: back on the loop
+    assert st.loop_ops == 2
+    assert value(st, "k", int(T0)) == 4
+    sync(st.close())
+
+
+def test_the_wal_of_ops_on_the_loop_is_checkpointed_and_stays_bounded(tmp_path):
+    """The loop's connection never checkpoints (that would sync the file on the loop): the
+    store's thread does, every CHECKPOINT_EVERY ops, so the WAL starts over instead of
+    growing with every op, even on a loop that never pauses (the ops wait behind the
+    checkpoint on the thread)."""
+    from agent.waypoint.ai.quotastore import CHECKPOINT_EVERY
+
+    path = tmp_path / "q.db"
+    st = SqliteStore(path)
+    wal = Path(f"{path}-wal")
+    n = 6 * CHECKPOINT_EVERY
+
+    async def ops() -> None:
+        for i in range(n):
+            await st.run(_count(f"k{i % 50}"))
+
+    sync(ops())
+    st._pool.submit(int).result()  # what the thread has queued (the last checkpoint) is done
+    # Most ran on the loop (one after each checkpoint was queued went to the thread).
+    assert st.loop_ops > 0.9 * n
+    # Each op appends a page or two (4 KB each); without checkpoints the WAL would hold
+    # all of them (about 6 x CHECKPOINT_EVERY pages).
+    pages = wal.stat().st_size // 4096 if wal.exists() else 0
+    assert pages < 2 * CHECKPOINT_EVERY, f"WAL of {pages} pages after {n} ops"
+    sync(st.close())
+    again = SqliteStore(path)
+    assert sum(value(again, f"k{i}", int(T0)) for i in range(50)) == n
+    sync(again.close())
+
+
 def test_a_stream_over_budget_finishes_and_is_charged_in_full(store):
     """Admission reserves the prompt estimate; the end charges the actual usage, even past
     the limit (the stream was never cut), and the overshoot blocks the next request."""
