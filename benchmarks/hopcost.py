@@ -203,7 +203,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             # runs it (the first token after 1 ms, then one every 0.5 ms), no AI policy: the
             # waypoint relays a response head and one chunk per token.
             spec = lab_suite.SSE_SERVER
-            behaviour = Behaviour(ttft=spec["ttft"], tpot=spec["tpot"], tokens=spec["tokens"])
+            behaviour = Behaviour(ttft=spec["ttft"], tpot=spec["tpot"], tokens=int(spec["tokens"]))
             m = WaypointMesh(
                 Path(tmp), backends=[Backend("model-1", app="echo", behaviour=behaviour)]
             )

@@ -629,6 +629,10 @@ class Proxy:
         assert r.head is not None  # _try hands a head over with its (disarmed) timer
         up, dl = r.conn, r.deadline
         ok = 200 <= r.head.status < 300
+        # The backend's stream is over: it ended or reset it, its connection failed, or it
+        # was reset from here. Otherwise (a stage or the caller's side failed, the task was
+        # cancelled, as at shutdown) it is reset on the way out.
+        over = r.head.end_stream
         try:
             # The head is ours to edit (parsed from the backend's bytes), unless the stage
             # reads what the backend sent beside what the caller gets.
@@ -645,10 +649,10 @@ class Proxy:
                     r.arm_idle(fwd)
                     e = await r.next()
                 if x.reset:  # the caller left: not a finished answer, whatever came
-                    up.cancel(r.sid)
                     ok = False
                     break
                 if e is None:
+                    over = True
                     break
                 if isinstance(e, ev.Data):
                     data = bytes(e.data)
@@ -663,7 +667,6 @@ class Proxy:
                                 r.arm_idle(fwd)
                                 await x.writable()
                             x.respond_data(data + tail, True)
-                            up.cancel(r.sid)
                             ok = False
                             break
                     if x.conn.write_paused:
@@ -671,21 +674,23 @@ class Proxy:
                         await x.writable()
                     x.respond_data(data, e.end_stream)
                     if e.end_stream:
+                        over = True
                         break
                 elif isinstance(e, ev.Trailers):
                     if stage is not None and (rest := stage.end()):
                         x.respond_data(rest)
                     x.respond_trailers(e.headers)
+                    over = True
                     break
                 elif isinstance(e, ev.StreamReset):
                     ok = False
+                    over = True
                     x.abort()
                     break
         except asyncio.CancelledError:
             if not dl.expired():
                 raise
             ok = False
-            up.cancel(r.sid)
             if x.style is Style.GRPC and x.responded:
                 # A gRPC caller past its headers learns the deadline from trailers, as a
                 # gRPC server would say it, not from a reset that reads as CANCELLED.
@@ -694,20 +699,18 @@ class Proxy:
                 x.abort()
         except UpstreamError:
             ok = False
+            over = True
             x.abort()
         finally:
             dl.close()
             x.on_reset = None
-            # Still registered: the answer did not end (a stage or the caller's side
-            # failed mid-stream) and nothing reset it yet.
-            unfinished = up.queues.get(r.sid) is r
             r.close()
             if r.pump is not None and not r.pump.done():
                 r.pump.cancel()
                 # The answer ended before the request did: abandon the request's stream,
                 # or an HTTP/2 one stays half-open and holds a concurrent stream for good.
-                unfinished = True
-            if unfinished:
+                over = False
+            if not over:
                 up.cancel(r.sid)  # reset toward the backend (HTTP/1.1: the connection closes)
             self.upstream.release_conn(up)
             if stage is not None:

@@ -535,3 +535,38 @@ def test_a_stage_that_fails_deciding_a_fallback_leaves_no_try_open():
             assert released == [True]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("h2", [False, True], ids=["h1", "h2"])
+def test_a_handler_cancelled_mid_answer_resets_the_backend_stream(h2):
+    """The waypoint shuts down (or anything else cancels the request's task) while an
+    answer streams and the task waits for the backend's next piece, with the caller still
+    there: the backend stream is reset (HTTP/2: one of the shared connection's concurrent
+    streams would stay open for good) or its connection closed (HTTP/1.1), and nothing is
+    left armed or queued."""
+
+    async def h1(b: H1Backend) -> None:
+        b.t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+
+    async def h2s(b: H2Backend, sid: int) -> None:
+        b.send(b.codec.send_response_head(sid, 200, Headers(), False))
+        b.send(b.codec.send_data(sid, b"first", False))
+
+    async def main() -> None:
+        async with Rig(h2, h2s if h2 else h1, per_try=5.0) as r:
+            r.send(GET)
+            assert await until(lambda: b"first" in r.out.out)
+            await asyncio.sleep(0.05)  # the task waits for more
+            (task,) = r.caller.tasks
+            task.cancel()
+            assert await until(task.done)
+            up = r.pool.dialled[0]
+            if h2:
+                assert await until(lambda: r.backends[0].resets == [1])
+                assert not up.closed and up.codec._h2.open_outbound_streams == 0
+            else:
+                assert await until(lambda: r.backends[0].closed)
+                assert up.closed and not r.pool.has_idle(up.ep, CALLER.client_ip)  # type: ignore[arg-type]
+            assert not up.queues and not r.armed_deadlines()
+
+    asyncio.run(main())
