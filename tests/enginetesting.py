@@ -1,7 +1,7 @@
 """Test support for the engine and its shell: a config snapshot from YAML, a clock you move.
 
     clock = FakeClock()
-    engine = Engine(snapshot(service("llm", pods=3), ROUTE_YAML), clock=clock,
+    engine = Engine(snapshot(service("llm", pods=3), http_route(RULES)), clock=clock,
                     rng=random.Random(7))
     clock.advance(30)
 
@@ -71,6 +71,28 @@ metadata: {{name: {name}-{i}, namespace: {namespace}, labels: {{app: {name}}}{an
 spec: {{node: node-1, addresses: [10.244.{subnet}.{i + 1}]}}"""
         )
     return "\n---\n".join(docs)
+
+
+def http_route(
+    rules: str,
+    *,
+    name: str = "r",
+    namespace: str = "ai",
+    parent: str = "llm",
+    parent_namespace: str | None = None,
+) -> str:
+    """YAML for HTTPRoute `namespace/name` on Service `parent` (in `parent_namespace`, if
+    given: a consumer route from another namespace) with these rules: YAML list items
+    indented by four spaces, as they sit under `rules:`."""
+    ns = f", namespace: {parent_namespace}" if parent_namespace else ""
+    return f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: {parent}{ns}}}]
+  rules:
+{rules}"""
 
 
 def address(i: int, *, subnet: int = 1, port: int = 8000) -> str:

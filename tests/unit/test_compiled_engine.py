@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import compiled
-from tests.enginetesting import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, http_route, service, snapshot
 from tests.unit.source_world import source_world
 
 FUZZ = settings(
@@ -121,13 +121,8 @@ def test_pathnorm_compiled_is_its_source(path: str, mode: str) -> None:
 
 # ---- the engine: route, then one try ----------------------------------------------------------
 
-ROUTES = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: ai}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm}]
-  rules:
+ROUTES = (
+    http_route("""\
     - matches: [{path: {type: Exact, value: /v1/chat/completions}}]
       backendRefs: [{name: v3, port: 8000}]
     - matches: [{path: {value: /v1}}, {path: {value: /v1/chat/}, method: POST}]
@@ -204,15 +199,17 @@ spec:
       backendRefs: [{name: ss, port: 8000}]
     - matches: [{path: {value: /missing}}]
       backendRefs: [{name: nothere, port: 8000}, {name: v1, port: 9999}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: consumer, namespace: other}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm, namespace: ai}]
-  rules:
+""")
+    + "\n---\n"
+    + http_route(
+        """\
     - matches: [{path: {value: /v1}}]
-      backendRefs: [{name: v2, namespace: ai, port: 8000}]
+      backendRefs: [{name: v2, namespace: ai, port: 8000}]""",
+        name="consumer",
+        namespace="other",
+        parent_namespace="ai",
+    )
+    + """
 ---
 apiVersion: weft.dev/v1alpha1
 kind: FaultInjection
@@ -228,6 +225,7 @@ spec:
   perTryTimeout: 1s
   backoff: {baseInterval: 10ms, maxInterval: 50ms}
 """
+)
 
 
 def policy(name: str, lb: str, extra: str = "") -> str:

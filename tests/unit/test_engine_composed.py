@@ -13,19 +13,13 @@ from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Attempt, Engine, Failure, Forward
 from agent.waypoint.engine.pool import Admission
 from agent.waypoint.engine.respond import Respond
-from tests.enginetesting import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, http_route, service, snapshot
 
 LLM = ("ai", "llm")
-ROUTE = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: ai}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm}]
-  rules:
+ROUTE = http_route("""\
     - retry: {codes: [503], attempts: 2, backoff: 10ms}
       timeouts: {request: 30s}
-      backendRefs: [{name: llm, port: 8000}]"""
+      backendRefs: [{name: llm, port: 8000}]""")
 
 
 def policy(service_name: str, spec: str) -> str:

@@ -6,7 +6,7 @@ import random
 
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Engine, Forward, Respond
-from tests.enginetesting import service, snapshot
+from tests.enginetesting import http_route, service, snapshot
 
 
 def engine(fault: str) -> Engine:
@@ -18,16 +18,10 @@ apiVersion: weft.dev/v1alpha1
 kind: FaultInjection
 metadata: {{name: chaos, namespace: ai}}
 spec: {fault}""",
-            """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: ai}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm}]
-  rules:
+            http_route("""\
     - filters:
         - {type: ExtensionRef, extensionRef: {group: weft.dev, kind: FaultInjection, name: chaos}}
-      backendRefs: [{name: llm, port: 8000}]""",
+      backendRefs: [{name: llm, port: 8000}]"""),
         ),
         rng=random.Random(11),
     )

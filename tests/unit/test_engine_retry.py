@@ -11,7 +11,7 @@ from agent.waypoint.engine import Attempt, Engine, Failure, Forward
 from agent.waypoint.engine.retry import DEFAULT_RETRY, compile_retry
 from controller.model.routing import Retry
 from controller.model.traffic import RetryPolicySpec
-from tests.enginetesting import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, http_route, service, snapshot
 
 LLM = ("ai", "llm")
 
@@ -60,15 +60,9 @@ def test_backoff_is_fully_jittered_exponential_and_capped():
         assert max(waits) > upper * 0.9  # the range is used, not a fixed delay
 
 
-ROUTE = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: ai}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm}]
-  rules:
+ROUTE = http_route("""\
     - retry: {codes: [503], attempts: 2, backoff: 10ms}
-      backendRefs: [{name: llm, port: 8000}]"""
+      backendRefs: [{name: llm, port: 8000}]""")
 
 
 def test_a_503_twice_then_200_succeeds_via_retry():

@@ -13,7 +13,7 @@ from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Engine, Forward, Respond
 from agent.waypoint.engine.routes import precedence
 from controller.model.routing import HeaderMatch, PathMatch, QueryMatch, RouteMatch
-from tests.enginetesting import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, http_route, service, snapshot
 
 LLM = ("ai", "llm")
 BACKENDS = (
@@ -25,14 +25,7 @@ BACKENDS = (
 
 
 def route(rules: str, name: str = "r", namespace: str = "ai") -> str:
-    return f"""\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  parentRefs: [{{group: "", kind: Service, name: llm, namespace: ai}}]
-  rules:
-{rules}"""
+    return http_route(rules, name=name, namespace=namespace, parent_namespace="ai")
 
 
 def engine(*routes: str, seed: int = 1, clock: FakeClock | None = None) -> Engine:
