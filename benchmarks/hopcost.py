@@ -86,6 +86,10 @@ class _Hop:
                 return
             self.started.set()
             loop.run_forever()
+            # What the component ran on the loop's default executor (the SQLite quota
+            # store closes there) ends with the loop, not as a stray thread.
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
 
         threading.Thread(target=run, name="hop", daemon=True).start()
         await asyncio.to_thread(self.started.wait)

@@ -722,6 +722,14 @@ def test_hopcost_measures_the_waypoint_hop_on_its_own_thread():
     before = set(threading.enumerate())
     r = uvloop.run(hopcost._run(args))
     assert r["requests"] == 40 and r["cpu_us_per_request"] > 0
+    # --sse relays a streamed chat completion per request, --ai runs the AI stages with an
+    # SQLite quota store: both through the same mesh, each more work than a plain request.
+    for mode in ({"sse": True}, {"ai": True, "quota_store": None}):
+        other = uvloop.run(
+            hopcost._run(types.SimpleNamespace(hop="waypoint", requests=8, connections=1, **mode))
+        )
+        assert other["requests"] == 8, mode
+        assert other["bytecodes_per_request"] > r["bytecodes_per_request"], mode
     # An HTTP/1.1 exchange through the waypoint is more than a handful of Python calls
     # (the destination's relay makes about 15); C functions are not counted.
     assert r["python_calls_per_request"] > 50
