@@ -545,7 +545,8 @@ class Proxy:
             # Complete and writable: the sends below do not wait, so no task is needed.
             sid = up.start(method, target, authority, headers, end_now, rx=t)
             await self._send_body(x, up, sid, body, False, end_now)
-        x.on_reset = lambda: up.cancel(sid)
+        # The caller leaving resets the backend's stream, unless its answer is all in.
+        x.on_reset = lambda: None if t.done else up.cancel(sid)
         if x.reset:  # gone while the try was being set up
             up.cancel(sid)
         # One timer for the try: the head's timeout here, the stream's idle timeout later.
@@ -655,6 +656,9 @@ class Proxy:
                     over = True
                     break
                 if isinstance(e, ev.Data):
+                    # Taken: an end_stream Data ended the backend's stream, whatever then
+                    # happens on the caller's side (a stage failing, a cancelled task).
+                    over = e.end_stream
                     data = bytes(e.data)
                     if stage is not None:
                         data = stage.feed(data)
@@ -674,13 +678,12 @@ class Proxy:
                         await x.writable()
                     x.respond_data(data, e.end_stream)
                     if e.end_stream:
-                        over = True
                         break
                 elif isinstance(e, ev.Trailers):
+                    over = True
                     if stage is not None and (rest := stage.end()):
                         x.respond_data(rest)
                     x.respond_trailers(e.headers)
-                    over = True
                     break
                 elif isinstance(e, ev.StreamReset):
                     ok = False

@@ -570,3 +570,80 @@ def test_a_handler_cancelled_mid_answer_resets_the_backend_stream(h2):
             assert not up.queues and not r.armed_deadlines()
 
     asyncio.run(main())
+
+
+def test_a_complete_h1_exchange_keeps_its_connection_when_the_task_is_cancelled():
+    """The backend's whole answer is in (the last piece taken: the exchange is complete on
+    the backend connection) while the caller reads nothing, so the task waits to write it;
+    the task is cancelled there (shutdown). The backend's stream is over: its HTTP/1.1
+    connection goes back to the pool, not closed as if the answer had been abandoned."""
+
+    async def h1(b: H1Backend) -> None:
+        b.t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+
+    async def main() -> None:
+        async with Rig(False, h1, per_try=5.0) as r:
+            r.caller.pause_writing()  # the task waits in writable() with the answer taken
+            r.send(GET)
+            assert await until(
+                lambda: r.pool.dialled and not r.pool.dialled[0].queues and r.caller.tasks
+            )
+            await asyncio.sleep(0.05)
+            up = r.pool.dialled[0]
+            assert up.codec.idle
+            (task,) = r.caller.tasks
+            task.cancel()
+            assert await until(task.done)
+            assert not up.closed
+            assert r.pool.has_idle(up.ep, CALLER.client_ip)  # type: ignore[arg-type]
+            assert not up.queues and not r.armed_deadlines()
+
+    asyncio.run(main())
+
+
+class _EndFails:
+    """A stage whose end() raises (a bug) at the backend's last piece."""
+
+    def __init__(self) -> None:
+        self.finished: list[bool] = []
+
+    def response_head(self, target: Any, status: int, upstream: Any, out: Any) -> None:
+        pass
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def cut(self) -> None:
+        return None
+
+    def end(self) -> bytes:
+        raise RuntimeError("stage bug at the end")
+
+    def finish(self, ok: bool) -> None:
+        self.finished.append(ok)
+
+
+def test_a_complete_h1_exchange_keeps_its_connection_when_the_stage_fails_at_its_end():
+    """The backend's answer is complete; the stage then fails on its last piece. The caller
+    gets the failure, but the backend's exchange finished: its connection stays reusable."""
+
+    async def h1(b: H1Backend) -> None:
+        b.t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+
+    async def main() -> None:
+        async with Rig(False, h1, per_try=5.0) as r:
+            stage = _EndFails()
+            plain_stream = r.proxy._stream
+
+            async def with_stage(x: Any, fwd: Any, t: Any, _stage: Any, target: Any) -> None:
+                await plain_stream(x, fwd, t, stage, target)
+
+            r.proxy._stream = with_stage  # type: ignore[method-assign]
+            r.send(GET)
+            assert await until(lambda: r.pool.dialled and not r.caller.tasks)
+            up = r.pool.dialled[0]
+            assert len(stage.finished) == 1
+            assert not up.closed
+            assert r.pool.has_idle(up.ep, CALLER.client_ip)  # type: ignore[arg-type]
+
+    asyncio.run(main())
