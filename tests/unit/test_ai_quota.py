@@ -7,6 +7,7 @@ three places to keep the numbers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,14 @@ from agent.waypoint.ai.quota import (
     safe_key,
     wait_for_room,
 )
-from agent.waypoint.ai.quotastore import MemoryStore, Op, QuotaStore, SqliteStore, open_store
+from agent.waypoint.ai.quotastore import (
+    MemoryStore,
+    Op,
+    QuotaStore,
+    SqliteStore,
+    StoreError,
+    open_store,
+)
 from agent.waypoint.codec.headers import Headers
 from controller.model.ai import TokenRateLimit
 from tests.redis_server import RedisServer
@@ -422,6 +430,115 @@ def test_the_wal_of_ops_on_the_loop_is_checkpointed_and_stays_bounded(tmp_path):
     again = SqliteStore(path)
     assert sum(value(again, f"k{i}", int(T0)) for i in range(50)) == n
     sync(again.close())
+
+
+def _wal_salt(path: Path) -> bytes:
+    with open(f"{path}-wal", "rb") as f:
+        return f.read(32)[16:24]  # salt-1, salt-2: new ones each time the WAL starts over
+
+
+def test_the_wal_never_starts_over_on_the_loop(tmp_path):
+    """Starting the WAL over writes a new header and syncs it (even with
+    synchronous=NORMAL; the directory too, on that descriptor's first sync): the store's
+    thread does it, with a write of its own after each checkpoint, so the loop's next op
+    (after a checkpoint it was idle for) appends to the WAL rather than starting it over."""
+    from agent.waypoint.ai.quotastore import CHECKPOINT_EVERY
+
+    path = tmp_path / "q.db"
+
+    async def main() -> None:
+        st = SqliteStore(path)
+        for i in range(CHECKPOINT_EVERY + 1):  # the first on the thread, then 512 on the loop
+            await st.run(_count(f"k{i % 50}"))
+        await asyncio.get_running_loop().run_in_executor(st._pool, int)  # checkpoint done
+        before, ops = _wal_salt(path), st.loop_ops
+        await st.run(_count("k"))  # the next request
+        assert st.loop_ops == ops + 1  # it ran on the loop
+        assert _wal_salt(path) == before, "the loop's op started the WAL over (and synced it)"
+        await st.close()
+
+    asyncio.run(main())
+
+
+def test_ops_racing_close_leave_no_connection_open(tmp_path):
+    """Ops go on while the store closes: they fail as closed, and none opens a connection
+    that nothing closes (close() drops the loop's connection, then waits for the thread)."""
+    import os
+
+    path = tmp_path / "q.db"
+
+    async def main() -> None:
+        st = SqliteStore(path)
+        for _ in range(3):
+            await st.run(_count("k"))
+        stop = False
+
+        async def ops() -> None:
+            while not stop:
+                try:
+                    await st.run(_count("k"))
+                except StoreError:
+                    return
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ops())
+        await asyncio.sleep(0.01)
+        await st.close()
+        stop = True
+        await t
+        assert st.closed and st._loop_db is None
+        fds = []
+        for f in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor
+                fds.append(os.readlink(f"/proc/self/fd/{f}"))
+        assert not [f for f in fds if f.startswith(str(path))]
+
+    asyncio.run(main())
+
+
+def test_a_commit_that_fails_busy_is_rolled_back_and_counted_once(tmp_path, monkeypatch):
+    """A COMMIT that fails busy leaves its transaction open (SQLite documents it): the
+    loop's attempt is rolled back before the thread does the op, or the loop's connection
+    keeps the write lock (every worker's ops fail from then on) and the op could count
+    twice."""
+    import sqlite3
+
+    class CommitBusyOnce(sqlite3.Connection):
+        fail = True
+
+        def execute(self, sql: str, *a: Any) -> sqlite3.Cursor:  # type: ignore[override]
+            if sql == "COMMIT" and CommitBusyOnce.fail:
+                CommitBusyOnce.fail = False
+                e = sqlite3.OperationalError("database is locked")
+                e.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[misc]
+                raise e
+            return super().execute(sql, *a)
+
+    def connect_loop(self: SqliteStore) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path,
+            timeout=0,
+            isolation_level=None,
+            check_same_thread=False,
+            factory=CommitBusyOnce,
+        )
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        return db
+
+    monkeypatch.setattr(SqliteStore, "_connect_loop", connect_loop)
+
+    async def main() -> None:
+        st = SqliteStore(tmp_path / "q.db", busy_timeout=1.0)
+        await st.run(_count("k"))  # the thread creates the file
+        values, ok = await st.run(_count("k"))  # COMMIT fails busy on the loop: the thread's
+        assert ok and values == [1]
+        assert st._loop_db is not None and not st._loop_db.in_transaction
+        values, ok = await st.run(_count("k"))  # and the loop goes on
+        assert ok and values == [2]
+        assert st.loop_ops == 1
+        await st.close()
+
+    asyncio.run(main())
 
 
 def test_a_stream_over_budget_finishes_and_is_charged_in_full(store):

@@ -186,7 +186,10 @@ CREATE TABLE IF NOT EXISTS counter (
 """
 GC_EVERY = 1024  # ops between sweeps of expired counters
 CHECKPOINT_EVERY = 512  # ops on the loop between checkpoints (run on the store's thread)
-_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+# A WAL longer than this (pages) that passive checkpoints could not copy whole (other
+# workers' writes kept landing) is copied with RESTART, which holds their writes meanwhile.
+WAL_RESTART_PAGES = 8 * CHECKPOINT_EVERY
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary codes (extended ones & 0xFF)
 
 
 class SqliteStore:
@@ -204,8 +207,9 @@ class SqliteStore:
     (two ops: admit and charge), the thread's own work aside. When another worker holds
     the lock, the op goes to the store's thread, which waits for it up to `busy_timeout`,
     as every op did before. The thread also runs what may sync or take long: checkpoints
-    (every CHECKPOINT_EVERY ops on the loop; the ops meanwhile queue behind them there, so
-    the WAL stays bounded), sweeps of expired counters, and the file's creation."""
+    and the write that starts the WAL over after one (every CHECKPOINT_EVERY ops on the
+    loop; the ops meanwhile queue behind them there, so the WAL stays bounded), sweeps of
+    expired counters, and the file's creation."""
 
     kind = "sqlite"
     shared = False
@@ -228,6 +232,7 @@ class SqliteStore:
         self._checkpoint_due = False
         self.loop_ops = 0  # ops that ran on the loop (the rest: on the thread)
         self.closed = False
+        self._closing = False
 
     # The thread's side -----------------------------------------------------------------
 
@@ -274,13 +279,23 @@ class SqliteStore:
         return got
 
     def _checkpoint(self) -> None:
-        """Copy the WAL back into the file and have the next writer start it over (the
-        thread's side: it syncs). RESTART, not PASSIVE: with ops committing on the loop
-        while a passive checkpoint runs, the WAL is never wholly copied and never starts
-        over, so it grows for good. Meanwhile the loop's ops find the lock held and come
-        here, behind it."""
+        """Copy the WAL back into the file (the thread's side: it syncs) and start it over.
+
+        PASSIVE: other workers' writes go on meanwhile (RESTART would hold them across
+        two syncs, past their busy timeout on a slow disk); this worker's ops wait behind
+        it on this thread, so with no other writer it copies the WAL whole. Then one write
+        here starts the WAL over: the first write after a whole copy does, and it syncs
+        the new WAL header, so it must not be one of the loop's ops. A WAL that other
+        writers keep from being copied whole is restarted once it passes
+        WAL_RESTART_PAGES, or it would grow for good."""
         try:
-            self._open().execute("PRAGMA wal_checkpoint(RESTART)")
+            db = self._open()
+            busy, log, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if done < log and log > WAL_RESTART_PAGES:
+                busy, log, done = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if not busy and done == log:
+                with contextlib.suppress(sqlite3.OperationalError):  # busy: a loop op pays
+                    _bump(db)
         finally:
             self._checkpoint_due = False
 
@@ -304,7 +319,7 @@ class SqliteStore:
         self._pool.submit(self._open).result()
 
     async def run(self, op: Op) -> tuple[list[int], bool]:
-        if self.closed:
+        if self.closed or self._closing:
             raise StoreError(f"quota store {self.path} is closed")
         try:
             got = self._run_on_loop(op)
@@ -321,14 +336,14 @@ class SqliteStore:
         if self._checkpoint_due:  # ops queue behind it on the thread until it is done
             return None
         db = self._loop_db
-        if db is None:
-            if self._db is None:  # the thread has not created the file yet
-                return None
-            db = self._loop_db = self._connect_loop()
+        if db is None and self._db is None:  # the thread has not created the file yet
+            return None
         try:
+            if db is None:
+                db = self._loop_db = self._connect_loop()
             got = _transact(db, op)
         except sqlite3.OperationalError as e:
-            if e.sqlite_errorcode in _BUSY:
+            if (e.sqlite_errorcode & 0xFF) in _BUSY:
                 return None
             raise
         self.loop_ops += 1
@@ -346,8 +361,12 @@ class SqliteStore:
         # check_same_thread=False: close() may run from another thread once the loop has
         # stopped using it.
         db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _background(self, fn: Callable[[], object]) -> None:
@@ -361,6 +380,8 @@ class SqliteStore:
             self._pool.submit(fn).add_done_callback(done)
 
     def close_now(self) -> None:
+        self._closing = True  # no op opens a connection from here on
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()
@@ -375,6 +396,7 @@ class SqliteStore:
         self._pool.shutdown(wait=True)
 
     async def close(self) -> None:
+        self._closing = True  # an op racing the close finds the store closed
         if self._loop_db is not None:  # closed here, between two of the loop's ops
             self._loop_db.close()
             self._loop_db = None
@@ -390,11 +412,27 @@ def _transact(db: sqlite3.Connection, op: Op) -> tuple[list[int], bool]:
         ok = passes(values, op.checks)
         if ok or not op.conditional:
             _write(db, op)
+        # Inside: a COMMIT that fails busy leaves the transaction open, and it must be
+        # rolled back before the op is tried again elsewhere, or it counts twice.
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
     return values, ok
+
+
+def _bump(db: sqlite3.Connection) -> None:
+    """A write that changes nothing the store reads (the file's user_version)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        v = db.execute("PRAGMA user_version").fetchone()[0]
+        db.execute(f"PRAGMA user_version = {(int(v) + 1) % 1_000_000}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _read(db: sqlite3.Connection, cells: list[Cell]) -> list[int]:
