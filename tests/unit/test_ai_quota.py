@@ -277,34 +277,45 @@ def test_replicas_creating_the_store_file_at_once_all_open_it(tmp_path):
         assert results == ["ok"] * 6, results
 
 
+@contextlib.contextmanager
+def held(path: Path, *statements: str, release: str, after: float) -> Iterator[Any]:
+    """Another connection to `path` runs `statements` (taking a lock) and, `after` seconds
+    later on a thread, `release`; yields the threading.Event set once released."""
+    import sqlite3
+    import threading
+
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    for sql in statements:
+        holder.execute(sql)
+    released = threading.Event()
+
+    def let_go() -> None:
+        holder.execute(release)
+        released.set()
+
+    timer = threading.Timer(after, let_go)
+    timer.start()
+    try:
+        yield released
+    finally:
+        timer.cancel()
+        holder.close()
+
+
 def test_opening_a_store_another_replica_holds_locked_waits_for_the_lock(tmp_path):
     """The race above, made certain: another connection holds the new file's exclusive
     lock while this replica switches it to WAL (the lock the busy timeout does not cover).
     Opening retries until the lock is released instead of failing; with the lock held past
     open_timeout it fails, naming the file."""
     import sqlite3
-    import threading
 
     path = tmp_path / "locked.db"
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("CREATE TABLE t (x)")  # a file the holder has written, then locks
-    holder.execute("BEGIN EXCLUSIVE")
-    released = threading.Event()
-
-    def release() -> None:
-        holder.execute("ROLLBACK")
-        released.set()
-
-    timer = threading.Timer(0.5, release)
-    timer.start()
-    try:
+    # A file the holder has written, then locks.
+    with held(path, "CREATE TABLE t (x)", "BEGIN EXCLUSIVE", release="ROLLBACK", after=0.5) as r:
         st = SqliteStore(path, busy_timeout=0.01, open_timeout=30.0)
         st.open()
-        assert released.is_set()  # it waited for the lock rather than going around it
+        assert r.is_set()  # it waited for the lock rather than going around it
         st.close_now()
-    finally:
-        timer.cancel()
-        holder.close()
     path2 = tmp_path / "held.db"
     holder2 = sqlite3.connect(path2, isolation_level=None)
     try:
@@ -355,44 +366,29 @@ def test_a_write_lock_held_elsewhere_sends_the_op_to_the_thread_not_the_loop(tmp
     """Another worker holds the write lock: the loop's connection gives up at once (busy
     timeout 0) and the op waits for the lock on the store's thread. The loop goes on
     meanwhile, and the op is counted once, after the lock is released."""
-    import sqlite3
-    import threading
-
     path = tmp_path / "q.db"
     st = SqliteStore(path, busy_timeout=10.0)
     sync(st.run(_count("k")))  # the thread creates the file
     sync(st.run(_count("k")))  # on the loop
     assert st.loop_ops == 1
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")
-    released = threading.Event()
-
-    def release() -> None:
-        holder.execute("COMMIT")
-        released.set()
-
-    timer = threading.Timer(0.3, release)
     ticks = 0
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while not released.is_set():
-            ticks += 1
-            await asyncio.sleep(0.01)
+    with held(path, "BEGIN IMMEDIATE", release="COMMIT", after=0.3) as released:
 
-    async def both() -> tuple[list[int], bool]:
-        t = asyncio.get_running_loop().create_task(ticker())
-        got = await st.run(_count("k"))
-        assert released.is_set()  # it waited for the lock rather than going around it
-        await t
-        return got
+        async def ticker() -> None:
+            nonlocal ticks
+            while not released.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
 
-    timer.start()
-    try:
+        async def both() -> tuple[list[int], bool]:
+            t = asyncio.get_running_loop().create_task(ticker())
+            got = await st.run(_count("k"))
+            assert released.is_set()  # it waited for the lock rather than going around it
+            await t
+            return got
+
         values, ok = sync(both())
-    finally:
-        timer.cancel()
-        holder.close()
     assert ok and values == [2]
     assert st.loop_ops == 1  # the op went to the thread
     assert ticks >= 10  # the loop was not blocked while the op waited
