@@ -366,32 +366,39 @@ def test_a_write_lock_held_elsewhere_sends_the_op_to_the_thread_not_the_loop(tmp
     """Another worker holds the write lock: the loop's connection gives up at once (busy
     timeout 0) and the op waits for the lock on the store's thread. The loop goes on
     meanwhile, and the op is counted once, after the lock is released."""
+    import sqlite3
+
     path = tmp_path / "q.db"
     st = SqliteStore(path, busy_timeout=10.0)
     sync(st.run(_count("k")))  # the thread creates the file
     sync(st.run(_count("k")))  # on the loop
     assert st.loop_ops == 1
-    ticks = 0
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    released = False
 
-    with held(path, "BEGIN IMMEDIATE", release="COMMIT", after=0.3) as released:
+    async def ticker() -> None:
+        # The loop goes on while the op waits for the lock on the store's thread; after
+        # ten of its turns the other worker lets the lock go.
+        nonlocal released
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        holder.execute("COMMIT")
+        released = True
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while not released.is_set():
-                ticks += 1
-                await asyncio.sleep(0.01)
+    async def both() -> tuple[list[int], bool]:
+        t = asyncio.get_running_loop().create_task(ticker())
+        got = await st.run(_count("k"))
+        assert released  # it waited for the lock rather than going around it
+        await t
+        return got
 
-        async def both() -> tuple[list[int], bool]:
-            t = asyncio.get_running_loop().create_task(ticker())
-            got = await st.run(_count("k"))
-            assert released.is_set()  # it waited for the lock rather than going around it
-            await t
-            return got
-
+    try:
         values, ok = sync(both())
+    finally:
+        holder.close()
     assert ok and values == [2]
     assert st.loop_ops == 1  # the op went to the thread
-    assert ticks >= 10  # the loop was not blocked while the op waited
     sync(st.run(_count("k")))  # the lock is free again: back on the loop
     assert st.loop_ops == 2
     assert value(st, "k", int(T0)) == 4
