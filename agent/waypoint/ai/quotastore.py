@@ -225,7 +225,6 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None  # the thread's connection
         self._ops = 0
         self._loop_db: sqlite3.Connection | None = None  # the event loop's connection
-        self._loop_ops = 0
         # A checkpoint is queued on the thread: ops go there too, behind it, until it ran.
         # Else a loop that never pauses (a waypoint at saturation) can keep the thread from
         # the GIL while the WAL grows with every op.
@@ -295,7 +294,7 @@ class SqliteStore:
                 busy, log, done = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             if not busy and done == log:
                 with contextlib.suppress(sqlite3.OperationalError):  # busy: a loop op pays
-                    _bump(db)
+                    _transact(db, _restart_write())
         finally:
             self._checkpoint_due = False
 
@@ -346,8 +345,7 @@ class SqliteStore:
             if (e.sqlite_errorcode & 0xFF) in _BUSY:
                 return None
             raise
-        self.loop_ops += 1
-        n = self._loop_ops = self._loop_ops + 1
+        n = self.loop_ops = self.loop_ops + 1
         if n % CHECKPOINT_EVERY == 0:
             self._checkpoint_due = True
             self._background(self._checkpoint)
@@ -396,10 +394,9 @@ class SqliteStore:
         self._pool.shutdown(wait=True)
 
     async def close(self) -> None:
-        self._closing = True  # an op racing the close finds the store closed
-        if self._loop_db is not None:  # closed here, between two of the loop's ops
-            self._loop_db.close()
-            self._loop_db = None
+        # From here no op starts, and ops on the loop run whole within one turn of it, so
+        # close_now may close the loop's connection from the executor's thread.
+        self._closing = True
         await asyncio.get_running_loop().run_in_executor(None, self.close_now)
 
 
@@ -422,17 +419,11 @@ def _transact(db: sqlite3.Connection, op: Op) -> tuple[list[int], bool]:
     return values, ok
 
 
-def _bump(db: sqlite3.Connection) -> None:
-    """A write that changes nothing the store reads (the file's user_version)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        v = db.execute("PRAGMA user_version").fetchone()[0]
-        db.execute(f"PRAGMA user_version = {(int(v) + 1) % 1_000_000}")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+def _restart_write() -> Op:
+    """A write that changes nothing the store reads: a counter of its own, which no
+    limit's key can name (theirs are "ns/policy/limit/value/kind") and every sweep may
+    take (it is expired)."""
+    return Op([("_wal-restart", 0)], writes=[Write(0, 1, 0)], conditional=False)
 
 
 def _read(db: sqlite3.Connection, cells: list[Cell]) -> list[int]:
