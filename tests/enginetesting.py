@@ -95,5 +95,18 @@ spec:
 {rules}"""
 
 
+def backend_policy(service: str, spec: str) -> str:
+    """YAML for BackendPolicy `service`-policy on Service ai/`service`; `spec`: its fields
+    after targetRefs, the first line as it is and the rest indented by two spaces, as they
+    sit under `spec:`."""
+    return f"""\
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {{name: {service}-policy, namespace: ai}}
+spec:
+  targetRefs: [{{kind: Service, name: {service}}}]
+  {spec}"""
+
+
 def address(i: int, *, subnet: int = 1, port: int = 8000) -> str:
     return f"10.244.{subnet}.{i + 1}:{port}"

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import compiled
-from tests.enginetesting import FakeClock, http_route, service, snapshot
+from tests.enginetesting import FakeClock, backend_policy, http_route, service, snapshot
 from tests.unit.source_world import source_world
 
 FUZZ = settings(
@@ -229,14 +229,7 @@ spec:
 
 
 def policy(name: str, lb: str, extra: str = "") -> str:
-    return f"""\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {{name: {name}-policy, namespace: ai}}
-spec:
-  targetRefs: [{{kind: Service, name: {name}}}]
-  loadBalancer: {lb}
-{extra}"""
+    return backend_policy(name, f"loadBalancer: {lb}\n{extra}")
 
 
 OUTLIER = """\

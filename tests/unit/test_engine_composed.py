@@ -14,22 +14,13 @@ from agent.waypoint.engine import Attempt, Engine, Failure, Forward
 from agent.waypoint.engine.pool import Admission
 from agent.waypoint.engine.respond import Respond
 from tests.enginetesting import FakeClock, http_route, service, snapshot
+from tests.enginetesting import backend_policy as policy
 
 LLM = ("ai", "llm")
 ROUTE = http_route("""\
     - retry: {codes: [503], attempts: 2, backoff: 10ms}
       timeouts: {request: 30s}
       backendRefs: [{name: llm, port: 8000}]""")
-
-
-def policy(service_name: str, spec: str) -> str:
-    return f"""\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {{name: {service_name}-policy, namespace: ai}}
-spec:
-  targetRefs: [{{kind: Service, name: {service_name}}}]
-  {spec}"""
 
 
 def engine(*docs: str, clock: FakeClock | None = None) -> Engine:
