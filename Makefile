@@ -101,7 +101,7 @@ COMPILED_LOG := build/mypyc.log
 
 compiled: build/.compiled
 
-build/.compiled: $(COMPILED_SRC) $(STAMP)
+build/.compiled: $(COMPILED_SRC) agent/compiled.py $(STAMP)
 	@mkdir -p build
 	@find agent -name '*.cpython-*.so' -delete; rm -f *__mypyc.cpython-*.so
 	@# (only the runtime this target put there: mypy's own compiled runtime lives there too)
