@@ -95,16 +95,17 @@ spec:
 {rules}"""
 
 
-def backend_policy(service: str, spec: str) -> str:
-    """YAML for BackendPolicy `service`-policy on Service ai/`service`; `spec`: its fields
-    after targetRefs, the first line as it is and the rest indented by two spaces, as they
-    sit under `spec:`."""
+def backend_policy(service: str, spec: str, *, port: int | None = None) -> str:
+    """YAML for BackendPolicy `service`-policy on Service ai/`service` (on its `port` only,
+    when given); `spec`: its fields after targetRefs, the first line as it is and the rest
+    indented by two spaces, as they sit under `spec:`."""
+    on_port = f", port: {port}" if port is not None else ""
     return f"""\
 apiVersion: weft.dev/v1alpha1
 kind: BackendPolicy
 metadata: {{name: {service}-policy, namespace: ai}}
 spec:
-  targetRefs: [{{kind: Service, name: {service}}}]
+  targetRefs: [{{kind: Service, name: {service}{on_port}}}]
   {spec}"""
 
 

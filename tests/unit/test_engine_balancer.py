@@ -8,19 +8,13 @@ from collections import Counter
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Attempt, Endpoint, Engine, Forward, hash64, make_balancer
 from agent.waypoint.engine.balancer import Balancer
-from tests.enginetesting import FakeClock, address, service, snapshot
+from tests.enginetesting import FakeClock, address, backend_policy, service, snapshot
 
 LLM = ("ai", "llm")
 
 
 def policy(lb: str) -> str:
-    return f"""\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {{name: llm, namespace: ai}}
-spec:
-  targetRefs: [{{name: llm}}]
-  loadBalancer: {lb}"""
+    return backend_policy("llm", f"loadBalancer: {lb}")
 
 
 def endpoints(n: int) -> list[Endpoint]:

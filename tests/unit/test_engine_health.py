@@ -5,21 +5,21 @@ from __future__ import annotations
 import random
 
 from agent.waypoint.engine import Attempt, Engine
-from tests.enginetesting import FakeClock, address, service, snapshot
+from tests.enginetesting import FakeClock, address, backend_policy, service, snapshot
 
-HC = """\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {{name: llm, namespace: ai}}
-spec:
-  targetRefs: [{{name: llm}}]
-  healthCheck: {{{check}, interval: 5s, timeout: 1s, healthyThreshold: 2, unhealthyThreshold: 2}}"""
+
+def health_check(check: str) -> str:
+    return backend_policy(
+        "llm",
+        f"healthCheck: {{{check}, interval: 5s, timeout: 1s, healthyThreshold: 2,"
+        " unhealthyThreshold: 2}",
+    )
 
 
 def setup(check: str = "http: {path: /healthz}") -> tuple[Engine, FakeClock]:
     clock = FakeClock()
     e = Engine(
-        snapshot(service("llm", pods=2), HC.format(check=check)), clock=clock, rng=random.Random(1)
+        snapshot(service("llm", pods=2), health_check(check)), clock=clock, rng=random.Random(1)
     )
     assert e.backend(("ai", "llm", 8000)) is not None
     return e, clock

@@ -6,22 +6,15 @@ import random
 
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.engine import Attempt, Backend, Engine, Failure, Respond
-from tests.enginetesting import FakeClock, address, service, snapshot
+from tests.enginetesting import FakeClock, address, backend_policy, service, snapshot
 
 LLM = ("ai", "llm")
 
 
 def setup(outlier: str, *, pods: int = 4, extra: str = "") -> tuple[Engine, Backend, FakeClock]:
     clock = FakeClock()
-    doc = f"""\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {{name: llm, namespace: ai}}
-spec:
-  targetRefs: [{{name: llm}}]
-  loadBalancer: {{type: RoundRobin}}
-  outlierDetection: {outlier}
-{extra}"""
+    spec = f"loadBalancer: {{type: RoundRobin}}\n  outlierDetection: {outlier}"
+    doc = backend_policy("llm", spec + ("\n" + extra if extra else ""))
     e = Engine(snapshot(service("llm", pods=pods), doc), clock=clock, rng=random.Random(4))
     b = e.backend(("ai", "llm", 8000))
     assert b is not None
@@ -126,14 +119,11 @@ def test_fallback_response_when_every_endpoint_is_ejected():
 def test_a_fallback_backend_takes_over_while_every_endpoint_is_out():
     """A fallback backendRef serves while every endpoint is ejected; its own failures do
     not chain to another fallback."""
-    doc = """\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {name: llm, namespace: ai}
-spec:
-  targetRefs: [{name: llm}]
-  outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 100}
-  fallback: {backendRef: {name: small, port: 8000}}"""
+    doc = backend_policy(
+        "llm",
+        "outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 100}\n"
+        "  fallback: {backendRef: {name: small, port: 8000}}",
+    )
     e = Engine(snapshot(service("llm", pods=1), service("small", pods=1, subnet=9), doc))
     b = e.backend(("ai", "llm", 8000))
     assert b is not None

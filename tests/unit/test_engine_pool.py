@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from agent.waypoint.engine import OVERFLOW_RESPONSE, Admission, Attempt, Backend, Engine
-from tests.enginetesting import FakeClock, service, snapshot
+from tests.enginetesting import FakeClock, backend_policy, service, snapshot
 
-POOL = """\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {name: llm, namespace: ai}
-spec:
-  targetRefs: [{name: llm, port: 8000}]
-  connectionPool: {maxConnections: 2, maxPendingRequests: 1, maxRequestsPerConnection: 3}"""
+POOL = backend_policy(
+    "llm",
+    "connectionPool: {maxConnections: 2, maxPendingRequests: 1, maxRequestsPerConnection: 3}",
+    port=8000,
+)
 
 
 def backend() -> Backend:

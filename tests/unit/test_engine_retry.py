@@ -11,7 +11,7 @@ from agent.waypoint.engine import Attempt, Engine, Failure, Forward
 from agent.waypoint.engine.retry import DEFAULT_RETRY, compile_retry
 from controller.model.routing import Retry
 from controller.model.traffic import RetryPolicySpec
-from tests.enginetesting import FakeClock, http_route, service, snapshot
+from tests.enginetesting import FakeClock, backend_policy, http_route, service, snapshot
 
 LLM = ("ai", "llm")
 
@@ -129,13 +129,7 @@ def test_failure_after_the_last_try_is_503_or_504():
     assert fwd.failure_response(Failure.TIMEOUT).status == 504
 
 
-BUDGET_1 = """\
-apiVersion: weft.dev/v1alpha1
-kind: BackendPolicy
-metadata: {name: budget, namespace: ai}
-spec:
-  targetRefs: [{kind: Service, name: llm}]
-  retryBudget: {budgetPercent: 20, minRetryConcurrency: 1}"""
+BUDGET_1 = backend_policy("llm", "retryBudget: {budgetPercent: 20, minRetryConcurrency: 1}")
 ROUTE_3 = ROUTE.replace("attempts: 2", "attempts: 3")
 
 
