@@ -359,9 +359,10 @@ def _haproxy(b: Bench) -> Target:
     baseline="direct",
     protocols=L7,
     components=WAYPOINT,
-    description="mesh/client -> Service mesh/far-l7 (weft.dev/use-waypoint) -> node-1 tunnel "
-    "-> HBONE -> waypoint pod (HTTP parsed, routed, re-originated) -> HBONE -> node-2 "
-    "tunnel -> mesh/far-l7: three HBONE hops and an L7 proxy, as in Istio ambient.",
+    description="mesh/client -> Service mesh/far-l7 (weft.dev/use-waypoint): node-1's agent "
+    "hands the captured connection to the waypoint pod on its node (HTTP parsed, routed, "
+    "re-originated) -> HBONE -> node-2 tunnel -> mesh/far-l7: an L7 proxy and one HBONE "
+    "hop (docs/ARCHITECTURE.md, node-local L7).",
 )
 def _weft_waypoint(b: Bench) -> Target:
     b.require_mesh()
