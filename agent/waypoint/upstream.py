@@ -90,6 +90,14 @@ class UpstreamConnection(asyncio.Protocol):
         except ProtocolError as err:
             self._fail(UpstreamError("protocol", f"backend broke HTTP: {err}"))
             return
+        except Exception as err:
+            # A fault of ours reading what the backend sent: it ends this connection (its
+            # streams get the error), never the HBONE connection it rides on, which other
+            # callers' streams share.
+            log.exception("backend connection to %s: reading its answer failed", self.ep)
+            self._fail(UpstreamError("protocol", f"reading the backend's answer failed: {err}"))
+            self.close()
+            return
         if self.h2:  # HTTP/1.1 never writes as a side effect of reading
             self._write(self.codec.data_to_send())
         for e in events:

@@ -452,3 +452,32 @@ def test_extended_connect_is_malformed_and_resets_only_its_stream():
     assert ":protocol" in reset.reason and head.stream_id == 3
     (peer_view,) = [e for e in raw.receive_data(srv.data_to_send()) if hasattr(e, "error_code")]
     assert (peer_view.stream_id, peer_view.error_code) == (1, ErrorCode.PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [("grpc-status", "3"), ("grpc-message", "bad value ")],  # trailing whitespace
+        [("X-Upper", "1")],
+        [("connection", "close")],
+    ],
+    ids=["trailing-space", "uppercase-name", "connection-specific"],
+)
+def test_a_malformed_block_that_ends_a_closed_stream_is_a_reset_not_an_exception(bad):
+    """A backend's malformed trailers (or head) with END_STREAM, after the request ended:
+    the stream is closed both ways, so no RST_STREAM can go out, but the message is still
+    malformed (RFC 9113 §8.1.1). The codec reports the stream reset (not forwarded) and
+    raises nothing: an exception here used to escape into the HBONE connection and tear
+    down every caller's streams to that node."""
+    srv, cli = pair()
+    sid, wire = request(cli, end_stream=True)
+    srv.receive_data(wire)
+    head = srv.send_response_head(sid, 200, Headers.of(("content-type", "application/grpc")))
+    assert [type(e) for e in cli.receive_data(head)] == [ResponseHead]
+    enc = srv._h2.encoder  # the server's HPACK state, so the client can decode the block
+    block = enc.encode([(k.encode(), v.encode()) for k, v in bad])
+    frame = len(block).to_bytes(3, "big") + bytes([1, 0x5]) + sid.to_bytes(4, "big") + block
+    events = cli.receive_data(frame)
+    assert [type(e) for e in events] == [StreamReset]
+    assert events[0].stream_id == sid and events[0].error_code == 1
+    assert cli.receive_data(b"") is not None  # the connection is still usable

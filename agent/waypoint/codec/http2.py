@@ -447,8 +447,11 @@ class Http2Connection:
         out.append(StreamReset(sid, code, True, reason))
 
     def _reject(self, sid: int, reason: str, out: list[Any]) -> None:
-        """A stream-level violation: RST_STREAM(PROTOCOL_ERROR), others carry on."""
-        self._h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+        """A stream-level violation: RST_STREAM(PROTOCOL_ERROR), others carry on. A stream
+        the block closed (END_STREAM) cannot be reset any more; it is reported reset here
+        all the same, so the malformed message is never passed on."""
+        with contextlib.suppress(h2x.ProtocolError):  # StreamClosedError: closed already
+            self._h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
         self._forget(sid)
         out.append(StreamReset(sid, ErrorCode.PROTOCOL_ERROR, False, reason))
         if self._server:
