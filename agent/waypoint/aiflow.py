@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from agent.waypoint.ai.cache import BodyCollector
 from agent.waypoint.ai.metrics import AiPolicyCollector, GenAIMetrics
 from agent.waypoint.ai.openai import BadModelRequest, ModelRequest
-from agent.waypoint.ai.policy import MAX_REQUEST_BODY, AiPolicies, ServiceAi
+from agent.waypoint.ai.policy import MAX_REQUEST_BODY, AiPolicies, ServiceAi, lists_models
 from agent.waypoint.ai.priority import LoadBoard, backend_level, parse_vllm_metrics
 from agent.waypoint.ai.quota import CHARGE_STEP, TokenLimiter
 from agent.waypoint.ai.quotastore import QuotaStore, open_store
@@ -42,6 +42,7 @@ from agent.waypoint.ai.usage import ResponseReader
 from agent.waypoint.codec import events as ev
 from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import Exchange
+from agent.waypoint.engine.outcome import Failure
 from agent.waypoint.engine.respond import Respond
 from agent.waypoint.proxy import Body
 from agent.waypoint.upstream import Endpoint, UpstreamError
@@ -202,22 +203,20 @@ class AiFlow:
         return AiRequest(self, x, ai, principal, caller_ns)
 
     def _release(self, shedder: Any) -> None:
-        while True:
-            t = shedder.pop_ready(0.0)
-            if t is None:
-                return
+        """Let the next queued request go if its backend has room now. One at a time: the
+        one released counts toward its backend's level once its try starts, and it calls
+        this again then (AiRequest.try_started), so a burst of room is filled request by
+        request, each judged with the ones before it in flight."""
+        now = time.time()
+        board, sat = self.board, shedder.saturation
+        t = shedder.pop_ready(lambda where: backend_level(sat, board, where, now))
+        if t is not None:
             self._wake(t)
 
     def _wake(self, ticket: Any) -> None:
         fut = self._waiters.pop(id(ticket), None)
         if fut is not None and not fut.done():
             fut.set_result(None)
-
-
-def _lists_models(method: Any, target: Any) -> bool:
-    m = method.decode("latin-1") if isinstance(method, bytes) else str(method)
-    t = target.decode("latin-1") if isinstance(target, bytes) else str(target)
-    return m in ("GET", "HEAD") and t.split("?", 1)[0].rstrip("/") in ("/v1/models", "/models")
 
 
 class AiRequest:
@@ -258,13 +257,17 @@ class AiRequest:
 
     # ---- before the tries --------------------------------------------------------------
 
+    def reads(self, target: str) -> bool:
+        """Whether this request is one the stage reads (its body is then held for it)."""
+        return self.ai.reads(self.x.head.method, target)
+
     def prepare(self, body: Body, fwd: Any) -> Respond | None:
         """Read the model request; answer from the cache, or plan the targets. Leaves
         `targets` empty for a request that is not an OpenAI operation."""
         x, ai = self.x, self.ai
         head = x.head
         path = fwd.target or head.target
-        if ai.route is not None and _lists_models(head.method, path):
+        if ai.route is not None and lists_models(head.method, path):
             # The models this Service routes, not one backend's list (which would name only
             # that backend's models, under its own names).
             body_out = json.dumps(ai.route.model_list()).encode()
@@ -334,14 +337,23 @@ class AiRequest:
         cls = shedder.classify(facts)
         keys = [e.address for e in fwd.backend.endpoints]
         level = backend_level(shedder.saturation, self.flow.board, keys, time.time())
-        verdict = shedder.admit(cls, level, time.time())
+        verdict = shedder.admit(cls, level, time.time(), keys)
         if verdict.action == "queue" and verdict.ticket is not None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.flow._waiters[id(verdict.ticket)] = fut
             try:
-                await fut
+                # The request's deadline (timeouts.request) bounds its time in the queue too.
+                async with asyncio.timeout(fwd.remaining()):
+                    await fut
+            except TimeoutError:
+                shedder.cancel(verdict.ticket)
+                self.flow._waiters.pop(id(verdict.ticket), None)
+                self._refund()
+                self.x.annotations["shed"] = verdict.priority_class
+                return fwd.failure_response(Failure.TIMEOUT)
             except asyncio.CancelledError:
                 shedder.cancel(verdict.ticket)
+                self.flow._waiters.pop(id(verdict.ticket), None)
                 self._refund()
                 raise
             if verdict.ticket.state != "admitted":
@@ -393,13 +405,30 @@ class AiRequest:
         self.endpoint = endpoint
         board.started(endpoint)
         self.x.annotations["endpoint"] = endpoint
+        shedder = self.ai.shedder
+        if shedder is not None:
+            # This request now counts toward its backend's level: the next queued one may
+            # be judged against it (_release lets queued requests go one at a time).
+            self.flow._release(shedder)
 
     def failed(self, target: Target, outcome: int) -> None:
         """This target's tries failed: give back its reservation, tell the canary."""
         self._refund()
         self._done_with_endpoint()
+        if self.ai.shedder is not None:
+            self.flow._release(self.ai.shedder)
         if self.ai.rollout is not None:
             self.ai.rollout.observe(target.backend, False, time.monotonic() - self.started)
+
+    def abandoned(self) -> None:
+        """The request ended before an answer streamed: what it still holds (a reservation,
+        an endpoint in flight) is given back and nothing is observed (a caller hanging up
+        says nothing about the backend: no canary failure, no fallback). Idempotent: after
+        failed() or a refusal there is nothing left to give back."""
+        self._refund()
+        self._done_with_endpoint()
+        if self.ai.shedder is not None:
+            self.flow._release(self.ai.shedder)
 
     # ---- the answer --------------------------------------------------------------------
 
@@ -407,6 +436,11 @@ class AiRequest:
         ai = self.ai
         self.status = status
         self.upstream_headers = upstream
+        # First: from here on the backend has answered, and finish() charges for it
+        # whatever fails below.
+        self.reader = ResponseReader(
+            self.started, upstream.get(b"content-type"), strip_usage=self.strip
+        )
         set_: list[tuple[bytes, bytes]] = []
         if ai.route is not None:
             set_ += ai.route.answered(target)
@@ -418,9 +452,6 @@ class AiRequest:
             self.collector = BodyCollector(cache.max_entry)
         if self.strip:
             out.remove(b"content-length")  # the injected usage chunk is taken out
-        self.reader = ResponseReader(
-            self.started, upstream.get(b"content-type"), strip_usage=self.strip
-        )
 
     def feed(self, data: bytes) -> bytes:
         if self.collector is not None:

@@ -104,9 +104,19 @@ def _declared_small(headers: Headers) -> bool:
     return n is not None and n.isdigit() and int(n) <= RETRY_BUFFER
 
 
+_KIND_OF_FAILURE = {
+    Failure.CONNECT_FAILURE: "connect-failure",
+    Failure.TIMEOUT: "timeout",
+    Failure.RESET: "reset",
+    Failure.REFUSED_STREAM: "reset",  # a reset (REFUSED_STREAM) before the response head
+}
+
+
 def _kind(outcome: int) -> str | None:
     """The fallbackOn condition of a try's outcome, or None when it is an answer to send."""
-    return "connect-failure" if outcome < 0 else failure_kind(outcome)
+    if outcome < 0:
+        return _KIND_OF_FAILURE.get(Failure(outcome), "connect-failure")
+    return failure_kind(outcome)
 
 
 def _kind_of_answer(r: Respond) -> str:
@@ -214,16 +224,21 @@ class Try(StreamEvents):
 class Stage(Protocol):
     """What a request's policy layer (AI policy) adds to the one request path.
 
-    The proxy calls these in this order: `prepare` once, with the whole body held; then for
+    The proxy calls these in this order: `reads` with the request's target, and if it says
+    the stage reads the request, `prepare` once, with the whole body held; then for
     each of `targets` (the primary, then fallbacks) `admit`, `body_for` / `headers_for` and
     `picker`, then the engine's tries (`try_started` before each); a target whose last try
     failed in a way `falls_back` accepts is given up with `failed` and the next target is
     tried; the answer's head goes through `response_head`, its body through `feed` and
-    `end` (or ends early with what `cut` returns), and `finish(ok)` closes the request."""
+    `end` (or ends early with what `cut` returns), and `finish(ok)` closes the request. A
+    request that ends before an answer streams (answered by the mesh, the caller gone, the
+    task cancelled) ends with `abandoned`, which gives back what is still held and must
+    do nothing after `failed` or a refusal."""
 
     max_body: int
     targets: list[Any]
 
+    def reads(self, target: str) -> bool: ...
     def prepare(self, body: Body, fwd: Forward) -> Respond | None: ...
     async def admit(self, target: Any, fwd: Forward) -> Respond | None: ...
     def falls_back(self, kind: str) -> bool: ...
@@ -232,6 +247,7 @@ class Stage(Protocol):
     def headers_for(self, target: Any, headers: Headers, body: Body) -> Headers: ...
     def try_started(self, endpoint: str) -> None: ...
     def failed(self, target: Any, outcome: int) -> None: ...
+    def abandoned(self) -> None: ...
     def response_head(self, target: Any, status: int, upstream: Headers, out: Headers) -> None: ...
     def feed(self, data: bytes) -> bytes: ...
     def cut(self) -> bytes | None: ...
@@ -281,6 +297,8 @@ class Proxy:
         authority = fwd.authority or x.head.authority
         # Hold the body when it has all arrived already (free), when a retry or a mirror may
         # need to send it again, or when a policy must read it; else stream it through.
+        if stage is not None and not stage.reads(target):
+            stage = None  # not a request the policy reads (a gRPC call, an upload, ...)
         if stage is not None:
             body = await hold_body(x, stage.max_body)
             if not body.complete:
@@ -346,6 +364,14 @@ class Proxy:
                 )
                 if stage is None:
                     break
+                if x.reset:
+                    # The caller left: no fallback is tried for it, and its going says
+                    # nothing about the target (no failure recorded, no canary observed).
+                    # An answer already there is streamed, which ends it at once and
+                    # settles it as a cut answer (finish).
+                    if not isinstance(last, Try):
+                        return "DC"  # the stage is settled on the way out (abandoned)
+                    break
                 kind = _kind_of_answer(last) if isinstance(last, Respond) else _kind(last.outcome)
                 if kind is None:
                     break  # an answer to stream
@@ -381,6 +407,12 @@ class Proxy:
             if att is not None:
                 att.release()
             self._notify(tfwd)
+            if stage is not None and not streamed:
+                # However the request ended before an answer streamed (answered by the
+                # mesh, the caller gone, the task cancelled with its connection), what the
+                # stage still holds (a quota reservation, an endpoint counted in flight)
+                # is given back; after failed() or a refusal there is nothing left.
+                stage.abandoned()
 
     def _retarget(self, fwd: Forward, key: tuple[str, str, int]) -> Forward | Respond:
         """The route's decision sent to a model route's target backend."""

@@ -151,9 +151,9 @@ def test_the_standard_class_queues_up_to_its_bound_then_sheds():
     assert v3.status == 503 and "queue is full" in v3.reason
     assert s.queued() == 2 and s.next_deadline() == 5.0
     # Still saturated: nobody leaves; then the level drops and they go in FIFO order.
-    assert s.pop_ready(1.1) is None
-    assert s.pop_ready(0.5) is v1.ticket and s.pop_ready(0.5) is v2.ticket
-    assert s.pop_ready(0.5) is None and v1.ticket.state == "admitted"
+    assert s.pop_ready(lambda _: 1.1) is None
+    assert s.pop_ready(lambda _: 0.5) is v1.ticket and s.pop_ready(lambda _: 0.5) is v2.ticket
+    assert s.pop_ready(lambda _: 0.5) is None and v1.ticket.state == "admitted"
 
 
 def test_queued_requests_time_out_and_cancelled_ones_are_skipped():
@@ -172,7 +172,7 @@ def test_a_newcomer_does_not_overtake_its_queued_class():
     std = s.classify(facts("dev"))
     first = s.admit(std, 1.2, 0).ticket
     assert s.admit(std, 0.5, 1).action == "queue"  # room now, but someone is waiting
-    assert s.pop_ready(0.5) is first
+    assert s.pop_ready(lambda _: 0.5) is first
 
 
 def test_higher_classes_leave_the_queue_first():
@@ -196,7 +196,7 @@ def test_higher_classes_leave_the_queue_first():
     )
     b = s.admit(s.classify(facts("dev")), 2, 0).ticket
     g = s.admit(s.classify(facts("prod")), 2, 1).ticket
-    assert [s.pop_ready(0.1), s.pop_ready(0.1)] == [g, b]
+    assert [s.pop_ready(lambda _: 0.1), s.pop_ready(lambda _: 0.1)] == [g, b]
 
 
 # ---- endpoint choice -----------------------------------------------------------------

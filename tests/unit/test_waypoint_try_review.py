@@ -485,6 +485,9 @@ def test_a_stage_that_fails_deciding_a_fallback_leaves_no_try_open():
         targets = [Target(), Target()]
         finished: list[bool] = []
 
+        def reads(self, target: str) -> bool:
+            return True
+
         def prepare(self, body: Any, fwd: Any) -> None:
             return None
 

@@ -138,6 +138,15 @@ def prompt_size(op: Operation, body: dict[str, Any]) -> tuple[int, int]:
     return chars, exact + -(-chars // CHARS_PER_TOKEN)
 
 
+def _printable(name: str) -> bool:
+    """`name` is UTF-8 text without control characters (C0, DEL, C1)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return not any(c < " " or "\x7f" <= c <= "\x9f" for c in name)
+
+
 def _int(v: Any, name: str) -> int | None:
     if v is None:
         return None
@@ -165,10 +174,16 @@ def parse_request(
     m = body.get("model")
     if m is not None and not isinstance(m, str):
         raise BadModelRequest("model must be a string", "model")
+    if m and not _printable(m):
+        # Routing, quotas and the response headers all use the name: one that is not
+        # text (a lone surrogate, a control character) is refused before anything runs.
+        raise BadModelRequest("model must be printable text", "model")
     if m:
         model, model_from = m, "body"
     elif (hv := headers.get(model_header)) is not None and hv:
         model, model_from = hv.decode("latin-1"), "header"
+        if not _printable(model):
+            raise BadModelRequest(f"the {model_header.decode()} header must be printable text")
     else:
         model, model_from = None, "none"
     stream = body.get("stream") is True

@@ -51,6 +51,14 @@ ServiceKey = tuple[str, str]  # namespace, name
 MAX_REQUEST_BODY = 16 * 1024 * 1024
 
 
+def lists_models(method: str, target: str) -> bool:
+    """A request for the model list (GET /v1/models), which a ModelRoute answers itself."""
+    return method in ("GET", "HEAD") and target.split("?", 1)[0].rstrip("/") in (
+        "/v1/models",
+        "/models",
+    )
+
+
 @dataclass
 class ServiceAi:
     """Everything AI that applies to one Service."""
@@ -70,6 +78,14 @@ class ServiceAi:
     @property
     def tier_header(self) -> bytes:
         return self.route.tier_header if self.route else TIER_HEADER
+
+    def reads(self, method: str, path: str) -> bool:
+        """Whether the AI stage reads this request (an OpenAI operation, or the model list a
+        ModelRoute answers): decided from the head, before any body is held. Anything
+        else passes with no AI policy, its body streamed (a gRPC call, an upload)."""
+        return operation_of(method, path) is not None or (
+            self.route is not None and lists_models(method, path)
+        )
 
     def read_request(
         self, method: str, path: str, headers: Headers, body: bytes

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from agent.waypoint.ai.facts import Predicate, RequestFacts, compile_match
@@ -155,14 +155,16 @@ def backend_level(sat: Saturation, board: LoadBoard, endpoints: Sequence[str], n
 
 class Ticket:
     """A queued request. The shell waits on it (a future keyed by the ticket) until
-    `pop_ready` releases it or `expire` times it out."""
+    `pop_ready` releases it or `expire` times it out. `where`: the endpoints of the backend
+    it waits for, whose level decides when it may go."""
 
-    __slots__ = ("cls", "deadline", "seq", "state")
+    __slots__ = ("cls", "deadline", "seq", "state", "where")
 
-    def __init__(self, cls: _Class, deadline: float, seq: int) -> None:
+    def __init__(self, cls: _Class, deadline: float, seq: int, where: Sequence[str] = ()) -> None:
         self.cls = cls
         self.deadline = deadline
         self.seq = seq
+        self.where = tuple(where)
         self.state = "queued"  # -> "admitted" | "expired" | "cancelled"
 
 
@@ -227,8 +229,9 @@ class LoadShedder:
                 return cls
         return self.default
 
-    def admit(self, cls: _Class, level: float, now: float) -> Verdict:
-        """Decide for one request of class `cls` when the backend is at `level`."""
+    def admit(self, cls: _Class, level: float, now: float, where: Sequence[str] = ()) -> Verdict:
+        """Decide for one request of class `cls` when the backend (endpoints `where`) is at
+        `level`."""
         # Below the class's level a request goes, unless others of its class are still
         # waiting: a newcomer does not overtake them (pop_ready releases them first).
         if cls.action == "Admit" or (level < cls.at and not cls.queue):
@@ -240,20 +243,22 @@ class LoadShedder:
         if len(cls.queue) >= cls.max_queued:
             cls.counters.shed += 1
             return Verdict("shed", cls.name, cls.status, reason="saturated and the queue is full")
-        t = Ticket(cls, now + cls.timeout, next(self._seq))
+        t = Ticket(cls, now + cls.timeout, next(self._seq), where)
         cls.queue.append(t)
         cls.counters.queued += 1
         return Verdict("queue", cls.name, ticket=t)
 
-    def pop_ready(self, level: float) -> Ticket | None:
-        """The next queued request that may go now (highest class first), or None. Call it in
-        a loop after anything that lowers the level (a request finished, a scrape), and
-        recompute the level between calls when it depends on in-flight counts."""
+    def pop_ready(self, level_of: Callable[[tuple[str, ...]], float]) -> Ticket | None:
+        """The next queued request that may go now, or None: the oldest of the highest class
+        whose backend's level (`level_of(ticket.where)`, now) is below the class's. One at a
+        time: a released request counts toward the level only once it is under way, so the
+        shell calls this again then (and after anything else that lowers the level: a
+        request finished, a scrape), not in a loop."""
         for cls in self.classes.values():
             q = cls.queue
             while q and q[0].state != "queued":
                 q.popleft()
-            if q and level < cls.at:
+            if q and level_of(q[0].where) < cls.at:
                 t = q.popleft()
                 t.state = "admitted"
                 cls.counters.admitted += 1
