@@ -177,6 +177,9 @@ def test_rst_stream_is_isolated_to_its_stream():
 
 MALFORMED = {
     "uppercase-name": [*REQ, (b"X-Model", b"a")],
+    "space-in-name": [*REQ, (b"x a", b"1")],
+    "space-in-smuggled-name": [*REQ, (b"transfer-encoding x", b"chunked")],
+    "empty-name": [*REQ, (b"", b"1")],
     "connection-header": [*REQ, (b"connection", b"close")],
     "te-gzip": [*REQ, (b"te", b"gzip")],
     "no-path": REQ[:3],

@@ -740,7 +740,11 @@ def _check_block(
             f"{what} header block of {size:,} bytes exceeds the "
             f"{limits.max_header_bytes:,}-byte limit"
         )
-    if names and not _NAMES_RE.fullmatch(joined_names):
+    # Joined by spaces: a space inside a name (not a token character) shows as one
+    # separator too many, which the count catches ("x a" would read as two names).
+    if names and (
+        not _NAMES_RE.fullmatch(joined_names) or joined_names.count(b" ") != len(names) - 1
+    ):
         return f"{what} has an invalid header name (not a lowercase token, or a pseudo-header)"
     if values:
         folded = joined_values.translate(_FOLD)
