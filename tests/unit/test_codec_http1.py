@@ -673,3 +673,14 @@ def test_round_trip_response_with_trailers():
     head, data, trailers = feed(cli, wire)
     assert (head.status, data.data, trailers.headers.get(b"grpc-status")) == (200, b"abc", b"0")
     assert cli.idle and srv.idle
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_a_status_outside_100_to_599_is_a_broken_response(status):
+    """RFC 9110 15: codes run 100-599. A 099 read as informational would leave the caller
+    waiting for a final answer that never comes, and 6xx-9xx cannot be relayed to an
+    HTTP/2 caller: either is the backend breaking HTTP (502), not an answer."""
+    c = client()
+    c.send_request_head(c.next_stream_id(), "GET", "/", "llm", "http", Headers(), True)
+    err = reject(c, b"HTTP/1.1 " + status + b" X\r\ncontent-length: 0\r\n\r\n")
+    assert err.status == 502 and "invalid status" in str(err)

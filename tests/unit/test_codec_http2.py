@@ -484,3 +484,18 @@ def test_a_malformed_block_that_ends_a_closed_stream_is_a_reset_not_an_exception
     assert [type(e) for e in events] == [StreamReset]
     assert events[0].stream_id == sid and events[0].error_code == 1
     assert cli.receive_data(b"") is not None  # the connection is still usable
+
+
+@pytest.mark.parametrize("status", ["099", "600", "999"])
+def test_a_status_outside_100_to_599_resets_the_stream(status):
+    """A backend's :status outside 100-599 (RFC 9110 15) is a malformed response: the stream
+    is reset, never taken for a 1xx (the caller would wait for good) nor relayed."""
+    srv, cli = pair()
+    sid, wire = request(cli, end_stream=True)
+    srv.receive_data(wire)
+    enc = srv._h2.encoder
+    block = enc.encode([(b":status", status.encode()), (b"content-length", b"0")])
+    frame = len(block).to_bytes(3, "big") + bytes([1, 0x5]) + sid.to_bytes(4, "big") + block
+    events = cli.receive_data(frame)
+    assert [type(e) for e in events] == [StreamReset]
+    assert "invalid :status" in events[0].reason

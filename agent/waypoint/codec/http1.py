@@ -569,6 +569,10 @@ class Http1Connection:
         self, ex: _Exchange, headers: Headers, chunked: bool, cl: bytes | None, keep: bool
     ) -> None:
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            # RFC 9110 15: codes are 100-599. A 0xx read as informational would leave the
+            # caller waiting for a final answer; 6xx-9xx cannot be relayed over HTTP/2.
+            raise self._error(f"backend sent an invalid status {status}", 502)
         if status < 200:
             if status == 101:
                 raise self._error("backend switched protocols (101); weft does not", 502)

@@ -351,7 +351,8 @@ class Http2Connection:
         else:
             status = fields[0][1]
             rest = fields[1:]
-            if len(status) != 3 or not status.isdigit():
+            if len(status) != 3 or not status.isdigit() or not b"100" <= status <= b"599":
+                # RFC 9110 15: codes are 100-599; anything else is no answer at all.
                 problem = f"invalid :status {status[:16]!r}"
             else:
                 problem = _check_block(rest, len(status) + 39, self.limits, "response")
