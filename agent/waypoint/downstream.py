@@ -99,6 +99,8 @@ class Exchange:
     # (the mesh's answers are plain text).
     ai_service: bool | None = field(default=None, init=False)
     _style: Style | None = field(default=None, init=False)  # `style` once worked out or set
+    # HTTP/2: the handler waits here for the caller's window on this stream to reopen.
+    _window_waiter: asyncio.Future[None] | None = field(default=None, init=False)
     # cancels the upstream try (caller_gone)
     on_reset: Callable[[], None] | None = field(default=None, init=False)
     span: Any = field(default=None, init=False)  # the SERVER span (agent/waypoint/tracing.py)
@@ -173,9 +175,23 @@ class Exchange:
         upstream for this exchange is cancelled now (`on_reset`), not when the backend
         next speaks."""
         self.reset = True
+        self.window_opened()  # a handler waiting to write sees the reset
         cb, self.on_reset = self.on_reset, None
         if cb is not None:
             cb()
+
+    def window_closed(self) -> bool:
+        """HTTP/2: the caller's flow-control window on this stream is used up (what is
+        written now would be queued in the waypoint): the handler waits in `writable()`
+        before writing more, so a caller that reads slowly slows the backend down instead
+        of growing the waypoint's memory. HTTP/1.1 has only the transport's own pause."""
+        conn = self.conn
+        return conn._h2 and not self.reset and conn.codec.send_window(self.sid) <= 0
+
+    def window_opened(self) -> None:
+        w, self._window_waiter = self._window_waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def abort(self) -> None:
         if not self.response_done:
@@ -188,7 +204,17 @@ class Exchange:
         self.conn.finished(self)
 
     async def writable(self) -> None:
-        await self.conn.write_ready.wait()
+        """Until the caller can take more: its connection's transport is writing again and
+        (HTTP/2) this stream's window is open; at once if the caller is gone."""
+        conn = self.conn
+        while not self.reset and not conn.closed:
+            if conn.write_paused:
+                await conn.write_ready.wait()
+            elif self.window_closed():
+                w = self._window_waiter = conn._loop.create_future()
+                await w
+            else:
+                return
 
 
 Handler = Callable[[Exchange], Coroutine[Any, Any, None]]  # run as a task per request
@@ -382,6 +408,10 @@ class Downstream(asyncio.Protocol):
                     x3.trailers = e.headers
                     x3.body_done = True
                     x3.body.put_nowait(None)
+            elif type(e) is ev.WindowUpdated:
+                x6 = self.exchanges.get(e.stream_id)
+                if x6 is not None:
+                    x6.window_opened()
             elif isinstance(e, ev.StreamReset):
                 x4 = self.exchanges.pop(e.stream_id, None)
                 if x4 is not None:

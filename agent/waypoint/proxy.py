@@ -699,13 +699,13 @@ class Proxy:
                         elif (tail := stage.cut()) is not None:
                             # The stage ends the answer here (a token limit reached
                             # while streaming, onExceed: truncate).
-                            if x.conn.write_paused:
+                            if x.conn.write_paused or x.window_closed():
                                 r.arm_idle(fwd)
                                 await x.writable()
                             x.respond_data(data + tail, True)
                             ok = False
                             break
-                    if x.conn.write_paused:
+                    if x.conn.write_paused or x.window_closed():
                         r.arm_idle(fwd)  # a caller that stops reading: the same idle timeout
                         await x.writable()
                     x.respond_data(data, e.end_stream)

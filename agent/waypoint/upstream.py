@@ -66,6 +66,8 @@ class UpstreamConnection(asyncio.Protocol):
     on_close: Callable[[], None] | None = None  # tells the engine's pool accounting
     write_ready: asyncio.Event = field(default_factory=asyncio.Event)
     write_paused: bool = False  # write_ready's opposite, read without a call on the hot path
+    # HTTP/2: senders of request bodies waiting for a stream's window to reopen, by stream.
+    window_waiters: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     error: UpstreamError | None = None  # why the connection failed (the first reason)
 
     def __post_init__(self) -> None:
@@ -106,6 +108,9 @@ class UpstreamConnection(asyncio.Protocol):
                 if isinstance(e, ev.ConnectionClosed | ev.GoAway):
                     self.closed = self.closed or isinstance(e, ev.ConnectionClosed)
                 continue
+            if type(e) is ev.WindowUpdated:
+                self._window_opened(sid)  # for the sender of its body, not its reader
+                continue
             q = self.queues.get(sid)
             if q is None:
                 continue
@@ -140,8 +145,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.write_ready.set()
 
+    def _window_opened(self, sid: int) -> None:
+        w = self.window_waiters.pop(sid, None)
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def _fail(self, err: UpstreamError) -> None:
         self.closed = True
+        for sid in list(self.window_waiters):
+            self._window_opened(sid)
         if self.error is None:
             self.error = err
         for q in self.queues.values():
@@ -203,7 +215,20 @@ class UpstreamConnection(asyncio.Protocol):
         return sid
 
     async def send(self, sid: int, data: bytes, end: bool) -> None:
+        """Send body bytes once the backend can take them: the transport is writing and
+        (HTTP/2) the stream's window is open, so a backend that reads slowly slows the
+        caller's upload (its credit comes back as the body is sent) instead of growing
+        the waypoint's memory. At most one piece waits queued beyond the window."""
         await self.write_ready.wait()
+        if self.h2 and data:
+            codec = self.codec
+            while not self.closed and sid in self.queues and codec.send_window(sid) <= 0:
+                w = self.window_waiters[sid] = asyncio.get_running_loop().create_future()
+                try:
+                    await w
+                finally:
+                    if self.window_waiters.get(sid) is w:
+                        del self.window_waiters[sid]
         if not self.closed:  # else the stream's events report why; the codec is dead
             self._write(self.codec.send_data(sid, data, end))
 
@@ -232,6 +257,7 @@ class UpstreamConnection(asyncio.Protocol):
         if sid in self.queues or not self.closed:
             with contextlib.suppress(Exception):
                 self._write(self.codec.reset_stream(sid))
+        self._window_opened(sid)
         q = self.queues.pop(sid, None)
         if q is not None:
             q.put_nowait(UpstreamError("reset", "the exchange was cancelled"))

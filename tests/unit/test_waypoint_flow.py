@@ -1,0 +1,98 @@
+"""HTTP/2 flow control across the waypoint (RFC 9113 5.2): a caller or backend that reads
+slowly slows the other side down, instead of growing the waypoint's memory. Over loopback
+(waypoint_mesh.py) with a frame-level client (the `h2` package) that never opens its
+window."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+import pytest
+import uvloop
+
+from tests.unit.waypoint_mesh import WaypointMesh, new_threads
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    before = set(threading.enumerate())
+    yield
+    assert new_threads(before) == []
+
+
+def _held_for_callers(m: WaypointMesh) -> tuple[int, int]:
+    """Bytes the waypoint holds for its callers: queued in its callers' HTTP/2 codecs
+    (beyond their windows), and in its backend streams' event queues."""
+    import gc
+
+    from agent.waypoint.codec.http2 import Http2Connection
+    from agent.waypoint.downstream import Downstream
+    from agent.waypoint.upstream import UpstreamConnection
+
+    outbox = queued = 0
+    for o in gc.get_objects():
+        if isinstance(o, Downstream) and isinstance(o.codec, Http2Connection):
+            outbox += sum(b.size for b in o.codec._outbox.values())
+        elif isinstance(o, UpstreamConnection):
+            for q in o.queues.values():
+                queued += sum(len(getattr(e, "data", b"") or b"") for e in q._items)
+    return outbox, queued
+
+
+def test_an_http2_caller_that_stops_reading_holds_the_backend_back(tmp_path):
+    """RFC 9113 5.2 across the proxy: a gRPC caller that never opens its window (65,535
+    bytes) while the backend streams about 4 MB. The waypoint writes no more than the
+    caller's window admits plus one piece, and stops taking the backend's stream (so its
+    credit stops too), instead of queueing the whole answer in memory as it used to."""
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from tests.unit.waypoint_mesh import GRPC_STREAM
+
+    async def main() -> None:
+        async with WaypointMesh(tmp_path, backends=[], grpc=True) as m:
+            port = await m.listen("grpc-echo")
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            c.initiate_connection()
+            sid = c.get_next_available_stream_id()
+            c.send_headers(
+                sid,
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", GRPC_STREAM),
+                    (":authority", "grpc-echo:9000"),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                ],
+            )
+            count = b"300000"  # messages of about 14 bytes: about 4 MB with their framing
+            c.send_data(sid, b"\x00" + len(count).to_bytes(4, "big") + count, end_stream=True)
+            w.write(c.data_to_send())
+            received = 0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 3.0
+            while loop.time() < end:  # read what arrives; never acknowledge any of it
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        data = await r.read(65536)
+                        if not data:
+                            break
+                        for e in c.receive_data(data):
+                            if isinstance(e, h2.events.DataReceived):
+                                received += len(e.data)
+                        w.write(c.data_to_send())  # settings acks, pings: no window
+            outbox, queued = _held_for_callers(m)
+            assert received <= 65535
+            assert outbox <= 64 * 1024, outbox
+            assert queued <= 4 * 1024 * 1024 // 2, queued  # what the backend's window let in
+            w.transport.abort()
+
+    uvloop.run(main())
