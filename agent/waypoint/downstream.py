@@ -252,6 +252,9 @@ class Downstream(asyncio.Protocol):
         self.closed = False
         self.draining = False
         self._out: list[bytes] | None = None  # written this loop turn, not yet flushed
+        # HTTP/2 streams answered in full while the caller still sends: reset (NO_ERROR)
+        # once the rest of their answer has gone out (finished).
+        self._reset_when_sent: set[int] = set()
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def connection_made(self, transport: Any) -> None:
@@ -293,6 +296,9 @@ class Downstream(asyncio.Protocol):
 
     def _idle_timed_out(self) -> None:
         if not self.exchanges:
+            if self._h2:
+                with contextlib.suppress(Exception):
+                    self.write(self.codec.close())  # GOAWAY(NO_ERROR): nothing was lost
             self.close()
 
     def write(self, data: bytes) -> None:
@@ -353,7 +359,15 @@ class Downstream(asyncio.Protocol):
             return
         if self._h2:  # HTTP/1.1 never writes as a side effect of reading
             self.write(self.codec.data_to_send())
+            if self._reset_when_sent:
+                self._reset_sent_streams()
         self._dispatch(events)
+
+    def _reset_sent_streams(self) -> None:
+        codec = self.codec
+        for sid in [s for s in self._reset_when_sent if not codec.queued(s)]:
+            self._reset_when_sent.discard(sid)
+            self.write(codec.reset_stream(sid, ErrorCode.NO_ERROR))
 
     def _protocol_error(self, e: ProtocolError) -> None:
         log.info("caller %s broke HTTP: %s", self.caller.principal, e)
@@ -449,6 +463,9 @@ class Downstream(asyncio.Protocol):
         self.tasks.discard(t)
         if t.cancelled():
             return
+        if self._h2 and not self.exchanges and not self.closed:
+            # Its stream was reset (finished() was not reached): the connection idles now.
+            self._arm(self.idle_timeout, self._idle_timed_out)
         e = t.exception()
         if isinstance(e, Exception):
             log.error("waypoint handler failed for %s %s", x.head.method, x.head.target, exc_info=e)
@@ -499,13 +516,22 @@ class Downstream(asyncio.Protocol):
                 # The response is complete and the rest of the request is of no use: ask
                 # the client to stop sending, without an error (RFC 9113 section 8.1; Go
                 # and grpc-go do the same). This also gives the stream's unread bytes back
-                # to the connection window, which would otherwise shrink for good.
-                self.write(self.codec.reset_stream(x.sid, ErrorCode.NO_ERROR))
+                # to the connection window, which would otherwise shrink for good. Only
+                # once all of the response has gone: NO_ERROR before its end would cut it
+                # (the reset drops what waits for the caller's window).
+                if self.codec.queued(x.sid):
+                    self._reset_when_sent.add(x.sid)
+                else:
+                    self.write(self.codec.reset_stream(x.sid, ErrorCode.NO_ERROR))
             # Perhaps paused for this stream's body, which no one reads now: read on (a
             # stream whose queue is still full pauses the connection again).
             self._resume_reading()
             if self.codec.should_close and not self.exchanges:
                 self.close()
+            elif not self.exchanges:
+                # No stream open: the idle timeout runs until the next one (as HTTP/1.1's
+                # between requests); a new stream disarms it (_dispatch).
+                self._arm(self.idle_timeout, self._idle_timed_out)
 
     def eof_received(self) -> bool:
         if self.codec is not None:

@@ -41,6 +41,9 @@ async def echo(x: Exchange) -> None:
     if x.head.target == "/early":
         x.local_reply(403, b"denied\n")
         return
+    if x.head.target == "/early-big":  # a large answer, complete before the body is read
+        x.local_reply(200, b"a" * 300_000)
+        return
     if x.head.target == "/deny-when-full":
         # Answered without reading, once the body has filled its queue (the connection
         # has stopped reading by then).
@@ -480,6 +483,57 @@ def test_h2_early_answer_resets_the_stream_and_returns_its_window() -> None:
             assert json.loads(c.body[last])["length"] == 100_000
             await s.settled()
             c.close()
+
+    run(main)
+
+
+def test_h2_early_answer_larger_than_the_window_arrives_whole_before_the_reset() -> None:
+    """A complete answer of 300,000 bytes while the client is still sending its body, over
+    a 65,535-byte window: all of it arrives, ended, and only then is the stream reset with
+    NO_ERROR (RFC 9113 8.1: after sending a complete response). The reset used to go out at
+    once and drop what waited for the window: the client got 65,535 bytes."""
+
+    async def main() -> None:
+        async with serving() as s:
+            c = await H2Client.connect(s.port)
+            sid = c.request("POST", "/early-big", b"y" * 1000, end=False)
+            await c._until(lambda: sid in c.ended or sid in c.resets)
+            assert sid in c.ended and len(c.body[sid]) == 300_000
+            assert await c.until_reset(sid) == ErrorCode.NO_ERROR
+            await s.settled()
+            c.close()
+
+    run(main)
+
+
+def test_an_idle_h2_connection_is_closed_with_goaway_after_the_idle_timeout() -> None:
+    """As an HTTP/1.1 one between requests: once its last stream is done, an HTTP/2
+    connection runs the idle timeout, and is closed with GOAWAY(NO_ERROR) when it passes
+    (it used to stay open for good once its first stream had disarmed the head timer)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(
+            lambda: Downstream(CALLER, echo, idle_timeout=0.3), "127.0.0.1", 0
+        )
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            c = await H2Client.connect(port)
+            sid = c.request("GET", "/x")
+            await c.until_done(sid)
+            goaway = []
+            async with asyncio.timeout(TIMEOUT):
+                while data := await c.r.read(65536):
+                    goaway += [
+                        e
+                        for e in c.h2.receive_data(data)
+                        if isinstance(e, h2e.ConnectionTerminated)
+                    ]
+            assert [g.error_code for g in goaway] == [ErrorCode.NO_ERROR]
+            c.close()
+        finally:
+            srv.close()
+            await srv.wait_closed()
 
     run(main)
 

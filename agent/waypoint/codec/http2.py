@@ -638,6 +638,11 @@ class Http2Connection:
             return b""
         return self._send_headers(stream_id, fields, True)
 
+    def queued(self, stream_id: int) -> bool:
+        """Whether anything for `stream_id` (data, its end, trailers) still waits for the
+        peer's window."""
+        return stream_id in self._outbox
+
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> bytes:
         """RST_STREAM: abandon one stream, the others carry on."""
         self._forget(stream_id)
