@@ -499,3 +499,34 @@ def test_a_status_outside_100_to_599_resets_the_stream(status):
     events = cli.receive_data(frame)
     assert [type(e) for e in events] == [StreamReset]
     assert "invalid :status" in events[0].reason
+
+
+@pytest.mark.parametrize(("method", "status"), [("GET", 204), ("GET", 304), ("HEAD", 200)])
+def test_data_in_a_response_that_has_no_content_resets_the_stream(method, status):
+    """RFC 9113 8.1.1: a response to HEAD, or a 204 or 304, has no content; a backend that
+    sends DATA on it anyway sends a malformed response. The stream is reset and the bytes
+    are never passed on (an HTTP/2 caller used to receive them; an HTTP/1.1 caller's
+    connection broke with a traceback)."""
+    srv, cli = pair()
+    sid = cli.next_stream_id()
+    wire = cli.send_request_head(sid, method, "/", "llm", "http", Headers(), end_stream=True)
+    srv.receive_data(wire)
+    enc = srv._h2.encoder
+    block = enc.encode([(b":status", str(status).encode())])
+    head = len(block).to_bytes(3, "big") + bytes([1, 0x4]) + sid.to_bytes(4, "big") + block
+    body = b"should-not-be-here"
+    data = len(body).to_bytes(3, "big") + bytes([0, 0x1]) + sid.to_bytes(4, "big") + body
+    events = cli.receive_data(head + data)
+    assert [type(e) for e in events] == [ResponseHead, StreamReset]
+    assert not any(isinstance(e, Data) for e in events)
+
+
+def test_an_empty_end_of_a_204_is_not_malformed():
+    """A 204 whose END_STREAM comes on an empty DATA frame is well formed."""
+    srv, cli = pair()
+    sid = cli.next_stream_id()
+    srv.receive_data(cli.send_request_head(sid, "GET", "/", "llm", "http", Headers(), True))
+    out = srv.send_response_head(sid, 204, Headers()) + srv.send_data(sid, b"", True)
+    events = cli.receive_data(out)
+    assert [type(e) for e in events] == [ResponseHead, Data]
+    assert events[1].end_stream and not cli._bodiless

@@ -221,6 +221,9 @@ class Http2Connection:
         self._hpack_cap()
         self._unacked: dict[int, int] = {}  # bytes handed to the core, not yet consumed
         self._outbox: dict[int, _Outbox] = {}
+        # Client role: streams whose answer can have no content (a HEAD request, or a 204
+        # or 304 final status): DATA on them is malformed (RFC 9113 8.1.1).
+        self._bodiless: set[int] = set()
         self._blocked: set[int] = set()  # streams told to stop (send_window <= 0)
         self._tokens = float(limits.reset_burst)
         self._refilled = clock()
@@ -360,12 +363,18 @@ class Http2Connection:
             self._reject(sid, problem, out)
             return
         ended = getattr(ev, "stream_ended", None) is not None
-        out.append(ResponseHead(sid, int(status), Headers(rest), ended))
+        code = int(status)
+        if ended:
+            self._bodiless.discard(sid)
+        elif code in (204, 304):
+            self._bodiless.add(sid)
+        out.append(ResponseHead(sid, code, Headers(rest), ended))
 
     def _on_trailers(self, ev: Any, out: list[Any]) -> None:
         sid = ev.stream_id
         fields = ev.headers
         problem = _check_block(fields, 0, self.limits, "trailer")
+        self._bodiless.discard(sid)
         if problem is not None:
             self._reject(sid, problem, out)
         else:
@@ -378,6 +387,13 @@ class Http2Connection:
         padding = ev.flow_controlled_length - n
         if padding:  # the core never sees padding, so it is given back at once
             self._h2.acknowledge_received_data(padding, sid)
+        bodiless = self._bodiless
+        if bodiless and sid in bodiless:
+            if n:
+                self._reject(sid, "DATA in a response that has no content", out)
+                return
+            if ev.stream_ended is not None:
+                bodiless.discard(sid)
         if n:
             self._unacked[sid] = self._unacked.get(sid, 0) + n
         out.append(Data(sid, data, ev.stream_ended is not None))
@@ -466,6 +482,7 @@ class Http2Connection:
             self._h2.acknowledge_received_data(unacked, sid)
         self._outbox.pop(sid, None)
         self._blocked.discard(sid)
+        self._bodiless.discard(sid)
 
     def _spend_reset_token(self, why: str) -> None:
         """CVE-2023-44487 (rapid reset): resets cost tokens from a refilling bucket."""
@@ -584,6 +601,8 @@ class Http2Connection:
                 (b":path", target.encode("latin-1")),
             ]
         _outbound(fields, headers)
+        if method == "HEAD":
+            self._bodiless.add(stream_id)
         return self._send_headers(stream_id, fields, end_stream)
 
     def send_response_head(
