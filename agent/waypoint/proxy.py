@@ -184,13 +184,18 @@ class Try(StreamEvents):
 
     def arm_idle(self, fwd: Forward) -> None:
         """About to wait while streaming the answer (for the backend, or for a caller that
-        stops reading): the timer runs the idle timeout from now. A stream's timeouts count
-        from the last byte received, not the start, and everything received so far was
-        relayed just now (moving the deadline later is an assignment: Deadline re-arms
+        stops reading): the timer runs the idle timeout from now. Once its head is relayed,
+        an answer runs as long as bytes keep coming: it is cut when none came for the
+        per-try timeout, else the route's request timeout, else DEFAULT_HEAD_TIMEOUT, the
+        same whenever the head arrived (the request deadline bounded the way to the head;
+        a long generation is never cut while its tokens arrive). Everything received so far
+        was relayed just now (moving the deadline later is an assignment: Deadline re-arms
         lazily)."""
         idle = self.idle
         if not idle:
-            idle = self.idle = _min(fwd.per_try_timeout, fwd.remaining()) or DEFAULT_HEAD_TIMEOUT
+            idle = self.idle = (
+                fwd.per_try_timeout or fwd.rule.request_timeout or DEFAULT_HEAD_TIMEOUT
+            )
         dl = self.deadline
         dl.arm(dl.loop.time() + idle)
 

@@ -357,3 +357,39 @@ def test_an_ai_policy_leaves_requests_it_does_not_read_streaming(tmp_path):
             assert r.status == 200 and len(r.body) == len(body)
 
     uvloop.run(main())
+
+
+def test_a_stream_runs_while_its_tokens_arrive_whatever_the_request_timeout(tmp_path):
+    """timeouts.request 1s bounds the way to the answer's head (here at 0.8 s); once it is
+    relayed, a stream of 8 tokens 0.3 s apart runs to its end, the idle timeout (the
+    request's 1 s) never passing between tokens. It used to be cut when the head came late
+    in the request's second (the idle timeout was what was left of it), and to run
+    unbounded when the head came early."""
+    route_timeout = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: llm, namespace: ai}
+spec:
+  parentRefs: [{group: "", kind: Service, name: llm, port: 8000}]
+  rules:
+    - timeouts: {request: 1s}
+"""
+
+    async def main() -> None:
+        backends = [
+            model_backend("small-a", "small", "small-model", latency=0.8, tpot=0.3, tokens=8)
+        ]
+        async with (
+            WaypointMesh(
+                tmp_path,
+                backends=backends,
+                frontends=["llm"],
+                extra={"route.yaml": ROUTE, "hr.yaml": route_timeout},
+            ) as m,
+            openai_client(m) as client,
+        ):
+            stream = await client.chat.completions.create(**chat("small-model"), stream=True)
+            pieces = [c.choices[0].delta.content async for c in stream if c.choices]
+            assert len([p for p in pieces if p]) == 8
+
+    uvloop.run(main())
