@@ -639,6 +639,32 @@ def test_a_limit_by_model_with_a_match_only_counts_matching_requests(store):
     assert adm.allowed and adm.headers == []  # no limit applies
 
 
+def test_a_model_match_also_sees_the_model_the_backend_is_asked_for(store):
+    """A limit on big-model with a ModelRoute that maps big-model-* onto big-model: another
+    spelling of the name reaches the same backend model, so it is matched (and counted)
+    with it instead of slipping past the limit."""
+    lim = Limiter(
+        policy(
+            {
+                "name": "big",
+                "by": "none",
+                "requestsPerMinute": 1,
+                "match": {"models": ["big-model"]},
+            }
+        ),
+        store,
+    )
+    first = caller("a", model="big-model")
+    first.served = "big-model"
+    assert lim.admit(first, 0, T0).allowed
+    alias = caller("a", model="big-model-x")
+    alias.served = "big-model"
+    assert not lim.admit(alias, 0, T0).allowed
+    other = caller("a", model="small-model")
+    other.served = "small-model"
+    assert lim.admit(other, 0, T0).allowed  # not this limit's model at all
+
+
 def test_a_store_failure_degrades_to_this_replicas_own_limits_never_to_none(tmp_path):
     """failOpen: a request is admitted while the store is failing, but against counters this
     replica keeps itself, so the limit still holds here (per replica)."""

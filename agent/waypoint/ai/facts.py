@@ -55,8 +55,11 @@ def compile_match(m: CallerMatch | None) -> Predicate:
         g = _any(m.namespaces)
         checks.append(lambda r: g(r.namespace))
     if m.models:
+        # The model asked for, or the one the chosen backend is asked for: a name that a
+        # pattern rule maps to a matched model (big-model-x served as big-model) must not
+        # slip past a limit or class set on that model.
         h = _any(m.models)
-        checks.append(lambda r: h(r.model))
+        checks.append(lambda r: h(r.model) or h(r.served))
     if m.paths:
         p = _any(m.paths)
         checks.append(lambda r: p(r.path))
