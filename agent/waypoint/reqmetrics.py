@@ -34,6 +34,10 @@ REQUEST_LABELS = (
     "response_code",
     "response_flags",
     "connection_security_policy",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "destination_canonical_service",
+    "destination_canonical_revision",
 )
 # Istio's default buckets for istio_request_duration_milliseconds.
 DURATION_MS = (

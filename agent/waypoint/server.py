@@ -69,7 +69,14 @@ from agent.waypoint.tracing import (
 from agent.waypoint.upstream import Endpoint, UpstreamConnection, UpstreamError, UpstreamPool
 from agent.waypoint.workload import AgentLink, Svid
 from controller.ca.spiffeid import parse_workload_id
-from controller.model.workloads import WAYPOINT_LABEL, Workload, workload_name, workload_version
+from controller.model.workloads import (
+    WAYPOINT_LABEL,
+    Workload,
+    canonical_revision,
+    canonical_service,
+    workload_name,
+    workload_version,
+)
 
 log = logging.getLogger("weft.waypoint")
 # Labelled metric children are cached per label tuple; a waypoint sees few distinct tuples
@@ -729,6 +736,10 @@ class Waypoint:
                 str(x.status or 0),
                 flags,
                 "mutual_tls",
+                canonical_service(src),
+                canonical_revision(src),
+                canonical_service(dst),
+                canonical_revision(dst),
             )
             cached = self._children[key] = (
                 self.metrics.requests.series_for(labels),

@@ -226,6 +226,36 @@ def workload_version(w: Workload | None) -> str:
     return w.labels.get("version") or w.labels.get("app.kubernetes.io/version") or "unknown"
 
 
+def canonical_service(w: Workload | None) -> str:
+    """The `*_canonical_service` metric label, as Istio sets it: the pod's
+    service.istio.io/canonical-name label, else app.kubernetes.io/name, else app, else the
+    workload's name; "unknown" without a workload."""
+    if w is None:
+        return "unknown"
+    labels = w.labels
+    return (
+        labels.get("service.istio.io/canonical-name")
+        or labels.get("app.kubernetes.io/name")
+        or labels.get("app")
+        or w.name
+    )
+
+
+def canonical_revision(w: Workload | None) -> str:
+    """The `*_canonical_revision` metric label, as Istio sets it: the pod's
+    service.istio.io/canonical-revision label, else app.kubernetes.io/version, else version,
+    else "latest"; "unknown" without a workload."""
+    if w is None:
+        return "unknown"
+    labels = w.labels
+    return (
+        labels.get("service.istio.io/canonical-revision")
+        or labels.get("app.kubernetes.io/version")
+        or labels.get("version")
+        or "latest"
+    )
+
+
 @register
 class Service(Resource):
     KIND: ClassVar[str] = "Service"

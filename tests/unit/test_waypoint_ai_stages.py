@@ -393,3 +393,43 @@ spec:
             assert len([p for p in pieces if p]) == 8
 
     uvloop.run(main())
+
+
+def test_ai_requests_carry_istios_destination_labels_of_the_replica_that_answered(tmp_path):
+    """Issue 13, point 3: istio_requests_total for a request a ModelRoute sent on (here after
+    a fallback from a stopped primary) names the replica that answered: its workload,
+    version and canonical service and revision, as Istio derives them from pod labels."""
+
+    async def main() -> None:
+        backends = [
+            model_backend("small-a", "small", "small-model"),
+            model_backend("big-a", "big", "big-model"),
+        ]
+        backends[0].version = "v3"
+        async with WaypointMesh(
+            tmp_path,
+            backends=backends,
+            frontends=["llm"],
+            extra={"route.yaml": ROUTE + "  fallbackOn: [connect-failure]\n"},
+        ) as m:
+            await m.stop_backend("big-a")
+            async with openai_client(m) as client:
+                r = await client.chat.completions.with_raw_response.create(**chat("big-model"))
+                assert r.headers.get("x-weft-fallback") == "1"
+            samples = [
+                s.labels
+                for metric in m.waypoint.metrics.registry.collect()
+                if metric.name == "istio_requests"
+                for s in metric.samples
+                if s.name == "istio_requests_total" and s.labels["response_code"] == "200"
+            ]
+            assert len(samples) == 1
+            labels = samples[0]
+            assert labels["destination_workload"] == "small"
+            assert labels["destination_version"] == "v3"
+            assert labels["destination_canonical_service"] == "small"
+            assert labels["destination_canonical_revision"] == "v3"
+            assert labels["source_canonical_service"] != "unknown"
+            assert labels["source_canonical_revision"] == "latest"
+
+    uvloop.run(main())
