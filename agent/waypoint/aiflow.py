@@ -219,6 +219,15 @@ class AiFlow:
             fut.set_result(None)
 
 
+# A target's failure without an answer, as the GenAI conventions' error.type.
+_ERROR_TYPE = {
+    Failure.CONNECT_FAILURE: "connect-failure",
+    Failure.RESET: "reset",
+    Failure.REFUSED_STREAM: "reset",
+    Failure.TIMEOUT: "timeout",  # -1, CONNECT_FAILURE, is also a mesh answer given up on
+}
+
+
 class AiRequest:
     """One request's AI stage; see agent/waypoint/proxy.py `Stage` for when each is called."""
 
@@ -412,8 +421,18 @@ class AiRequest:
             self.flow._release(shedder)
 
     def failed(self, target: Target, outcome: int) -> None:
-        """This target's tries failed: give back its reservation, tell the canary."""
+        """This target's tries failed: give back its reservation, tell the canary, and count
+        it as a failed model request (gen_ai_server_request_duration's error.type)."""
         self._refund()
+        if self.req is not None:
+            self.flow.genai.record(
+                operation=self.req.operation,
+                request_model=self.req.model,
+                response_model=None,
+                duration=time.monotonic() - self.started,
+                destination=self._workload_of(self.endpoint),
+                error_type=_ERROR_TYPE.get(outcome, str(outcome)),
+            )
         self._done_with_endpoint()
         if self.ai.shedder is not None:
             self.flow._release(self.ai.shedder)

@@ -213,6 +213,15 @@ spec:
             assert m.backend("small-a").server.metrics.outcomes.get("ok", 0) == (
                 1 if falls_back else 0
             )
+            # The primary's timeout is a failed model request, error.type "timeout".
+            failed = [
+                s.value
+                for metric in m.waypoint.metrics.registry.collect()
+                if metric.name == "gen_ai_server_request_duration"
+                for s in metric.samples
+                if s.name.endswith("_count") and s.labels["error_type"] == "timeout"
+            ]
+            assert failed == [1.0]
 
     uvloop.run(main())
 
