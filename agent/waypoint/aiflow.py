@@ -220,7 +220,7 @@ class AiFlow:
 
 
 # A target's failure without an answer, as the GenAI conventions' error.type.
-_ERROR_TYPE = {
+_ERROR_TYPE: dict[int, str] = {
     Failure.CONNECT_FAILURE: "connect-failure",
     Failure.RESET: "reset",
     Failure.REFUSED_STREAM: "reset",
