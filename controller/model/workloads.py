@@ -226,19 +226,26 @@ def workload_version(w: Workload | None) -> str:
     return w.labels.get("version") or w.labels.get("app.kubernetes.io/version") or "unknown"
 
 
+def _first_label(w: Workload, names: tuple[str, ...]) -> str | None:
+    """The value of the first of these pod labels that `w` has (and is not empty)."""
+    return next((v for n in names if (v := w.labels.get(n))), None)
+
+
+_CANONICAL_SERVICE = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+_CANONICAL_REVISION = (
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+)
+
+
 def canonical_service(w: Workload | None) -> str:
     """The `*_canonical_service` metric label, as Istio sets it: the pod's
     service.istio.io/canonical-name label, else app.kubernetes.io/name, else app, else the
     workload's name; "unknown" without a workload."""
     if w is None:
         return "unknown"
-    labels = w.labels
-    return (
-        labels.get("service.istio.io/canonical-name")
-        or labels.get("app.kubernetes.io/name")
-        or labels.get("app")
-        or w.name
-    )
+    return _first_label(w, _CANONICAL_SERVICE) or w.name
 
 
 def canonical_revision(w: Workload | None) -> str:
@@ -247,13 +254,7 @@ def canonical_revision(w: Workload | None) -> str:
     else "latest"; "unknown" without a workload."""
     if w is None:
         return "unknown"
-    labels = w.labels
-    return (
-        labels.get("service.istio.io/canonical-revision")
-        or labels.get("app.kubernetes.io/version")
-        or labels.get("version")
-        or "latest"
-    )
+    return _first_label(w, _CANONICAL_REVISION) or "latest"
 
 
 @register

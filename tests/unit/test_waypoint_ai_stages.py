@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,7 +20,14 @@ import pytest
 import uvloop
 
 from agent.lab.workloads.model_server import Behaviour
-from tests.unit.waypoint_mesh import GRPC_BIDI, Backend, WaypointMesh, new_threads
+from tests.enginetesting import http_route
+from tests.unit.waypoint_mesh import (
+    GRPC_BIDI,
+    Backend,
+    WaypointMesh,
+    new_threads,
+    openai_client,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,15 +46,6 @@ def model_backend(name: str, app: str, model: str, **behaviour: Any) -> Backend:
 
 def chat(model: str, content: str = "hello") -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}]}
-
-
-@contextlib.asynccontextmanager
-async def openai_client(m: WaypointMesh, service: str = "llm") -> AsyncIterator[Any]:
-    port = await m.listen(service)
-    async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key="test", max_retries=0, timeout=30.0
-    ) as client:
-        yield client
 
 
 ROUTE = """\
@@ -130,16 +127,10 @@ def test_time_in_the_queue_counts_against_the_request_timeout(tmp_path):
     """A request queued behind a slow one on a route with timeouts.request 1s is answered
     504 upstream_timeout by its deadline, not released (or shed with 503) when the queue's
     own 30 s timeout passes."""
-    route_timeout = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: llm, namespace: ai}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm, port: 8000}]
-  rules:
-    - matches: [{headers: [{name: x-slow, value: "1"}]}]
-    - timeouts: {request: 1s}
-"""
+    route_timeout = http_route(
+        '    - matches: [{headers: [{name: x-slow, value: "1"}]}]\n    - timeouts: {request: 1s}\n',
+        name="llm",
+    )
 
     async def main() -> None:
         backends = [model_backend("small-a", "small", "small-model", latency=3.0)]
@@ -179,15 +170,7 @@ def test_a_per_try_timeout_falls_back_only_where_fallbackon_lists_timeout(
     """The primary never answers within its per-try timeout: `timeout` falls back to the
     next model; `connect-failure`, `reset` and `5xx` do not (the caller gets 504), since a
     try that timed out may have used GPU time the docs say a fallback must not repeat."""
-    per_try = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: llm, namespace: ai}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm, port: 8000}]
-  rules:
-    - timeouts: {backendRequest: 300ms}
-"""
+    per_try = http_route("    - timeouts: {backendRequest: 300ms}\n", name="llm")
 
     async def main() -> None:
         backends = [
@@ -374,15 +357,7 @@ def test_a_stream_runs_while_its_tokens_arrive_whatever_the_request_timeout(tmp_
     request's 1 s) never passing between tokens. It used to be cut when the head came late
     in the request's second (the idle timeout was what was left of it), and to run
     unbounded when the head came early."""
-    route_timeout = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: llm, namespace: ai}
-spec:
-  parentRefs: [{group: "", kind: Service, name: llm, port: 8000}]
-  rules:
-    - timeouts: {request: 1s}
-"""
+    route_timeout = http_route("    - timeouts: {request: 1s}\n", name="llm")
 
     async def main() -> None:
         backends = [

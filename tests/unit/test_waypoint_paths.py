@@ -32,6 +32,7 @@ from tests.unit.waypoint_mesh import (
     Backend,
     WaypointMesh,
     new_threads,
+    openai_client,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,16 +65,6 @@ async def wait_for(
             return
         await asyncio.sleep(step)
     assert cond(), f"not within {limit}s: {what}"
-
-
-@contextlib.asynccontextmanager
-async def openai_client(m: WaypointMesh, service: str = "llm") -> AsyncIterator[Any]:
-    """The official SDK pointed at the Service through the mesh, without its own retries."""
-    port = await m.listen(service)
-    async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key="test", max_retries=0, timeout=30.0
-    ) as client:
-        yield client
 
 
 def pool(*names: str, app: str = "pool", **kw: Any) -> list[Backend]:

@@ -35,7 +35,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -884,3 +884,16 @@ async def _grpc_server(b: Backend, address: str) -> Any:
         raise OSError(f"grpc server could not bind {address}")
     await server.start()
     return server
+
+
+@contextlib.asynccontextmanager
+async def openai_client(m: WaypointMesh, service: str = "llm") -> AsyncIterator[Any]:
+    """The official `openai` SDK pointed at the Service through the mesh, without its own
+    retries."""
+    import openai
+
+    port = await m.listen(service)
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="test", max_retries=0, timeout=30.0
+    ) as client:
+        yield client
