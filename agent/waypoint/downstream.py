@@ -211,6 +211,7 @@ class Exchange:
             if conn.write_paused:
                 await conn.write_ready.wait()
             elif self.window_closed():
+                conn.codec.wait_for_window(self.sid)
                 w = self._window_waiter = conn._loop.create_future()
                 await w
             else:

@@ -223,6 +223,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.h2 and data:
             codec = self.codec
             while not self.closed and sid in self.queues and codec.send_window(sid) <= 0:
+                codec.wait_for_window(sid)  # woken by its WindowUpdated, whichever window
                 w = self.window_waiters[sid] = asyncio.get_running_loop().create_future()
                 try:
                     await w

@@ -175,6 +175,23 @@ def test_a_newcomer_does_not_overtake_its_queued_class():
     assert s.pop_ready(lambda _: 0.5) is first
 
 
+def test_a_saturated_backends_queue_does_not_hold_back_another_backends_requests():
+    """One LoadShedding class serves every backend of the Service: requests queued for a
+    saturated backend (big) neither make a newcomer for an idle one (small) queue, nor keep
+    a queued small request from leaving when small has room. FIFO holds per backend."""
+    s = shedder()
+    std = s.classify(facts("dev"))
+    big1 = s.admit(std, 1.2, 0, ("10.0.0.1:8000",)).ticket
+    big2 = s.admit(std, 1.2, 1, ("10.0.0.1:8000",)).ticket
+    assert s.admit(std, 0.1, 2, ("10.0.0.2:8000",)).action == "admit"  # small has room
+    small = s.admit(std, 1.2, 3, ("10.0.0.2:8000",)).ticket  # small saturated a moment
+    levels = {("10.0.0.1:8000",): 1.5, ("10.0.0.2:8000",): 0.2}
+    assert s.pop_ready(lambda where: levels[where]) is small  # big is still full
+    assert s.pop_ready(lambda where: levels[where]) is None
+    levels[("10.0.0.1:8000",)] = 0.5
+    assert [s.pop_ready(lambda where: levels[where]) for _ in range(2)] == [big1, big2]
+
+
 def test_higher_classes_leave_the_queue_first():
     s = shedder(
         priorityClasses=[

@@ -96,3 +96,66 @@ def test_an_http2_caller_that_stops_reading_holds_the_backend_back(tmp_path):
             w.transport.abort()
 
     uvloop.run(main())
+
+
+def test_streams_sharing_a_callers_connection_window_all_finish(tmp_path):
+    """Two gRPC server streams on one caller connection whose streams have 1 MiB windows
+    and whose connection window stays 65,535 (acknowledged as it reads, slowly): one
+    stream's data uses up the connection window, and the other, which waits for it without
+    ever having used up its own, is woken when the connection window reopens. It used to
+    wait for good (until its idle timeout)."""
+    import time
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    from tests.unit.waypoint_mesh import GRPC_STREAM
+
+    async def main() -> None:
+        async with WaypointMesh(tmp_path, backends=[], grpc=True) as m:
+            port = await m.listen("grpc-echo")
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            c.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20}
+            )
+            c.initiate_connection()
+            count = b"5000"  # about 95 KB per stream with gRPC framing
+            sids = []
+            for _ in range(2):
+                sid = c.get_next_available_stream_id()
+                c.send_headers(
+                    sid,
+                    [
+                        (":method", "POST"),
+                        (":scheme", "http"),
+                        (":path", GRPC_STREAM),
+                        (":authority", "grpc-echo:9000"),
+                        ("content-type", "application/grpc"),
+                        ("te", "trailers"),
+                    ],
+                )
+                c.send_data(sid, b"\x00" + len(count).to_bytes(4, "big") + count, end_stream=True)
+                sids.append(sid)
+            w.write(c.data_to_send())
+            ended: set[int] = set()
+            last = time.monotonic()
+            while len(ended) < 2 and time.monotonic() - last < 3:  # stalled 3 s: failed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        data = await r.read(16384)
+                        assert data, "the waypoint closed the connection"
+                        for e in c.receive_data(data):
+                            if isinstance(e, h2.events.DataReceived):
+                                last = time.monotonic()
+                                c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                            elif isinstance(e, h2.events.StreamEnded):
+                                ended.add(e.stream_id)
+                        await asyncio.sleep(0.3)  # a slow reader: 16 KB at a time
+                        w.write(c.data_to_send())
+            assert ended == set(sids)
+            w.transport.abort()
+
+    uvloop.run(main())

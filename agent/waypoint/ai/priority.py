@@ -233,8 +233,12 @@ class LoadShedder:
         """Decide for one request of class `cls` when the backend (endpoints `where`) is at
         `level`."""
         # Below the class's level a request goes, unless others of its class are still
-        # waiting: a newcomer does not overtake them (pop_ready releases them first).
-        if cls.action == "Admit" or (level < cls.at and not cls.queue):
+        # waiting for the same backend: a newcomer does not overtake them (pop_ready
+        # releases them first). Those waiting for another backend do not hold it back.
+        key = tuple(where)
+        if cls.action == "Admit" or (
+            level < cls.at and not any(t.where == key and t.state == "queued" for t in cls.queue)
+        ):
             cls.counters.admitted += 1
             return Verdict("admit", cls.name)
         if cls.action == "Shed":
@@ -249,20 +253,28 @@ class LoadShedder:
         return Verdict("queue", cls.name, ticket=t)
 
     def pop_ready(self, level_of: Callable[[tuple[str, ...]], float]) -> Ticket | None:
-        """The next queued request that may go now, or None: the oldest of the highest class
-        whose backend's level (`level_of(ticket.where)`, now) is below the class's. One at a
-        time: a released request counts toward the level only once it is under way, so the
-        shell calls this again then (and after anything else that lowers the level: a
-        request finished, a scrape), not in a loop."""
+        """The next queued request that may go now, or None: highest class first, and in a
+        class the oldest whose backend's level (`level_of(ticket.where)`, now) is below the
+        class's. FIFO per backend: a request waiting for a saturated backend does not hold
+        back one for a backend with room. One at a time: a released request counts toward
+        the level only once it is under way, so the shell calls this again then (and after
+        anything else that lowers the level: a request finished, a scrape), not in a loop."""
+        levels: dict[tuple[str, ...], float] = {}
         for cls in self.classes.values():
             q = cls.queue
             while q and q[0].state != "queued":
                 q.popleft()
-            if q and level_of(q[0].where) < cls.at:
-                t = q.popleft()
-                t.state = "admitted"
-                cls.counters.admitted += 1
-                return t
+            for t in q:
+                if t.state != "queued":
+                    continue
+                level = levels.get(t.where)
+                if level is None:
+                    level = levels[t.where] = level_of(t.where)
+                if level < cls.at:
+                    q.remove(t)
+                    t.state = "admitted"
+                    cls.counters.admitted += 1
+                    return t
         return None
 
     def expire(self, now: float) -> list[Ticket]:

@@ -657,6 +657,12 @@ class Http2Connection:
             return b""
         return self._send_headers(stream_id, fields, True)
 
+    def wait_for_window(self, stream_id: int) -> None:
+        """The core waits to send on `stream_id` (send_window <= 0): a WindowUpdated event
+        reports when it may go on, whichever window held it (its own, or the connection's,
+        which another stream may have used up)."""
+        self._blocked.add(stream_id)
+
     def queued(self, stream_id: int) -> bool:
         """Whether anything for `stream_id` (data, its end, trailers) still waits for the
         peer's window."""
