@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from typing import Any
 
 import pytest
 import uvloop
@@ -22,6 +23,28 @@ def no_leaked_threads():
     before = set(threading.enumerate())
     yield
     assert new_threads(before) == []
+
+
+def grpc_stream_call(c: Any, count: int) -> int:
+    """Open a gRPC server-streaming call to the mesh's echo (GRPC_STREAM: `count` messages)
+    on the h2 client connection `c`; its stream id."""
+    from tests.unit.waypoint_mesh import GRPC_STREAM
+
+    sid = c.get_next_available_stream_id()
+    c.send_headers(
+        sid,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", GRPC_STREAM),
+            (":authority", "grpc-echo:9000"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    n = str(count).encode()
+    c.send_data(sid, b"\x00" + len(n).to_bytes(4, "big") + n, end_stream=True)
+    return sid
 
 
 def _held_for_callers(m: WaypointMesh) -> tuple[int, int]:
@@ -53,28 +76,14 @@ def test_an_http2_caller_that_stops_reading_holds_the_backend_back(tmp_path):
     import h2.connection
     import h2.events
 
-    from tests.unit.waypoint_mesh import GRPC_STREAM
-
     async def main() -> None:
         async with WaypointMesh(tmp_path, backends=[], grpc=True) as m:
             port = await m.listen("grpc-echo")
             r, w = await asyncio.open_connection("127.0.0.1", port)
             c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             c.initiate_connection()
-            sid = c.get_next_available_stream_id()
-            c.send_headers(
-                sid,
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":path", GRPC_STREAM),
-                    (":authority", "grpc-echo:9000"),
-                    ("content-type", "application/grpc"),
-                    ("te", "trailers"),
-                ],
-            )
-            count = b"300000"  # messages of about 14 bytes: about 4 MB with their framing
-            c.send_data(sid, b"\x00" + len(count).to_bytes(4, "big") + count, end_stream=True)
+            # 300,000 messages of about 14 bytes: about 4 MB with their framing.
+            grpc_stream_call(c, 300_000)
             w.write(c.data_to_send())
             received = 0
             loop = asyncio.get_running_loop()
@@ -111,8 +120,6 @@ def test_streams_sharing_a_callers_connection_window_all_finish(tmp_path):
     import h2.events
     import h2.settings
 
-    from tests.unit.waypoint_mesh import GRPC_STREAM
-
     async def main() -> None:
         async with WaypointMesh(tmp_path, backends=[], grpc=True) as m:
             port = await m.listen("grpc-echo")
@@ -122,23 +129,7 @@ def test_streams_sharing_a_callers_connection_window_all_finish(tmp_path):
                 client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20}
             )
             c.initiate_connection()
-            count = b"5000"  # about 95 KB per stream with gRPC framing
-            sids = []
-            for _ in range(2):
-                sid = c.get_next_available_stream_id()
-                c.send_headers(
-                    sid,
-                    [
-                        (":method", "POST"),
-                        (":scheme", "http"),
-                        (":path", GRPC_STREAM),
-                        (":authority", "grpc-echo:9000"),
-                        ("content-type", "application/grpc"),
-                        ("te", "trailers"),
-                    ],
-                )
-                c.send_data(sid, b"\x00" + len(count).to_bytes(4, "big") + count, end_stream=True)
-                sids.append(sid)
+            sids = [grpc_stream_call(c, 5000) for _ in range(2)]  # about 95 KB each
             w.write(c.data_to_send())
             ended: set[int] = set()
             last = time.monotonic()
