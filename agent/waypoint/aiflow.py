@@ -44,7 +44,7 @@ from agent.waypoint.codec.headers import Headers
 from agent.waypoint.downstream import Exchange
 from agent.waypoint.engine.outcome import Failure
 from agent.waypoint.engine.respond import Respond
-from agent.waypoint.proxy import Body
+from agent.waypoint.proxy import FAILURE_KIND, Body
 from agent.waypoint.upstream import Endpoint, UpstreamError
 from controller.model.workloads import workload_name, workload_version
 
@@ -219,15 +219,6 @@ class AiFlow:
             fut.set_result(None)
 
 
-# A target's failure without an answer, as the GenAI conventions' error.type.
-_ERROR_TYPE: dict[int, str] = {
-    Failure.CONNECT_FAILURE: "connect-failure",
-    Failure.RESET: "reset",
-    Failure.REFUSED_STREAM: "reset",
-    Failure.TIMEOUT: "timeout",  # -1, CONNECT_FAILURE, is also a mesh answer given up on
-}
-
-
 class AiRequest:
     """One request's AI stage; see agent/waypoint/proxy.py `Stage` for when each is called."""
 
@@ -354,17 +345,14 @@ class AiRequest:
                 # The request's deadline (timeouts.request) bounds its time in the queue too.
                 async with asyncio.timeout(fwd.remaining()):
                     await fut
-            except TimeoutError:
+            except (TimeoutError, asyncio.CancelledError) as e:
                 shedder.cancel(verdict.ticket)
                 self.flow._waiters.pop(id(verdict.ticket), None)
                 self._refund()
+                if not isinstance(e, TimeoutError):
+                    raise
                 self.x.annotations["shed"] = verdict.priority_class
                 return fwd.failure_response(Failure.TIMEOUT)
-            except asyncio.CancelledError:
-                shedder.cancel(verdict.ticket)
-                self.flow._waiters.pop(id(verdict.ticket), None)
-                self._refund()
-                raise
             if verdict.ticket.state != "admitted":
                 verdict = shedder.shed_verdict(verdict.ticket)
         if verdict.action == "shed":
@@ -421,9 +409,9 @@ class AiRequest:
             self.flow._release(shedder)
 
     def failed(self, target: Target, outcome: int) -> None:
-        """This target's tries failed: give back its reservation, tell the canary, and count
-        it as a failed model request (gen_ai_server_request_duration's error.type)."""
-        self._refund()
+        """This target's tries failed: count it as a failed model request
+        (gen_ai_server_request_duration's error.type), give back what it holds, tell the
+        canary."""
         if self.req is not None:
             self.flow.genai.record(
                 operation=self.req.operation,
@@ -431,11 +419,11 @@ class AiRequest:
                 response_model=None,
                 duration=time.monotonic() - self.started,
                 destination=self._workload_of(self.endpoint),
-                error_type=_ERROR_TYPE.get(outcome, str(outcome)),
+                # A status for a failed answer; -1 (CONNECT_FAILURE) is also a mesh answer
+                # given up on.
+                error_type=FAILURE_KIND.get(outcome, str(outcome)),
             )
-        self._done_with_endpoint()
-        if self.ai.shedder is not None:
-            self.flow._release(self.ai.shedder)
+        self.abandoned()
         if self.ai.rollout is not None:
             self.ai.rollout.observe(target.backend, False, time.monotonic() - self.started)
 

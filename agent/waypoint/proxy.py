@@ -104,7 +104,9 @@ def _declared_small(headers: Headers) -> bool:
     return n is not None and n.isdigit() and int(n) <= RETRY_BUFFER
 
 
-_KIND_OF_FAILURE = {
+# A try that got no response head, as the condition it is (fallbackOn's vocabulary; the
+# AI stage's GenAI metrics use the same words for error.type).
+FAILURE_KIND: dict[int, str] = {
     Failure.CONNECT_FAILURE: "connect-failure",
     Failure.TIMEOUT: "timeout",
     Failure.RESET: "reset",
@@ -115,7 +117,7 @@ _KIND_OF_FAILURE = {
 def _kind(outcome: int) -> str | None:
     """The fallbackOn condition of a try's outcome, or None when it is an answer to send."""
     if outcome < 0:
-        return _KIND_OF_FAILURE.get(Failure(outcome), "connect-failure")
+        return FAILURE_KIND.get(outcome, "connect-failure")
     return failure_kind(outcome)
 
 

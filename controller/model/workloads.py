@@ -209,13 +209,18 @@ class ServiceSpec(Model):
         return [ip for ip in ips if ip and ip != "None"]
 
 
+def _first_label(w: Workload, names: tuple[str, ...]) -> str | None:
+    """The value of the first of these pod labels that `w` has (and is not empty)."""
+    return next((v for n in names if (v := w.labels.get(n))), None)
+
+
 def workload_name(w: Workload | None) -> str:
     """The `*_workload` metric label. Istio reports the owning workload (Deployment), not the
     pod; weft's Workload carries an `app` label where a Deployment name would be; else the
     pod name. This keeps cardinality per workload, not per pod."""
     if w is None:
         return "unknown"
-    return w.labels.get("app.kubernetes.io/name") or w.labels.get("app") or w.name
+    return _first_label(w, ("app.kubernetes.io/name", "app")) or w.name
 
 
 def workload_version(w: Workload | None) -> str:
@@ -223,12 +228,7 @@ def workload_version(w: Workload | None) -> str:
     app.kubernetes.io/version); "unknown" without one."""
     if w is None:
         return "unknown"
-    return w.labels.get("version") or w.labels.get("app.kubernetes.io/version") or "unknown"
-
-
-def _first_label(w: Workload, names: tuple[str, ...]) -> str | None:
-    """The value of the first of these pod labels that `w` has (and is not empty)."""
-    return next((v for n in names if (v := w.labels.get(n))), None)
+    return _first_label(w, ("version", "app.kubernetes.io/version")) or "unknown"
 
 
 _CANONICAL_SERVICE = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
